@@ -1,0 +1,1 @@
+"""duo_compile: compile a transformer into a DuoAttention engine (retrieval + streaming heads)."""

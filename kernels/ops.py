@@ -1,0 +1,81 @@
+"""The ``duo::`` custom ops: what the split-attention and KV-layout passes emit.
+
+Each op is a ``torch.library.custom_op`` (opaque to tracing, so torch.export, torch.compile and AOTInductor
+keep it as one node) with
+  * the plain PyTorch implementation from ``reference.py`` for every device (the oracle, and the CPU path),
+  * a fake implementation for tracing and export,
+  * on CUDA, the Triton kernels registered by ``kernels.triton_ops`` when Triton is usable there.
+
+The cached ops mutate their cache arguments in place (``mutates_args``) and return a fresh output.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+# Ops are defined once per process: re-importing this module under another name must not re-register.
+_LIB = "duo"
+
+
+def _fake_like_q(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape).contiguous()
+
+
+@torch.library.custom_op(f"{_LIB}::retrieval_attention", mutates_args=())
+def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention over this call's tokens (no cache): retrieval heads of a whole-sequence graph."""
+    return reference.retrieval_attention(q, k, v, scale).contiguous()
+
+
+@torch.library.custom_op(f"{_LIB}::streaming_attention", mutates_args=())
+def streaming_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sink: int, recent: int
+) -> torch.Tensor:
+    """Sink + recent-window attention over this call's tokens (no cache): streaming heads of a whole-sequence graph."""
+    return reference.streaming_attention(q, k, v, scale, sink, recent).contiguous()
+
+
+@torch.library.custom_op(f"{_LIB}::retrieval_attention_cached", mutates_args=("k_cache", "v_cache"))
+def retrieval_attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Append this chunk to the full retrieval cache, then attend causally to all cached tokens."""
+    return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale).contiguous()
+
+
+@torch.library.custom_op(f"{_LIB}::streaming_attention_cached", mutates_args=("k_cache", "v_cache"))
+def streaming_attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+    sink: int,
+    recent: int,
+    chunk_mode: bool,
+) -> torch.Tensor:
+    """Attend to sink + recent ring + this chunk, then write the chunk into the constant-size streaming cache."""
+    return reference.streaming_attention_cached(
+        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode
+    ).contiguous()
+
+
+for _op in (retrieval_attention, streaming_attention, retrieval_attention_cached, streaming_attention_cached):
+    _op.register_fake(lambda q, *args, **kwargs: _fake_like_q(q))
+
+
+OPS = {
+    "retrieval_attention": torch.ops.duo.retrieval_attention.default,
+    "streaming_attention": torch.ops.duo.streaming_attention.default,
+    "retrieval_attention_cached": torch.ops.duo.retrieval_attention_cached.default,
+    "streaming_attention_cached": torch.ops.duo.streaming_attention_cached.default,
+}

@@ -1,0 +1,61 @@
+"""Tiny random-weight Hugging Face causal LMs for tests: Llama, Mistral and Qwen2 (q/k/v biases), MHA or GQA.
+
+Three layers so that one mask can hold a layer of only retrieval heads, a mixed layer and a layer of only
+streaming heads (see ``mixed_gates``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ARCHS = ("llama", "mistral", "qwen2")
+_CLASSES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_config(arch: str = "llama", gqa: bool = True, num_layers: int = 3, vocab_size: int = 96):
+    config_cls, _ = _CLASSES[arch]
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    if arch == "qwen2":
+        kwargs["use_sliding_window"] = False
+    config = config_cls(**kwargs)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def tiny_model(arch: str = "llama", gqa: bool = True, num_layers: int = 3, seed: int = 0, dtype=torch.float32):
+    """A tiny random model in eval mode. Weights are scaled up so attention is far from uniform (masks matter)."""
+    torch.manual_seed(seed)
+    _, model_cls = _CLASSES[arch]
+    model = model_cls(tiny_config(arch, gqa, num_layers)).eval().to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def mixed_gates(num_layers: int, num_kv_heads: int) -> np.ndarray:
+    """Binary gates: layer 0 all retrieval, last layer all streaming, others alternate starting with streaming."""
+    gates = np.zeros((num_layers, num_kv_heads))
+    gates[0] = 1.0
+    for layer in range(1, num_layers - 1):
+        gates[layer, 1::2] = 1.0
+    return gates
