@@ -1,1 +1,13 @@
-"""duo_compile: compile a transformer into a DuoAttention engine (retrieval + streaming heads)."""
+"""duo_compile: compile a transformer into a DuoAttention engine (retrieval + streaming heads).
+
+    masks = duo_compile.HeadMasks.from_tsv("full_attention_heads.tsv").binarize(sparsity=0.5)
+    engine = duo_compile.compile(model, masks, sink_size=64, recent_size=256, max_seq_len=131072)
+    out = engine.generate(input_ids, max_new_tokens=64)
+"""
+from duo_compile.kernels import ops as _ops  # noqa: F401  (registers the duo:: ops)
+from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
+from duo_compile.compiler import compile
+from duo_compile.engine import Engine, EngineConfig
+
+__all__ = ["HeadMasks", "KVCacheBytes", "kv_cache_bytes", "compile", "Engine", "EngineConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,73 @@
+"""Capture: one ATen-level fx graph per model, attention still visible as SDPA (torch.export)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import fx
+
+from duo_compile.models.hf import CausalLMForCapture
+
+_EXAMPLE_BATCH, _EXAMPLE_LEN = 2, 8
+
+
+@contextlib.contextmanager
+def _sdpa_eval_mode(model: torch.nn.Module):
+    """Run the model in eval mode with SDPA attention for the duration of the capture, then restore both."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    old_impl = getattr(config, "_attn_implementation", None)
+    try:
+        model.eval()
+        if config is not None and old_impl != "sdpa":
+            model.set_attn_implementation("sdpa")
+        yield
+    finally:
+        if config is not None and getattr(config, "_attn_implementation", None) != old_impl and old_impl is not None:
+            model.set_attn_implementation(old_impl)
+        model.train(was_training)
+
+
+def _plain_signature(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's pytree calling convention and shape-guard call, so passes can add placeholders.
+
+    After this the graph is ``forward(input_ids, position_ids) -> logits`` with positional arguments.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)  # dtype checks only; they would keep dead mask computations alive
+    output = next(n for n in graph.nodes if n.op == "output")
+    result = output.args[0]
+    while isinstance(result, (tuple, list)) and len(result) == 1:
+        result = result[0]
+    output.args = (result,)
+    graph._codegen = fx.graph.CodeGen()
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm._forward_pre_hooks.clear()  # export's input-spec check, which knows only the original two inputs
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def capture(model: torch.nn.Module, *, last_logits_only: bool = True) -> fx.GraphModule:
+    """Export ``model`` as ``forward(input_ids [B, T], position_ids [B, T]) -> logits`` with dynamic B and T.
+
+    The model itself is left as it was (mode and attention implementation restored); the graph refers to its
+    parameters without copying them.
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_LEN), device=device)
+    position_ids = torch.arange(_EXAMPLE_LEN, device=device).expand(_EXAMPLE_BATCH, -1)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    seq = torch.export.Dim("seq", min=1, max=1 << 24)
+    dims = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
+    with _sdpa_eval_mode(model), torch.no_grad():
+        program = torch.export.export(
+            CausalLMForCapture(model, last_logits_only), (input_ids, position_ids), dynamic_shapes=dims
+        )
+    return _plain_signature(program.module())

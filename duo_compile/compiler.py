@@ -1,0 +1,75 @@
+"""``duo_compile.compile``: capture -> passes -> engine."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from duo_compile.capture import capture
+from duo_compile.engine import Engine, EngineConfig
+from duo_compile.masks import HeadMasks
+from duo_compile.models.hf import check_supported
+from duo_compile.passes import PassContext, run_passes
+
+
+def as_binary_masks(masks) -> HeadMasks:
+    """Accept HeadMasks or an array of 0/1 gates; anything non-binary must be binarized by the caller."""
+    if not isinstance(masks, HeadMasks):
+        if isinstance(masks, torch.Tensor):
+            masks = masks.detach().cpu().numpy()
+        masks = HeadMasks.from_gates(np.asarray(masks, dtype=np.float64))
+    if not masks.is_binary:
+        raise ValueError(
+            f"masks are not binary ({masks!r}); call masks.binarize(sparsity=...) or masks.binarize(threshold=...)"
+        )
+    return masks
+
+
+def compile(
+    model: torch.nn.Module,
+    masks,
+    *,
+    sink_size: int = 64,
+    recent_size: int = 256,
+    max_seq_len: int | None = None,
+    prefill_chunk_size: int | None = None,
+    streaming_mode: str = "window",
+    backend: str = "inductor",
+) -> Engine:
+    """Compile a Hugging Face causal LM into a DuoAttention engine.
+
+    ``masks``: binary HeadMasks ``[num_layers, num_kv_heads]`` (1 = retrieval head, full KV cache; 0 = streaming
+    head, ``sink_size`` first + ``recent_size`` last tokens). ``max_seq_len`` (default: the model's
+    ``max_position_embeddings``) sizes the retrieval cache. Every argument is checked before any work; the model
+    is not modified (the engine shares its weights, except the reordered attention projections).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    masks = as_binary_masks(masks)
+    if max_seq_len is None:
+        max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    config = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
+    info = check_supported(model, config.max_seq_len)
+    masks.check_shape(info.num_layers, info.num_kv_heads)
+    params = list(model.parameters())
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        raise ValueError(f"model parameters are spread over devices {sorted(map(str, devices))}; use one device")
+
+    ctx = PassContext(
+        retrieval=masks.retrieval,
+        sink_size=config.sink_size,
+        recent_size=config.recent_size,
+        streaming_mode=config.streaming_mode,
+        expected_layers=info.num_layers,
+    )
+    graph = run_passes(capture(model), ctx)
+    return Engine(
+        graph,
+        ctx.cache_specs,
+        config,
+        info,
+        masks,
+        device=devices.pop(),
+        dtype=params[0].dtype,
+        pass_counts=ctx.changed,
+    )

@@ -1,0 +1,258 @@
+"""The runtime: owns the static KV cache and drives chunked prefill and the greedy decode loop.
+
+The rewritten graph is ``forward(input_ids, position_ids, cache_position, *caches) -> last logits``; every
+call appends its tokens to the caches. The engine allocates the caches once per batch size (sized by
+``max_seq_len`` for retrieval heads and ``sink + recent`` for streaming heads), so nothing grows or is copied
+while decoding.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
+from duo_compile.models.hf import ModelInfo
+from duo_compile.passes import CacheSpec
+
+BACKENDS = ("inductor", "eager")
+STREAMING_MODES = ("window", "chunk")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that fixes an engine's semantics and memory, checked once at compile time."""
+
+    sink_size: int
+    recent_size: int
+    max_seq_len: int
+    prefill_chunk_size: int | None = None
+    streaming_mode: str = "window"
+    backend: str = "inductor"
+
+    def __post_init__(self) -> None:
+        _check_int("sink_size", self.sink_size, minimum=0)
+        _check_int("recent_size", self.recent_size, minimum=1)
+        _check_int("max_seq_len", self.max_seq_len, minimum=1)
+        if self.prefill_chunk_size is not None:
+            _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
+        if self.streaming_mode not in STREAMING_MODES:
+            raise ValueError(f"streaming_mode must be one of {STREAMING_MODES}, got {self.streaming_mode!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _token_ids(name: str, value) -> tuple[int, ...]:
+    """eos/pad ids as Hugging Face takes them: None, one int, or a list of ints."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist()
+    if not isinstance(values, Sequence) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
+    return tuple(values)
+
+
+class Engine:
+    """A compiled DuoAttention model: ``generate`` like Hugging Face's greedy search, on a static split cache."""
+
+    def __init__(
+        self,
+        graph: fx.GraphModule,
+        cache_specs: Sequence[CacheSpec],
+        config: EngineConfig,
+        info: ModelInfo,
+        masks: HeadMasks,
+        device: torch.device,
+        dtype: torch.dtype,
+        pass_counts: dict[str, int] | None = None,
+    ):
+        self.graph = graph
+        self.cache_specs = list(cache_specs)
+        self.config = config
+        self.info = info
+        self.masks = masks
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.pass_counts = dict(pass_counts or {})
+        self.caches: list[torch.Tensor] = []
+        self.batch_size: int | None = None
+        self._run = torch.compile(graph, backend="inductor", dynamic=True) if config.backend == "inductor" else graph
+
+    # ----------------------------------------------------------------------------------------------- cache
+    def allocate(self, batch_size: int) -> None:
+        """Allocate the static caches for ``batch_size`` (once; again only if the batch size changes).
+
+        Zero-filled so that slots never written hold finite values (masked keys still enter ``p @ V``).
+        """
+        _check_int("batch_size", batch_size, minimum=1)
+        if self.batch_size == batch_size:
+            return
+        self.caches = []  # free the old caches before allocating new ones
+        self.caches = [
+            torch.zeros(
+                batch_size,
+                spec.num_kv_heads,
+                self.config.max_seq_len if spec.slots is None else spec.slots,
+                spec.head_dim,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            for spec in self.cache_specs
+        ]
+        self.batch_size = batch_size
+
+    def kv_cache_bytes(self) -> KVCacheBytes:
+        """KV bytes actually allocated (retrieval and streaming), beside what full attention would need."""
+        if self.batch_size is None:
+            raise RuntimeError("no cache allocated yet: call generate() or allocate(batch_size) first")
+        sizes = {"retrieval": 0, "streaming": 0}
+        for spec, cache in zip(self.cache_specs, self.caches):
+            sizes[spec.kind] += cache.numel() * cache.element_size()
+        full = kv_cache_bytes(
+            _ConfigView(self.info),
+            self.masks,
+            seq_len=self.config.max_seq_len,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            sink_size=self.config.sink_size,
+            recent_size=self.config.recent_size,
+        ).full_attention
+        return KVCacheBytes(sizes["retrieval"], sizes["streaming"], sizes["retrieval"] + sizes["streaming"], full)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Run tokens at positions ``start .. start + T - 1`` through the graph, appending them to the caches.
+
+        Returns the logits of the last position, ``[B, vocab]``. The caches must hold positions ``< start``.
+        """
+        batch, length = input_ids.shape
+        if self.batch_size != batch:
+            raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
+        if start + length > self.config.max_seq_len:
+            raise ValueError(
+                f"positions {start}..{start + length - 1} exceed max_seq_len={self.config.max_seq_len}"
+            )
+        cache_position = torch.arange(start, start + length, device=self.device)
+        position_ids = cache_position.unsqueeze(0).expand(batch, length)
+        logits = self._run(input_ids, position_ids, cache_position, *self.caches)
+        return logits[:, -1, :]
+
+    def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Process a prompt from position 0 in chunks of ``chunk_size`` tokens; returns the last logits."""
+        chunk = chunk_size or input_ids.shape[1]
+        for begin in range(0, input_ids.shape[1], chunk):
+            logits = self.step(input_ids[:, begin : begin + chunk], begin)
+        return logits
+
+    # -------------------------------------------------------------------------------------------- generate
+    def _check_generate_inputs(self, input_ids, max_new_tokens, attention_mask, chunk) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the engine runs on {self.device}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.info.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {self.info.vocab_size})")
+        _check_int("max_new_tokens", max_new_tokens, minimum=0)
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+        if chunk is not None:
+            _check_int("prefill_chunk_size", chunk, minimum=1)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {shape}")
+            if not bool((attention_mask == 1).all()):
+                raise ValueError(
+                    "attention_mask has zeros (a padded batch); duo_compile supports batches of equal-length "
+                    "prompts only: run unequal prompts as separate calls"
+                )
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        output_scores: bool = False,
+        return_dict_in_generate: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        prefill_chunk_size: int | None = None,
+    ):
+        """Greedy generation with Hugging Face's meaning of the arguments; returns prompt + new ids.
+
+        Rows that produced ``eos_token_id`` continue with ``pad_token_id`` (the eos id if none is given) and
+        generation stops once every row has finished. ``prefill_chunk_size`` overrides the engine's.
+        """
+        chunk = prefill_chunk_size if prefill_chunk_size is not None else self.config.prefill_chunk_size
+        self._check_generate_inputs(input_ids, max_new_tokens, attention_mask, chunk)
+        eos = _token_ids("eos_token_id", eos_token_id)
+        pad = _token_ids("pad_token_id", pad_token_id)
+        if len(pad) > 1:
+            raise ValueError(f"pad_token_id must be a single int, got {pad_token_id!r}")
+        pad_id = pad[0] if pad else (eos[0] if eos else None)
+
+        sequences, scores = input_ids, []
+        if max_new_tokens > 0:
+            self.allocate(input_ids.shape[0])
+            logits = self.prefill(input_ids, chunk)
+            unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
+            eos_ids = torch.tensor(eos, device=self.device, dtype=input_ids.dtype) if eos else None
+            for i in range(max_new_tokens):
+                logits = logits.float()
+                if output_scores:
+                    scores.append(logits)
+                next_tokens = logits.argmax(dim=-1).to(input_ids.dtype)
+                if eos_ids is not None:
+                    next_tokens = torch.where(unfinished, next_tokens, pad_id)
+                    unfinished &= ~torch.isin(next_tokens, eos_ids)
+                sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+                if (eos_ids is not None and not bool(unfinished.any())) or i == max_new_tokens - 1:
+                    break
+                logits = self.step(next_tokens[:, None], sequences.shape[1] - 1)
+        if not return_dict_in_generate:
+            return sequences
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores) if output_scores else None)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Engine({self.info.family}, {self.info.num_layers} layers, retrieval ratio "
+            f"{self.masks.retrieval_ratio:.3f}, sink={c.sink_size}, recent={c.recent_size}, "
+            f"max_seq_len={c.max_seq_len}, mode={c.streaming_mode}, backend={c.backend})"
+        )
+
+
+class _ConfigView:
+    """The few config fields ``kv_cache_bytes`` reads, from a ModelInfo (engines loaded from files have no model)."""
+
+    def __init__(self, info: ModelInfo):
+        self.num_hidden_layers = info.num_layers
+        self.num_attention_heads = info.num_heads
+        self.num_key_value_heads = info.num_kv_heads
+        self.head_dim = info.head_dim
+        self.hidden_size = info.num_heads * info.head_dim

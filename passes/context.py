@@ -1,0 +1,74 @@
+"""State the passes share: what was found, the retrieval/streaming split, and what each pass changed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import fx
+
+
+@dataclass
+class AttentionSite:
+    """One attention node and the graph values around it (found by ``find_attention``).
+
+    ``q`` is ``[B, num_heads, T, head_dim]`` after RoPE; ``k``/``v`` are the per-KV-head tensors
+    ``[B, num_kv_heads, T, head_dim]`` (looked through repeat_kv); the ``*_proj`` nodes are the linear layers
+    that produce them and consume the attention output.
+    """
+
+    layer: int
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    q_proj: fx.Node
+    k_proj: fx.Node
+    v_proj: fx.Node
+    o_proj: fx.Node
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (1 for MHA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor the rewritten graph takes as input: ``[batch, num_kv_heads, slots, head_dim]``.
+
+    ``slots`` is None for retrieval caches (sized by the runtime's ``max_seq_len``) and ``sink + recent`` for
+    streaming caches.
+    """
+
+    name: str
+    layer: int
+    kind: str  # "retrieval" or "streaming"
+    tensor: str  # "k" or "v"
+    num_kv_heads: int
+    head_dim: int
+    slots: int | None
+
+
+@dataclass
+class PassContext:
+    """Inputs of the pipeline (binary retrieval mask per layer/KV head, window sizes, mode) and its records."""
+
+    retrieval: np.ndarray  # bool [num_layers, num_kv_heads], in the model's original head order
+    sink_size: int
+    recent_size: int
+    streaming_mode: str = "window"  # or "chunk"
+    expected_layers: int | None = None
+    sites: list[AttentionSite] = field(default_factory=list)
+    # After reorder_heads: per layer, the KV heads [0, n) are retrieval and [n, num_kv_heads) streaming.
+    retrieval_counts: list[int] = field(default_factory=list)
+    # Per layer, the original index of each KV head in its new position.
+    head_order: list[list[int]] = field(default_factory=list)
+    cache_specs: list[CacheSpec] = field(default_factory=list)
+    changed: dict[str, int] = field(default_factory=dict)
+
+    def record(self, pass_name: str, count: int) -> None:
+        self.changed[pass_name] = count

@@ -1,0 +1,41 @@
+"""The pass pipeline, as data: the order the passes run in and why.
+
+1. find_attention  - everything else needs to know where attention is and what feeds it.
+2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice.
+3. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
+4. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx
+
+from .context import PassContext
+from .find_attention import find_attention
+from .kv_layout import kv_layout
+from .reorder_heads import reorder_heads
+from .split_attention import split_attention
+
+Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+PIPELINE: list[tuple[str, Pass]] = [
+    ("find_attention", find_attention),
+    ("reorder_heads", reorder_heads),
+    ("split_attention", split_attention),
+    ("kv_layout", kv_layout),
+]
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext, until: str | None = None) -> fx.GraphModule:
+    """Run the pipeline in order, stopping after the pass named ``until`` (all of them by default)."""
+    names = [name for name, _ in PIPELINE]
+    if until is not None and until not in names:
+        raise ValueError(f"unknown pass {until!r}; passes are {names}")
+    for name, fn in PIPELINE:
+        gm = fn(gm, ctx)
+        gm.graph.lint()
+        if name == until:
+            break
+    gm.recompile()
+    return gm

@@ -1,0 +1,57 @@
+"""Pass 2: reorder KV heads per layer so retrieval heads come first; the model's outputs are unchanged.
+
+Matches the q/k/v/o projections of every site found by ``find_attention``. Emits no nodes: it replaces the
+projection weights (and biases) with permuted copies. A stable partition puts the retrieval KV heads first,
+each with its GQA group of query heads, so later passes split a layer with one contiguous slice instead of a
+gather. q rows move in blocks of ``groups * head_dim``, k/v rows in blocks of ``head_dim``, o_proj input columns
+in blocks of ``groups * head_dim``. RoPE acts inside each head, so it is unaffected.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .context import AttentionSite, PassContext
+from .graph_utils import get_param, set_param
+
+
+def _permute_blocks(gm: fx.GraphModule, param_node: fx.Node | None, order: list[int], dim: int) -> None:
+    """Permute ``len(order)`` equal blocks of a parameter along ``dim`` (a new tensor; the old one is untouched)."""
+    if param_node is None:
+        return
+    if len(param_node.users) != 1:
+        raise ValueError(f"parameter {param_node.target} is shared by {len(param_node.users)} nodes; cannot reorder")
+    tensor = get_param(gm, param_node)
+    blocks = tensor.unflatten(dim, (len(order), -1))
+    index = torch.tensor(order, device=tensor.device)
+    set_param(gm, param_node.target, blocks.index_select(dim, index).flatten(dim, dim + 1).contiguous())
+
+
+def _bias(linear: fx.Node) -> fx.Node | None:
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return bias if isinstance(bias, fx.Node) else None
+
+
+def _reorder_site(gm: fx.GraphModule, site: AttentionSite, order: list[int]) -> None:
+    for linear in (site.q_proj, site.k_proj, site.v_proj):
+        _permute_blocks(gm, linear.args[1], order, dim=0)
+        _permute_blocks(gm, _bias(linear), order, dim=0)
+    _permute_blocks(gm, site.o_proj.args[1], order, dim=1)
+
+
+def reorder_heads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Permute projections so that in layer l the KV heads ``[0, retrieval_counts[l])`` are the retrieval heads."""
+    ctx.retrieval_counts, ctx.head_order = [], []
+    changed = 0
+    for site in ctx.sites:
+        is_retrieval = [bool(x) for x in ctx.retrieval[site.layer]]
+        order = [h for h in range(site.num_kv_heads) if is_retrieval[h]]
+        order += [h for h in range(site.num_kv_heads) if not is_retrieval[h]]
+        ctx.retrieval_counts.append(sum(is_retrieval))
+        ctx.head_order.append(order)
+        if order != sorted(order):
+            _reorder_site(gm, site, order)
+            changed += 1
+    gm.recompile()
+    ctx.record("reorder_heads", changed)
+    return gm
