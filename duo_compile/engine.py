@@ -7,7 +7,7 @@ while decoding.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +76,9 @@ class Engine:
         device: torch.device,
         dtype: torch.dtype,
         pass_counts: dict[str, int] | None = None,
+        runner: Callable[..., torch.Tensor] | None = None,
     ):
+        """``runner`` replaces the backend's compiled graph (e.g. an engine loaded from a file); same signature."""
         self.graph = graph
         self.cache_specs = list(cache_specs)
         self.config = config
@@ -87,7 +89,13 @@ class Engine:
         self.pass_counts = dict(pass_counts or {})
         self.caches: list[torch.Tensor] = []
         self.batch_size: int | None = None
-        self._run = torch.compile(graph, backend="inductor", dynamic=True) if config.backend == "inductor" else graph
+        if runner is not None:
+            self._run = runner
+        elif config.backend == "inductor":
+            # dynamic=True: one graph for every prefill chunk length (decode, T == 1, gets its own).
+            self._run = torch.compile(graph, backend="inductor", dynamic=True)
+        else:
+            self._run = graph
 
     # ----------------------------------------------------------------------------------------------- cache
     def allocate(self, batch_size: int) -> None:
