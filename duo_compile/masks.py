@@ -143,7 +143,11 @@ class HeadMasks:
         """
         path = os.fspath(path)
         with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")  # not splitlines(): it also splits on \f, \v etc. and skews line numbers
+            try:
+                # not splitlines(): it also splits on \f, \v etc. and skews line numbers
+                lines = f.read().split("\n")
+            except UnicodeDecodeError as exc:  # a binary or foreign-encoded file: name it
+                raise ValueError(f"{path}: not a text file of gates ({exc})") from None
         rows: list[list[float]] = []
         first_line = 0
         for line_no, line in enumerate(lines, start=1):
