@@ -145,6 +145,7 @@ class Engine:
 
         Returns the logits of the last position, ``[B, vocab]``. The caches must hold positions ``< start``.
         """
+        _check_int("start", start, minimum=0)  # a negative start would write into the ring's last slots
         batch, length = input_ids.shape
         if self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
@@ -221,6 +222,11 @@ class Engine:
         if len(pad) > 1:
             raise ValueError(f"pad_token_id must be a single int, got {pad_token_id!r}")
         pad_id = pad[0] if pad else (eos[0] if eos else None)
+        if eos and not 0 <= pad_id < self.info.vocab_size:  # finished rows feed pad_id back into the model
+            raise ValueError(
+                f"pad_token_id {pad_id}{'' if pad else ' (defaulted to eos_token_id[0])'} is outside the "
+                f"vocabulary [0, {self.info.vocab_size})"
+            )
 
         sequences, scores = input_ids, []
         if max_new_tokens > 0:
