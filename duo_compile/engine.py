@@ -160,6 +160,15 @@ class Engine:
 
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Process a prompt from position 0 in chunks of ``chunk_size`` tokens; returns the last logits."""
+        if chunk_size is not None:
+            _check_int("chunk_size", chunk_size, minimum=1)
+        # Checked before the first chunk is written: a prompt past max_seq_len would otherwise fill the caches
+        # chunk by chunk and fail only at the chunk that no longer fits.
+        if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= self.config.max_seq_len:
+            raise ValueError(
+                f"prefill needs input_ids [batch, 1..max_seq_len={self.config.max_seq_len}], "
+                f"got shape {tuple(input_ids.shape)}"
+            )
         chunk = chunk_size or input_ids.shape[1]
         for begin in range(0, input_ids.shape[1], chunk):
             logits = self.step(input_ids[:, begin : begin + chunk], begin)
