@@ -1,0 +1,130 @@
+"""Each pass on its own: what it matched, what it emitted, and that outputs are unchanged where they must be."""
+import numpy as np
+import pytest
+import torch
+
+from duo_compile.capture import capture
+from duo_compile.kernels.ops import OPS
+from duo_compile.oracle import oracle_logits
+from duo_compile.passes import PassContext, run_passes
+from duo_compile.passes.find_attention import SDPA, find_attention
+from duo_compile.passes.kv_layout import kv_layout
+from tests.tiny_models import mixed_gates, tiny_model
+
+LENGTH = 30
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+def _ctx(retrieval, sink=4, recent=8, mode="window"):
+    return PassContext(retrieval=np.asarray(retrieval, dtype=bool), sink_size=sink, recent_size=recent,
+                       streaming_mode=mode, expected_layers=len(retrieval))
+
+
+def _inputs(vocab=96, batch=2, length=LENGTH):
+    ids = torch.randint(0, vocab, (batch, length))
+    return ids, torch.arange(length).expand(batch, -1)
+
+
+@pytest.fixture(params=[("llama", True), ("qwen2", True), ("mistral", False)], ids=lambda p: f"{p[0]}-{'gqa' if p[1] else 'mha'}")
+def model(request):
+    return tiny_model(*request.param)
+
+
+def _kv_heads(model):
+    return model.config.num_key_value_heads
+
+
+@torch.no_grad()
+def test_find_attention_tags_every_layer(model):
+    gm = capture(model, last_logits_only=False)
+    ctx = _ctx(mixed_gates(3, _kv_heads(model)))
+    find_attention(gm, ctx)
+    assert ctx.changed["find_attention"] == 3
+    for layer, site in enumerate(ctx.sites):
+        assert site.layer == layer and site.node.meta["duo_attention"] is site
+        assert (site.num_heads, site.num_kv_heads, site.head_dim) == (4, _kv_heads(model), 16)
+        assert site.scale == pytest.approx(16 ** -0.5)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert f"layers.{layer}.self_attn.{proj}.weight" in getattr(site, proj).args[1].target
+
+
+def test_find_attention_rejects_masks_of_the_wrong_shape(model):
+    gm = capture(model, last_logits_only=False)
+    with pytest.raises(ValueError, match=r"masks have shape \(3, 7\) but the model has 3 layers x"):
+        find_attention(gm, _ctx(np.ones((3, 7))))
+
+
+def test_find_attention_names_what_it_found_instead():
+    class ManualAttention(torch.nn.Module):
+        def forward(self, x):
+            return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+    gm = torch.export.export(ManualAttention(), (torch.randn(2, 3, 4),)).module()
+    with pytest.raises(ValueError, match=r"no scaled_dot_product_attention node.*softmax"):
+        find_attention(gm, _ctx(np.ones((1, 1))))
+
+
+@torch.no_grad()
+def test_reorder_heads_changes_weights_not_outputs(model):
+    ids, pos = _inputs()
+    reference = model(ids).logits
+    original_q = model.model.layers[1].self_attn.q_proj.weight.clone()
+    gates = np.zeros((3, _kv_heads(model)))
+    gates[1, -1] = gates[2, -1] = 1  # layers 1 and 2: the retrieval head is last, so it must move
+    ctx = _ctx(gates)
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    assert ctx.changed["reorder_heads"] == 2
+    assert ctx.retrieval_counts == [0, 1, 1] and ctx.head_order[1][0] == _kv_heads(model) - 1
+    assert not torch.equal(gm.get_parameter("model.model.layers.1.self_attn.q_proj.weight"), original_q)
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, original_q)  # the user's model is untouched
+    torch.testing.assert_close(gm(ids, pos), reference, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_split_attention_with_all_retrieval_changes_nothing(model):
+    ids, pos = _inputs()
+    ctx = _ctx(np.ones((3, _kv_heads(model))))
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
+    assert _count(gm, SDPA) == 0
+    assert _count(gm, OPS["retrieval_attention"]) == 3 and _count(gm, OPS["streaming_attention"]) == 0
+    torch.testing.assert_close(gm(ids, pos), model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_split_attention_matches_oracle_for_mixed_masks(model):
+    ids, pos = _inputs()
+    gates = mixed_gates(3, _kv_heads(model))
+    ctx = _ctx(gates)
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
+    # layer 0: retrieval only; layer 1: both; layer 2: streaming only.
+    assert _count(gm, OPS["retrieval_attention"]) == 2 and _count(gm, OPS["streaming_attention"]) == 2
+    assert _count(gm, torch.ops.aten.cat.default) >= 1
+    expected = oracle_logits(model, gates, ids, sink_size=4, recent_size=8)
+    full = model(ids).logits
+    out = gm(ids, pos)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert (out - full).abs().max() > 1e-3  # the streaming heads really changed something
+
+
+@torch.no_grad()
+def test_kv_layout_adds_caches_and_keeps_outputs(model):
+    ids, pos = _inputs()
+    gates = mixed_gates(3, _kv_heads(model))
+    ctx = _ctx(gates)
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
+    cacheless = gm(ids, pos)
+    gm = kv_layout(gm, ctx)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders[:3] == ["input_ids", "position_ids", "cache_position"]
+    assert placeholders[3:] == [spec.name for spec in ctx.cache_specs]
+    assert len(ctx.cache_specs) == 2 * 4 and ctx.changed["kv_layout"] == 4
+    assert _count(gm, OPS["retrieval_attention"]) == 0 and _count(gm, OPS["retrieval_attention_cached"]) == 2
+    assert _count(gm, OPS["streaming_attention_cached"]) == 2
+    caches = [torch.zeros(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
+    torch.testing.assert_close(gm(ids, pos, torch.arange(LENGTH), *caches), cacheless, rtol=1e-5, atol=1e-6)
+    streaming = [c for s, c in zip(ctx.cache_specs, caches) if s.kind == "streaming"]
+    assert all(s.slots == 12 for s in ctx.cache_specs if s.kind == "streaming")
+    assert all(bool(c.abs().sum() > 0) for c in streaming)  # the pass really wired the caches in
