@@ -1,0 +1,118 @@
+"""``duo-compile``: the command line over the same calls as the Python API.
+
+    duo-compile demo                       compile a small model with and without DuoAttention, print the savings
+    duo-compile compile MODEL_DIR --masks full_attention_heads.tsv --sparsity 0.5 -o engine.pt2
+    duo-compile run engine.pt2 --ids 1,2,3 --max-new-tokens 16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sink", type=int, default=64, help="sink tokens kept by streaming heads (default 64)")
+    p.add_argument("--recent", type=int, default=256, help="recent tokens kept by streaming heads (default 256)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of heads made streaming")
+    p.add_argument("--threshold", type=float, default=None, help="gates above this are retrieval heads")
+    p.add_argument("--max-seq-len", type=int, default=None, help="retrieval cache length (default: the model's)")
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: whole prompt)")
+    p.add_argument("--mode", choices=("window", "chunk"), default="window", help="streaming semantics")
+
+
+def _cmd_demo(args) -> int:
+    from duo_compile.demo import run_demo
+
+    run_demo(sparsity=args.sparsity if args.sparsity is not None else 0.5, sink_size=args.sink,
+             recent_size=args.recent, backend=args.backend, new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _load_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+def _masks(args):
+    from duo_compile.masks import HeadMasks
+
+    masks = HeadMasks.from_tsv(args.masks)
+    if args.sparsity is None and args.threshold is None and not masks.is_binary:
+        raise ValueError("the gates in --masks are not binary: give --sparsity or --threshold")
+    if args.sparsity is not None or args.threshold is not None:
+        masks = masks.binarize(sparsity=args.sparsity, threshold=args.threshold)
+    return masks
+
+
+def _cmd_compile(args) -> int:
+    import duo_compile
+
+    masks = _masks(args)  # checked before the (slow) model load
+    model = _load_model(args.model)
+    engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
+                                 max_seq_len=args.max_seq_len, prefill_chunk_size=args.chunk,
+                                 streaming_mode=args.mode, backend="eager")
+    print(engine)
+    duo_compile.export(engine, args.output, backend=args.backend)
+    print(f"wrote {args.output} ({args.backend})")
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise ValueError(f"--ids must be integers separated by commas or spaces, got {text!r}") from err
+
+
+def _cmd_run(args) -> int:
+    import torch
+
+    import duo_compile
+
+    ids = _parse_ids(args.ids)
+    engine = duo_compile.load(args.engine)
+    out = engine.generate(torch.tensor([ids], device=engine.device), max_new_tokens=args.max_new_tokens)
+    print(" ".join(str(t) for t in out[0].tolist()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duo-compile", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="compile a small model with and without DuoAttention and compare")
+    _add_compile_options(demo)
+    demo.add_argument("--backend", choices=("inductor", "eager"), default="inductor")
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.set_defaults(func=_cmd_demo)
+
+    comp = sub.add_parser("compile", help="compile a local Hugging Face model directory and export an engine")
+    comp.add_argument("model", help="a local model directory (config.json + weights)")
+    comp.add_argument("--masks", required=True, help="full_attention_heads.tsv (rows = layers, columns = KV heads)")
+    comp.add_argument("-o", "--output", required=True, help="engine file to write")
+    comp.add_argument("--backend", choices=("aoti", "onnx", "tensorrt"), default="aoti")
+    _add_compile_options(comp)
+    comp.set_defaults(func=_cmd_compile)
+
+    run = sub.add_parser("run", help="load an exported engine and generate from token ids")
+    run.add_argument("engine", help="engine file written by `duo-compile compile`")
+    run.add_argument("--ids", required=True, help="prompt token ids, e.g. 1,2,3")
+    run.add_argument("--max-new-tokens", type=int, default=16)
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"duo-compile {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
