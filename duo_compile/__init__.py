@@ -8,6 +8,7 @@ from duo_compile.kernels import ops as _ops  # noqa: F401  (registers the duo:: 
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.compiler import compile
 from duo_compile.engine import Engine, EngineConfig
+from duo_compile.export import export, load
 
-__all__ = ["HeadMasks", "KVCacheBytes", "kv_cache_bytes", "compile", "Engine", "EngineConfig"]
+__all__ = ["HeadMasks", "KVCacheBytes", "kv_cache_bytes", "compile", "Engine", "EngineConfig", "export", "load"]
 __version__ = "0.1.0"

@@ -1,0 +1,361 @@
+"""The engine file: what ``duo_compile.export`` writes and ``duo_compile.load`` reads.
+
+Two containers, each one self-contained file with the same JSON metadata (``FORMAT``, ``FORMAT_VERSION``):
+
+* ``"aoti"``: a PT2 archive (zip; ``torch._inductor.package.load_package`` reads it) holding two AOTInductor
+  models, ``prefill`` (chunk length 2..max_seq_len) and ``decode`` (one token), and the metadata as the extra file
+  ``extra/duo_engine.json``. Zip CRCs are checked on load, so a truncated or damaged file is refused.
+* ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
+  ``metadata_props`` entry ``duo_compile.engine`` holds the metadata. That entry is written as the file's last bytes
+  (protobuf merges a trailing message into the model), and it records the byte length and SHA-256 of everything
+  before it, so a truncated or altered file is refused.
+
+Metadata (JSON object):
+  format, format_version, backend      what the file is
+  producer                             duo_compile/torch/python versions, machine, CPU capability (AOTI code is
+                                       native code for that machine)
+  config, masks, model_info,           everything ``Engine`` needs besides a runner: ``EngineConfig``,
+  cache_specs, dtype, device,          ``HeadMasks.to_dict()``, ``ModelInfo``, the ``CacheSpec`` list in graph
+  pass_counts                          argument order
+  ops                                  ``{"duo::name": schema}`` of every custom op the graphs call (AOTI calls
+                                       them through the dispatcher, so they must be registered, same schema)
+  graphs                               backend specifics (AOTI model names and shape bounds; ONNX names, opset)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from duo_compile.engine import EngineConfig
+from duo_compile.masks import HeadMasks
+from duo_compile.models.hf import ModelInfo
+from duo_compile.passes import CacheSpec
+
+FORMAT = "duo_compile.engine"
+FORMAT_VERSION = 1
+BACKENDS = ("aoti", "onnx")
+PT2_META_NAME = "duo_engine.json"  # in the PT2 archive as <archive>/extra/duo_engine.json
+ONNX_META_KEY = "duo_compile.engine"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+class EngineFileError(ValueError):
+    """An engine file that cannot be loaded: foreign, truncated, damaged, another format version, or needing
+    something this process lacks (an op library, a device, a runtime)."""
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def engine_metadata(engine, backend: str, graphs: dict[str, Any], ops: dict[str, str]) -> dict[str, Any]:
+    """The metadata of ``engine`` exported with ``backend``."""
+    import duo_compile
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "backend": backend,
+        "producer": {
+            "duo_compile": duo_compile.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "config": dataclasses.asdict(engine.config),
+        "masks": engine.masks.to_dict(),
+        "model_info": dataclasses.asdict(engine.info),
+        "cache_specs": [dataclasses.asdict(spec) for spec in engine.cache_specs],
+        "dtype": _dtype_name(engine.dtype),
+        "device": str(engine.device),
+        "pass_counts": dict(engine.pass_counts),
+        "ops": ops,
+        "graphs": graphs,
+    }
+
+
+@dataclasses.dataclass
+class EngineParts:
+    """The metadata parsed and checked: the ``Engine`` constructor arguments besides graph and runner."""
+
+    backend: str
+    config: EngineConfig
+    masks: HeadMasks
+    info: ModelInfo
+    cache_specs: list[CacheSpec]
+    dtype: torch.dtype
+    device: torch.device
+    pass_counts: dict[str, int]
+    ops: dict[str, str]
+    graphs: dict[str, Any]
+    producer: dict[str, Any]
+
+
+def parse_metadata(meta: Any, path: str) -> EngineParts:
+    """Check the metadata of the file at ``path`` and turn it into Python objects; EngineFileError if anything
+    is missing, inconsistent or of another format version."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EngineFileError(f"{path}: not a duo_compile engine file (its metadata has no format {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise EngineFileError(
+            f"{path}: engine file format version {version!r}, but this duo_compile reads version {FORMAT_VERSION}; "
+            f"re-export the engine with this duo_compile (or load it with the version that wrote it: "
+            f"{meta.get('producer', {}).get('duo_compile', 'unknown')})"
+        )
+    try:
+        backend = meta["backend"]
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+        dtype = getattr(torch, meta["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"unknown dtype {meta['dtype']!r}")
+        parts = EngineParts(
+            backend=backend,
+            config=EngineConfig(**meta["config"]),
+            masks=HeadMasks.from_dict(meta["masks"]),
+            info=ModelInfo(**meta["model_info"]),
+            cache_specs=[CacheSpec(**spec) for spec in meta["cache_specs"]],
+            dtype=dtype,
+            device=torch.device(meta["device"]),
+            pass_counts={str(k): int(v) for k, v in meta.get("pass_counts", {}).items()},
+            ops=dict(meta["ops"]),
+            graphs=dict(meta["graphs"]),
+            producer=dict(meta.get("producer", {})),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise EngineFileError(f"{path}: damaged engine metadata ({type(err).__name__}: {err})") from None
+    _check_consistent(parts, path)
+    return parts
+
+
+def _check_consistent(parts: EngineParts, path: str) -> None:
+    """The cache specs must be the ones the masks and model shapes imply (a cheap guard against hand-edited or
+    mismatched metadata, which would otherwise feed wrongly shaped caches to the graphs)."""
+    info, masks = parts.info, parts.masks
+    try:
+        masks.check_shape(info.num_layers, info.num_kv_heads)
+    except ValueError as err:
+        raise EngineFileError(f"{path}: masks do not fit the model: {err}") from None
+    counts = masks.retrieval_counts
+    for spec in parts.cache_specs:
+        retrieval = counts[spec.layer] if 0 <= spec.layer < len(counts) else -1
+        want = retrieval if spec.kind == "retrieval" else info.num_kv_heads - retrieval
+        slots = None if spec.kind == "retrieval" else parts.config.sink_size + parts.config.recent_size
+        if spec.num_kv_heads != want or spec.slots != slots or spec.head_dim != info.head_dim:
+            raise EngineFileError(f"{path}: cache spec {spec} does not match the masks and model shapes")
+
+
+# ------------------------------------------------------------------------------------------------------- ops
+def graph_ops(*graphs) -> dict[str, str]:
+    """``{"ns::name": schema}`` of every custom (non-aten/prims) op called by the given fx graphs."""
+    ops: dict[str, str] = {}
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                if node.target.namespace not in ("aten", "prims", "_operator"):
+                    ops[node.target.name()] = str(node.target._schema)
+    return dict(sorted(ops.items()))
+
+
+def check_ops(parts: EngineParts, path: str) -> None:
+    """Every op the file's graphs call must be registered here with the same schema (else the AOTI runtime would
+    fail mid-run, or call an op whose arguments changed meaning)."""
+    for name, schema in parts.ops.items():
+        namespace, _, rest = name.partition("::")
+        op_name, _, overload = rest.partition(".")
+        packet = getattr(getattr(torch.ops, namespace), op_name, None) if namespace and op_name else None
+        op = getattr(packet, overload or "default", None) if packet is not None else None
+        if op is None:
+            raise EngineFileError(
+                f"{path}: the engine calls custom op {name}, which is not registered in this process; the op "
+                f"library that defines it is missing (engine written by duo_compile "
+                f"{parts.producer.get('duo_compile', 'unknown')}): import the module that registers it before "
+                f"loading, install the duo_compile version that wrote it, or re-export"
+            )
+        if str(op._schema) != schema:
+            raise EngineFileError(
+                f"{path}: custom op {name} has schema {op._schema} here, but the engine was built against "
+                f"{schema}; re-export the engine with this duo_compile"
+            )
+
+
+# --------------------------------------------------------------------------------------------------- writing
+def check_writable(path: str | os.PathLike) -> str:
+    """Refuse, before any expensive work, a path the engine file could not be written to."""
+    path = os.fspath(path)
+    if not path:
+        raise ValueError("path is empty")
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write the engine file to {path!r}: it is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write the engine file to {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write the engine file to {path!r}: permission denied")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str) -> Iterator[str]:
+    """A temporary path beside ``path``; on success it replaces ``path`` in one step (``os.replace``), so readers
+    see the old file or the complete new one, never a partial file. Removed on failure."""
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".tmp{suffix}", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def onnx_trailer(model_bytes: bytes, meta: dict[str, Any]) -> bytes:
+    """A serialized ModelProto that holds only the metadata entry, to append after ``model_bytes``. The entry
+    records the length and SHA-256 of ``model_bytes``, so load can tell a complete file from a cut one."""
+    import onnx
+
+    meta = dict(meta, payload={"bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()})
+    trailer = onnx.ModelProto()
+    entry = trailer.metadata_props.add()
+    entry.key, entry.value = ONNX_META_KEY, json.dumps(meta, sort_keys=True)
+    return trailer.SerializeToString()
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def read_metadata(path: str | os.PathLike) -> tuple[EngineParts, dict[str, Any]]:
+    """Identify and check the engine file at ``path``: (parsed parts, raw metadata). EngineFileError for
+    anything that is not a complete engine file of this format version."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no engine file at {path!r}")
+    if os.path.isdir(path):
+        raise EngineFileError(f"{path}: is a directory, not an engine file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise EngineFileError(f"{path}: empty file, not a duo_compile engine file")
+    meta = _read_pt2_metadata(path) if head == ZIP_MAGIC else _read_onnx_metadata(path)
+    parts = parse_metadata(meta, path)
+    want = "aoti" if head == ZIP_MAGIC else "onnx"
+    if parts.backend != want:
+        raise EngineFileError(f"{path}: metadata says backend {parts.backend!r} but the file is a {want} container")
+    return parts, meta
+
+
+def _read_pt2_metadata(path: str) -> Any:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member, checking its CRC
+            if bad is not None:
+                raise EngineFileError(f"{path}: damaged engine file (member {bad} fails its CRC check)")
+            names = [n for n in archive.namelist() if n.endswith(f"/extra/{PT2_META_NAME}")]
+            if not names:
+                raise EngineFileError(
+                    f"{path}: a zip/PT2 archive but not a duo_compile engine file (no extra/{PT2_META_NAME})"
+                )
+            raw = archive.read(names[0])
+    except zipfile.BadZipFile as err:
+        raise EngineFileError(f"{path}: truncated or damaged engine file (zip: {err})") from None
+    except (EOFError, OSError, RuntimeError) as err:
+        if isinstance(err, EngineFileError):
+            raise
+        raise EngineFileError(f"{path}: truncated or damaged engine file ({type(err).__name__}: {err})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EngineFileError(f"{path}: damaged engine metadata ({err})") from None
+
+
+def _read_onnx_metadata(path: str) -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise EngineFileError(
+            f"{path}: not a PT2 archive; reading an ONNX engine needs the onnx package (pip install onnx "
+            f"onnxruntime)"
+        ) from None
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        model = onnx.ModelProto.FromString(data)
+    except Exception as err:  # protobuf raises DecodeError, or RuntimeWarning-like errors for garbage
+        raise EngineFileError(
+            f"{path}: not a duo_compile engine file, or a truncated one (neither a zip/PT2 archive nor a readable "
+            f"ONNX model: {type(err).__name__})"
+        ) from None
+    entries = [p.value for p in model.metadata_props if p.key == ONNX_META_KEY]
+    if not entries:
+        raise EngineFileError(
+            f"{path}: not a duo_compile engine file, or a truncated one (no {ONNX_META_KEY!r} metadata entry)"
+        )
+    try:
+        meta = json.loads(entries[-1])
+        payload = meta.pop("payload")
+        size, digest = int(payload["bytes"]), str(payload["sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise EngineFileError(f"{path}: damaged engine metadata ({type(err).__name__}: {err})") from None
+    try:
+        tail = onnx.ModelProto.FromString(data[size:]) if 0 < size < len(data) else None
+    except Exception:
+        tail = None
+    intact = (
+        tail is not None
+        and [(p.key, p.value) for p in tail.metadata_props] == [(ONNX_META_KEY, entries[-1])]
+        and hashlib.sha256(data[:size]).hexdigest() == digest
+    )
+    if not intact:
+        raise EngineFileError(
+            f"{path}: truncated or altered engine file (the model bytes do not match the recorded length/SHA-256)"
+        )
+    return meta
+
+
+def check_runtime(parts: EngineParts, path: str) -> None:
+    """The loading machine must be able to run the file: device present; for AOTI native code, the same torch
+    (major.minor), machine and a CPU at least as capable."""
+    device = parts.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineFileError(f"{path}: the engine was exported for {device}, but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise EngineFileError(f"{path}: engines for device {device} are not supported")
+    if parts.backend != "aoti":
+        return
+    made = parts.producer
+    here_torch = torch.__version__.split("+")[0].split(".")[:2]
+    made_torch = str(made.get("torch", "?")).split("+")[0].split(".")[:2]
+    if here_torch != made_torch:
+        raise EngineFileError(
+            f"{path}: AOTInductor engine built with torch {made.get('torch')}, but this is torch {torch.__version__}; "
+            f"AOTInductor packages are native code for one torch version: re-export with this torch"
+        )
+    if made.get("machine") != platform.machine():
+        raise EngineFileError(
+            f"{path}: AOTInductor engine compiled for {made.get('machine')}, this machine is {platform.machine()}"
+        )
+    if device.type == "cpu":
+        order = ["DEFAULT", "AVX2", "AVX512"]
+        made_isa, here_isa = made.get("cpu_capability"), torch.backends.cpu.get_cpu_capability()
+        if made_isa in order and here_isa in order and order.index(made_isa) > order.index(here_isa):
+            raise EngineFileError(
+                f"{path}: AOTInductor engine compiled for {made_isa} CPUs, this CPU supports {here_isa}; "
+                f"re-export on this machine (or use the ONNX engine)"
+            )

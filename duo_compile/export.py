@@ -1,0 +1,173 @@
+"""``duo_compile.export`` and ``duo_compile.load``: compiled engines to and from engine files.
+
+    engine = duo_compile.compile(model, masks, ...)
+    duo_compile.export(engine, "model.pt2")                   # AOTInductor package (default)
+    duo_compile.export(engine, "model.onnx", backend="onnx")  # standard-op ONNX, run by onnxruntime
+    engine2 = duo_compile.load("model.pt2")                   # no model code or weights needed
+    engine2.generate(input_ids, max_new_tokens=64)            # same API as the compiled engine
+
+Backends: ``aoti_export.py`` and ``onnx_export.py``; the file format and its checks: ``engine_file.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import torch
+
+from duo_compile.engine import Engine
+from duo_compile.engine_file import (
+    PT2_META_NAME,
+    EngineFileError,
+    atomic_path,
+    check_ops,
+    check_runtime,
+    check_writable,
+    engine_metadata,
+    graph_ops,
+    onnx_trailer,
+    read_metadata,
+)
+
+BACKENDS = ("aoti", "onnx", "tensorrt")
+
+__all__ = ["export", "load", "BACKENDS", "EngineFileError", "BackendUnavailableError"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend exists in the API but cannot run in this installation."""
+
+
+_TENSORRT_MESSAGE = (
+    "backend 'tensorrt' is not available: it needs torch-tensorrt, which cannot be installed on these machines "
+    "(the TensorRT libraries come only from NVIDIA's own package index, and torch-tensorrt needs libnvinfer and a "
+    "CUDA build of torch). Export with backend='onnx' instead: that engine uses standard ONNX ops only (opset "
+    "{opset}, no custom domain) with static cache shapes and a dynamic batch/chunk length, so TensorRT's ONNX parser "
+    "can build an engine from it, e.g. trtexec --onnx=model.onnx --minShapes=input_ids:1x1,... (the shapes are "
+    "documented in duo_compile/onnx_export.py and in the file's metadata)."
+)
+
+
+def _check_engine(engine) -> None:
+    if not isinstance(engine, Engine):
+        if isinstance(engine, torch.nn.Module):
+            raise TypeError(
+                f"export takes a compiled engine, got the model {type(engine).__name__}: compile it first with "
+                f"engine = duo_compile.compile(model, masks, ...), then duo_compile.export(engine, path)"
+            )
+        raise TypeError(f"export takes an Engine from duo_compile.compile(...), got {type(engine).__name__}")
+    if engine.graph is None:
+        raise ValueError(
+            "this engine has no graph (it was loaded from an engine file): export the engine returned by "
+            "duo_compile.compile, or copy the engine file"
+        )
+
+
+def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti") -> str:
+    """Write ``engine`` to the engine file ``path`` (atomically); returns the path.
+
+    ``backend``: ``"aoti"`` (AOTInductor PT2 archive with prefill and decode models; seconds to minutes of C++
+    compilation), ``"onnx"`` (standard-op ONNX model), or ``"tensorrt"`` (not available here: a clear error that
+    points to ``"onnx"``). The file carries the engine's config, masks, model shapes and cache layout, and a format
+    version, which ``load`` checks.
+    """
+    _check_engine(engine)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "tensorrt":
+        from duo_compile.onnx_export import OPSET
+
+        raise BackendUnavailableError(_TENSORRT_MESSAGE.format(opset=OPSET))
+    path = check_writable(path)
+    if backend == "aoti":
+        _export_aoti(engine, path)
+    else:
+        _export_onnx(engine, path)
+    return path
+
+
+def _export_aoti(engine: Engine, path: str) -> None:
+    from duo_compile import aoti_export
+
+    programs = aoti_export.export_programs(engine)
+    graphs = {
+        "models": {name: name for name in programs},
+        "max_batch": aoti_export.MAX_BATCH,
+        "chunk_range": {aoti_export.PREFILL: [2, engine.config.max_seq_len], aoti_export.DECODE: [1, 1]},
+        "caches": "explicit inputs, mutated in place",
+    }
+    meta = engine_metadata(engine, "aoti", graphs, graph_ops(*(p.graph for p in programs.values())))
+    with _writing(path), atomic_path(path, ".pt2") as tmp:
+        aoti_export.compile_package(programs, tmp, {PT2_META_NAME: json.dumps(meta, sort_keys=True)})
+
+
+def _export_onnx(engine: Engine, path: str) -> None:
+    from duo_compile import onnx_export
+
+    data, description = onnx_export.export_onnx_bytes(engine)
+    meta = engine_metadata(engine, "onnx", description, {})
+    with _writing(path), atomic_path(path, ".onnx") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.write(onnx_trailer(data, meta))
+
+
+class _writing:
+    """Turn an OSError while writing the file into one clear error naming the path."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is not None and issubclass(kind, OSError):
+            raise OSError(err.errno, f"cannot write the engine file {self.path!r}: {err.strerror or err}") from err
+        return False
+
+
+def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> Engine:
+    """Load an engine file written by ``export``; the result has the compiled engine's ``generate`` API.
+
+    Checks before running anything: the file is a complete duo_compile engine file of this format version,
+    the metadata is consistent, the device is present, and (AOTI) the custom ops it calls are registered with the
+    same schemas and the package was built for this torch and CPU. ``providers``: onnxruntime execution providers
+    for an ONNX engine (default: CPU, or CUDA for an engine exported on CUDA).
+    """
+    path = os.fspath(path)
+    parts, _ = read_metadata(path)
+    check_runtime(parts, path)
+    if parts.backend == "aoti":
+        from duo_compile.aoti_export import AOTIRunner
+
+        check_ops(parts, path)
+        try:
+            runner = AOTIRunner(path, parts.graphs, parts.device)
+        except Exception as err:  # the archive passed its checks, so this is the runtime refusing it
+            raise EngineFileError(f"{path}: AOTInductor could not load the package ({type(err).__name__}: {err})")
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise EngineFileError(
+                f"{path}: an ONNX engine runs on onnxruntime, which is not installed (pip install onnxruntime)"
+            ) from None
+        from duo_compile.onnx_export import OnnxRunner
+
+        runner = OnnxRunner(
+            path, parts.cache_specs, parts.config.sink_size, parts.config.recent_size, parts.info.vocab_size,
+            parts.device, parts.graphs, providers=providers,
+        )
+    return Engine(
+        None,
+        parts.cache_specs,
+        parts.config,
+        parts.info,
+        parts.masks,
+        device=parts.device,
+        dtype=parts.dtype,
+        pass_counts=parts.pass_counts,
+        runner=runner,
+    )
