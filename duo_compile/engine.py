@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from duo_compile.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
 from duo_compile.passes import CacheSpec
@@ -77,6 +78,7 @@ class Engine:
         dtype: torch.dtype,
         pass_counts: dict[str, int] | None = None,
         runner: Callable[..., torch.Tensor] | None = None,
+        cuda_graphs: bool = True,
     ):
         """``runner`` replaces the backend's compiled graph (e.g. an engine loaded from a file); same signature."""
         self.graph = graph
@@ -89,6 +91,10 @@ class Engine:
         self.pass_counts = dict(pass_counts or {})
         self.caches: list[torch.Tensor] = []
         self.batch_size: int | None = None
+        self.cache_len: int | None = None
+        # On CUDA, decode steps (one token) replay a captured graph: see cuda_graphs.py.
+        self.cuda_graphs = cuda_graphs
+        self._graphed: GraphedDecode | None = None
         if runner is not None:
             self._run = runner
         elif config.backend == "inductor":
@@ -98,27 +104,33 @@ class Engine:
             self._run = graph
 
     # ----------------------------------------------------------------------------------------------- cache
-    def allocate(self, batch_size: int) -> None:
-        """Allocate the static caches for ``batch_size`` (once; again only if the batch size changes).
+    def allocate(self, batch_size: int, max_seq_len: int | None = None) -> None:
+        """Allocate the static caches for ``batch_size`` (once; again only if the batch size or length changes).
 
-        Zero-filled so that slots never written hold finite values (masked keys still enter ``p @ V``).
+        ``max_seq_len`` (default: the engine's) may be smaller than the engine's, e.g. to measure memory at a
+        given context. Zero-filled so that slots never written hold finite values (masked keys still enter
+        ``p @ V``).
         """
         _check_int("batch_size", batch_size, minimum=1)
-        if self.batch_size == batch_size:
+        length = self.config.max_seq_len if max_seq_len is None else max_seq_len
+        _check_int("max_seq_len", length, minimum=1)
+        if length > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {length} exceeds the engine's max_seq_len={self.config.max_seq_len}")
+        if (self.batch_size, self.cache_len) == (batch_size, length):
             return
-        self.caches = []  # free the old caches before allocating new ones
+        self.caches, self._graphed = [], None  # free the old caches (and the graph using them) first
         self.caches = [
             torch.zeros(
                 batch_size,
                 spec.num_kv_heads,
-                self.config.max_seq_len if spec.slots is None else spec.slots,
+                length if spec.slots is None else spec.slots,
                 spec.head_dim,
                 dtype=self.dtype,
                 device=self.device,
             )
             for spec in self.cache_specs
         ]
-        self.batch_size = batch_size
+        self.batch_size, self.cache_len = batch_size, length
 
     def kv_cache_bytes(self) -> KVCacheBytes:
         """KV bytes actually allocated (retrieval and streaming), beside what full attention would need."""
@@ -130,7 +142,7 @@ class Engine:
         full = kv_cache_bytes(
             _ConfigView(self.info),
             self.masks,
-            seq_len=self.config.max_seq_len,
+            seq_len=self.cache_len,
             batch_size=self.batch_size,
             dtype=self.dtype,
             sink_size=self.config.sink_size,
@@ -149,10 +161,14 @@ class Engine:
         batch, length = input_ids.shape
         if self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
-        if start + length > self.config.max_seq_len:
+        if start + length > self.cache_len:
             raise ValueError(
-                f"positions {start}..{start + length - 1} exceed max_seq_len={self.config.max_seq_len}"
+                f"positions {start}..{start + length - 1} exceed the allocated cache length {self.cache_len}"
             )
+        if length == 1 and self.cuda_graphs and self.device.type == "cuda":
+            if self._graphed is None:
+                self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device)
+            return self._graphed(input_ids, start)[:, -1, :]
         cache_position = torch.arange(start, start + length, device=self.device)
         position_ids = cache_position.unsqueeze(0).expand(batch, length)
         logits = self._run(input_ids, position_ids, cache_position, *self.caches)
@@ -164,10 +180,10 @@ class Engine:
             _check_int("chunk_size", chunk_size, minimum=1)
         # Checked before the first chunk is written: a prompt past max_seq_len would otherwise fill the caches
         # chunk by chunk and fail only at the chunk that no longer fits.
-        if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= self.config.max_seq_len:
+        limit = self.cache_len or self.config.max_seq_len
+        if input_ids.dim() != 2 or not 1 <= input_ids.shape[1] <= limit:
             raise ValueError(
-                f"prefill needs input_ids [batch, 1..max_seq_len={self.config.max_seq_len}], "
-                f"got shape {tuple(input_ids.shape)}"
+                f"prefill needs input_ids [batch, 1..{limit}] (the cache length), got shape {tuple(input_ids.shape)}"
             )
         chunk = chunk_size or input_ids.shape[1]
         for begin in range(0, input_ids.shape[1], chunk):
