@@ -132,6 +132,11 @@ class Engine:
         ]
         self.batch_size, self.cache_len = batch_size, length
 
+    def release(self) -> None:
+        """Free the caches (and the decode graph that uses them); the next generate allocates again."""
+        self.caches, self._graphed = [], None
+        self.batch_size = self.cache_len = None
+
     def kv_cache_bytes(self) -> KVCacheBytes:
         """KV bytes actually allocated (retrieval and streaming), beside what full attention would need."""
         if self.batch_size is None:

@@ -1,0 +1,371 @@
+"""End-to-end GPU benchmark: decode, prefill, memory and maximum context, DuoAttention against full attention.
+
+Builds Llama-2-7B (MHA) and Llama-3-8B (GQA) shaped models with random bf16 weights on the GPU, applies the
+authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recent 256) and measures:
+  * decode ms/token and peak memory at fixed contexts: the DuoAttention engine, (a) the same engine with every
+    head retrieval, (b) Hugging Face's own ``generate`` with SDPA and a static cache where a real prefill is
+    affordable. For (a) and DuoAttention the cache holds synthetic K/V (random values, not a real prefill);
+  * chunked prefill time at 32K and 128K (32K chunks) for the same three;
+  * the largest context that fits, found by allocating caches and running a decode step;
+  * bounds from this run's measured copy bandwidth and matmul rate: decode time = (weight + KV bytes read) /
+    bandwidth; prefill time = FLOPs / matmul rate. Each measured ratio is printed beside its bound.
+
+    python benchmarks/e2e.py --patterns DIR --out DIR [--models llama2,llama3] [--commit SHA]
+
+Writes ``e2e_<model>.json`` (command, GPU, versions, commit, every number), and ``e2e.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SINK, RECENT, CHUNK = 64, 256, 32768
+SHAPES = {
+    "llama2": dict(
+        name="Llama-2-7B shape (MHA 32/32)",
+        config=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, rope_theta=10000.0),
+        pattern="Llama-2-7B-32K-Instruct", sparsity=0.75,
+        contexts=[32 * 1024, 64 * 1024, 120 * 1024, 200 * 1024], hf_contexts=[32 * 1024, 64 * 1024],
+    ),
+    "llama3": dict(
+        name="Llama-3-8B shape (GQA 32/8)",
+        config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+        pattern="Llama-3-8B-Instruct-Gradient-1048k", sparsity=0.5,
+        contexts=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024], hf_contexts=[128 * 1024],
+    ),
+}
+PREFILL = [32 * 1024, 128 * 1024]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cuda_ms(fn, repeat: int = 3, inner: int = 1) -> float:
+    """Median over ``repeat`` trials of the mean time of ``inner`` calls, timed with CUDA events."""
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate of this GPU, measured now."""
+    src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy_ms = cuda_ms(lambda: dst.copy_(src), repeat=5, inner=5)
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = cuda_ms(lambda: a @ b, repeat=5, inner=10)
+    del a, b
+    return {"copy_TBps": 2 * (1 << 31) / copy_ms / 1e9, "matmul_TFLOPs": 2 * 8192 ** 3 / mm_ms / 1e9}
+
+
+def build_model(shape: dict, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape["config"], max_position_embeddings=max_positions, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter but the embedding table (one row of it)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+
+
+def kv_read_bytes(masks, cfg: dict, context: int) -> int:
+    """KV bytes a decode step reads: retrieval heads read ``context`` tokens, streaming heads sink + recent."""
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    retrieval = int(masks.retrieval.sum())
+    streaming = masks.retrieval.size - retrieval
+    return 2 * d * 2 * (retrieval * context + streaming * min(context, SINK + RECENT))
+
+
+def prefill_flops(masks, cfg: dict, n_params: int, tokens: int) -> float:
+    """Linear FLOPs + attention FLOPs (QK^T and PV, causal) with streaming query heads limited to sink + recent."""
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    groups = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    retrieval_q = int(masks.retrieval.sum()) * groups
+    streaming_q = (masks.retrieval.size - int(masks.retrieval.sum())) * groups
+    causal_pairs = tokens * (tokens + 1) / 2
+    window_pairs = tokens * min(tokens, SINK + RECENT)
+    return 2 * n_params * tokens + 4 * d * (retrieval_q * causal_pairs + streaming_q * window_pairs)
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def engine_decode(engine, contexts: list[int]) -> list[dict]:
+    """Per context: allocate exactly that cache, fill it with synthetic K/V, time graphed decode steps."""
+    rows = []
+    token = torch.tensor([[1]], device="cuda")
+    for context in contexts:
+        row = {"context": context}
+        try:
+            engine.allocate(1, context + 1)
+            torch.cuda.reset_peak_memory_stats()
+            for cache in engine.caches:
+                cache.normal_()
+            row["ms_per_token"] = cuda_ms(lambda: engine.step(token, context), repeat=5, inner=20)
+            row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+            row["kv_GB"] = engine.kv_cache_bytes().total / 1e9
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        engine.release()
+        free_cuda()
+        log(f"    decode @ {context // 1024}K: {row}")
+        rows.append(row)
+    return rows
+
+
+def engine_prefill(engine, vocab: int) -> list[dict]:
+    rows = []
+    for tokens in PREFILL:
+        row = {"tokens": tokens}
+        try:
+            engine.allocate(1, tokens)
+            ids = torch.randint(0, vocab, (1, tokens), device="cuda")
+            if tokens == PREFILL[0]:
+                engine.prefill(ids, CHUNK)  # warm-up: Triton compilation for the chunk shape
+            row["ms"] = cuda_ms(lambda: engine.prefill(ids, CHUNK), repeat=1 if tokens > CHUNK else 3)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        engine.release()
+        free_cuda()
+        log(f"    prefill {tokens // 1024}K: {row}")
+        rows.append(row)
+    return rows
+
+
+def max_context(engine, kv_bytes_per_token: float) -> dict:
+    """The largest cache (multiple of 1024 tokens) that allocates and runs a decode step at its last position."""
+    free = torch.cuda.mem_get_info()[0]
+    guess = int((free - (2 << 30)) / kv_bytes_per_token) // 1024 * 1024
+    token = torch.tensor([[1]], device="cuda")
+    tried = []
+    while guess > 0:
+        try:
+            engine.allocate(1, guess)
+            engine.step(token, guess - 1)
+            torch.cuda.synchronize()
+            result = {"max_context": guess, "tried": tried}
+            break
+        except torch.OutOfMemoryError:
+            tried.append(guess)
+            engine.release()
+            free_cuda()
+            guess = int(guess * 0.98) // 1024 * 1024
+    else:
+        result = {"max_context": 0, "tried": tried}
+    engine.release()
+    free_cuda()
+    log(f"    max context: {result['max_context']} tokens ({len(tried)} refused sizes)")
+    return result
+
+
+def hf_generate(model, contexts: list[int], prefill_tokens: list[int], vocab: int) -> dict:
+    """Hugging Face generate (SDPA, static cache, no torch.compile): prefill = 1 new token; decode from 33 vs 1."""
+    out = {"decode": [], "prefill": []}
+
+    def run(ids, new):
+        kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+                      pad_token_id=0)
+        try:
+            return model.generate(ids, disable_compile=True, **kwargs)
+        except (TypeError, ValueError):
+            return model.generate(ids, **kwargs)
+
+    for tokens in sorted(set(contexts) | set(prefill_tokens)):
+        ids = torch.randint(0, vocab, (1, tokens), device="cuda")
+        row = {"context": tokens}
+        try:
+            if tokens == min(set(contexts) | set(prefill_tokens)):
+                run(ids, 2)  # warm-up
+            torch.cuda.reset_peak_memory_stats()
+            one = cuda_ms(lambda: run(ids, 1), repeat=1)
+            if tokens in contexts:
+                many = cuda_ms(lambda: run(ids, 33), repeat=1)
+                row["ms_per_token"] = (many - one) / 32
+                row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+                out["decode"].append(row)
+            if tokens in prefill_tokens:
+                out["prefill"].append({"tokens": tokens, "ms": one})
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+            out["decode" if tokens in contexts else "prefill"].append(row)
+        except Exception as err:  # a transformers version difference must not lose the rest of the run
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+            out["decode" if tokens in contexts else "prefill"].append(row)
+        free_cuda()
+        log(f"    HF @ {tokens // 1024}K: {row}")
+    return out
+
+
+def bench_model(key: str, args, ceilings: dict) -> dict:
+    import duo_compile
+
+    shape = SHAPES[key]
+    cfg = shape["config"]
+    log(f"== {shape['name']}: building random bf16 weights on the GPU")
+    max_positions = 4 * 1024 * 1024
+    model = build_model(shape, max_positions)
+    masks = duo_compile.HeadMasks.from_tsv(Path(args.patterns) / shape["pattern"] / "full_attention_heads.tsv")
+    masks = masks.binarize(sparsity=shape["sparsity"])
+    full_masks = duo_compile.HeadMasks.all_retrieval(*masks.shape)
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {"model": shape["name"], "pattern": shape["pattern"], "sparsity": shape["sparsity"],
+              "retrieval_heads": int(masks.retrieval.sum()), "kv_heads": int(masks.retrieval.size),
+              "weights_GB": n_params * 2 / 1e9, "sink": SINK, "recent": RECENT, "prefill_chunk": CHUNK,
+              "kv_note": "engine decode timings use synthetic (random) K/V in the caches, not a real prefill"}
+
+    if not args.skip_hf:
+        log("  (b) Hugging Face generate, SDPA, static cache")
+        result["hf"] = hf_generate(model, shape["hf_contexts"], PREFILL, cfg["vocab_size"])
+
+    weights = weight_bytes_per_token(model)
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    for label, m in (("full", full_masks), ("duo", masks)):
+        log(f"  engine '{label}': compile ({'all heads retrieval' if label == 'full' else 'DuoAttention'})")
+        t0 = time.perf_counter()
+        engine = duo_compile.compile(model, m, sink_size=SINK, recent_size=RECENT, max_seq_len=max_positions,
+                                     backend=args.backend)
+        compile_s = time.perf_counter() - t0
+        part = {"compile_s": compile_s, "decode": engine_decode(engine, shape["contexts"]),
+                "prefill": engine_prefill(engine, cfg["vocab_size"])}
+        kv_per_token = 2 * d * 2 * int(m.retrieval.sum())
+        part["max_context"] = max_context(engine, kv_per_token)
+        for row in part["decode"]:
+            row["bound_ms"] = (weights + kv_read_bytes(m, cfg, row["context"])) / (ceilings["copy_TBps"] * 1e9)
+        for row in part["prefill"]:
+            row["bound_ms"] = prefill_flops(m, cfg, n_params, row["tokens"]) / (ceilings["matmul_TFLOPs"] * 1e9)
+        result[label] = part
+        del engine
+        free_cuda()
+    del model
+    free_cuda()
+    return result
+
+
+def summarize(result: dict) -> list[str]:
+    """Table rows: measured ratio duo vs (a) beside the bound from the same run."""
+    lines = [f"### {result['model']}: {result['retrieval_heads']}/{result['kv_heads']} retrieval KV heads "
+             f"(sparsity {result['sparsity']}), sink {SINK}, recent {RECENT}",
+             "| measurement | full (a) | DuoAttention | speedup | bound | HF (b) |", "|---|---|---|---|---|---|"]
+    hf_decode = {r["context"]: r for r in result.get("hf", {}).get("decode", [])}
+    for a, b in zip(result["full"]["decode"], result["duo"]["decode"]):
+        ctx = a["context"]
+        hf = hf_decode.get(ctx, {})
+        hf_txt = f"{hf['ms_per_token']:.2f} ms" if "ms_per_token" in hf else hf.get("error", "-")[:40]
+        if "ms_per_token" in a and "ms_per_token" in b:
+            lines.append(f"| decode @ {ctx // 1024}K | {a['ms_per_token']:.2f} ms | {b['ms_per_token']:.2f} ms | "
+                         f"{a['ms_per_token'] / b['ms_per_token']:.2f}x | {a['bound_ms'] / b['bound_ms']:.2f}x | {hf_txt} |")
+            lines.append(f"| memory @ {ctx // 1024}K | {a['peak_GB']:.1f} GB | {b['peak_GB']:.1f} GB | "
+                         f"{a['peak_GB'] / b['peak_GB']:.2f}x | "
+                         f"{(result['weights_GB'] + a['kv_GB']) / (result['weights_GB'] + b['kv_GB']):.2f}x | "
+                         f"{hf.get('peak_GB', float('nan')):.1f} GB |")
+        else:
+            lines.append(f"| decode @ {ctx // 1024}K | {a.get('ms_per_token', a.get('error'))} | "
+                         f"{b.get('ms_per_token', b.get('error'))} | - | - | {hf_txt} |")
+    hf_prefill = {r["tokens"]: r for r in result.get("hf", {}).get("prefill", [])}
+    for a, b in zip(result["full"]["prefill"], result["duo"]["prefill"]):
+        hf = hf_prefill.get(a["tokens"], {})
+        hf_txt = f"{hf['ms'] / 1e3:.2f} s" if "ms" in hf else hf.get("error", "-")[:40]
+        if "ms" in a and "ms" in b:
+            lines.append(f"| prefill {a['tokens'] // 1024}K | {a['ms'] / 1e3:.2f} s | {b['ms'] / 1e3:.2f} s | "
+                         f"{a['ms'] / b['ms']:.2f}x | {a['bound_ms'] / b['bound_ms']:.2f}x | {hf_txt} |")
+    fa, fb = result["full"]["max_context"]["max_context"], result["duo"]["max_context"]["max_context"]
+    lines.append(f"| max context | {fa / 1e6:.2f}M | {fb / 1e6:.2f}M | {fb / max(fa, 1):.2f}x | - | - |")
+    return lines
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 8), squeeze=False)
+    for col, result in enumerate(results):
+        for row, (key, unit) in enumerate((("ms_per_token", "decode ms/token"), ("peak_GB", "peak memory GB"))):
+            ax = axes[row][col]
+            for label, style in (("full", "o-"), ("duo", "s-")):
+                pts = [(r["context"] / 1024, r[key]) for r in result[label]["decode"] if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, label="full attention (a)" if label == "full" else "DuoAttention")
+            hf = [(r["context"] / 1024, r[key]) for r in result.get("hf", {}).get("decode", []) if key in r]
+            if hf:
+                ax.plot(*zip(*hf), "^--", label="HF generate (b)")
+            ax.set_xlabel("context (K tokens)")
+            ax.set_ylabel(unit)
+            ax.set_title(result["model"])
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patterns", required=True, help="folder holding the authors' pattern folders")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="llama2,llama3")
+    parser.add_argument("--backend", default="eager", choices=("eager", "inductor"))
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/e2e.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import transformers
+    import triton
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "commit": args.commit, "backend": args.backend, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    log(f"{meta}")
+    meta["ceilings"] = measure_ceilings()
+    log(f"ceilings: {meta['ceilings']}")
+    results = []
+    for key in args.models.split(","):
+        result = {**meta, **bench_model(key, args, meta["ceilings"])}
+        results.append(result)
+        (out / f"e2e_{key}.json").write_text(json.dumps(result, indent=1))
+        print("\n".join(summarize(result)), flush=True)
+    plot(results, out / "e2e.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
