@@ -1,7 +1,6 @@
 """``duo_compile.compile``: capture -> passes -> engine."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from duo_compile.capture import capture
@@ -16,7 +15,7 @@ def as_binary_masks(masks) -> HeadMasks:
     if not isinstance(masks, HeadMasks):
         if isinstance(masks, torch.Tensor):
             masks = masks.detach().cpu().numpy()
-        masks = HeadMasks.from_gates(np.asarray(masks, dtype=np.float64))
+        masks = HeadMasks.from_gates(masks)  # validates, naming the bad value (np.asarray would not)
     if not masks.is_binary:
         raise ValueError(
             f"masks are not binary ({masks!r}); call masks.binarize(sparsity=...) or masks.binarize(threshold=...)"
