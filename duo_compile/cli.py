@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,6 +32,8 @@ def _cmd_demo(args) -> int:
 def _load_model(path: str):
     from transformers import AutoModelForCausalLM
 
+    if not os.path.isdir(path):  # else transformers tries the Hub and fails with an OSError about the network
+        raise FileNotFoundError(f"model directory {path!r} does not exist (a local Hugging Face model directory)")
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
 
 
@@ -47,8 +50,10 @@ def _masks(args):
 
 def _cmd_compile(args) -> int:
     import duo_compile
+    from duo_compile.engine_file import check_writable
 
     masks = _masks(args)  # checked before the (slow) model load
+    check_writable(args.output)  # and the output path, rather than after the model load and compile
     model = _load_model(args.model)
     engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
                                  max_seq_len=args.max_seq_len, prefill_chunk_size=args.chunk,
