@@ -1,9 +1,11 @@
-"""AOTInductor backend: the rewritten graph compiled ahead of time into a PT2 archive of two native models.
+"""AOTInductor backend: the rewritten graph compiled ahead of time into a PT2 archive of one or two native models.
 
 * ``prefill``: ``forward(input_ids [B, T], position_ids [B, T], cache_position [T], *caches) -> logits [B, 1, V]``
-  for chunks of 2 .. ``max_seq_len`` tokens; ``decode``: the same graph with T = 1 (its own program, so Inductor
-  specialises the one-token step instead of running the chunk code with a symbolic length of 1).
-  Batch is dynamic (1 .. ``MAX_BATCH``) in both.
+  for chunks of 1 .. ``max_seq_len`` tokens, so it also runs decode steps. With ``separate_decode=True`` it takes
+  chunks of 2 .. ``max_seq_len`` and a second model, ``decode``, is the same graph compiled for T = 1 (Inductor
+  specialises the one-token step instead of running the chunk code with a symbolic length). That doubles the
+  compile time (6-30 s per model on CPU) and was not needed for correctness on CPU: whether it pays on GPU is for
+  the benchmarks to say. Batch is dynamic (1 .. ``MAX_BATCH``) in both.
 * Caches are explicit inputs, mutated in place by the ``duo::*_cached`` ops, exactly as in the compiled engine:
   the ``Engine`` allocates them (``engine.allocate``), so the batch size stays dynamic, the KV bytes stay visible to
   ``kv_cache_bytes``, and AOTInductor passes the caller's tensors straight to the ops (no copy: checked in the
@@ -14,63 +16,51 @@
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
-
 import torch
 
-from duo_compile.passes import CacheSpec
+from duo_compile.engine_file import example_inputs
 
 MAX_BATCH = 1024
 PREFILL, DECODE = "prefill", "decode"
 
 
-def _example_inputs(specs: Sequence[CacheSpec], max_seq_len: int, dtype, device, batch: int, length: int):
-    ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
-    cache_position = torch.arange(length, device=device)
-    position_ids = cache_position[None].expand(batch, length).contiguous()
-    caches = [
-        torch.zeros(batch, s.num_kv_heads, max_seq_len if s.slots is None else s.slots, s.head_dim, dtype=dtype,
-                    device=device)
-        for s in specs
-    ]
-    return (ids, position_ids, cache_position, *caches)
-
-
-def export_programs(engine) -> dict[str, torch.export.ExportedProgram]:
-    """torch.export the engine's graph twice: chunked prefill (dynamic T >= 2) and decode (T = 1)."""
+def export_programs(engine, separate_decode: bool = False) -> dict[str, torch.export.ExportedProgram]:
+    """torch.export the engine's graph: ``prefill`` for any chunk length (1 .. max_seq_len; it also serves decode),
+    or with ``separate_decode`` chunks of 2 .. max_seq_len plus a ``decode`` program for T = 1."""
     specs, max_len = engine.cache_specs, engine.config.max_seq_len
     if max_len < 2:
         raise ValueError(f"AOTI export needs max_seq_len >= 2, got {max_len}")
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    length = torch.export.Dim("chunk", min=2, max=max_len)
+    length = torch.export.Dim("chunk", min=2 if separate_decode else 1, max=max_len)
     prefill_shapes = ({0: batch, 1: length}, {0: batch, 1: length}, {0: length}, *[{0: batch} for _ in specs])
     decode_shapes = ({0: batch}, {0: batch}, None, *[{0: batch} for _ in specs])
+    plan = [(PREFILL, min(3, max_len), prefill_shapes)]
+    if separate_decode:
+        plan.append((DECODE, 1, decode_shapes))
     programs = {}
-    for name, chunk, shapes in ((PREFILL, min(3, max_len), prefill_shapes), (DECODE, 1, decode_shapes)):
-        args = _example_inputs(specs, max_len, engine.dtype, engine.device, batch=2, length=chunk)
+    for name, chunk, shapes in plan:
+        args = example_inputs(specs, max_len, engine.dtype, engine.device, batch=2, length=chunk)
         with torch.no_grad():
             programs[name] = torch.export.export(engine.graph, args, dynamic_shapes=shapes)
     return programs
 
 
-def compile_package(programs: dict[str, torch.export.ExportedProgram], path: str, extra_files: dict[str, str],
-                    inductor_configs: dict | None = None) -> None:
-    """AOTInductor-compile every program and write them, with ``extra_files``, as one PT2 archive at ``path``."""
+def compile_package(programs: dict[str, torch.export.ExportedProgram], path: str, extra_files: dict[str, str]) -> None:
+    """AOTInductor-compile every program and write them, with ``extra_files``, as one PT2 archive at ``path``
+    (what ``aoti_compile_and_package`` does for one program; its docstring shows this multi-model form)."""
     from torch.export.pt2_archive._package import package_pt2
 
-    options = dict(inductor_configs or {})
-    options["aot_inductor.package"] = True
     files = {
-        name: torch._inductor.aot_compile(_module(program), *program.example_inputs, options=dict(options))
+        name: torch._inductor.aot_compile(_module(program), *program.example_inputs,
+                                          options={"aot_inductor.package": True})
         for name, program in programs.items()
     }
     package_pt2(path, aoti_files=files, extra_files=extra_files)
 
 
 def _module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
-    """What ``aoti_compile_and_package`` compiles: the program's module without its input guards (the shape
-    guards are compiled into the package instead)."""
+    """The module ``aoti_compile_and_package`` hands to ``aot_compile``: the program's, without the Python-side
+    input guards."""
     try:
         return program.module(check_guards=False)
     except TypeError:  # torch versions without the argument
@@ -90,11 +80,12 @@ class AOTIRunner:
         self.device = device
         self.max_batch = int(graphs.get("max_batch", MAX_BATCH))
         device_index = device.index if device.type == "cuda" and device.index is not None else -1
-        with _quiet():
-            self.models = {
-                name: load_package(path, model_name=graphs["models"][name], device_index=device_index)
-                for name in (PREFILL, DECODE)
-            }
+        names = graphs["models"]  # role -> model name in the package; decode may share the prefill model
+        loaded = {
+            model: load_package(path, model_name=model, device_index=device_index)
+            for model in sorted(set(names.values()))
+        }
+        self.models = {role: loaded[names[role]] for role in (PREFILL, DECODE)}
 
     def __call__(self, input_ids, position_ids, cache_position, *caches):
         batch, length = input_ids.shape
@@ -111,16 +102,3 @@ class AOTIRunner:
             *caches,
         )
 
-
-@contextlib.contextmanager
-def _quiet():
-    """load_package logs a warning per model about a future default; keep loads silent."""
-    import logging
-
-    logger = logging.getLogger("torch._inductor")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

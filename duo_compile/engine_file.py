@@ -2,9 +2,10 @@
 
 Two containers, each one self-contained file with the same JSON metadata (``FORMAT``, ``FORMAT_VERSION``):
 
-* ``"aoti"``: a PT2 archive (zip; ``torch._inductor.package.load_package`` reads it) holding two AOTInductor
-  models, ``prefill`` (chunk length 2..max_seq_len) and ``decode`` (one token), and the metadata as the extra file
-  ``extra/duo_engine.json``. Zip CRCs are checked on load, so a truncated or damaged file is refused.
+* ``"aoti"``: a PT2 archive (zip; ``torch._inductor.package.load_package`` reads it) holding the AOTInductor
+  model ``prefill`` (every chunk length, decode included) and, if exported with ``separate_decode``, ``decode``
+  (one token; prefill then takes 2 .. max_seq_len), and the metadata as the extra file ``extra/duo_engine.json``.
+  Zip CRCs are checked on load, so a truncated or damaged file is refused.
 * ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
   ``metadata_props`` entry ``duo_compile.engine`` holds the metadata. That entry is written as the file's last bytes
   (protobuf merges a trailing message into the model), and it records the byte length and SHA-256 of everything
@@ -157,6 +158,20 @@ def _check_consistent(parts: EngineParts, path: str) -> None:
             raise EngineFileError(f"{path}: cache spec {spec} does not match the masks and model shapes")
 
 
+def example_inputs(specs, max_seq_len: int, dtype: torch.dtype, device, batch: int, length: int) -> tuple:
+    """Inputs in the rewritten graph's calling convention (``input_ids, position_ids, cache_position, *caches``)
+    for tracing it at export: ``length`` tokens from position 0, zero caches laid out as ``specs`` say."""
+    ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
+    cache_position = torch.arange(length, device=device)
+    position_ids = cache_position[None].expand(batch, length).contiguous()
+    caches = [
+        torch.zeros(batch, s.num_kv_heads, max_seq_len if s.slots is None else s.slots, s.head_dim, dtype=dtype,
+                    device=device)
+        for s in specs
+    ]
+    return (ids, position_ids, cache_position, *caches)
+
+
 # ------------------------------------------------------------------------------------------------------- ops
 def graph_ops(*graphs) -> dict[str, str]:
     """``{"ns::name": schema}`` of every custom (non-aten/prims) op called by the given fx graphs."""
@@ -273,11 +288,11 @@ def _read_pt2_metadata(path: str) -> Any:
                     f"{path}: a zip/PT2 archive but not a duo_compile engine file (no extra/{PT2_META_NAME})"
                 )
             raw = archive.read(names[0])
+    except EngineFileError:
+        raise
     except zipfile.BadZipFile as err:
         raise EngineFileError(f"{path}: truncated or damaged engine file (zip: {err})") from None
-    except (EOFError, OSError, RuntimeError) as err:
-        if isinstance(err, EngineFileError):
-            raise
+    except Exception as err:  # EOFError, zlib.error, OSError, ...: whatever a damaged archive makes zipfile raise
         raise EngineFileError(f"{path}: truncated or damaged engine file ({type(err).__name__}: {err})") from None
     try:
         return json.loads(raw.decode("utf-8"))

@@ -64,12 +64,13 @@ def _check_engine(engine) -> None:
         )
 
 
-def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti") -> str:
+def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, separate_decode: bool = False) -> str:
     """Write ``engine`` to the engine file ``path`` (atomically); returns the path.
 
-    ``backend``: ``"aoti"`` (AOTInductor PT2 archive with prefill and decode models; seconds to minutes of C++
-    compilation), ``"onnx"`` (standard-op ONNX model), or ``"tensorrt"`` (not available here: a clear error that
-    points to ``"onnx"``). The file carries the engine's config, masks, model shapes and cache layout, and a format
+    ``backend``: ``"aoti"`` (AOTInductor PT2 archive; seconds to minutes of C++ compilation), ``"onnx"``
+    (standard-op ONNX model), or ``"tensorrt"`` (not available here: a clear error that points to ``"onnx"``).
+    ``separate_decode`` (AOTI only): compile the one-token decode step as its own model beside the chunk model
+    (twice the compile time). The file carries the engine's config, masks, model shapes and cache layout, and a format
     version, which ``load`` checks.
     """
     _check_engine(engine)
@@ -79,22 +80,26 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti") -> st
         from duo_compile.onnx_export import OPSET
 
         raise BackendUnavailableError(_TENSORRT_MESSAGE.format(opset=OPSET))
+    if separate_decode and backend != "aoti":
+        raise ValueError("separate_decode applies to backend='aoti' only")
     path = check_writable(path)
     if backend == "aoti":
-        _export_aoti(engine, path)
+        _export_aoti(engine, path, separate_decode)
     else:
         _export_onnx(engine, path)
     return path
 
 
-def _export_aoti(engine: Engine, path: str) -> None:
+def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
     from duo_compile import aoti_export
 
-    programs = aoti_export.export_programs(engine)
+    programs = aoti_export.export_programs(engine, separate_decode)
+    prefill, decode = aoti_export.PREFILL, aoti_export.DECODE
+    max_len = engine.config.max_seq_len
     graphs = {
-        "models": {name: name for name in programs},
+        "models": {prefill: prefill, decode: decode if decode in programs else prefill},
         "max_batch": aoti_export.MAX_BATCH,
-        "chunk_range": {aoti_export.PREFILL: [2, engine.config.max_seq_len], aoti_export.DECODE: [1, 1]},
+        "chunk_range": {prefill: [2 if decode in programs else 1, max_len], decode: [1, 1]},
         "caches": "explicit inputs, mutated in place",
     }
     meta = engine_metadata(engine, "aoti", graphs, graph_ops(*(p.graph for p in programs.values())))
@@ -156,10 +161,13 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
             ) from None
         from duo_compile.onnx_export import OnnxRunner
 
-        runner = OnnxRunner(
-            path, parts.cache_specs, parts.config.sink_size, parts.config.recent_size, parts.info.vocab_size,
-            parts.device, parts.graphs, providers=providers,
-        )
+        try:
+            runner = OnnxRunner(
+                path, parts.cache_specs, parts.config.sink_size, parts.config.recent_size, parts.info.vocab_size,
+                parts.device, parts.graphs, providers=providers,
+            )
+        except Exception as err:  # the file passed its checks: onnxruntime (or its providers) refused it
+            raise EngineFileError(f"{path}: onnxruntime could not load the model ({type(err).__name__}: {err})")
     return Engine(
         None,
         parts.cache_specs,

@@ -21,7 +21,8 @@ Shapes, for TensorRT's ONNX parser (optimization profile):
            caches), heads, head_dim, vocab. ``cache_position`` holds int64 positions ``start .. start+T-1``.
   Ops: standard ai.onnx opset ``OPSET`` (MatMul, Softmax, Where, Concat, Range, Mod, ... ; no custom domain and
   no ``Attention`` node, which needs opset 23). Attention over a retrieval cache spans all ``max_seq_len`` slots
-  (masked), so its cost does not shrink with the context actually used.
+  (masked), so its cost does not shrink with the context actually used, and a prefill chunk of T tokens builds
+  ``[B, H, T, max_seq_len + T]`` fp32 scores: at long ``max_seq_len`` use short prefill chunks.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch import fx
 
 from duo_compile.kernels import reference
 from duo_compile.kernels.ops import OPS
+from duo_compile.engine_file import example_inputs
 from duo_compile.passes import CacheSpec
 
 OPSET = 18
@@ -133,25 +135,13 @@ def onnx_graph(graph: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _example_inputs(specs: Sequence[CacheSpec], max_seq_len: int, dtype, device, batch: int = 2, length: int = 3):
-    ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
-    cache_position = torch.arange(length, device=device)
-    position_ids = cache_position[None].expand(batch, length).contiguous()
-    caches = [
-        torch.zeros(batch, s.num_kv_heads, max_seq_len if s.slots is None else s.slots, s.head_dim, dtype=dtype,
-                    device=device)
-        for s in specs
-    ]
-    return (ids, position_ids, cache_position, *caches)
-
-
 def export_onnx_bytes(engine) -> tuple[bytes, dict]:
     """Export ``engine``'s graph to a standard-op ONNX model: (serialized model, its description for metadata)."""
     specs, max_len = engine.cache_specs, engine.config.max_seq_len
     if max_len < 2:
         raise ValueError(f"ONNX export needs max_seq_len >= 2 (a dynamic chunk length), got {max_len}")
     gm = onnx_graph(engine.graph)
-    args = _example_inputs(specs, max_len, engine.dtype, engine.device, length=min(3, max_len))
+    args = example_inputs(specs, max_len, engine.dtype, engine.device, batch=2, length=min(3, max_len))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     length = torch.export.Dim("chunk", min=1, max=max_len)
     dynamic = ({0: batch, 1: length}, {0: batch, 1: length}, {0: length}, *[{0: batch} for _ in specs])
