@@ -193,41 +193,62 @@ def max_context(engine, kv_bytes_per_token: float) -> dict:
     return result
 
 
+class _StepEvents:
+    """A logits processor that records a CUDA event at every generation step: decode time = event spacing."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, input_ids, scores):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        return scores
+
+    def median_step_ms(self) -> float:
+        torch.cuda.synchronize()
+        gaps = [a.elapsed_time(b) for a, b in zip(self.events[1:], self.events[2:])]  # skip the prefill step
+        return sorted(gaps)[len(gaps) // 2]
+
+
 def hf_generate(model, contexts: list[int], prefill_tokens: list[int], vocab: int) -> dict:
-    """Hugging Face generate (SDPA, static cache, no torch.compile): prefill = 1 new token; decode from 33 vs 1."""
+    """Hugging Face generate (SDPA, static cache, no torch.compile): prefill time = a 1-token generate; decode
+    time = median spacing of its generation steps (events recorded by a logits processor)."""
+    from transformers import LogitsProcessorList
+
     out = {"decode": [], "prefill": []}
 
-    def run(ids, new):
+    def run(ids, new, processors=None):
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
-                      pad_token_id=0)
+                      pad_token_id=0, logits_processor=LogitsProcessorList(processors or []))
         try:
             return model.generate(ids, disable_compile=True, **kwargs)
         except (TypeError, ValueError):
             return model.generate(ids, **kwargs)
 
+    run(torch.randint(0, vocab, (1, 1024), device="cuda"), 4)  # warm-up
     for tokens in sorted(set(contexts) | set(prefill_tokens)):
         ids = torch.randint(0, vocab, (1, tokens), device="cuda")
-        row = {"context": tokens}
-        try:
-            if tokens == min(set(contexts) | set(prefill_tokens)):
-                run(ids, 2)  # warm-up
-            torch.cuda.reset_peak_memory_stats()
-            one = cuda_ms(lambda: run(ids, 1), repeat=1)
-            if tokens in contexts:
-                many = cuda_ms(lambda: run(ids, 33), repeat=1)
-                row["ms_per_token"] = (many - one) / 32
-                row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
-                out["decode"].append(row)
-            if tokens in prefill_tokens:
-                out["prefill"].append({"tokens": tokens, "ms": one})
-        except torch.OutOfMemoryError:
-            row["error"] = "out of memory"
-            out["decode" if tokens in contexts else "prefill"].append(row)
-        except Exception as err:  # a transformers version difference must not lose the rest of the run
-            row["error"] = f"{type(err).__name__}: {err}"[:300]
-            out["decode" if tokens in contexts else "prefill"].append(row)
-        free_cuda()
-        log(f"    HF @ {tokens // 1024}K: {row}")
+        torch.cuda.reset_peak_memory_stats()
+        for kind, wanted in (("prefill", tokens in prefill_tokens), ("decode", tokens in contexts)):
+            if not wanted:
+                continue
+            row = {"context": tokens}
+            try:
+                if kind == "prefill":
+                    row["ms"] = cuda_ms(lambda: run(ids, 1), repeat=1)
+                else:
+                    steps = _StepEvents()
+                    run(ids, 34, [steps])
+                    row["ms_per_token"] = steps.median_step_ms()
+                    row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as err:  # a transformers version difference must not lose the rest of the run
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            out[kind].append(row)
+            free_cuda()
+            log(f"    HF {kind} @ {tokens // 1024}K: {row}")
     return out
 
 
@@ -299,7 +320,7 @@ def summarize(result: dict) -> list[str]:
         else:
             lines.append(f"| decode @ {ctx // 1024}K | {a.get('ms_per_token', a.get('error'))} | "
                          f"{b.get('ms_per_token', b.get('error'))} | - | - | {hf_txt} |")
-    hf_prefill = {r["tokens"]: r for r in result.get("hf", {}).get("prefill", [])}
+    hf_prefill = {r["context"]: r for r in result.get("hf", {}).get("prefill", [])}
     for a, b in zip(result["full"]["prefill"], result["duo"]["prefill"]):
         hf = hf_prefill.get(a["tokens"], {})
         hf_txt = f"{hf['ms'] / 1e3:.2f} s" if "ms" in hf else hf.get("error", "-")[:40]

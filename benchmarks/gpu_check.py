@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for tests.tiny_models
 
 import duo_compile  # noqa: E402
 from duo_compile.oracle import oracle_generate  # noqa: E402
