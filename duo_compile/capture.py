@@ -53,6 +53,23 @@ def _plain_signature(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _export(module: torch.nn.Module, args: tuple, dims: dict) -> torch.export.ExportedProgram:
+    """torch.export with the math SDPA backend: the fused CUDA kernels' meta functions add alignment guards on the
+    sequence length (mask padded to a multiple of 8) that export cannot prove for every length; the SDPA nodes
+    are replaced by the passes anyway. If some other guard still trips the strict ranges, fall back to
+    ``Dim.DYNAMIC``, which records guards instead of refusing them (the passes never depend on them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        try:
+            return torch.export.export(module, args, dynamic_shapes=dims)
+        except torch._dynamo.exc.UserError as strict_error:
+            if "Constraints violated" not in str(strict_error):
+                raise
+            loose = {name: {axis: torch.export.Dim.DYNAMIC for axis in spec} for name, spec in dims.items()}
+            return torch.export.export(module, args, dynamic_shapes=loose)
+
+
 def capture(model: torch.nn.Module, *, last_logits_only: bool = True) -> fx.GraphModule:
     """Export ``model`` as ``forward(input_ids [B, T], position_ids [B, T]) -> logits`` with dynamic B and T.
 
@@ -67,7 +84,5 @@ def capture(model: torch.nn.Module, *, last_logits_only: bool = True) -> fx.Grap
     seq = torch.export.Dim("seq", min=1, max=1 << 24)
     dims = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
     with _sdpa_eval_mode(model), torch.no_grad():
-        program = torch.export.export(
-            CausalLMForCapture(model, last_logits_only), (input_ids, position_ids), dynamic_shapes=dims
-        )
+        program = _export(CausalLMForCapture(model, last_logits_only), (input_ids, position_ids), dims)
     return _plain_signature(program.module())
