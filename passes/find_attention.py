@@ -23,13 +23,28 @@ SDPA = aten.scaled_dot_product_attention.default
 _ATTENTION_LIKE = ("softmax", "bmm", "matmul", "baddbmm", "scaled_dot_product", "flex_attention", "attention")
 
 
+def _is_full_slice(node: fx.Node) -> bool:
+    """``x[:, :, ...]``-style slices that keep a whole dimension (indexing with None traces to these)."""
+    if node.target is not aten.slice.Tensor:
+        return False
+    dim, start, end, step = (list(node.args[1:]) + [0, 0, None, 1][len(node.args) - 1:])[:4]
+    size = shape_of(node.args[0])[dim]
+    return start in (0, None) and step == 1 and (end is None or end >= 2**62 or end == size)
+
+
 def _through_repeat_kv(node: fx.Node) -> fx.Node:
     """``reshape(expand(unsqueeze(x, 2)))`` (repeat_kv) -> x; any other value is returned as it is."""
     cur = node
-    while cur.op == "call_function" and cur.target in VIEW_OPS:
+    while cur.op == "call_function" and (cur.target in VIEW_OPS or _is_full_slice(cur)):
         if cur.target is aten.unsqueeze.default and cur.args[1] == 2 and len(shape_of(cur.args[0])) == 4:
-            return cur.args[0]
+            return _strip_full_slices(cur.args[0])
         cur = cur.args[0]
+    return node
+
+
+def _strip_full_slices(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and _is_full_slice(node):
+        node = node.args[0]
     return node
 
 

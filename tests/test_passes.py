@@ -128,3 +128,38 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     streaming = [c for s, c in zip(ctx.cache_specs, caches) if s.kind == "streaming"]
     assert all(s.slots == 12 for s in ctx.cache_specs if s.kind == "streaming")
     assert all(bool(c.abs().sum() > 0) for c in streaming)  # the pass really wired the caches in
+
+
+def _repeat_kv_with_slices(y, b, t):
+    """repeat_kv as torch 2.11 traces ``y[:, :, None, :, :]``: full slices around the unsqueeze."""
+    full = 2**63 - 1
+    y = torch.ops.aten.slice.Tensor(torch.ops.aten.slice.Tensor(y, 0, 0, full), 1, 0, full)
+    y = torch.ops.aten.unsqueeze.default(y, 2)
+    y = torch.ops.aten.slice.Tensor(torch.ops.aten.slice.Tensor(y, 3, 0, full), 4, 0, full)
+    return y.expand(b, 1, 4, t, 8).reshape(b, 4, t, 8)
+
+
+def test_find_attention_looks_through_repeat_kv_written_with_slices():
+    """transformers 5.17 traces ``x[:, :, None, :, :]`` in repeat_kv as full slices around the unsqueeze."""
+
+    class SliceRepeatKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = torch.nn.Linear(16, 32, bias=False), torch.nn.Linear(16, 8, bias=False)
+            self.v_proj, self.o_proj = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(32, 16, bias=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q = self.q_proj(x).view(b, t, 4, 8).transpose(1, 2)
+            k, v = (p(x).view(b, t, 1, 8).transpose(1, 2) for p in (self.k_proj, self.v_proj))
+            k, v = (_repeat_kv_with_slices(y, b, t) for y in (k, v))
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, 32))
+
+    gm = torch.export.export(SliceRepeatKV(), (torch.randn(2, 5, 16),)).module()
+    assert sum(n.target is torch.ops.aten.slice.Tensor for n in gm.graph.nodes) >= 8  # the pattern under test
+    ctx = _ctx(np.ones((1, 1)))
+    find_attention(gm, ctx)
+    site = ctx.sites[0]
+    assert (site.num_heads, site.num_kv_heads) == (4, 1)
+    assert site.k_proj.args[1].target == "k_proj.weight"
