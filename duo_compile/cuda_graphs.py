@@ -55,4 +55,4 @@ class GraphedDecode:
         if self.graph is None:
             self._capture()
         self.graph.replay()
-        return self.logits
+        return self.logits.clone()  # the static buffer is overwritten by the next replay
