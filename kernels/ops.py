@@ -79,3 +79,12 @@ OPS = {
     "retrieval_attention_cached": torch.ops.duo.retrieval_attention_cached.default,
     "streaming_attention_cached": torch.ops.duo.streaming_attention_cached.default,
 }
+
+
+# Triton kernels for CUDA (kernels/triton_ops.py). Without Triton the reference above serves CUDA too.
+try:
+    from . import triton_ops as _triton_ops
+except ImportError:
+    _triton_ops = None
+else:
+    _triton_ops.register()

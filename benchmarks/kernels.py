@@ -1,0 +1,567 @@
+"""Kernel benchmark on one CUDA GPU: correctness at real sizes, then speed against the physical ceilings.
+
+Run from the repository root:  python -m benchmarks.kernels --out results.json [--commit SHA] [--sections ...]
+
+Sections (all by default):
+  ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
+  cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
+  decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at 8K/64K/256K
+             keys; effective bandwidth over KV bytes read vs the copy bandwidth. Both sides timed as CUDA-graph
+             replays of several calls over rotating cache copies (more bytes than L2), so neither launch overhead
+             nor L2 hits are counted
+  retrieval  retrieval prefill (causal, 32K chunk) vs causal SDPA, TFLOP/s vs the matmul ceiling; tile sweep
+  streaming  streaming prefill (sink 64, recent 256) at 32K/128K vs FlexAttention (same mask, torch.compile'd)
+             and causal SDPA; tile sweep
+Shapes: Llama-3-8B heads (32 q / 8 kv) and Llama-2-7B heads (32 / 32), head dim 128, bf16, batch 1; inputs are
+contiguous [B, H, T, D]. Correctness: ||out - ref|| / ||ref|| < 1e-2 with the reference computed in fp32.
+Timings: medians of CUDA-event timings after warm-up. No assertion on speed anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+try:
+    from duo_compile.kernels import ops, reference, triton_ops  # noqa: F401  (ops: registers the duo:: ops)
+    from duo_compile.kernels.triton_common import TileConfig
+except ImportError:  # a plain checkout (the GPU machine): import the kernels package from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for name in [m for m in sys.modules if m == "duo_compile" or m.startswith("duo_compile.")]:
+        del sys.modules[name]
+    from kernels import ops, reference, triton_ops  # type: ignore[no-redef]  # noqa: F401
+    from kernels.triton_common import TileConfig  # type: ignore[no-redef]
+
+SHAPES = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
+D = 128
+DT = torch.bfloat16
+SCALE = D**-0.5
+SINK, RECENT = 64, 256
+TOL = 1e-2
+DEV = "cuda"
+SIZES = {"cap": 16384, "chunks": (8192, 4096, 1, 1, 1), "s_chunks": (4096, 4096, 1, 1, 300), "decode": (8192, 65536, 262144),
+         "retrieval": 32768, "streaming": (32768, 131072), "ref_block": 2048, "dispatch": 512,
+         "copy_bytes": 1 << 30, "mm": 8192}
+RESULTS: dict = {}
+FAILURES: list[str] = []
+
+
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(name: str, err: float) -> float:
+    ok = err < TOL  # NaN fails
+    log(f"  check {name}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        FAILURES.append(f"{name}: {err}")
+    RESULTS.setdefault("checks", {})[name] = err
+    return err
+
+
+def poison(shape, dtype=DT):
+    """Fill the allocator's next block of this size with NaN so an unwritten output cannot pass as correct."""
+    x = torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+    del x
+
+
+def bench(fn, rep_ms=100) -> float:
+    if DEV == "cpu":  # --smoke: the interpreter; only checks that the script runs
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def graph_time(calls, replays=20) -> float:
+    """Median ms per call of a CUDA graph holding ``calls`` (a list of thunks), replayed ``replays`` times."""
+    if DEV == "cpu":
+        return bench(lambda: [c() for c in calls]) / len(calls)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / len(calls))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def save(path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(RESULTS, f, indent=1, default=str)
+
+
+# ---------------------------------------------------------------- references (fp32, chunked over queries)
+
+
+def ref_attention_fp32(q, k, v, key_index, visible, q_block=2048):
+    """fp32 attention where query rows [q0, q1) see keys ``key_index(q0, q1)`` under ``visible(qpos, kidx)``."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for q0 in range(0, t, q_block):
+        q1 = min(t, q0 + q_block)
+        kidx = key_index(q0, q1)
+        kk = k[:, :, kidx].float()
+        vv = v[:, :, kidx].float()
+        qq = q[:, :, q0:q1].float().reshape(b, hkv, g * (q1 - q0), d)
+        s = torch.matmul(qq, kk.transpose(-1, -2)) * SCALE
+        s = s.view(b, hkv, g, q1 - q0, -1)
+        qpos = torch.arange(q0, q1, device=q.device)
+        s = s.masked_fill(~visible(qpos[:, None], kidx[None, :]), float("-inf"))
+        o = torch.matmul(torch.softmax(s, -1).view(b, hkv, g * (q1 - q0), -1), vv)
+        out[:, :, q0:q1] = o.view(b, hq, q1 - q0, d)
+    return out
+
+
+def ref_causal(q, k, v, q_block=1024):
+    return ref_attention_fp32(
+        q, k, v, lambda q0, q1: torch.arange(0, q1, device=q.device), lambda qp, kp: kp <= qp, q_block
+    )
+
+
+def ref_streaming(q, k, v, sink, recent, q_block=2048):
+    def key_index(q0, q1):
+        lo = max(sink, q0 - recent + 1)
+        return torch.cat([torch.arange(0, min(sink, q1), device=q.device), torch.arange(lo, q1, device=q.device)])
+
+    return ref_attention_fp32(q, k, v, key_index, lambda qp, kp: (kp <= qp) & ((kp < sink) | (kp > qp - recent)), q_block)
+
+
+def ref_cached_op(fn, q, k, v, kc, vc, pos, *args):
+    """Run a reference cached op on fp32 copies; returns (out, k_cache, v_cache) in fp32."""
+    kc32, vc32 = kc.to(torch.float32, copy=True), vc.to(torch.float32, copy=True)
+    out = fn(q.float(), k.float(), v.float(), kc32, vc32, pos, SCALE, *args)
+    return out, kc32, vc32
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_ceilings():
+    log("== ceilings")
+    n = SIZES["copy_bytes"]
+    src = torch.randn(n // 2, dtype=DT, device=DEV)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    copy_bw = 2 * n / ms / 1e9  # TB/s (read + write)
+    del src, dst
+    m = SIZES["mm"]
+    a = torch.randn(m, m, dtype=DT, device=DEV)
+    b_ = torch.randn(m, m, dtype=DT, device=DEV)
+    ms_mm = bench(lambda: a @ b_)
+    mm = 2 * m**3 / ms_mm / 1e9
+    del a, b_
+    RESULTS["ceilings"] = {"copy_TBps_read_plus_write": copy_bw, "bf16_matmul_TFLOPs_8192": mm}
+    log(f"  copy {copy_bw:.2f} TB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s")
+
+
+def section_cached():
+    """Cached ops against the reference, chunk after chunk, outputs and cache contents (both head shapes)."""
+    log("== cached ops vs reference (fp32), several chunks")
+    for shape, (hq, hkv) in SHAPES.items():
+        # Retrieval: 8K prefill chunk, 4K chunk at start 8K, then 3 decode steps.
+        cap = SIZES["cap"]
+        kc = torch.randn(1, hkv, cap, D, dtype=DT, device=DEV)
+        vc = torch.randn(1, hkv, cap, D, dtype=DT, device=DEV)
+        start = 0
+        for t in SIZES["chunks"]:
+            q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
+            pos = torch.arange(start, start + t, device=DEV)
+            ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kc, vc, pos) if start > 0 else (None, None, None)
+            poison(q.shape)
+            out = triton_ops.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE)
+            if ref_out is None:  # 8K x 8K fp32 reference through the chunked path
+                ref_out = ref_causal(q, k, v)
+                cache_ok = torch.equal(kc[:, :, :t], k) and torch.equal(vc[:, :, :t], v)
+            else:
+                cache_ok = torch.equal(kc.float(), kref) and torch.equal(vc.float(), vref)
+            check(f"retrieval_cached/{shape}/start{start}/T{t}", rel_err(out, ref_out))
+            check(f"retrieval_cache_contents/{shape}/start{start}/T{t}", 0.0 if cache_ok else float("nan"))
+            start += t
+        # Streaming, both modes: 4K chunks (longer than the ring), then decode steps (fused slot write).
+        for chunk_mode in (False, True):
+            kc = torch.randn(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
+            vc = torch.randn(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
+            start = 0
+            for t in SIZES["s_chunks"]:
+                q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
+                pos = torch.arange(start, start + t, device=DEV)
+                ref_out, kref, vref = ref_cached_op(
+                    reference.streaming_attention_cached, q, k, v, kc, vc, pos, SINK, RECENT, chunk_mode
+                )
+                poison(q.shape)
+                out = triton_ops.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, chunk_mode)
+                mode = "chunk" if chunk_mode else "window"
+                check(f"streaming_cached/{mode}/{shape}/start{start}/T{t}", rel_err(out, ref_out))
+                cache_ok = torch.equal(kc.float(), kref) and torch.equal(vc.float(), vref)
+                check(f"streaming_cache_contents/{mode}/{shape}/start{start}/T{t}", 0.0 if cache_ok else float("nan"))
+                start += t
+    # Dispatch: the registered duo:: ops run the Triton kernels on CUDA.
+    q, k, v = (torch.randn(1, h, SIZES["dispatch"], D, dtype=DT, device=DEV) for h in (32, 8, 8))
+    a = torch.ops.duo.streaming_attention(q, k, v, SCALE, SINK, RECENT)
+    b_ = triton_ops.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT)
+    if DEV == "cuda":  # on CPU the ops run the reference
+        check("dispatch/duo::streaming_attention==triton", 0.0 if torch.equal(a, b_) else float("nan"))
+
+
+DECODE_VARIANTS = [  # (label, TileConfig overrides, splits per SM x)
+    ("n64w4s3", dict(block_n=64, num_warps=4, num_stages=3), 4),
+    ("n64w4s4", dict(block_n=64, num_warps=4, num_stages=4), 4),
+    ("n64w4s2", dict(block_n=64, num_warps=4, num_stages=2), 4),
+    ("n128w4s3", dict(block_n=128, num_warps=4, num_stages=3), 4),
+    ("n128w8s3", dict(block_n=128, num_warps=8, num_stages=3), 4),
+    ("n64w4s3-x2", dict(block_n=64, num_warps=4, num_stages=3), 2),
+    ("n64w4s3-x8", dict(block_n=64, num_warps=4, num_stages=3), 8),
+]
+
+
+def section_decode():
+    lengths = SIZES["decode"]
+    log("== retrieval decode vs SDPA")
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_TBps_read_plus_write")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 2
+    out_rows = []
+    for shape, (hq, hkv) in SHAPES.items():
+        groups = hq // hkv
+        for n_keys in lengths:
+            cap = n_keys  # cached keys; the new token is key n_keys + 1 (cache capacity n_keys + 1)
+            kv_bytes = 2 * hkv * (n_keys + 1) * D * 2
+            copies = max(1, min(16, math.ceil(240e6 / kv_bytes)))  # rotate over > 4x L2 worth of caches
+            copies = 2 if DEV == "cpu" else copies
+            kcs = [torch.randn(1, hkv, cap + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
+            vcs = [torch.randn(1, hkv, cap + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
+            q = torch.randn(1, 1, hq, D, dtype=DT, device=DEV).transpose(1, 2)  # [1, hq, 1, D], from a transpose
+            k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+            v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+            pos = torch.tensor([n_keys], device=DEV)
+            # correctness (default config) against the fp32 reference, including the appended slot
+            ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kcs[0], vcs[0], pos)
+            poison(q.shape)
+            out = triton_ops.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
+            check(f"decode/{shape}/{n_keys}", rel_err(out, ref_out))
+            check(
+                f"decode_append/{shape}/{n_keys}",
+                0.0 if torch.equal(kcs[0][:, :, n_keys].float(), kref[:, :, n_keys]) else float("nan"),
+            )
+            del ref_out, kref, vref
+            row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies}
+            best = None
+            for label, over, per_sm in DECODE_VARIANTS:
+                base = triton_ops.decode_config(q, groups)
+                cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
+                progs = hkv * math.ceil(groups / cfg.heads_per)
+                splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((cap + 1) / cfg.block_n), 256))
+                try:
+                    o = triton_ops.triton_retrieval_attention_cached(
+                        q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits
+                    )
+                    err = rel_err(o, out)
+                    ms = graph_time([
+                        (lambda i=i: triton_ops.triton_retrieval_attention_cached(
+                            q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits))
+                        for i in range(copies)
+                    ])
+                except Exception as e:  # a config that does not compile is reported, not fatal
+                    log(f"  {label}: failed {type(e).__name__}: {e}")
+                    continue
+                row[f"ours_{label}_us"] = ms * 1e3
+                row[f"ours_{label}_splits"] = splits
+                if err > TOL:
+                    FAILURES.append(f"decode variant {label} {shape} {n_keys}: {err}")
+                if best is None or ms < best[1]:
+                    best = (label, ms)
+            sdpa = graph_time([
+                (lambda i=i: F.scaled_dot_product_attention(q, kcs[i], vcs[i], scale=SCALE, enable_gqa=groups > 1))
+                for i in range(copies)
+            ])
+            row.update(
+                best=best[0], ours_us=best[1] * 1e3, sdpa_us=sdpa * 1e3,
+                ours_TBps=kv_bytes / best[1] / 1e9, sdpa_TBps=kv_bytes / sdpa / 1e9,
+            )
+            if copy_bw:
+                row["ours_frac_of_copy"] = row["ours_TBps"] / copy_bw
+                row["sdpa_frac_of_copy"] = row["sdpa_TBps"] / copy_bw
+            row["speedup_vs_sdpa"] = sdpa / best[1]
+            out_rows.append(row)
+            log(f"  {shape} {n_keys:>6} keys: ours {row['ours_us']:.1f} us ({row['ours_TBps']:.2f} TB/s, {best[0]}) "
+                f"sdpa {row['sdpa_us']:.1f} us ({row['sdpa_TBps']:.2f} TB/s)")
+            del kcs, vcs
+            torch.cuda.empty_cache()
+        # streaming decode (sink + recent cache, fused write): tiny, reported for completeness
+        kc = torch.randn(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
+        vc = torch.randn(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
+        q = torch.randn(1, hq, 1, D, dtype=DT, device=DEV)
+        k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+        v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+        pos = torch.tensor([100000], device=DEV)
+        ms = graph_time([lambda: triton_ops.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, False)] * 8)
+        RESULTS.setdefault("streaming_decode_us", {})[shape] = ms * 1e3
+        log(f"  {shape} streaming decode (sink {SINK} + recent {RECENT}): {ms * 1e3:.1f} us")
+    RESULTS["decode"] = out_rows
+
+
+PREFILL_VARIANTS = [
+    ("t128n64w8s3", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3)),
+    ("t128n128w8s3", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3)),
+    ("t128n64w4s3", TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3)),
+    ("t128n64w8s4", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=4)),
+    ("t128n128w8s2", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=2)),
+    ("t64n64w4s3", TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=3)),
+]
+
+
+def _sweep(name, run, check_out, ref_out, variants):
+    """Check check_out(cfg) against ref_out and time run(cfg) for each variant; return ({label: ms}, best label)."""
+    times = {}
+    for label, cfg in variants:
+        try:
+            poison(ref_out.shape)
+            err = rel_err(check_out(cfg), ref_out)
+            if not err < TOL:
+                FAILURES.append(f"{name} {label}: {err}")
+                log(f"  {name} {label}: rel err {err:.2e} FAIL")
+                continue
+            times[label] = bench(lambda: run(cfg))
+            log(f"  {name} {label}: {times[label]:.3f} ms (rel err {err:.1e})")
+        except Exception as e:  # a config that does not compile is reported, not fatal
+            log(f"  {name} {label}: failed {type(e).__name__}: {str(e)[:200]}")
+    best = min(times, key=times.get)
+    return times, best
+
+
+def section_retrieval():
+    t = SIZES["retrieval"]
+    log("== retrieval prefill (causal) vs SDPA")
+    mm = RESULTS.get("ceilings", {}).get("bf16_matmul_TFLOPs_8192")
+    rows = []
+    for shape, (hq, hkv) in SHAPES.items():
+        q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
+        ref_out = ref_causal(q, k, v).to(DT)
+        flops = 4 * hq * D * t * (t + 1) / 2
+        run = lambda cfg: triton_ops.triton_retrieval_attention(q, k, v, SCALE, config=cfg)  # noqa: E731
+        times, best = _sweep(f"retrieval/{shape}", run, run, ref_out, PREFILL_VARIANTS)
+        check(f"retrieval_prefill/{shape}/{t}", rel_err(run(dict(PREFILL_VARIANTS)[best]), ref_out))
+        sdpa_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv)
+        sdpa_err = rel_err(sdpa_out, ref_out)
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv))
+        # the cached op at start 0 (same kernel plus the fused append) for the best config
+        kc = torch.empty(1, hkv, t, D, dtype=DT, device=DEV)
+        vc = torch.empty_like(kc)
+        pos = torch.arange(0, t, device=DEV)
+        cached = bench(lambda: triton_ops.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE, config=dict(PREFILL_VARIANTS)[best]))
+        ours = times[best]
+        row = {
+            "shape": shape, "tokens": t, "variants_ms": times, "best": best, "ours_ms": ours, "sdpa_ms": sdpa,
+            "cached_with_append_ms": cached, "ours_TFLOPs": flops / ours / 1e9, "sdpa_TFLOPs": flops / sdpa / 1e9,
+            "ours_frac_of_sdpa": sdpa / ours, "sdpa_rel_err": sdpa_err,
+        }
+        if mm:
+            row["ours_frac_of_matmul"] = row["ours_TFLOPs"] / mm
+            row["sdpa_frac_of_matmul"] = row["sdpa_TFLOPs"] / mm
+        rows.append(row)
+        log(f"  {shape}: ours {ours:.2f} ms ({row['ours_TFLOPs']:.0f} TFLOP/s, {best}), cached+append {cached:.2f} ms, "
+            f"sdpa {sdpa:.2f} ms ({row['sdpa_TFLOPs']:.0f} TFLOP/s)")
+        del q, k, v, ref_out, kc, vc
+        torch.cuda.empty_cache()
+    RESULTS["retrieval_prefill"] = rows
+
+
+def _visible_pairs(t, sink, recent):
+    p = torch.arange(t, dtype=torch.float64)
+    window = torch.minimum(p + 1, torch.full_like(p, recent))
+    extra_sink = torch.clamp(torch.minimum(torch.full_like(p, sink), p - recent + 1), min=0)
+    return float((window + extra_sink).sum())
+
+
+def section_streaming(flex=True):
+    lengths = SIZES["streaming"]
+    log("== streaming prefill vs FlexAttention and causal SDPA")
+    rows = []
+    flex_fn = None
+    if flex:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            flex_fn = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:
+            log(f"  flex unavailable: {e}")
+    for t in lengths:
+        for shape, (hq, hkv) in SHAPES.items():
+            q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
+            # fp32 reference on all queries at the first length; on the first, a middle and the last block after
+            rb = SIZES["ref_block"]
+            if t <= lengths[0]:
+                ref_out = ref_streaming(q, k, v, SINK, RECENT, rb).to(DT)
+                sel = slice(None)
+            else:
+                blocks = [0, t // 2, t - rb]
+                idx = torch.cat([torch.arange(b0, b0 + rb, device=DEV) for b0 in blocks])
+                sel = idx
+                ref_out = torch.empty(1, hq, idx.numel(), D, dtype=DT, device=DEV)
+                for i, b0 in enumerate(blocks):
+                    # keys needed by queries [b0, b0 + rb): the sink and the window
+                    lo = max(0, b0 - RECENT + 1)
+                    kpos = torch.cat([torch.arange(0, min(SINK, lo), device=DEV), torch.arange(lo, b0 + rb, device=DEV)])
+                    r = ref_attention_fp32(
+                        q[:, :, b0:b0 + rb], k, v, lambda q0, q1, kpos=kpos: kpos,
+                        lambda qp, kp, b0=b0: (kp <= qp + b0) & ((kp < SINK) | (kp > qp + b0 - RECENT)), rb,
+                    )
+                    ref_out[:, :, i * rb:(i + 1) * rb] = r.to(DT)
+
+            def run(cfg):
+                return triton_ops.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT, config=cfg)
+
+            def ours_fn(cfg):
+                o = run(cfg)
+                return o if isinstance(sel, slice) else o[:, :, sel]
+
+            times, best = _sweep(f"streaming/{shape}/{t}", run, ours_fn, ref_out, PREFILL_VARIANTS)
+            best_cfg = dict(PREFILL_VARIANTS)[best]
+            check(f"streaming_prefill/{shape}/{t}", rel_err(ours_fn(best_cfg), ref_out))
+            ours = times[best]
+            kc = torch.empty(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
+            vc = torch.empty_like(kc)
+            pos = torch.arange(0, t, device=DEV)
+            cached = bench(lambda: triton_ops.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, False, config=best_cfg))
+            sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv), rep_ms=200)
+            row = {"shape": shape, "tokens": t, "variants_ms": times, "best": best, "ours_ms": ours,
+                   "cached_with_ring_write_ms": cached, "sdpa_causal_ms": sdpa}
+            pairs = _visible_pairs(t, SINK, RECENT)
+            row["ours_TFLOPs_useful"] = 4 * hq * D * pairs / ours / 1e9
+            io_bytes = (2 * hq + 2 * hkv) * t * D * 2  # q, o, k, v once each
+            row["ours_TBps_io"] = io_bytes / ours / 1e9
+            if flex_fn is not None:
+                try:
+                    def mask_mod(b, h, q_idx, kv_idx):
+                        return (kv_idx <= q_idx) & ((kv_idx < SINK) | (q_idx - kv_idx < RECENT))
+
+                    bm = create_block_mask(mask_mod, None, None, t, t, device=DEV, _compile=True)
+                    fo = flex_fn(q, k, v, block_mask=bm, scale=SCALE, enable_gqa=hq != hkv)
+                    fo = fo if isinstance(sel, slice) else fo[:, :, sel]
+                    row["flex_rel_err"] = rel_err(fo, ref_out)
+                    row["flex_ms"] = bench(lambda: flex_fn(q, k, v, block_mask=bm, scale=SCALE, enable_gqa=hq != hkv))
+                    row["speedup_vs_flex"] = row["flex_ms"] / ours
+                except Exception as e:
+                    log(f"  flex failed: {type(e).__name__}: {str(e)[:300]}")
+            row["speedup_vs_sdpa_causal"] = sdpa / ours
+            rows.append(row)
+            log(f"  {shape} {t}: ours {ours:.3f} ms ({best}; cached+write {cached:.3f}), flex {row.get('flex_ms', float('nan')):.3f} ms, "
+                f"sdpa causal {sdpa:.2f} ms; io {row['ours_TBps_io']:.2f} TB/s")
+            del q, k, v, ref_out
+            torch.cuda.empty_cache()
+            RESULTS["streaming_prefill"] = rows
+
+
+def table():
+    log("\n==== summary")
+    c = RESULTS.get("ceilings", {})
+    if c:
+        log(f"ceilings: copy {c['copy_TBps_read_plus_write']:.2f} TB/s (r+w), bf16 matmul {c['bf16_matmul_TFLOPs_8192']:.0f} TFLOP/s")
+    for r in RESULTS.get("decode", []):
+        log(f"decode    {r['shape']:<10} {r['keys']:>7} keys  ours {r['ours_us']:8.1f} us {r['ours_TBps']:5.2f} TB/s "
+            f"({r.get('ours_frac_of_copy', 0) * 100:4.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us {r['sdpa_TBps']:5.2f} TB/s  "
+            f"x{r['speedup_vs_sdpa']:.2f}")
+    for r in RESULTS.get("retrieval_prefill", []):
+        log(f"retrieval {r['shape']:<10} {r['tokens']:>7} tok   ours {r['ours_ms']:7.2f} ms {r['ours_TFLOPs']:5.0f} TFLOP/s  "
+            f"sdpa {r['sdpa_ms']:7.2f} ms {r['sdpa_TFLOPs']:5.0f} TFLOP/s  ours/sdpa {r['ours_frac_of_sdpa'] * 100:.0f}%")
+    for r in RESULTS.get("streaming_prefill", []):
+        log(f"streaming {r['shape']:<10} {r['tokens']:>7} tok   ours {r['ours_ms']:7.3f} ms  flex {r.get('flex_ms', float('nan')):7.3f} ms "
+            f"(x{r.get('speedup_vs_flex', float('nan')):.2f})  sdpa-causal {r['sdpa_causal_ms']:7.2f} ms  io {r['ours_TBps_io']:.2f} TB/s")
+    log(f"failures: {FAILURES or 'none'}")
+
+
+def _smoke_sizes():
+    global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS
+    DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
+    SCALE = D**-0.5
+    SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
+    SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), retrieval=40,
+                 streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256)
+    PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16))]
+    DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--sections", nargs="*", default=["ceilings", "cached", "decode", "retrieval", "streaming"])
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (script check)")
+    args = ap.parse_args()
+    if args.smoke:
+        _smoke_sizes()
+    commit = args.commit
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+        except Exception:
+            commit = "unknown"
+    RESULTS.update(
+        command=" ".join([sys.executable, "-m", "benchmarks.kernels", *sys.argv[1:]]),
+        gpu=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu (smoke)", torch=torch.__version__, triton=triton.__version__, commit=commit,
+        dtype="bfloat16", head_dim=D, sink=SINK, recent=RECENT, batch=1,
+        sdpa_note="torch SDPA with enable_gqa=True for GQA (no k/v expansion); plain for MHA",
+    )
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
+    sections = {
+        "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode,
+        "retrieval": section_retrieval, "streaming": lambda: section_streaming(flex=not args.no_flex),
+    }
+    for name in args.sections:
+        t0 = time.time()
+        try:
+            sections[name]()
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            FAILURES.append(f"section {name} crashed: {type(e).__name__}: {e}")
+        RESULTS.setdefault("section_seconds", {})[name] = time.time() - t0
+        RESULTS["failures"] = FAILURES
+        save(args.out)
+    table()
+    save(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Pieces every duo Triton kernel shares: the online-softmax tile step, the row layout of a program, tile configs.
+
+Row layout. A program owns ``HEADS_PER`` query heads of one KV group times ``BLOCK_T`` query tokens; row
+``r`` of its tile is head ``r // BLOCK_T`` and token ``r % BLOCK_T``. Prefill uses one head per program
+(``HEADS_PER = 1``, a 128-token tile, the FlashAttention layout); decode packs the group's query heads into the
+M dimension (``BLOCK_T`` = a few tokens) so that every K/V tile loaded serves all query heads of its group (GQA).
+
+Softmax runs in base 2 (``qk_scale = scale * log2(e)``), as FlashAttention does, so each score costs one exp2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch knobs for one kernel call. ``block_t`` must be a multiple of ``block_n`` for prefill."""
+
+    block_t: int = 128
+    block_n: int = 64
+    heads_per: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def supported_head_dim(d: int) -> bool:
+    """Kernels tile the head dim whole: a power of two from 16 to 256 (Llama/Mistral/Qwen use 64 or 128)."""
+    return 16 <= d <= 256 and d == next_pow2(d)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (the op promises fp32 semantics); 16-bit inputs use the tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def log2_scale(scale: float) -> float:
+    return float(scale) * LOG2E
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count (for sizing split-K grids); the interpreter gets a small number so tests stay tiny."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Return (B, Hq, T, D, Hkv, groups) after checking the op contract."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2] != t or k.shape[3] != d:
+        raise ValueError(f"k/v shape {tuple(k.shape)}/{tuple(v.shape)} does not match q {tuple(q.shape)}")
+    if hkv == 0 or hq % hkv:
+        if hq == 0 and hkv == 0:
+            return b, 0, t, d, 0, 1
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    return b, hq, t, d, hkv, hq // hkv
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with unit stride (16-byte loads); any other stride is passed through as given."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton.jit
+def tile_update(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One FlashAttention step: fold the key tile k/v (rows) into the running max m_i, sum l_i and output acc.
+
+    ``visible`` is only read when MASKED; masked tiles may leave a row with nothing seen yet (max = -inf), which
+    the guard turns into a zero contribution instead of NaN. Unmasked tiles skip both the select and the guard.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    # Scale folded into the exponent: one FMA per score (the softmax, not the matmul, is the hot ALU work).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def program_rows(pid_g, m0, Hkv, groups, T, HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Decode program id ``pid_g`` = (batch, kv head, head chunk) and give each tile row its query head and token.
+
+    Returns (b, kv, chunk, head [rows], t [rows], row_ok [rows]); head is the absolute query head index.
+    """
+    chunks = tl.cdiv(groups, HEADS_PER)
+    chunk = pid_g % chunks
+    bk = pid_g // chunks
+    kv = bk % Hkv
+    b = bk // Hkv
+    r = tl.arange(0, HEADS_PER * BLOCK_T)
+    hh = chunk * HEADS_PER + r // BLOCK_T
+    t = m0 + r % BLOCK_T
+    row_ok = (hh < groups) & (t < T)
+    head = kv * groups + tl.minimum(hh, groups - 1)
+    return b, kv, chunk, head, t, row_ok
+
+
+@triton.jit
+def finish_rows(acc, l_i, O, b, head, t, row_ok, so_b, so_h, so_t, D: tl.constexpr):
+    """Normalise and store the tile's rows to O[b, head, t, :] (rows with nothing visible, i.e. padding, give 0)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    offs_d = tl.arange(0, D)
+    o_ptrs = O + b.to(tl.int64) * so_b + head.to(tl.int64)[:, None] * so_h + t[:, None] * so_t + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+def grid_groups(b: int, hkv: int, groups: int, heads_per: int) -> int:
+    """Programs along the head axis: one per (batch, kv head, chunk of heads_per query heads)."""
+    return b * hkv * math.ceil(groups / heads_per)

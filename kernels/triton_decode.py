@@ -1,0 +1,107 @@
+"""Retrieval heads, decode: split-K (flash-decoding) over the long retrieval cache, then a reduction.
+
+One query token cannot fill a GPU with one program per head, and decode is bound by reading the cache once,
+so the keys ``[0, start + T)`` are cut into ``num_splits`` contiguous ranges, each a program:
+grid ``(num_splits, B * Hkv * cdiv(groups, HEADS_PER))``. The group's query heads (times the few query tokens)
+form the M dimension of the tile, so each K/V tile is loaded once for all query heads of its group (GQA).
+The split length is derived in the kernel from ``start`` (read on the device), so the grid depends on shapes only
+and the launch can be captured in a CUDA graph; splits past the end exit after writing an empty partial.
+
+The new tokens' keys come from ``k``/``v`` (never from the cache) and the split that owns them appends them to
+the cache; the cache part of every split ends below ``start``, so reads and the append never touch one slot.
+
+``combine_kernel`` (grid ``B * Hq * T``) merges the partials by their log-sum-exp. Two launches per layer for the
+retrieval half; a single launch would need a grid-wide barrier or an atomic ticket counter kept zeroed between
+calls, i.e. extra state outside the op's signature.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import program_rows, tile_update
+
+
+@triton.jit
+def retrieval_split_kernel(
+    Q, K, V, KC, VC, POS, OP, LP,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+    Hkv, groups, T, num_splits, qk_scale,
+    HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, T, HEADS_PER, BLOCK_T)
+    BLOCK_M: tl.constexpr = HEADS_PER * BLOCK_T
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    kv64 = kv.to(tl.int64)
+
+    start = tl.load(POS).to(tl.int32)
+    total = start + T
+    split_len = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, total)
+
+    q_ptrs = Q + b64 * sq_b + head.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    kc_base = KC + b64 * skc_b + kv64 * skc_h
+    vc_base = VC + b64 * svc_b + kv64 * svc_h
+    cache_hi = tl.minimum(hi, start)
+    for n in range(lo, cache_hi, BLOCK_N):
+        j = n + offs_n
+        ok = j < cache_hi
+        kk = tl.load(kc_base + j[:, None] * skc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(vc_base + j[:, None] * svc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, ok[None, :], qk_scale, True, DOT_PRECISION)
+
+    k_base = K + b64 * sk_b + kv64 * sk_h
+    v_base = V + b64 * sv_b + kv64 * sv_h
+    for n in range(tl.maximum(lo, start), hi, BLOCK_N):
+        i = n - start + offs_n  # index in the chunk
+        ok = i < hi - start
+        kk = tl.load(k_base + i[:, None] * sk_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(v_base + i[:, None] * sv_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        visible = ok[None, :] & (i[None, :] <= t[:, None])
+        acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
+        w = tl.where(chunk == 0, ok, False)[:, None]
+        slot = start + i
+        tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
+        tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
+
+    # Partial for row (b, head, t): normalised output and log2-sum-exp (-inf when this split saw nothing).
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    row = ((b64 * Hkv + kv64) * groups + (head - kv * groups)) * T + t
+    tl.store(LP + row * num_splits + split, lse, mask=row_ok)
+    tl.store(OP + (row * num_splits + split)[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
+
+
+@triton.jit
+def combine_kernel(
+    OP, LP, O, so_b, so_h, so_t, Hq, T, num_splits,
+    SPLITS: tl.constexpr, D: tl.constexpr,
+):
+    """Merge the split partials of one (b, head, t) row: weights 2^(lse_s - max lse)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = row % T
+    bh = row // T
+    h = bh % Hq
+    b = bh // Hq
+    s = tl.arange(0, SPLITS)
+    ok = s < num_splits
+    lse = tl.load(LP + row * num_splits + s, mask=ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    offs_d = tl.arange(0, D)
+    parts = tl.load(OP + (row * num_splits + s)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(O + b * so_b + h * so_h + t * so_t + offs_d, out.to(O.dtype.element_ty))

@@ -1,0 +1,255 @@
+"""Launchers for the duo Triton kernels, and their registration as the CUDA kernels of the ``duo::`` ops.
+
+The launchers are plain Python over tensors: on CUDA they run the compiled kernels; on CPU tensors they run
+under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the CPU tests check them against
+``reference.py``. ``register()`` installs them with ``torch.library.register_kernel(..., "cuda")`` on the
+existing ``custom_op`` definitions: ``triton_op`` cannot be traced on CPU (platform notes), the custom ops can
+everywhere, and on CUDA they now run these kernels.
+
+Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
+streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 1
+(attention and the one-slot write in the same program). No launcher reads a device value on the host: the
+chunk's start position is read inside the kernels, so every launch is CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from .triton_common import (
+    TileConfig,
+    check_shapes,
+    dot_precision,
+    grid_groups,
+    last_dim_contiguous,
+    log2_scale,
+    next_pow2,
+    num_sms,
+    supported_head_dim,
+)
+from .triton_decode import combine_kernel, retrieval_split_kernel
+from .triton_retrieval import retrieval_prefill_kernel
+from .triton_streaming import streaming_kernel, streaming_write_kernel
+
+# Queries per call at or below which a call is "decode": the group's heads share a tile and (retrieval) split-K.
+DECODE_MAX_TOKENS = 16
+
+
+def prefill_config(q: torch.Tensor) -> TileConfig:
+    """Prefill tiles: 128 query tokens x 64 keys, 8 warps on GPU (H200 sweep in benchmarks/kernels.py)."""
+    if q.device.type != "cuda":
+        return TileConfig(block_t=16, block_n=16)
+    d = q.shape[-1]
+    if d <= 64:
+        return TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3)
+    return TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3)
+
+
+def decode_config(q: torch.Tensor, groups: int) -> TileConfig:
+    """Decode tiles: all of a group's query heads (up to 16) times the few tokens as M, at least 16 rows."""
+    t = q.shape[2]
+    heads_per = min(next_pow2(groups), 16)
+    block_t = next_pow2(t)
+    while heads_per * block_t > 64 and heads_per > 1:
+        heads_per //= 2
+    block_t = max(block_t, 16 // heads_per)
+    if q.device.type != "cuda":
+        return TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
+    return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=3)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _check_prefill_config(cfg: TileConfig, t: int) -> None:
+    if cfg.block_t % cfg.block_n and t > cfg.block_t:
+        raise ValueError(f"block_t={cfg.block_t} must be a multiple of block_n={cfg.block_n} for multi-block prefill")
+    if cfg.heads_per * cfg.block_t < 16 or cfg.block_n < 16:
+        raise ValueError("tl.dot needs tiles of at least 16 rows and 16 keys")
+
+
+def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, cfg: TileConfig | None):
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q)
+    if out.numel() == 0:
+        return out
+    cfg = cfg or prefill_config(q)
+    _check_prefill_config(cfg, t)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    has_cache = k_cache is not None
+    kc, vc = (k_cache, v_cache) if has_cache else (k, v)
+    pos = cache_position if has_cache else q  # unused without a cache
+    grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
+    retrieval_prefill_kernel[grid](
+        q, k, v, kc, vc, out, pos,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
+        hkv, groups, t, log2_scale(scale),
+        HAS_CACHE=has_cache, HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: int, block_n: int) -> int:
+    """Enough splits for ~4 programs per multiprocessor, never more than the cache has key tiles."""
+    target = 4 * num_sms(q.device)
+    tiles = math.ceil((k_cache.shape[2] + q.shape[2]) / block_n)
+    return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
+
+
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None):
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q)
+    if out.numel() == 0:
+        return out
+    cfg = cfg or decode_config(q, groups)
+    if t > cfg.block_t:
+        raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    programs = grid_groups(b, hkv, groups, cfg.heads_per)
+    splits = num_splits or decode_splits(q, k_cache, programs, cfg.block_n)
+    o_part = torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, hq, t, splits), dtype=torch.float32, device=q.device)
+    retrieval_split_kernel[(splits, programs)](
+        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
+        hkv, groups, t, splits, log2_scale(scale),
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    combine_kernel[(b * hq * t,)](
+        o_part, lse_part, out, *_strides(out), hq, t, splits,
+        SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
+    )
+    return out
+
+
+def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg):
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q)
+    if out.numel() == 0:
+        return out
+    if recent < 1 or sink < 0:
+        raise ValueError(f"streaming needs recent >= 1 and sink >= 0, got sink={sink}, recent={recent}")
+    has_cache = k_cache is not None
+    decode = t <= DECODE_MAX_TOKENS
+    cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q))
+    _check_prefill_config(cfg, t)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    kc, vc = (k_cache, v_cache) if has_cache else (k, v)
+    pos = cache_position if has_cache else q
+    programs = grid_groups(b, hkv, groups, cfg.heads_per)
+    blocks = math.ceil(t / cfg.block_t)
+    # One program per KV group and a single token: it may write its slot itself once it has read the ring.
+    fuse_write = has_cache and t == 1 and blocks == 1 and programs == b * hkv
+    streaming_kernel[(programs, blocks)](
+        q, k, v, kc, vc, out, pos,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
+        hkv, groups, t, log2_scale(scale), sink, recent,
+        HAS_CACHE=has_cache, CHUNK_MODE=bool(chunk_mode), FUSE_WRITE=fuse_write,
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if has_cache and not fuse_write:
+        candidates = sink + min(t, recent)
+        block_w = 16 if q.device.type != "cuda" else 64
+        streaming_write_kernel[(math.ceil(candidates / block_w), b * hkv)](
+            k, v, k_cache, v_cache, cache_position,
+            *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
+            hkv, t, sink, recent, BLOCK_W=block_w, D=d, num_warps=4,
+        )
+    return out
+
+
+# ---- public launchers (also usable on CPU tensors under TRITON_INTERPRET=1) ----
+
+
+def triton_retrieval_attention(q, k, v, scale: float, config: TileConfig | None = None) -> torch.Tensor:
+    """Causal attention over this call's tokens: the retrieval prefill kernel with no cache (start = 0)."""
+    return _launch_retrieval_prefill(q, k, v, None, None, None, scale, config)
+
+
+def triton_streaming_attention(
+    q, k, v, scale: float, sink: int, recent: int, config: TileConfig | None = None
+) -> torch.Tensor:
+    """Sink + recent-window attention over this call's tokens: the streaming kernel with no cache (start = 0)."""
+    return _launch_streaming(q, k, v, None, None, None, scale, sink, recent, False, config)
+
+
+def triton_retrieval_attention_cached(
+    q, k, v, k_cache, v_cache, cache_position, scale: float,
+    config: TileConfig | None = None, num_splits: int | None = None,
+) -> torch.Tensor:
+    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else."""
+    if q.shape[2] <= DECODE_MAX_TOKENS:
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits)
+    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config)
+
+
+def triton_streaming_attention_cached(
+    q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache."""
+    return _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config)
+
+
+# ---- registration as the CUDA kernels of the duo:: custom ops ----
+
+
+def _kernel_ok(q: torch.Tensor) -> bool:
+    return supported_head_dim(q.shape[-1])
+
+
+def _retrieval_attention_cuda(q, k, v, scale):
+    if not _kernel_ok(q):
+        return reference.retrieval_attention(q, k, v, scale).contiguous()
+    return triton_retrieval_attention(q, k, v, scale)
+
+
+def _streaming_attention_cuda(q, k, v, scale, sink, recent):
+    if not _kernel_ok(q):
+        return reference.streaming_attention(q, k, v, scale, sink, recent).contiguous()
+    return triton_streaming_attention(q, k, v, scale, sink, recent)
+
+
+def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale):
+    if not _kernel_ok(q):
+        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale).contiguous()
+    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position.to(q.device), scale)
+
+
+def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode):
+    if not _kernel_ok(q):
+        return reference.streaming_attention_cached(
+            q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode
+        ).contiguous()
+    return triton_streaming_attention_cached(
+        q, k, v, k_cache, v_cache, cache_position.to(q.device), scale, sink, recent, chunk_mode
+    )
+
+
+CUDA_KERNELS = {
+    "retrieval_attention": _retrieval_attention_cuda,
+    "streaming_attention": _streaming_attention_cuda,
+    "retrieval_attention_cached": _retrieval_attention_cached_cuda,
+    "streaming_attention_cached": _streaming_attention_cached_cuda,
+}
+_registered = False
+
+
+def register() -> None:
+    """Make the Triton launchers the CUDA kernels of the ``duo::`` ops (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    for name, fn in CUDA_KERNELS.items():
+        torch.library.register_kernel(f"duo::{name}", "cuda")(fn)
+    _registered = True

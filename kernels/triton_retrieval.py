@@ -1,0 +1,88 @@
+"""Retrieval heads, prefill: causal FlashAttention of a chunk against [cached prefix | the chunk], append fused.
+
+Grid ``(B * Hq, cdiv(T, BLOCK_T))``; the second axis runs the longest query blocks first (causal work grows
+with the block index, so the last blocks to start are the cheap ones). Each program walks three key ranges:
+  1. the cache prefix ``[0, start)`` (``start`` read from ``cache_position`` on the device: no host sync),
+     full tiles unmasked, one masked tail tile;
+  2. chunk tiles left of the diagonal, unmasked;
+  3. the diagonal tiles, causally masked. These are the only tiles each chunk key owns exactly once across the
+     query blocks, so the program of the group's first query head stores them into the cache right there: the
+     append costs no extra read of k/v and no extra launch. Nothing else in the launch reads cache slots
+     ``>= start``, so the writes cannot race with the reads.
+With ``HAS_CACHE=False`` (the cacheless op) ``start`` is 0 and range 1 and the stores vanish at compile time.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import program_rows, finish_rows, tile_update
+
+
+@triton.jit
+def retrieval_prefill_kernel(
+    Q, K, V, KC, VC, O, POS,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, so_b, so_h, so_t,
+    Hkv, groups, T, qk_scale,
+    HAS_CACHE: tl.constexpr, HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_g = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    m0 = pid_m * BLOCK_T
+    b, kv, chunk, head, t, row_ok = program_rows(pid_g, m0, Hkv, groups, T, HEADS_PER, BLOCK_T)
+    BLOCK_M: tl.constexpr = HEADS_PER * BLOCK_T
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    kv64 = kv.to(tl.int64)
+
+    q_ptrs = Q + b64 * sq_b + head.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    k_base = K + b64 * sk_b + kv64 * sk_h
+    v_base = V + b64 * sv_b + kv64 * sv_h
+
+    if HAS_CACHE:
+        start = tl.load(POS).to(tl.int32)
+        kc_base = KC + b64 * skc_b + kv64 * skc_h
+        vc_base = VC + b64 * svc_b + kv64 * svc_h
+        full = (start // BLOCK_N) * BLOCK_N
+        for n in range(0, full, BLOCK_N):
+            kk = tl.load(kc_base + (n + offs_n)[:, None] * skc_t + offs_d[None, :])
+            vv = tl.load(vc_base + (n + offs_n)[:, None] * svc_t + offs_d[None, :])
+            acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, None, qk_scale, False, DOT_PRECISION)
+        if full < start:
+            j = full + offs_n
+            ok = j < start
+            kk = tl.load(kc_base + j[:, None] * skc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+            vv = tl.load(vc_base + j[:, None] * svc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+            acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, ok[None, :], qk_scale, True, DOT_PRECISION)
+
+    # Chunk keys left of the diagonal: every row of this block sees them.
+    for n in range(0, m0, BLOCK_N):
+        kk = tl.load(k_base + (n + offs_n)[:, None] * sk_t + offs_d[None, :])
+        vv = tl.load(v_base + (n + offs_n)[:, None] * sv_t + offs_d[None, :])
+        acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, None, qk_scale, False, DOT_PRECISION)
+
+    # Diagonal: causal mask; the group's first program appends these keys to the cache.
+    hi = tl.minimum(m0 + BLOCK_T, T)
+    for n in range(m0, hi, BLOCK_N):
+        j = n + offs_n
+        ok = j < T
+        kk = tl.load(k_base + j[:, None] * sk_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(v_base + j[:, None] * sv_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        visible = (j[None, :] <= t[:, None]) & ok[None, :]
+        acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
+        if HAS_CACHE:
+            w = tl.where(chunk == 0, ok, False)[:, None]
+            slot = start + j
+            tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
+            tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
+
+    finish_rows(acc, l_i, O, b, head, t, row_ok, so_b, so_h, so_t, D)

@@ -1,0 +1,175 @@
+"""The duo Triton kernels against ``kernels/reference.py``, on CPU under TRITON_INTERPRET=1 (set in conftest).
+
+Tiny sizes (head dim 16, 16-wide tiles) so that every path runs with several tiles: chunk boundaries, chunks
+longer than the ring, ring wrap-around, sink 0, GQA groups 1/2/4, zero-head groups, batch > 1, window and chunk
+mode, decode and prefill, and the cache contents after each write. fp32 and fp16 (bf16 is broken in the
+interpreter). No timing here: benchmarks/kernels.py measures speed on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duo_compile.kernels import reference
+from duo_compile.kernels.triton_common import TileConfig
+from duo_compile.kernels.triton_ops import (
+    triton_retrieval_attention,
+    triton_retrieval_attention_cached,
+    triton_streaming_attention,
+    triton_streaming_attention_cached,
+)
+
+D = 16
+SCALE = D**-0.5
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+
+
+def _qkv(b, hkv, groups, t, dtype=torch.float32, transposed_q=True):
+    """q comes from a transpose in the model ([B, T, H, D] -> [B, H, T, D]): keep it non-contiguous."""
+    if transposed_q:
+        q = torch.randn(b, t, hkv * groups, D).transpose(1, 2)
+    else:
+        q = torch.randn(b, hkv * groups, t, D)
+    k = torch.randn(b, hkv, t, D)
+    v = torch.randn(b, hkv, t, D)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _close(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err < TOL[dtype], err
+
+
+def _pos(start, t):
+    return torch.arange(start, start + t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,hkv,groups,t", [(1, 1, 1, 37), (2, 2, 2, 33), (1, 1, 4, 20)])
+def test_retrieval_attention(dtype, b, hkv, groups, t):
+    q, k, v = _qkv(b, hkv, groups, t, dtype)
+    _close(triton_retrieval_attention(q, k, v, SCALE), reference.retrieval_attention(q, k, v, SCALE), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "b,hkv,groups,t,sink,recent",
+    [(1, 1, 1, 70, 4, 8), (2, 2, 2, 45, 0, 20), (1, 1, 4, 50, 20, 17), (1, 2, 1, 40, 3, 1), (1, 1, 2, 24, 1, 64), (1, 1, 1, 80, 2, 40)],
+)
+def test_streaming_attention(dtype, b, hkv, groups, t, sink, recent):
+    q, k, v = _qkv(b, hkv, groups, t, dtype)
+    out = triton_streaming_attention(q, k, v, SCALE, sink, recent)
+    _close(out, reference.streaming_attention(q, k, v, SCALE, sink, recent), dtype)
+
+
+def _run_retrieval_chunks(chunks, b, hkv, groups, dtype, max_len=96, **kw):
+    """Feed chunks of these lengths through kernel and reference; compare outputs and caches after each."""
+    k_cache = torch.randn(b, hkv, max_len, D).to(dtype)
+    v_cache = torch.randn(b, hkv, max_len, D).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    start = 0
+    for t in chunks:
+        q, k, v = _qkv(b, hkv, groups, t, dtype)
+        pos = _pos(start, t)
+        out = triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, pos, SCALE, **kw)
+        ref = reference.retrieval_attention_cached(q, k, v, k_ref, v_ref, pos, SCALE)
+        _close(out, ref, dtype)
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        start += t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,hkv,groups", [(1, 1, 1), (2, 2, 2), (1, 1, 4)])
+def test_retrieval_cached_prefill_then_decode(dtype, b, hkv, groups):
+    # Chunk boundaries off the 16-tile grid, then decode steps over a cache with a ragged last tile.
+    _run_retrieval_chunks([21, 19, 1, 1, 3], b, hkv, groups, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 40])
+def test_retrieval_decode_splits(splits):
+    # 1 split, a few uneven ones, and more splits than key tiles (most of them empty).
+    _run_retrieval_chunks([50, 1, 2], 1, 2, 2, torch.float32, num_splits=splits)
+
+
+def test_retrieval_decode_heads_split_across_programs():
+    # groups=4 with 2 heads per program (prefill and decode): two programs share a KV head, only the first appends.
+    cfg = TileConfig(block_t=16, block_n=16, heads_per=2)
+    _run_retrieval_chunks([18, 1, 3], 1, 1, 4, torch.float32, config=cfg)
+
+
+def test_retrieval_decode_first_token():
+    # start = 0: every split is empty except the one holding the new token.
+    _run_retrieval_chunks([1, 1], 2, 1, 2, torch.float32)
+
+
+def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtype=torch.float32, config=None):
+    k_cache = torch.randn(b, hkv, sink + recent, D).to(dtype)
+    v_cache = torch.randn(b, hkv, sink + recent, D).to(dtype)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    start = 0
+    for t in chunks:
+        q, k, v = _qkv(b, hkv, groups, t, dtype)
+        pos = _pos(start, t)
+        out = triton_streaming_attention_cached(
+            q, k, v, k_cache, v_cache, pos, SCALE, sink, recent, chunk_mode, config=config
+        )
+        ref = reference.streaming_attention_cached(q, k, v, k_ref, v_ref, pos, SCALE, sink, recent, chunk_mode)
+        _close(out, ref, dtype)
+        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), f"cache differs after chunk at {start}"
+        start += t
+
+
+@pytest.mark.parametrize("chunk_mode", [False, True])
+@pytest.mark.parametrize(
+    "b,hkv,groups,sink,recent,chunks",
+    [
+        (1, 1, 1, 4, 8, [6, 30, 1, 1, 5]),  # first chunk inside sink + ring, then longer than the ring
+        (2, 2, 2, 0, 12, [20, 7, 1, 1, 1, 33]),  # sink 0, wrap-around, decode, batch 2
+        (1, 1, 4, 20, 24, [3, 40, 1, 25]),  # chunk starting inside the sink, wide sink over several tiles
+        (1, 2, 1, 16, 16, [16, 16, 1, 17]),  # tile-aligned boundaries
+        (1, 1, 2, 3, 18, [25, 30, 1]),  # second query block still reaches the ring's newest keys
+    ],
+)
+def test_streaming_cached(chunk_mode, b, hkv, groups, sink, recent, chunks):
+    _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode)
+
+
+def test_streaming_cached_fp16():
+    _run_streaming_chunks([10, 30, 1, 3], 1, 2, 2, 4, 12, False, dtype=torch.float16)
+
+
+def test_streaming_decode_unfused_write():
+    # Two programs per KV group: the slot write must go to the separate write kernel (no fused write).
+    cfg = TileConfig(block_t=16, block_n=16, heads_per=2)
+    _run_streaming_chunks([20, 1, 1, 3], 1, 1, 4, 2, 8, False, config=cfg)
+
+
+def test_streaming_long_prefill_small_ring_blocks():
+    # Several query blocks, a window spanning block edges, recent smaller than a tile.
+    _run_streaming_chunks([50, 40], 1, 1, 1, 2, 5, False, config=TileConfig(block_t=16, block_n=16))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_zero_heads(cached):
+    q, k, v = (torch.randn(2, 0, 5, D) for _ in range(3))
+    if not cached:
+        assert triton_retrieval_attention(q, k, v, SCALE).shape == q.shape
+        assert triton_streaming_attention(q, k, v, SCALE, 2, 4).shape == q.shape
+        return
+    pos = _pos(3, 5)
+    kc, vc = torch.randn(2, 0, 16, D), torch.randn(2, 0, 16, D)
+    assert triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE).shape == q.shape
+    assert triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, 2, 4, False).shape == q.shape
+    q1, k1, v1 = (x[:, :, :1] for x in (q, k, v))
+    assert triton_retrieval_attention_cached(q1, k1, v1, kc, vc, pos[:1], SCALE).shape == q1.shape
+    assert triton_streaming_attention_cached(q1, k1, v1, kc, vc, pos[:1], SCALE, 2, 4, True).shape == q1.shape
+
+
+def test_registered_for_cuda():
+    from duo_compile.kernels import ops
+
+    assert ops._triton_ops is not None
+    for name in ops.OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"duo::{name}", "CUDA"), name
