@@ -105,15 +105,23 @@ class StoryGrammar:
             sentences.append(self.sentence(subject, pronoun, other, name))
         return " ".join(sentences)
 
-    def text(self, num_words: int) -> str:
-        """Paragraphs (separated by newlines) until at least ``num_words`` whitespace-separated tokens."""
+    def text(self, num_words: int, repeat_probability: float = 0.0, repeat_lookback: int = 50) -> str:
+        """Paragraphs (separated by newlines) until at least ``num_words`` whitespace-separated tokens.
+
+        repeat_probability: chance that a paragraph repeats, word for word, a random paragraph among the last
+        ``repeat_lookback`` (training text only). Why: copying earlier text is what retrieval (induction) heads do; frequent verbatim
+        repeats give that mechanism a gradient everywhere, not only at the rare passkey answers, so it forms early.
+        """
         paragraphs, words = [], 0
         while words < num_words:
-            paragraph = self.paragraph()
+            if paragraphs and self.rng.random() < repeat_probability:
+                paragraph = self.rng.choice(paragraphs[-repeat_lookback:])
+            else:
+                paragraph = self.paragraph()
             paragraphs.append(paragraph)
             words += paragraph.count(" ") + 1
         return "\n".join(paragraphs) + "\n"
 
 
-def generate_filler(seed: int, num_words: int) -> str:
-    return StoryGrammar(seed).text(num_words)
+def generate_filler(seed: int, num_words: int, repeat_probability: float = 0.0, repeat_lookback: int = 50) -> str:
+    return StoryGrammar(seed).text(num_words, repeat_probability, repeat_lookback)

@@ -240,3 +240,39 @@ def test_needle_attention_mass_shape_and_range():
     assert mass.shape == (3, 2)
     assert np.all(mass >= 0) and np.all(mass <= 1) and mass.sum() > 0
     assert attention_layout(model).groups == 2
+
+
+# ---------------------------------------------------------------------- the bundled passkey model
+
+bundled = pytest.mark.skipif(not (PASSKEY_MODEL_DIR / "model.safetensors").exists(),
+                             reason="the bundled passkey model is not committed yet")
+
+
+@bundled
+def test_identify_on_the_bundled_model_short_schedule(tmp_path):
+    from duo_compile.passkey import load_passkey_model
+
+    model, tokenizer = load_passkey_model()
+    masks = identify(model, tokenizer, num_steps=4, context_lengths=[400], num_passkeys=2, passkey_length=5,
+                     sink_size=16, recent_size=64, num_samples=1, lr=0.05, output_dir=tmp_path, progress=False)
+    assert masks.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    assert np.all(masks.gates < 1.0)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert HeadMasks.from_tsv(tmp_path / "full_attention_heads.tsv") == masks
+    assert json.loads((tmp_path / "config.json").read_text())["task"] == "text"
+
+
+@bundled
+def test_bundled_model_retrieves_and_streaming_does_not():
+    from duo_compile.needle import passkey_accuracy
+    from duo_compile.passkey import load_passkey_model
+
+    model, tokenizer = load_passkey_model()
+    task = PasskeyTask.from_tokenizer(tokenizer, num_passkeys=1, vocab_size=model.config.vocab_size)
+    samples = [task.sample(np.random.default_rng(i), 1024, num_passkeys=1, passkey_length=5, depths=[d])
+               for i, d in enumerate([0.2, 0.4, 0.6])]
+    layers, kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    full, _ = passkey_accuracy(model, samples, None, sink_size=64, recent_size=256)
+    streaming, _ = passkey_accuracy(model, samples, np.zeros((layers, kv)), sink_size=64, recent_size=256)
+    assert full.mean() == 1.0 and streaming.mean() == 0.0
