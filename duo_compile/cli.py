@@ -3,6 +3,8 @@
     duo-compile demo                       compile a small model with and without DuoAttention, print the savings
     duo-compile compile MODEL_DIR --masks full_attention_heads.tsv --sparsity 0.5 -o engine.pt2
     duo-compile run engine.pt2 --ids 1,2,3 --max-new-tokens 16
+    duo-compile identify MODEL_DIR -o gates/          head identification (the paper's gate optimisation)
+    duo-compile needle                                passkey accuracy study of the bundled model
 """
 from __future__ import annotations
 
@@ -83,6 +85,43 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_identify(args) -> int:
+    from duo_compile.identify import identify
+
+    model = _load_model(args.model)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    gates = identify(model, tokenizer, num_steps=args.steps, sink_size=args.sink, recent_size=args.recent,
+                     reg_weight=args.reg_weight, lr=args.lr, seed=args.seed, output_dir=args.output,
+                     resume=args.resume, device=args.device)
+    print(f"wrote {args.output}/full_attention_heads.tsv: {gates!r}")
+    return 0
+
+
+def _cmd_needle(args) -> int:
+    import json
+
+    import torch
+
+    from duo_compile.needle import needle_study, plot_needle_study
+    from duo_compile.passkey import load_passkey_gates, load_passkey_model
+
+    device = torch.device(args.device)
+    model, tokenizer = load_passkey_model(args.model_dir, device=device)
+    gates = load_passkey_gates(args.gates_dir)
+    study = needle_study(model, tokenizer, gates=gates, context_lengths=args.contexts,
+                         samples_per_cell=args.samples_per_cell, sink_size=args.sink, recent_size=args.recent,
+                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    with open(f"{args.output}.json", "w") as f:
+        json.dump(study, f, indent=1)
+    plot_needle_study(study, f"{args.output}.png")
+    print(json.dumps({"summary": study["summary"], "goals": study["goals"]}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duo-compile", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ids", required=True, help="prompt token ids, e.g. 1,2,3")
     run.add_argument("--max-new-tokens", type=int, default=16)
     run.set_defaults(func=_cmd_run)
+
+    ident = sub.add_parser("identify", help="identify retrieval heads of a local model (writes the authors' TSV)")
+    ident.add_argument("model", help="a local model directory")
+    ident.add_argument("-o", "--output", required=True, help="folder for full_attention_heads.tsv + config.json")
+    ident.add_argument("--tokenizer", default=None, help="tokenizer directory (default: generated filler tokens)")
+    ident.add_argument("--steps", type=int, default=2000)
+    ident.add_argument("--sink", type=int, default=128)
+    ident.add_argument("--recent", type=int, default=256)
+    ident.add_argument("--reg-weight", type=float, default=0.05)
+    ident.add_argument("--lr", type=float, default=0.02)
+    ident.add_argument("--seed", type=int, default=42)
+    ident.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    ident.add_argument("--device", default=None)
+    ident.set_defaults(func=_cmd_identify)
+
+    needle = sub.add_parser("needle", help="passkey accuracy study of the bundled model (full vs duo vs baselines)")
+    needle.add_argument("--model-dir", default=None, help="default: the bundled passkey model")
+    needle.add_argument("--gates-dir", default=None, help="default: its identified gates")
+    needle.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    needle.add_argument("--samples-per-cell", type=int, default=4)
+    needle.add_argument("--sink", type=int, default=64)
+    needle.add_argument("--recent", type=int, default=256)
+    needle.add_argument("--device", default="cpu")
+    needle.add_argument("-o", "--output", default="needle_results", help="writes OUTPUT.json and OUTPUT.png")
+    needle.set_defaults(func=_cmd_needle)
     return parser
 
 
