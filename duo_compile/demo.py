@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from duo_compile.compiler import compile as duo_compile_model
@@ -18,27 +19,28 @@ from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 
 def _demo_model():
     """The bundled trained model with its gates and a passkey prompt, else a random one (and say which)."""
-    try:
-        from duo_compile.passkey import PasskeyTask, load_passkey_gates, load_passkey_model
+    from duo_compile.passkey import PASSKEY_MODEL_DIR, PasskeyTask, load_passkey_gates, load_passkey_model
 
+    if (PASSKEY_MODEL_DIR / "model.safetensors").exists():
         model, tokenizer = load_passkey_model()
         gates = load_passkey_gates()
-        task = PasskeyTask(tokenizer=tokenizer, num_passkeys=1, passkey_length=4, seed=0)
-        sample = task.sample(context_length=2000, seed=1)
-        prompt = torch.tensor([sample.input_ids[: sample.answer_starts[0]]])
-        answer = sample.input_ids[sample.answer_starts[0] : sample.answer_ends[0]]
+        task = PasskeyTask.from_tokenizer(tokenizer, num_passkeys=1, vocab_size=model.config.vocab_size)
+        sample = task.sample(np.random.default_rng(0), 2000, num_passkeys=1, passkey_length=4)
+        answer_start, answer_end = sample.answer_spans[0]
+        prompt = torch.tensor(sample.input_ids[None, :answer_start])
+        answer = sample.input_ids[answer_start:answer_end].tolist()
         return model, gates, prompt, answer, "bundled passkey model (trained by the project)", tokenizer
-    except (ImportError, FileNotFoundError, AttributeError, TypeError) as missing:
-        from transformers import LlamaConfig, LlamaForCausalLM
 
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
-        model = LlamaForCausalLM(config).eval()
-        gates = HeadMasks.random(4, 4, sparsity=0.5, seed=0)
-        prompt = torch.randint(0, 512, (1, 1000))
-        reason = f"random-weight Llama (bundled model unavailable: {missing})"
-        return model, gates, prompt, None, reason, None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192)
+    model = LlamaForCausalLM(config).eval()
+    gates = HeadMasks.random(4, 4, sparsity=0.5, seed=0)
+    prompt = torch.randint(0, 512, (1, 1000))
+    reason = f"random-weight Llama (no bundled model at {PASSKEY_MODEL_DIR})"
+    return model, gates, prompt, None, reason, None
 
 
 def _fmt(n: float) -> str:
