@@ -1,17 +1,20 @@
 """Head identification (duo_compile.identify): gated attention, the optimisation's mechanics, files, errors."""
+import importlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import duo_compile.identify as identify_module
 from duo_compile.identify import (
     attention_layout, gated_attention, identify, needle_attention_mass, streaming_attention_mask,
 )
 from duo_compile.masks import HeadMasks
 from duo_compile.passkey import PASSKEY_MODEL_DIR, PasskeyTask, WordTokenizer
 from tests.tiny_models import ARCHS, tiny_model
+
+# duo_compile.identify is the function (the public API); the module is reached through importlib.
+identify_module = importlib.import_module("duo_compile.identify")
 
 SHORT = dict(context_lengths=[48, 64], num_passkeys=2, passkey_length=3, sink_size=4, recent_size=8,
              progress=False)
