@@ -82,6 +82,9 @@ def run_demo(sparsity: float = 0.5, sink_size: int = 64, recent_size: int = 256,
     for name, (tokens, kv, prefill_s, decode_s) in results.items():
         text = tokenizer.decode(tokens) if tokenizer is not None else tokens[:8]
         print(f"{name:<16}{_fmt(kv.total):>22}{prefill_s * 1e3:>10.1f}ms{decode_s * 1e3:>13.2f}ms  {text!r}")
+    if prompt.device.type == "cpu":
+        print("(CPU timings run the plain PyTorch reference ops at a short context; decode speed-ups need long "
+              "contexts and the Triton kernels on a GPU: see benchmarks/README.md)")
     full_kv, duo_kv = results["full attention"][1], results["DuoAttention"][1]
     print(f"\nKV cache at max_seq_len={max_seq_len}: {_fmt(full_kv.total)} -> {_fmt(duo_kv.total)} "
           f"({full_kv.total / duo_kv.total:.2f}x smaller; retrieval {_fmt(duo_kv.retrieval)}, "
