@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from duo_compile.kernels.reference import streaming_visible
 from duo_compile.masks import HeadMasks
 from duo_compile.passkey import PasskeySample, PasskeyTask
 
@@ -98,9 +99,8 @@ def streaming_attention_mask(q_len: int, k_len: int, sink_size: int, recent_size
                              device: torch.device | str | None = None) -> torch.Tensor:
     """Bool ``[q_len, k_len]``: query at absolute position ``p = k_len - q_len + i`` sees keys ``[0, sink)`` and
     ``[p - recent + 1, p]`` (the design's token-exact "window" rule)."""
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    return (k_pos <= q_pos) & ((k_pos < sink_size) | (k_pos > q_pos - recent_size))
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    return streaming_visible(q_pos, torch.arange(k_len, device=device), sink_size, recent_size)
 
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
