@@ -14,8 +14,7 @@ import torch
 
 from . import reference
 
-# Ops are defined once per process: re-importing this module under another name must not re-register.
-_LIB = "duo"
+_LIB = "duo"  # the torch.library namespace: torch.ops.duo.*
 
 
 def _fake_like_q(q: torch.Tensor) -> torch.Tensor:
