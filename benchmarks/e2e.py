@@ -10,7 +10,8 @@ authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recen
   * bounds from this run's measured copy bandwidth and matmul rate: decode time = (weight + KV bytes read) /
     bandwidth; prefill time = FLOPs / matmul rate. Each measured ratio is printed beside its bound.
 
-    python benchmarks/e2e.py --patterns DIR --out DIR [--models llama2,llama3] [--commit SHA]
+    python benchmarks/e2e.py --patterns DIR --out DIR [--models llama2,llama3] [--backend eager|inductor]
+        [--sections decode,prefill,max_context] [--skip-hf] [--commit SHA]
 
 Writes ``e2e_<model>.json`` (command, GPU, versions, commit, every number), and ``e2e.png``.
 """
@@ -136,6 +137,10 @@ def engine_decode(engine, contexts: list[int]) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
             for cache in engine.caches:
                 cache.normal_()
+            t0 = time.perf_counter()  # the first step compiles (inductor: once per engine) and captures the graph
+            engine.step(token, context)
+            torch.cuda.synchronize()
+            row["first_step_s"] = time.perf_counter() - t0
             row["ms_per_token"] = cuda_ms(lambda: engine.step(token, context), repeat=5, inner=20)
             row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
             row["kv_GB"] = engine.kv_cache_bytes().total / 1e9
@@ -252,7 +257,7 @@ def hf_generate(model, contexts: list[int], prefill_tokens: list[int], vocab: in
     return out
 
 
-def bench_model(key: str, args, ceilings: dict) -> dict:
+def bench_model(key: str, args, ceilings: dict, save_partial) -> dict:
     import duo_compile
 
     shape = SHAPES[key]
@@ -264,14 +269,15 @@ def bench_model(key: str, args, ceilings: dict) -> dict:
     masks = masks.binarize(sparsity=shape["sparsity"])
     full_masks = duo_compile.HeadMasks.all_retrieval(*masks.shape)
     n_params = sum(p.numel() for p in model.parameters())
-    result = {"model": shape["name"], "pattern": shape["pattern"], "sparsity": shape["sparsity"],
+    result = {"key": key, "model": shape["name"], "pattern": shape["pattern"], "sparsity": shape["sparsity"],
               "retrieval_heads": int(masks.retrieval.sum()), "kv_heads": int(masks.retrieval.size),
               "weights_GB": n_params * 2 / 1e9, "sink": SINK, "recent": RECENT, "prefill_chunk": CHUNK,
               "kv_note": "engine decode timings use synthetic (random) K/V in the caches, not a real prefill"}
 
     if not args.skip_hf:
         log("  (b) Hugging Face generate, SDPA, static cache")
-        result["hf"] = hf_generate(model, shape["hf_contexts"], PREFILL, cfg["vocab_size"])
+        result["hf"] = hf_generate(model, shape["hf_contexts"] if "decode" in args.sections else [],
+                                   PREFILL if "prefill" in args.sections else [], cfg["vocab_size"])
 
     weights = weight_bytes_per_token(model)
     d = cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -286,15 +292,21 @@ def bench_model(key: str, args, ceilings: dict) -> dict:
             # which nothing needs any more: measure the engine alone, as a server would hold it.
             del model
             free_cuda()
-        part = {"compile_s": compile_s, "decode": engine_decode(engine, shape["contexts"]),
-                "prefill": engine_prefill(engine, cfg["vocab_size"])}
-        kv_per_token = 2 * d * 2 * int(m.retrieval.sum())
-        part["max_context"] = max_context(engine, kv_per_token)
-        for row in part["decode"]:
-            row["bound_ms"] = (weights + kv_read_bytes(m, cfg, row["context"])) / (ceilings["copy_TBps"] * 1e9)
-        for row in part["prefill"]:
-            row["bound_ms"] = prefill_flops(m, cfg, n_params, row["tokens"]) / (ceilings["matmul_TFLOPs"] * 1e9)
+        part = {"compile_s": compile_s, "decode": [], "prefill": [], "max_context": {}}
         result[label] = part
+        if "decode" in args.sections:
+            part["decode"] = engine_decode(engine, shape["contexts"])
+            for row in part["decode"]:
+                row["bound_ms"] = (weights + kv_read_bytes(m, cfg, row["context"])) / (ceilings["copy_TBps"] * 1e9)
+            save_partial(result)
+        if "prefill" in args.sections:
+            part["prefill"] = engine_prefill(engine, cfg["vocab_size"])
+            for row in part["prefill"]:
+                row["bound_ms"] = prefill_flops(m, cfg, n_params, row["tokens"]) / (ceilings["matmul_TFLOPs"] * 1e9)
+            save_partial(result)
+        if "max_context" in args.sections:
+            part["max_context"] = max_context(engine, 2 * d * 2 * int(m.retrieval.sum()))
+            save_partial(result)
         del engine
         free_cuda()
     return result
@@ -327,8 +339,9 @@ def summarize(result: dict) -> list[str]:
         if "ms" in a and "ms" in b:
             lines.append(f"| prefill {a['tokens'] // 1024}K | {a['ms'] / 1e3:.2f} s | {b['ms'] / 1e3:.2f} s | "
                          f"{a['ms'] / b['ms']:.2f}x | {a['bound_ms'] / b['bound_ms']:.2f}x | {hf_txt} |")
-    fa, fb = result["full"]["max_context"]["max_context"], result["duo"]["max_context"]["max_context"]
-    lines.append(f"| max context | {fa / 1e6:.2f}M | {fb / 1e6:.2f}M | {fb / max(fa, 1):.2f}x | - | - |")
+    if result["full"]["max_context"] and result["duo"]["max_context"]:
+        fa, fb = result["full"]["max_context"]["max_context"], result["duo"]["max_context"]["max_context"]
+        lines.append(f"| max context | {fa / 1e6:.2f}M | {fb / 1e6:.2f}M | {fb / max(fa, 1):.2f}x | - | - |")
     return lines
 
 
@@ -365,8 +378,14 @@ def main() -> int:
     parser.add_argument("--models", default="llama2,llama3")
     parser.add_argument("--backend", default="eager", choices=("eager", "inductor"))
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--sections", default="decode,prefill,max_context",
+                        help="comma-separated engine measurements: decode, prefill, max_context")
     parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     args = parser.parse_args()
+    args.sections = args.sections.split(",")
+    unknown = set(args.sections) - {"decode", "prefill", "max_context"}
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from decode, prefill, max_context")
     if not torch.cuda.is_available():
         print("benchmarks/e2e.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -383,9 +402,12 @@ def main() -> int:
     log(f"ceilings: {meta['ceilings']}")
     results = []
     for key in args.models.split(","):
-        result = {**meta, **bench_model(key, args, meta["ceilings"])}
+        def save_partial(part: dict, key=key) -> None:  # a run cut short keeps what it measured
+            (out / f"e2e_{key}.json").write_text(json.dumps({**meta, **part}, indent=1))
+
+        result = {**meta, **bench_model(key, args, meta["ceilings"], save_partial)}
         results.append(result)
-        (out / f"e2e_{key}.json").write_text(json.dumps(result, indent=1))
+        save_partial(result)
         print("\n".join(summarize(result)), flush=True)
     plot(results, out / "e2e.png")
     return 0

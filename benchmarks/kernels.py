@@ -2,7 +2,7 @@
 
 Run from the repository root:  python -m benchmarks.kernels --out results.json [--commit SHA] [--sections ...]
 
-Sections (all by default, in the order ceilings, decode, retrieval, streaming, cached, flex):
+Sections (all by default, in the order ceilings, decode, retrieval, streaming, cached, formats, flex):
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
   decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at 8K/64K/256K
@@ -12,6 +12,7 @@ Sections (all by default, in the order ceilings, decode, retrieval, streaming, c
   retrieval  retrieval prefill (causal, 32K chunk) vs causal SDPA, TFLOP/s vs the matmul ceiling; tile sweep
   streaming  streaming prefill (sink 64, recent 256) at 32K/128K vs causal SDPA; tile sweep
   cached     (see above)
+  formats    the cached checks again in fp16 (head dim 128) and at head dim 64 (bf16, fp16)
   flex       FlexAttention (the same sink + window block mask, torch.compile'd) on the streaming-prefill shapes;
              last, because its compiles are the slowest part (skipped past --deadline)
 Shapes: Llama-3-8B heads (32 q / 8 kv) and Llama-2-7B heads (32 / 32), head dim 128, bf16, batch 1; inputs are
@@ -196,9 +197,9 @@ def section_ceilings():
     log(f"  copy {copy_bw:.2f} TB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s")
 
 
-def section_cached():
+def section_cached(tag: str = ""):
     """Cached ops against the reference, chunk after chunk, outputs and cache contents (both head shapes)."""
-    log("== cached ops vs reference (fp32), several chunks")
+    log(f"== cached ops vs reference (fp32), several chunks {tag}")
     for shape, (hq, hkv) in SHAPES.items():
         # Retrieval: 8K prefill chunk, 4K chunk at start 8K, then 3 decode steps.
         cap = SIZES["cap"]
@@ -216,8 +217,8 @@ def section_cached():
                 cache_ok = torch.equal(kc[:, :, :t], k) and torch.equal(vc[:, :, :t], v)
             else:
                 cache_ok = torch.equal(kc.float(), kref) and torch.equal(vc.float(), vref)
-            check(f"retrieval_cached/{shape}/start{start}/T{t}", rel_err(out, ref_out))
-            check(f"retrieval_cache_contents/{shape}/start{start}/T{t}", 0.0 if cache_ok else float("nan"))
+            check(f"{tag}retrieval_cached/{shape}/start{start}/T{t}", rel_err(out, ref_out))
+            check(f"{tag}retrieval_cache_contents/{shape}/start{start}/T{t}", 0.0 if cache_ok else float("nan"))
             start += t
         # Streaming, both modes: 4K chunks (longer than the ring), then decode steps (fused slot write).
         for chunk_mode in (False, True):
@@ -233,10 +234,12 @@ def section_cached():
                 poison(q.shape)
                 out = triton_ops.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, chunk_mode)
                 mode = "chunk" if chunk_mode else "window"
-                check(f"streaming_cached/{mode}/{shape}/start{start}/T{t}", rel_err(out, ref_out))
+                check(f"{tag}streaming_cached/{mode}/{shape}/start{start}/T{t}", rel_err(out, ref_out))
                 cache_ok = torch.equal(kc.float(), kref) and torch.equal(vc.float(), vref)
-                check(f"streaming_cache_contents/{mode}/{shape}/start{start}/T{t}", 0.0 if cache_ok else float("nan"))
+                check(f"{tag}streaming_cache_contents/{mode}/{shape}/start{start}/T{t}", 0.0 if cache_ok else float("nan"))
                 start += t
+    if tag:
+        return
     # Dispatch: the registered duo:: ops run the Triton kernels on CUDA.
     q, k, v = (torch.randn(1, h, SIZES["dispatch"], D, dtype=DT, device=DEV) for h in (32, 8, 8))
     a = torch.ops.duo.streaming_attention(q, k, v, SCALE, SINK, RECENT)
@@ -245,10 +248,32 @@ def section_cached():
         check("dispatch/duo::streaming_attention==triton", 0.0 if torch.equal(a, b_) else float("nan"))
 
 
-DECODE_VARIANTS = [  # (label, TileConfig overrides, splits per SM x)
-    ("n64w4s3", dict(block_n=64, num_warps=4, num_stages=3), 4),
-    ("n128w4s3", dict(block_n=128, num_warps=4, num_stages=3), 4),
+FORMATS = ((torch.float16, 128), (torch.bfloat16, 64), (torch.float16, 64))
+
+
+def section_formats():
+    """The cached-op checks again in the other supported formats: fp16, and head dim 64 (bf16 and fp16)."""
+    global D, DT, SCALE
+    saved = D, DT, SCALE
+    for dt, d in FORMATS:
+        D, DT, SCALE = d, dt, d**-0.5
+        try:
+            section_cached(tag=f"{str(dt).removeprefix('torch.')}/d{d}/")
+        finally:
+            D, DT, SCALE = saved
+
+
+DECODE_VARIANTS = [  # (label, TileConfig overrides, programs per SM): the default's neighbours in every knob
+    ("n64w4s3-x4", dict(block_n=64, num_warps=4, num_stages=3), 4),
     ("n64w4s4-x8", dict(block_n=64, num_warps=4, num_stages=4), 8),
+    ("n64w4s2-x8", dict(block_n=64, num_warps=4, num_stages=2), 8),
+    ("n64w4s3-x2", dict(block_n=64, num_warps=4, num_stages=3), 2),
+    ("n64w4s4-x4", dict(block_n=64, num_warps=4, num_stages=4), 4),
+    ("n64w4s4-x16", dict(block_n=64, num_warps=4, num_stages=4), 16),
+    ("n32w4s4-x8", dict(block_n=32, num_warps=4, num_stages=4), 8),
+    ("n64w2s4-x8", dict(block_n=64, num_warps=2, num_stages=4), 8),
+    ("n128w4s3-x4", dict(block_n=128, num_warps=4, num_stages=3), 4),
+    ("n128w8s2-x4", dict(block_n=128, num_warps=8, num_stages=2), 4),
 ]
 
 
@@ -337,10 +362,16 @@ def section_decode():
     RESULTS["decode"] = out_rows
 
 
-PREFILL_VARIANTS = [
+PREFILL_VARIANTS = [  # h<heads_per> packs that many query heads of a KV group into one tile (GQA K/V reuse)
     ("t128n64w8s3", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3)),
     ("t128n128w8s3", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3)),
     ("t128n64w4s3", TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3)),
+    ("t128n128w8s2", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=2)),
+    ("t128n64w8s4", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=4)),
+    ("t64n64w4s3", TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=3)),
+    ("t128n32w4s4", TileConfig(block_t=128, block_n=32, num_warps=4, num_stages=4)),
+    ("h2t64n64w8s3", TileConfig(block_t=64, block_n=64, heads_per=2, num_warps=8, num_stages=3)),
+    ("h4t32n32w8s3", TileConfig(block_t=32, block_n=32, heads_per=4, num_warps=8, num_stages=3)),
 ]
 
 
@@ -516,21 +547,23 @@ def table():
 
 
 def _smoke_sizes():
-    global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS
+    global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS, FORMATS
     DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
     SCALE = D**-0.5
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
     SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), retrieval=40,
                  streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256)
-    PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16))]
+    PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
+                        ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
+    FORMATS = ((torch.float16, 16), (torch.float32, 32))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--commit", default="")
-    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "retrieval", "streaming", "cached", "flex"])
+    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "retrieval", "streaming", "cached", "formats", "flex"])
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections once this many seconds have passed")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (script check)")
@@ -555,7 +588,8 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     sections = {
         "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode,
-        "retrieval": section_retrieval, "streaming": section_streaming, "flex": section_flex,
+        "retrieval": section_retrieval, "streaming": section_streaming, "formats": section_formats,
+        "flex": section_flex,
     }
     for name in args.sections:
         if name == "flex" and args.no_flex:
