@@ -308,11 +308,13 @@ def section_decode():
             del ref_out, kref, vref
             row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies}
             best = None
-            for label, over, per_sm in DECODE_VARIANTS:
-                base = triton_ops.decode_config(q, groups)
-                cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
-                progs = hkv * math.ceil(groups / cfg.heads_per)
-                splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((cap + 1) / cfg.block_n), 256))
+            for label, over, per_sm in [("default", None, None), *DECODE_VARIANTS]:
+                cfg = splits = None  # "default": what the launcher picks by itself (decode_config, decode_splits)
+                if over is not None:
+                    base = triton_ops.decode_config(q, groups)
+                    cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
+                    progs = hkv * math.ceil(groups / cfg.heads_per)
+                    splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((cap + 1) / cfg.block_n), 256))
                 try:
                     o = triton_ops.triton_retrieval_attention_cached(
                         q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits

@@ -38,23 +38,28 @@ DECODE_MAX_TOKENS = 16
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
-    """Prefill tiles, from the H200 sweep (benchmarks/results/kernels_h200.json, head dim 128, bf16).
+    """Prefill tiles, the fastest of the H200 sweep (benchmarks/results/kernels_h200.json, head dim 128, bf16).
 
-    Retrieval (long causal loops): 128 queries x 128 keys, 8 warps (16.95 ms vs 17.83 with 64 keys at 32K).
-    Streaming (a few tiles per block): 128 x 64, 8 warps (1.04 ms vs 1.27 with 128 keys). Head dim 64: 4 warps
-    (not measured). The interpreter gets 16 x 16 so the CPU tests run several tiles.
+    Retrieval (long causal loops): 128 queries x 128 keys, 8 warps, 3 stages (17.4 ms at 32K; next best 17.5).
+    Streaming (each query block walks only sink + window tiles): 64 x 64, 4 warps, 3 stages (0.82 ms at 32K vs
+    1.05 ms for 128 x 64 / 8 warps): smaller blocks put more programs in flight and mask fewer keys per tile.
+    Head dim 64: 4 warps (checked for correctness on the H200, not timed). The interpreter gets 16 x 16 so the
+    CPU tests run several tiles.
     """
     if q.device.type != "cuda":
         return TileConfig(block_t=16, block_n=16)
+    if kind == "streaming":
+        return TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=3)
     warps = 4 if q.shape[-1] <= 64 else 8
-    block_n = 128 if kind == "retrieval" and q.shape[-1] > 64 else 64
+    block_n = 128 if q.shape[-1] > 64 else 64
     return TileConfig(block_t=128, block_n=block_n, num_warps=warps, num_stages=3)
 
 
 def decode_config(q: torch.Tensor, groups: int, long_cache: bool = True) -> TileConfig:
     """Decode tiles: all of a group's query heads (up to 16) times the few tokens as M, at least 16 rows.
 
-    64 keys per tile; 4 pipeline stages for long caches, 3 for short ones (H200 sweep: best at >= 64K and at 8K).
+    64 keys per tile. Pipeline stages from the H200 sweep: 3 where the group's heads share a tile (GQA, best at
+    every length) or the cache is short, 4 for long caches of one-head programs (MHA, best from 64K keys).
     """
     t = q.shape[2]
     heads_per = min(next_pow2(groups), 16)
@@ -64,10 +69,12 @@ def decode_config(q: torch.Tensor, groups: int, long_cache: bool = True) -> Tile
     block_t = max(block_t, 16 // heads_per)
     if q.device.type != "cuda":
         return TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
-    return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=4 if long_cache else 3)
+    stages = 4 if long_cache and heads_per < 4 else 3
+    return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=stages)
 
 
-LONG_CACHE = 32768  # cache capacity from which decode uses 8 programs per SM and 4 stages (else 4 and 3)
+LONG_CACHE = 32768  # cache capacity from which one-head (MHA) decode programs get more splits and 4 stages
+VERY_LONG_CACHE = 131072
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -107,16 +114,29 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, 
     return out
 
 
-def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: int, block_n: int) -> int:
-    """Splits for ~8 programs per multiprocessor on long caches (~4 on short ones), at most one per key tile.
+def decode_programs_per_sm(heads_per: int, capacity: int) -> int:
+    """Split-K programs per multiprocessor, the fastest of the H200 sweep (benchmarks/results/kernels_h200.json).
 
-    The grid depends on the cache's capacity, not on the current length (which only the device knows), so a
-    long-capacity cache read at a short length gets short splits; H200: 8K keys take 27 us that way, 19 us
-    with 4 programs per SM (benchmarks/results/kernels_h200.json).
+    Programs that pack 4+ query heads (GQA) already do 4x the work per K/V byte: 2 per SM was best at 8K, 64K
+    and 256K keys (Llama-3 heads). One-head programs (MHA, Llama-2 heads): 4 per SM below 32K keys, 8 from
+    32K, 16 from 128K (best at 8K / 64K / 256K).
     """
-    per_sm = 8 if k_cache.shape[2] >= LONG_CACHE else 4
+    if heads_per >= 4:
+        return 2
+    if capacity >= VERY_LONG_CACHE:
+        return 16
+    return 8 if capacity >= LONG_CACHE else 4
+
+
+def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: int, cfg: TileConfig) -> int:
+    """Splits of the key range so that the grid holds ``decode_programs_per_sm`` programs per multiprocessor.
+
+    At most one split per key tile. The grid depends on the cache's capacity, not on the current length (which
+    only the device knows), so a long-capacity cache read at a short length gets short splits.
+    """
+    per_sm = decode_programs_per_sm(cfg.heads_per, k_cache.shape[2])
     target = per_sm * num_sms(q.device)
-    tiles = math.ceil((k_cache.shape[2] + q.shape[2]) / block_n)
+    tiles = math.ceil((k_cache.shape[2] + q.shape[2]) / cfg.block_n)
     return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
 
 
@@ -130,7 +150,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
         raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     programs = grid_groups(b, hkv, groups, cfg.heads_per)
-    splits = num_splits or decode_splits(q, k_cache, programs, cfg.block_n)
+    splits = num_splits or decode_splits(q, k_cache, programs, cfg)
     o_part = torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, hq, t, splits), dtype=torch.float32, device=q.device)
     retrieval_split_kernel[(splits, programs)](
