@@ -12,12 +12,17 @@ heads' job) and the multi-passkey task of ``duo_compile.passkey`` at contexts up
 heads' job). Loss = next-token cross-entropy over all tokens + ``answer_weight`` x cross-entropy over the answer
 passkey tokens (they are a tiny fraction of the tokens).
 
-What the first H200 attempt taught (benchmarks/results/needle_attempt1_train_log.json): with a fixed 1.5M-word
-corpus and no other copying signal, 4210 steps (276M tokens) memorised the corpus (train LM loss 1.0, held-out
-3.2) and never formed retrieval (answer loss stayed at ln 26). Hence: fresh grammar text every step (no corpus to
-memorise), 20% of paragraphs repeated verbatim from up to 50 paragraphs back (copying gets a gradient everywhere,
-so induction/retrieval heads form; a CPU proxy formed them within ~1000 steps), 40% single-needle steps, answer
-weight 2, and exact-match evaluation at three context lengths every ``--eval-every`` steps.
+What the H200 attempts taught (benchmarks/results/needle_README.md, logs beside it):
+1. A fixed 1.5M-word corpus and no other copying signal: 4210 steps (276M tokens) memorised the corpus (train LM
+   loss 1.0, held-out 3.2) and never formed retrieval (answer loss stayed at ln 26). Hence fresh grammar text every
+   step, 20% of paragraphs repeated verbatim from earlier paragraphs (copying gets a gradient on many tokens),
+   40% single-needle steps, answer weight 2, exact-match evaluation every ``--eval-every`` steps.
+2. That recipe with contexts 256-2048 in the short phase and repeats up to 50 paragraphs back: 5213 steps (340M
+   tokens), no memorisation (LM loss 1.85 train, 1.88 held out) but still no copying: the LM loss never dropped on
+   the repeated paragraphs, the answer loss left ln 26 only in the last ~1000 steps (3.26 -> 3.0), exact match 0.
+   The CPU proxy that did form copying (within ~1500 steps, 3M tokens) used contexts of 128-256 and repeats 2
+   paragraphs back. Hence the short phase now uses contexts 128-512 and repeats at most ``--short-lookback`` (3)
+   paragraphs back, where the copy target is among a few hundred keys instead of thousands.
 
 Steps: with ``--steps 0`` (default) the step count is fitted to ``--time-budget`` seconds from timed
 forward+backward passes at three context lengths, and written to the log; pass it as ``--steps`` to repeat the
@@ -72,37 +77,42 @@ def build_model(vocab_size: int, tokenizer: WordTokenizer, args, max_positions: 
     return LlamaForCausalLM(config)
 
 
-def step_plan(step: int, total: int, args) -> tuple[np.random.Generator, int]:
-    """The context length of a step (and the generator for its samples): a function of (seed, step, total) only.
+def step_plan(step: int, total: int, args) -> tuple[np.random.Generator, int, bool]:
+    """The context length of a step, the generator for its samples and whether the step is in the short phase:
+    a function of (seed, step, total) only.
 
-    Curriculum: during the first ``short_fraction`` of the steps contexts are at most ``short_max`` tokens
-    (cheap steps that teach the retrieval mechanism), then up to ``max_context`` (long-range robustness).
+    Curriculum: during the first ``short_fraction`` of the steps contexts are at most ``short_max`` tokens and
+    repeated paragraphs come from at most ``short_lookback`` paragraphs back (the copying mechanism forms here:
+    an untrained head spreads its attention over the whole context, so the gradient towards the one matching
+    key shrinks with the context length), then contexts grow to ``max_context`` (long-range robustness).
     """
     rng = np.random.default_rng([args.seed, step])
-    top = args.short_max if step < args.short_fraction * total else args.max_context
+    short = step < args.short_fraction * total
+    top = args.short_max if short else args.max_context
     grid = np.arange(args.min_context, max(args.min_context, top) + 1, args.context_step)
-    return rng, int(rng.choice(grid))
+    return rng, int(rng.choice(grid)), short
 
 
-def fresh_filler(tokenizer: WordTokenizer, step: int, num_tokens: int, args) -> np.ndarray:
+def fresh_filler(tokenizer: WordTokenizer, step: int, num_tokens: int, args, lookback: int) -> np.ndarray:
     """New grammar text for every step (seeded by seed and step): the model never sees a text twice, so it
     learns the grammar instead of memorising a corpus (the first attempt memorised a 1.5M-word corpus)."""
     seed = TRAIN_TEXT_SEED + 1_000_003 * args.seed + step
-    text = generate_filler(seed, int(num_tokens / 1.1) + 200, args.repeat_probability, args.repeat_lookback)
+    text = generate_filler(seed, int(num_tokens / 1.1) + 200, args.repeat_probability, lookback)
     return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
 
 
 def make_batch(task: PasskeyTask, tokenizer: WordTokenizer, step: int, total: int,
                args) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Token ids [B, S] and answer mask [B, S] (True where the token is a passkey token of an answer)."""
-    rng, context = step_plan(step, total, args)
+    rng, context, short = step_plan(step, total, args)
     fits = [n for n in range(1, args.max_passkeys + 1)
             if task.max_needles_length(n, args.passkey_length) <= context // 2]
     # One needle in 40% of the steps: its retrieval is plain copying, the easiest start for the mechanism.
     most = max(fits) if fits else 1
     num_passkeys = 1 if most == 1 or rng.random() < 0.4 else int(rng.integers(2, most + 1))
     batch = max(1, args.tokens_per_step // context)
-    task = dataclasses.replace(task, filler=fresh_filler(tokenizer, step, batch * context, args))
+    lookback = args.short_lookback if short else args.repeat_lookback
+    task = dataclasses.replace(task, filler=fresh_filler(tokenizer, step, batch * context, args, lookback))
     samples = [task.sample(rng, context, num_passkeys=num_passkeys, passkey_length=args.passkey_length)
                for _ in range(batch)]
     ids = np.stack([s.input_ids for s in samples])
@@ -223,16 +233,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="0: fit the step count to --time-budget")
     parser.add_argument("--time-budget", type=float, default=200.0, help="seconds of training when --steps 0")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
-    parser.add_argument("--min-context", type=int, default=256)
+    parser.add_argument("--min-context", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=8448)
-    parser.add_argument("--short-max", type=int, default=2048)
+    parser.add_argument("--short-max", type=int, default=512)
     parser.add_argument("--short-fraction", type=float, default=0.3)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=768)
-    parser.add_argument("--context-step", type=int, default=256)
+    parser.add_argument("--context-step", type=int, default=128)
     parser.add_argument("--max-passkeys", type=int, default=6)
     parser.add_argument("--passkey-length", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -240,6 +250,7 @@ def main() -> None:
     parser.add_argument("--answer-weight", type=float, default=2.0)
     parser.add_argument("--repeat-probability", type=float, default=0.2)
     parser.add_argument("--repeat-lookback", type=int, default=50, help="paragraphs a repeat may reach back")
+    parser.add_argument("--short-lookback", type=int, default=3, help="the same, during the short phase")
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--identify-steps", type=int, default=0)
