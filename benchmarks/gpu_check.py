@@ -2,10 +2,11 @@
 
 Tiny random Llama/Qwen2 models (GQA and MHA) with mixed masks on CUDA, both backends, both streaming modes, whole
 and chunked prefill; greedy tokens must equal the eager oracle's and scores agree within the dtype's tolerance.
-Also exports an AOTInductor engine on CUDA, loads it and checks it against the compiled engine (when export
-exists). Prints one line per case and exits non-zero on any failure.
+Also exports an AOTInductor package on CUDA, loads it and checks it, in a fresh process per case: a control
+(one Linear layer) and the compiled engine (tokens identical to the engine's). Prints one line per case and exits
+non-zero on any failure.
 
-    python benchmarks/gpu_check.py [--skip-inductor]
+    python benchmarks/gpu_check.py [--skip-inductor] [--only-aoti [--cpu]]
 """
 from __future__ import annotations
 
@@ -47,28 +48,60 @@ def check(arch, gqa, dtype, backend, mode, chunk, tol) -> bool:
     return ok
 
 
-def check_aoti() -> bool:
-    if not hasattr(duo_compile, "export"):
-        print("skip AOTI: duo_compile.export not available")
-        return True
-    model = tiny_model("llama", True).cuda()
-    masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, 2))
-    engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=512, backend="eager")
-    ids = torch.randint(0, 96, (2, PROMPT), device="cuda")
-    want = engine.generate(ids, max_new_tokens=NEW)
+def aoti_child(kind: str) -> int:
+    """One AOTI round trip on CUDA, in its own process (``--aoti-child KIND``): ``plain`` is a control (a Linear
+    layer, no duo ops), ``engine`` the compiled engine. Exit 0 when the loaded package reproduces the reference.
+    ``--cpu`` runs the same on the CPU (a check of this script without a GPU)."""
+    dev = "cpu" if "--cpu" in sys.argv else "cuda"
     with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / f"{kind}.pt2")
+        if kind == "plain":
+            model = torch.nn.Linear(16, 8).to(dev)
+            x = torch.randn(4, 16, device=dev)
+            program = torch.export.export(model, (x,))
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
+            got, want = torch._inductor.aoti_load_package(path)(x), model(x)
+            ok = torch.allclose(got, want, atol=1e-5)
+        else:
+            model = tiny_model("llama", True).to(dev)
+            masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, 2))
+            engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=512,
+                                         backend="eager")
+            ids = torch.randint(0, 96, (2, PROMPT), device=dev)
+            want = engine.generate(ids, max_new_tokens=NEW)
+            duo_compile.export(engine, path, backend="aoti")
+            print("  exported; loading", flush=True)
+            loaded = duo_compile.load(path)
+            ok = torch.equal(loaded.generate(ids.to(loaded.device), max_new_tokens=NEW).cpu(), want.cpu())
+    print(f"  {kind}: round trip {'reproduces' if ok else 'DIFFERS from'} the reference", flush=True)
+    return 0 if ok else 1
+
+
+def check_aoti() -> bool:
+    """AOTI on CUDA, each case in a fresh process so that a crash (a segfault in the package loader was seen on
+    torch 2.11) is reported with its exit status instead of ending this script."""
+    import subprocess
+
+    ok = True
+    for kind in ("plain", "engine"):
         t0 = time.perf_counter()
-        duo_compile.export(engine, str(Path(tmp) / "tiny.pt2"), backend="aoti")
-        loaded = duo_compile.load(str(Path(tmp) / "tiny.pt2"))
-        got = loaded.generate(ids.to(loaded.device), max_new_tokens=NEW)
-    ok = torch.equal(got.cpu(), want.cpu())
-    print(f"{'ok ' if ok else 'BAD'} AOTI engine on {loaded.device}: token-identical {ok} "
-          f"({time.perf_counter() - t0:.1f} s export+load+generate)", flush=True)
+        flags = ["--cpu"] if "--cpu" in sys.argv else []
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--aoti-child", kind, *flags],
+                              capture_output=True, text=True)
+        good = proc.returncode == 0
+        ok &= good
+        print(f"{'ok ' if good else 'BAD'} AOTI {kind} on {'CPU' if flags else 'CUDA'}: exit status {proc.returncode} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        if not good:
+            print("\n".join((proc.stdout + proc.stderr).splitlines()[-25:]), flush=True)
     return ok
 
 
 def main() -> int:
-    print(f"{torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    if "--aoti-child" in sys.argv:
+        return aoti_child(sys.argv[sys.argv.index("--aoti-child") + 1])
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"{gpu} torch {torch.__version__}", flush=True)
     cases = [
         ("llama", True, torch.float32, "eager", "window", None, 1e-2),
         ("llama", True, torch.float32, "eager", "chunk", 64, 1e-2),
@@ -79,6 +112,8 @@ def main() -> int:
     ]
     if "--skip-inductor" in sys.argv:
         cases = [c for c in cases if c[3] != "inductor"]
+    if "--only-aoti" in sys.argv:
+        cases = []
     ok = True
     for case in cases:
         try:
