@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from duo_compile.checks import check_int
 from duo_compile.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
@@ -34,22 +35,18 @@ class EngineConfig:
     backend: str = "inductor"
 
     def __post_init__(self) -> None:
-        _check_int("sink_size", self.sink_size, minimum=0)
-        _check_int("recent_size", self.recent_size, minimum=1)
-        _check_int("max_seq_len", self.max_seq_len, minimum=1)
+        # Stored back as Python ints (a numpy integer is accepted), so the config serialises as JSON.
+        object.__setattr__(self, "sink_size", check_int("sink_size", self.sink_size, 0))
+        object.__setattr__(self, "recent_size", check_int("recent_size", self.recent_size, 1))
+        object.__setattr__(self, "max_seq_len", check_int("max_seq_len", self.max_seq_len, 1))
         if self.prefill_chunk_size is not None:
-            _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
+            object.__setattr__(
+                self, "prefill_chunk_size", check_int("prefill_chunk_size", self.prefill_chunk_size, 1)
+            )
         if self.streaming_mode not in STREAMING_MODES:
             raise ValueError(f"streaming_mode must be one of {STREAMING_MODES}, got {self.streaming_mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _token_ids(name: str, value) -> tuple[int, ...]:
@@ -111,9 +108,8 @@ class Engine:
         given context. Zero-filled so that slots never written hold finite values (masked keys still enter
         ``p @ V``).
         """
-        _check_int("batch_size", batch_size, minimum=1)
-        length = self.config.max_seq_len if max_seq_len is None else max_seq_len
-        _check_int("max_seq_len", length, minimum=1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        length = check_int("max_seq_len", self.config.max_seq_len if max_seq_len is None else max_seq_len, 1)
         if length > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {length} exceeds the engine's max_seq_len={self.config.max_seq_len}")
         if (self.batch_size, self.cache_len) == (batch_size, length):
@@ -162,7 +158,7 @@ class Engine:
 
         Returns the logits of the last position, ``[B, vocab]``. The caches must hold positions ``< start``.
         """
-        _check_int("start", start, minimum=0)  # a negative start would write into the ring's last slots
+        start = check_int("start", start, 0)  # a negative start would write into the ring's last slots
         batch, length = input_ids.shape
         if self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
@@ -182,7 +178,7 @@ class Engine:
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Process a prompt from position 0 in chunks of ``chunk_size`` tokens; returns the last logits."""
         if chunk_size is not None:
-            _check_int("chunk_size", chunk_size, minimum=1)
+            chunk_size = check_int("chunk_size", chunk_size, 1)
         # Checked before the first chunk is written: a prompt past max_seq_len would otherwise fill the caches
         # chunk by chunk and fail only at the chunk that no longer fits.
         limit = self.cache_len or self.config.max_seq_len
@@ -196,7 +192,8 @@ class Engine:
         return logits
 
     # -------------------------------------------------------------------------------------------- generate
-    def _check_generate_inputs(self, input_ids, max_new_tokens, attention_mask, chunk) -> None:
+    def _check_generate_inputs(self, input_ids, max_new_tokens, attention_mask, chunk) -> tuple[int, int | None]:
+        """Raise ValueError for any bad argument; return ``max_new_tokens`` and ``chunk`` as Python ints."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape}")
@@ -210,7 +207,7 @@ class Engine:
         if low < 0 or high >= self.info.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {self.info.vocab_size})")
-        _check_int("max_new_tokens", max_new_tokens, minimum=0)
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
         total = input_ids.shape[1] + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(
@@ -218,7 +215,7 @@ class Engine:
                 f"max_seq_len={self.config.max_seq_len}"
             )
         if chunk is not None:
-            _check_int("prefill_chunk_size", chunk, minimum=1)
+            chunk = check_int("prefill_chunk_size", chunk, 1)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
                 shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
@@ -228,6 +225,7 @@ class Engine:
                     "attention_mask has zeros (a padded batch); duo_compile supports batches of equal-length "
                     "prompts only: run unequal prompts as separate calls"
                 )
+        return max_new_tokens, chunk
 
     def generate(
         self,
@@ -246,7 +244,7 @@ class Engine:
         generation stops once every row has finished. ``prefill_chunk_size`` overrides the engine's.
         """
         chunk = prefill_chunk_size if prefill_chunk_size is not None else self.config.prefill_chunk_size
-        self._check_generate_inputs(input_ids, max_new_tokens, attention_mask, chunk)
+        max_new_tokens, chunk = self._check_generate_inputs(input_ids, max_new_tokens, attention_mask, chunk)
         eos = _token_ids("eos_token_id", eos_token_id)
         pad = _token_ids("pad_token_id", pad_token_id)
         if len(pad) > 1:

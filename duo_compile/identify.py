@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from duo_compile.checks import check_int
 from duo_compile.kernels.reference import streaming_visible
 from duo_compile.masks import HeadMasks
 from duo_compile.passkey import PasskeySample, PasskeyTask
@@ -380,12 +381,6 @@ def _default_context_lengths(max_positions: int | None, tail: int) -> list[int]:
     return sorted({int(x) for x in np.linspace(low, high, 50)})
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def identify(
     model: torch.nn.Module,
     tokenizer: Any = None,
@@ -431,16 +426,16 @@ def identify(
         raise ValueError(f"reg_weight must be a number >= 0, got {reg_weight!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    num_steps = _check_int("num_steps", num_steps, 1)
-    num_passkeys = _check_int("num_passkeys", num_passkeys, 1)
-    passkey_length = _check_int("passkey_length", passkey_length, 1)
-    sink_size = _check_int("sink_size", sink_size, 0)
-    recent_size = _check_int("recent_size", recent_size, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
-    seed = _check_int("seed", seed, 0)
+    num_steps = check_int("num_steps", num_steps, 1)
+    num_passkeys = check_int("num_passkeys", num_passkeys, 1)
+    passkey_length = check_int("passkey_length", passkey_length, 1)
+    sink_size = check_int("sink_size", sink_size, 0)
+    recent_size = check_int("recent_size", recent_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    seed = check_int("seed", seed, 0)
     if num_samples is not None:
-        num_samples = _check_int("num_samples", num_samples, 1)
+        num_samples = check_int("num_samples", num_samples, 1)
     if resume and output_dir is None:
         raise ValueError("resume=True needs output_dir (the checkpoint lives there)")
     layout = attention_layout(model)

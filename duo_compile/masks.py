@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from duo_compile.checks import check_int
 
 __all__ = ["HeadMasks", "KVCacheBytes", "kv_cache_bytes"]
 
@@ -39,19 +40,6 @@ def _real_in_unit_interval(name: str, value: Any) -> float:
     if not (0.0 <= as_float <= 1.0):  # also False for NaN
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return as_float
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    """An integer >= minimum (bool and floats rejected), or ValueError naming the value."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if as_int < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return as_int
 
 
 def _n_streaming(sparsity: float, num_heads: int) -> int:
@@ -115,12 +103,7 @@ class HeadMasks:
         uniformly without replacement over all layers with ``np.random.default_rng(seed)``."""
         shape = cls._shape_args(num_layers, num_kv_heads)
         sparsity = _real_in_unit_interval("sparsity", sparsity)
-        if isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        try:
-            seed = operator.index(seed)
-        except TypeError:
-            raise ValueError(f"seed must be an integer, got {seed!r}") from None
+        seed = check_int("seed", seed, 0)  # default_rng rejects negative seeds too
         num_heads = shape[0] * shape[1]
         streaming = np.random.default_rng(seed).choice(num_heads, size=_n_streaming(sparsity, num_heads), replace=False)
         flat = np.ones(num_heads)
@@ -129,7 +112,7 @@ class HeadMasks:
 
     @staticmethod
     def _shape_args(num_layers: int, num_kv_heads: int) -> tuple[int, int]:
-        return _int_at_least("num_layers", num_layers, 1), _int_at_least("num_kv_heads", num_kv_heads, 1)
+        return check_int("num_layers", num_layers, 1), check_int("num_kv_heads", num_kv_heads, 1)
 
     # ------------------------------------------------------------------ TSV (the authors' format)
 
@@ -393,10 +376,10 @@ def kv_cache_bytes(
     if not masks.is_binary:
         raise ValueError(f"{masks!r} is not binary: binarize first, the KV cache split needs 0/1 gates")
     masks.check_shape(num_layers, num_kv_heads)
-    seq_len = _int_at_least("seq_len", seq_len, 1)
-    batch_size = _int_at_least("batch_size", batch_size, 1)
-    sink_size = _int_at_least("sink_size", sink_size, 0)
-    recent_size = _int_at_least("recent_size", recent_size, 1)
+    seq_len = check_int("seq_len", seq_len, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
+    sink_size = check_int("sink_size", sink_size, 0)
+    recent_size = check_int("recent_size", recent_size, 1)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
 

@@ -154,7 +154,7 @@ def test_step_at_max_seq_len_is_refused_and_writes_nothing(small_engine):
                                              rf"the allocated cache length {MAX_LEN}"):
             engine.step(tokens, start)
         _assert_untouched(engine, snap)
-    with pytest.raises(ValueError, match="start must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="start must be an integer >= 0, got -1"):
         engine.step(ids[:, :1], -1)
     _assert_untouched(engine, snap)
 

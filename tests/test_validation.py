@@ -123,17 +123,17 @@ COMPILE_CASES = {
     "masks-string": (dict(masks="retrieval"), r"gates must be a 2-D array of real numbers.*'retrieval'"),
     "masks-ragged-list": (dict(masks=[[1.0, 0.0], [1.0]]), r"gates must be a 2-D array of real numbers"),
     # sizes
-    "sink-negative": (dict(sink_size=-1), r"sink_size must be >= 0, got -1"),
-    "sink-float": (dict(sink_size=1.5), r"sink_size must be an integer, got 1\.5"),
-    "sink-bool": (dict(sink_size=True), r"sink_size must be an integer, got True"),
-    "recent-zero": (dict(recent_size=0), r"recent_size must be >= 1, got 0"),
-    "recent-negative": (dict(recent_size=-8), r"recent_size must be >= 1, got -8"),
-    "recent-string": (dict(recent_size="8"), r"recent_size must be an integer, got '8'"),
-    "max-seq-len-zero": (dict(max_seq_len=0), r"max_seq_len must be >= 1, got 0"),
-    "max-seq-len-negative": (dict(max_seq_len=-64), r"max_seq_len must be >= 1, got -64"),
-    "max-seq-len-float": (dict(max_seq_len=64.0), r"max_seq_len must be an integer, got 64\.0"),
-    "chunk-zero": (dict(prefill_chunk_size=0), r"prefill_chunk_size must be >= 1, got 0"),
-    "chunk-float": (dict(prefill_chunk_size=2.5), r"prefill_chunk_size must be an integer, got 2\.5"),
+    "sink-negative": (dict(sink_size=-1), r"sink_size must be an integer >= 0, got -1"),
+    "sink-float": (dict(sink_size=1.5), r"sink_size must be an integer >= 0, got 1\.5"),
+    "sink-bool": (dict(sink_size=True), r"sink_size must be an integer >= 0, got True"),
+    "recent-zero": (dict(recent_size=0), r"recent_size must be an integer >= 1, got 0"),
+    "recent-negative": (dict(recent_size=-8), r"recent_size must be an integer >= 1, got -8"),
+    "recent-string": (dict(recent_size="8"), r"recent_size must be an integer >= 1, got '8'"),
+    "max-seq-len-zero": (dict(max_seq_len=0), r"max_seq_len must be an integer >= 1, got 0"),
+    "max-seq-len-negative": (dict(max_seq_len=-64), r"max_seq_len must be an integer >= 1, got -64"),
+    "max-seq-len-float": (dict(max_seq_len=64.0), r"max_seq_len must be an integer >= 1, got 64\.0"),
+    "chunk-zero": (dict(prefill_chunk_size=0), r"prefill_chunk_size must be an integer >= 1, got 0"),
+    "chunk-float": (dict(prefill_chunk_size=2.5), r"prefill_chunk_size must be an integer >= 1, got 2\.5"),
     "mode-unknown": (dict(streaming_mode="windowed"),
                      r"streaming_mode must be one of \('window', 'chunk'\), got 'windowed'"),
     "mode-none": (dict(streaming_mode=None), r"streaming_mode must be one of .*got None"),
@@ -216,10 +216,10 @@ GENERATE_CASES = {
                          r"input_ids are on meta but the engine runs on cpu"),
     "ids-above-vocab": (dict(input_ids=_ids_with(VOCAB)), r"token id 96, outside the vocabulary \[0, 96\)"),
     "ids-negative": (dict(input_ids=_ids_with(-1)), r"token id -1, outside the vocabulary \[0, 96\)"),
-    "new-negative": (dict(max_new_tokens=-1), r"max_new_tokens must be >= 0, got -1"),
-    "new-float": (dict(max_new_tokens=2.0), r"max_new_tokens must be an integer, got 2\.0"),
-    "new-bool": (dict(max_new_tokens=True), r"max_new_tokens must be an integer, got True"),
-    "new-none": (dict(max_new_tokens=None), r"max_new_tokens must be an integer, got None"),
+    "new-negative": (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
+    "new-float": (dict(max_new_tokens=2.0), r"max_new_tokens must be an integer >= 0, got 2\.0"),
+    "new-bool": (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 0, got True"),
+    "new-none": (dict(max_new_tokens=None), r"max_new_tokens must be an integer >= 0, got None"),
     "too-long": (dict(input_ids=_ids(2, 60), max_new_tokens=10),
                  r"prompt length 60 \+ max_new_tokens 10 = 70 exceeds max_seq_len=64"),
     "prompt-too-long": (dict(input_ids=_ids(1, 65), max_new_tokens=0), r"= 65 exceeds max_seq_len=64"),
@@ -236,8 +236,8 @@ GENERATE_CASES = {
     "pad-above-vocab": (dict(eos_token_id=3, pad_token_id=96), r"pad_token_id 96 is outside the vocabulary \[0, 96\)"),
     "pad-negative": (dict(eos_token_id=3, pad_token_id=-1), r"pad_token_id -1 is outside the vocabulary"),
     "pad-from-eos": (dict(eos_token_id=[500, 3]), r"pad_token_id 500 \(defaulted to eos_token_id\[0\]\)"),
-    "chunk-zero": (dict(prefill_chunk_size=0), r"prefill_chunk_size must be >= 1, got 0"),
-    "chunk-float": (dict(prefill_chunk_size=2.5), r"prefill_chunk_size must be an integer, got 2\.5"),
+    "chunk-zero": (dict(prefill_chunk_size=0), r"prefill_chunk_size must be an integer >= 1, got 0"),
+    "chunk-float": (dict(prefill_chunk_size=2.5), r"prefill_chunk_size must be an integer >= 1, got 2\.5"),
 }
 
 
@@ -269,13 +269,13 @@ def test_good_arguments_in_every_accepted_form(engine, baseline):
 
 # ------------------------------------------------------------------------------------ lower-level Engine API
 @pytest.mark.parametrize("args, message", [
-    ((0,), r"batch_size must be >= 1, got 0"),
-    ((-2,), r"batch_size must be >= 1, got -2"),
-    ((1.5,), r"batch_size must be an integer, got 1\.5"),
-    ((True,), r"batch_size must be an integer, got True"),
-    ((2, 0), r"max_seq_len must be >= 1, got 0"),
+    ((0,), r"batch_size must be an integer >= 1, got 0"),
+    ((-2,), r"batch_size must be an integer >= 1, got -2"),
+    ((1.5,), r"batch_size must be an integer >= 1, got 1\.5"),
+    ((True,), r"batch_size must be an integer >= 1, got True"),
+    ((2, 0), r"max_seq_len must be an integer >= 1, got 0"),
     ((2, MAX_LEN + 1), r"max_seq_len 65 exceeds the engine's max_seq_len=64"),
-    ((2, 32.0), r"max_seq_len must be an integer, got 32\.0"),
+    ((2, 32.0), r"max_seq_len must be an integer >= 1, got 32\.0"),
 ])
 def test_allocate_refuses_bad_arguments(engine, untouched, args, message):
     with pytest.raises(ValueError, match=message):
@@ -306,8 +306,8 @@ def test_kv_cache_bytes_before_allocate_is_a_clear_error(engine):
 
 @pytest.mark.parametrize("tokens, start, error, message", [
     ((3, 1), 20, RuntimeError, r"caches are allocated for batch 2, got input batch 3"),
-    ((2, 1), -1, ValueError, r"start must be >= 0, got -1"),
-    ((2, 1), 2.0, ValueError, r"start must be an integer, got 2\.0"),
+    ((2, 1), -1, ValueError, r"start must be an integer >= 0, got -1"),
+    ((2, 1), 2.0, ValueError, r"start must be an integer >= 0, got 2\.0"),
     ((2, 1), MAX_LEN, ValueError, r"positions 64\.\.64 exceed the allocated cache length 64"),
     ((2, 5), MAX_LEN - 2, ValueError, r"positions 62\.\.66 exceed the allocated cache length 64"),
 ])
@@ -326,7 +326,7 @@ def test_step_does_not_check_token_ids_but_fails_before_writing(engine, untouche
 @pytest.mark.parametrize("length, chunk, message", [
     (MAX_LEN + 1, 16, r"\[batch, 1\.\.64\] \(the cache length\), got shape \(2, 65\)"),
     (0, None, r"got shape \(2, 0\)"),
-    (10, 0, r"chunk_size must be >= 1, got 0"),
+    (10, 0, r"chunk_size must be an integer >= 1, got 0"),
 ])
 def test_prefill_refuses_bad_calls_before_writing(engine, untouched, length, chunk, message):
     with pytest.raises(ValueError, match=message):
@@ -412,13 +412,13 @@ CLI_CASES = {
     "masks-wrong-layers": ("compile {d}/model --masks {d}/two_layers.tsv -o {d}/out.pt2 --max-seq-len 64",
                            r"masks have shape \(2, 2\) but the model has 3 layers x 2 KV heads", False),
     "sink-negative": ("compile {d}/model --masks {d}/good.tsv -o {d}/out.pt2 --sink -1",
-                      r"sink_size must be >= 0, got -1", False),
+                      r"sink_size must be an integer >= 0, got -1", False),
     "recent-zero": ("compile {d}/model --masks {d}/good.tsv -o {d}/out.pt2 --recent 0",
-                    r"recent_size must be >= 1, got 0", False),
+                    r"recent_size must be an integer >= 1, got 0", False),
     "max-seq-len-zero": ("compile {d}/model --masks {d}/good.tsv -o {d}/out.pt2 --max-seq-len 0",
-                         r"max_seq_len must be >= 1, got 0", False),
+                         r"max_seq_len must be an integer >= 1, got 0", False),
     "chunk-zero": ("compile {d}/model --masks {d}/good.tsv -o {d}/out.pt2 --chunk 0",
-                   r"prefill_chunk_size must be >= 1, got 0", False),
+                   r"prefill_chunk_size must be an integer >= 1, got 0", False),
     "run-missing-file": ("run {d}/missing.pt2 --ids 1,2", r"no engine file at '.*missing\.pt2'", True),
     "run-not-an-engine": ("run {d}/bad.tsv --ids 1,2", r"bad\.tsv: not a duo_compile engine file", True),
     "run-directory": ("run {d} --ids 1,2", r"is a directory, not an engine file", True),
