@@ -3,7 +3,9 @@
 Tiny random Llama/Qwen2 models (GQA and MHA) with mixed masks on CUDA, both backends, both streaming modes, whole
 and chunked prefill; greedy tokens must equal the eager oracle's and scores agree within the dtype's tolerance.
 Also exports an AOTInductor package on CUDA, loads it and checks it, in a fresh process per case: a control
-(one Linear layer) and the compiled engine (tokens identical to the engine's). Prints one line per case and exits
+(one Linear layer), the engine's graph through the stock one-model API, and the engine through
+``duo_compile.export``/``load`` (tokens identical to the engine's): which of the three crash tells where a crash
+comes from. Prints one line per case and exits
 non-zero on any failure.
 
     python benchmarks/gpu_check.py [--skip-inductor] [--only-aoti [--cpu]]
@@ -50,7 +52,9 @@ def check(arch, gqa, dtype, backend, mode, chunk, tol) -> bool:
 
 def aoti_child(kind: str) -> int:
     """One AOTI round trip on CUDA, in its own process (``--aoti-child KIND``): ``plain`` is a control (a Linear
-    layer, no duo ops), ``engine`` the compiled engine. Exit 0 when the loaded package reproduces the reference.
+    layer, no duo ops); ``engine-standard`` the engine's prefill graph through ``aoti_compile_and_package`` /
+    ``aoti_load_package`` (one step); ``engine`` the engine through ``duo_compile.export`` / ``load`` (our
+    two-model package) and ``generate``. Exit 0 when the loaded package reproduces the reference.
     ``--cpu`` runs the same on the CPU (a check of this script without a GPU)."""
     dev = "cpu" if "--cpu" in sys.argv else "cuda"
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,6 +66,20 @@ def aoti_child(kind: str) -> int:
             torch._inductor.aoti_compile_and_package(program, package_path=path)
             got, want = torch._inductor.aoti_load_package(path)(x), model(x)
             ok = torch.allclose(got, want, atol=1e-5)
+        elif kind == "engine-standard":  # the engine's prefill graph through the stock one-model API
+            from duo_compile.aoti_export import export_programs
+            from duo_compile.engine_file import example_inputs
+
+            engine = duo_compile.compile(tiny_model("llama", True).to(dev),
+                                         duo_compile.HeadMasks.from_gates(mixed_gates(3, 2)), sink_size=SINK,
+                                         recent_size=RECENT, max_seq_len=512, backend="eager")
+            program = export_programs(engine)["prefill"]
+            torch._inductor.aoti_compile_and_package(program, package_path=path)
+            print("  exported; loading", flush=True)
+            compiled = torch._inductor.aoti_load_package(path)
+            args = example_inputs(engine.cache_specs, 512, engine.dtype, dev, batch=2, length=5)
+            args_copy = tuple(a.clone() for a in args)
+            ok = torch.allclose(compiled(*args), engine.graph(*args_copy), atol=1e-4)
         else:
             model = tiny_model("llama", True).to(dev)
             masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, 2))
@@ -83,7 +101,7 @@ def check_aoti() -> bool:
     import subprocess
 
     ok = True
-    for kind in ("plain", "engine"):
+    for kind in ("plain", "engine-standard", "engine"):
         t0 = time.perf_counter()
         flags = ["--cpu"] if "--cpu" in sys.argv else []
         proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, "--aoti-child", kind, *flags],
