@@ -21,8 +21,9 @@ What the H200 attempts taught (benchmarks/results/needle_README.md, logs beside 
    tokens), no memorisation (LM loss 1.85 train, 1.88 held out) but still no copying: the LM loss never dropped on
    the repeated paragraphs, the answer loss left ln 26 only in the last ~1000 steps (3.26 -> 3.0), exact match 0.
    The CPU proxy that did form copying (within ~1500 steps, 3M tokens) used contexts of 128-256 and repeats 2
-   paragraphs back. Hence the short phase now uses contexts 128-512 and repeats at most ``--short-lookback`` (3)
-   paragraphs back, where the copy target is among a few hundred keys instead of thousands.
+   paragraphs back; the same proxy with contexts up to 512 and repeats 3 back formed nothing in 2500 steps
+   (needle_README.md). Hence the first 40% of the steps now use contexts 128-256 and repeats at most
+   ``--short-lookback`` (2) paragraphs back, where the copy target is among ~200 keys instead of thousands.
 
 Steps: with ``--steps 0`` (default) the step count is fitted to ``--time-budget`` seconds from timed
 forward+backward passes at three context lengths, and written to the log; pass it as ``--steps`` to repeat the
@@ -235,14 +236,14 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--min-context", type=int, default=128)
     parser.add_argument("--max-context", type=int, default=8448)
-    parser.add_argument("--short-max", type=int, default=512)
-    parser.add_argument("--short-fraction", type=float, default=0.3)
+    parser.add_argument("--short-max", type=int, default=256)
+    parser.add_argument("--short-fraction", type=float, default=0.4)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=768)
-    parser.add_argument("--context-step", type=int, default=128)
+    parser.add_argument("--context-step", type=int, default=64)
     parser.add_argument("--max-passkeys", type=int, default=6)
     parser.add_argument("--passkey-length", type=int, default=5)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -250,7 +251,7 @@ def main() -> None:
     parser.add_argument("--answer-weight", type=float, default=2.0)
     parser.add_argument("--repeat-probability", type=float, default=0.2)
     parser.add_argument("--repeat-lookback", type=int, default=50, help="paragraphs a repeat may reach back")
-    parser.add_argument("--short-lookback", type=int, default=3, help="the same, during the short phase")
+    parser.add_argument("--short-lookback", type=int, default=2, help="the same, during the short phase")
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--identify-steps", type=int, default=0)
