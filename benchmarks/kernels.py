@@ -5,7 +5,7 @@ Run from the repository root:  python -m benchmarks.kernels --out results.json [
 Sections (all by default, in the order ceilings, decode, retrieval, streaming, cached, formats, flex):
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
-  decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at 8K/64K/256K
+  decode     retrieval decode (split-K + combine, or one launch with the combine fused) vs torch SDPA (enable_gqa=True, no k/v expansion) at 8K/64K/256K
              keys; effective bandwidth over KV bytes read vs the copy bandwidth. Both sides timed as CUDA-graph
              replays of several calls over rotating cache copies (more bytes than L2), so neither launch overhead
              nor L2 hits are counted
@@ -274,6 +274,12 @@ DECODE_VARIANTS = [  # (label, TileConfig overrides, programs per SM): the defau
     ("n64w2s4-x8", dict(block_n=64, num_warps=2, num_stages=4), 8),
     ("n128w4s3-x4", dict(block_n=128, num_warps=4, num_stages=3), 4),
     ("n128w8s2-x4", dict(block_n=128, num_warps=8, num_stages=2), 4),
+    ("n64w4s3-x1", dict(block_n=64, num_warps=4, num_stages=3), 1),
+    # one launch: the last split merges the partials (triton_decode.py, FUSED_COMBINE)
+    ("n64w4s3-x2-fused", dict(block_n=64, num_warps=4, num_stages=3, fused_combine=True), 2),
+    ("n64w4s3-x4-fused", dict(block_n=64, num_warps=4, num_stages=3, fused_combine=True), 4),
+    ("n64w4s4-x8-fused", dict(block_n=64, num_warps=4, num_stages=4, fused_combine=True), 8),
+    ("n64w4s4-x16-fused", dict(block_n=64, num_warps=4, num_stages=4, fused_combine=True), 16),
 ]
 
 
@@ -310,19 +316,22 @@ def section_decode():
             best = None
             for label, over, per_sm in [("default", None, None), *DECODE_VARIANTS]:
                 cfg = splits = None  # "default": what the launcher picks by itself (decode_config, decode_splits)
+                fused = bool(over and over.get("fused_combine"))
                 if over is not None:
                     base = triton_ops.decode_config(q, groups)
-                    cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
+                    tile = {key: val for key, val in over.items() if key != "fused_combine"}
+                    cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **tile)
                     progs = hkv * math.ceil(groups / cfg.heads_per)
                     splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((cap + 1) / cfg.block_n), 256))
                 try:
                     o = triton_ops.triton_retrieval_attention_cached(
-                        q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits
+                        q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits, fused_combine=fused
                     )
                     err = rel_err(o, out)
                     ms = graph_time([
                         (lambda i=i: triton_ops.triton_retrieval_attention_cached(
-                            q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits))
+                            q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits,
+                            fused_combine=fused))
                         for i in range(copies)
                     ])
                 except Exception as e:  # a config that does not compile is reported, not fatal
@@ -557,7 +566,8 @@ def _smoke_sizes():
                  streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256)
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]
-    DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
+    DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2),
+                       ("n16-fused", dict(block_n=16, fused_combine=True), 4)]
     FORMATS = ((torch.float16, 16), (torch.float32, 32))
 
 

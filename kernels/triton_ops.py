@@ -6,9 +6,9 @@ under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the C
 existing ``custom_op`` definitions: ``triton_op`` cannot be traced on CPU (platform notes), the custom ops can
 everywhere, and on CUDA they now run these kernels.
 
-Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
-streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 1
-(attention and the one-slot write in the same program). No launcher reads a device value on the host: the
+Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused; 1
+with the ``fused_combine`` option, not yet measured on a GPU), streaming prefill 2 (attention, then the ring write
+that must wait for every read), streaming decode 1 (attention and the one-slot write in the same program). No launcher reads a device value on the host: the
 chunk's start position is read inside the kernels, so every launch is CUDA-graph capturable.
 """
 from __future__ import annotations
@@ -140,7 +140,8 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
 
 
-def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None):
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None,
+                             fused_combine=False):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q)
     if out.numel() == 0:
@@ -153,17 +154,21 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     splits = num_splits or decode_splits(q, k_cache, programs, cfg)
     o_part = torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, hq, t, splits), dtype=torch.float32, device=q.device)
+    # Ticket counters only for the fused combine (one memset); otherwise any tensor fills the unused slot.
+    tickets = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused_combine else lse_part
     retrieval_split_kernel[(splits, programs)](
-        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
+        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part, out, tickets,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache), *_strides(out),
         hkv, groups, t, splits, log2_scale(scale),
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), FUSED_COMBINE=bool(fused_combine),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    combine_kernel[(b * hq * t,)](
-        o_part, lse_part, out, *_strides(out), hq, t, splits,
-        SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
-    )
+    if not fused_combine:
+        combine_kernel[(b * hq * t,)](
+            o_part, lse_part, out, *_strides(out), hq, t, splits,
+            SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
+        )
     return out
 
 
@@ -221,11 +226,16 @@ def triton_streaming_attention(
 
 def triton_retrieval_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float,
-    config: TileConfig | None = None, num_splits: int | None = None,
+    config: TileConfig | None = None, num_splits: int | None = None, fused_combine: bool = False,
 ) -> torch.Tensor:
-    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else."""
+    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else.
+
+    ``fused_combine`` (decode only): merge the split partials in the split kernel's last program instead of a
+    second launch (see ``triton_decode.py``); off by default until a GPU run shows it pays.
+    """
     if q.shape[2] <= DECODE_MAX_TOKENS:
-        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits)
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits,
+                                        fused_combine)
     return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config)
 
 
