@@ -182,3 +182,19 @@ def test_retrieval_decode_fused_combine(splits, b, hkv, groups):
     # splits (40 > key tiles), a decode step of 3 tokens and the first token (start 0).
     _run_retrieval_chunks([1, 1], b, hkv, groups, torch.float32, num_splits=splits, fused_combine=True)
     _run_retrieval_chunks([37, 1, 3, 1], b, hkv, groups, torch.float32, num_splits=splits, fused_combine=True)
+
+
+@pytest.mark.parametrize("capacity", [1, 15, 16, 17, 1000, 40000, 200000])
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_decode_splits_stay_within_the_key_tiles(capacity, groups):
+    # The default split count: at least 1, never more splits than key tiles (an empty split still costs a
+    # program), at most 256 (the combine's width).
+    from duo_compile.kernels.triton_ops import decode_config, decode_splits
+    from duo_compile.kernels.triton_common import grid_groups
+
+    q = torch.zeros(1, 2 * groups, 1, D)
+    cfg = decode_config(q, groups)
+    k_cache = torch.zeros(1, 2, capacity, D)
+    splits = decode_splits(q, k_cache, grid_groups(1, 2, groups, cfg.heads_per), cfg)
+    tiles = -(-(capacity + 1) // cfg.block_n)
+    assert 1 <= splits <= min(tiles, 256)
