@@ -5,8 +5,7 @@ and chunked prefill; greedy tokens must equal the eager oracle's and scores agre
 Also exports an AOTInductor package on CUDA, loads it and checks it, in a fresh process per case: a control
 (one Linear layer), the engine's graph through the stock one-model API, and the engine through
 ``duo_compile.export``/``load`` (tokens identical to the engine's): which of the three crash tells where a crash
-comes from. Prints one line per case and exits
-non-zero on any failure.
+comes from. Prints one line per case and exits non-zero on any failure.
 
     python benchmarks/gpu_check.py [--skip-inductor] [--only-aoti [--cpu]]
 """
