@@ -6,9 +6,9 @@ Sections (all by default, in the order ceilings, decode, retrieval, streaming, c
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
   decode     retrieval decode (split-K + combine, or one launch with the combine fused) vs torch SDPA
-             (enable_gqa=True, no k/v expansion) at 8K/64K/256K keys; effective bandwidth over KV bytes read vs the copy bandwidth. Both sides timed as CUDA-graph
-             replays of several calls over rotating cache copies (more bytes than L2), so neither launch overhead
-             nor L2 hits are counted
+             (enable_gqa=True, no k/v expansion) at 8K/64K/256K keys; effective bandwidth over KV bytes read vs
+             the copy bandwidth. Both sides timed as CUDA-graph replays of several calls over rotating cache
+             copies (more bytes than L2), so neither launch overhead nor L2 hits are counted
   retrieval  retrieval prefill (causal, 32K chunk) vs causal SDPA, TFLOP/s vs the matmul ceiling; tile sweep
   streaming  streaming prefill (sink 64, recent 256) at 32K/128K vs causal SDPA; tile sweep
   cached     (see above)
