@@ -259,7 +259,8 @@ def test_identify_on_the_bundled_model_short_schedule(tmp_path):
     masks = identify(model, tokenizer, num_steps=4, context_lengths=[400], num_passkeys=2, passkey_length=5,
                      sink_size=16, recent_size=64, num_samples=1, lr=0.05, output_dir=tmp_path, progress=False)
     assert masks.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
-    assert np.all(masks.gates < 1.0)
+    # Gates start at 1 and move; heads the distillation loss needs may stay clamped at 1 (a real model has some).
+    assert (masks.gates < 1.0).any() and masks.gates.mean() < 1.0
     history = json.loads((tmp_path / "history.json").read_text())
     assert history[-1]["loss"] < history[0]["loss"]
     assert HeadMasks.from_tsv(tmp_path / "full_attention_heads.tsv") == masks
