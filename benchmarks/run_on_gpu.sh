@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU runs of this project, one step per argument, as run on the lent H200 (torch 2.11, triton 3.6, no pip):
+#
+#   bash benchmarks/run_on_gpu.sh check passkey      # then, in the next call while the machine is warm:
+#   bash benchmarks/run_on_gpu.sh kernels e2e-decode
+#
+# Steps (measured durations on the H200, machine start not included):
+#   check       benchmarks/gpu_check.py: compiled engines vs the oracle, AOTI round trips in subprocesses  ~3 min
+#   aoti        only the AOTI round trips of gpu_check.py                                              ~1.5 min
+#   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
+#   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
+#   e2e-decode  benchmarks/e2e.py --backend inductor --sections decode, Llama-3 then Llama-2      ~6 min
+# Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
+# The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
+# checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first. e2e.py needs the authors'
+# pattern files in .bench_patterns/<model>/full_attention_heads.tsv (git-ignored; name it in the call's carry).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+for d in kernels passes models; do [ -e "duo_compile/$d" ] || ln -s "../$d" "duo_compile/$d"; done
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+for step in "$@"; do
+    echo "== $step ($(date +%T))"
+    case "$step" in
+        check) timeout 420 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" ;;
+        aoti) timeout 300 python3 benchmarks/gpu_check.py --only-aoti 2>&1 | tee "$OUT/gpu_check_aoti.log" ;;
+        passkey)
+            rm -rf /tmp/pk
+            timeout 470 python3 scripts/train_passkey_model.py --out /tmp/pk --device cuda --time-budget 300 \
+                --identify-steps 400 --study --samples-per-cell 8 2>&1 | tee "$OUT/train.log"
+            tar czf "$OUT/passkey.tgz" -C /tmp pk ;;
+        kernels)
+            timeout 560 python3 -m benchmarks.kernels --out "$OUT/kernels_h200.json" --commit "$COMMIT" \
+                --deadline 480 2>&1 | tee "$OUT/kernels_h200.log" ;;
+        e2e-decode)
+            for model in llama3 llama2; do
+                hf=(); [ "$model" = llama3 ] && hf=(--skip-hf)
+                timeout 280 python3 benchmarks/e2e.py --patterns .bench_patterns --out "$OUT" --models "$model" \
+                    --backend inductor --sections decode "${hf[@]}" --commit "$COMMIT" 2>&1 \
+                    | tee "$OUT/e2e_${model}_inductor.log"
+            done ;;
+        *) echo "unknown step '$step' (check, aoti, passkey, kernels, e2e-decode)" >&2; exit 2 ;;
+    esac
+done
