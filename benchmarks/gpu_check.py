@@ -49,6 +49,13 @@ def check(arch, gqa, dtype, backend, mode, chunk, tol) -> bool:
     return ok
 
 
+def _tiny_engine(device: str):
+    """The engine the AOTI round trips export: tiny GQA Llama, mixed masks, eager backend."""
+    masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, 2))
+    return duo_compile.compile(tiny_model("llama", True).to(device), masks, sink_size=SINK, recent_size=RECENT,
+                               max_seq_len=512, backend="eager")
+
+
 def aoti_child(kind: str) -> int:
     """One AOTI round trip on CUDA, in its own process (``--aoti-child KIND``): ``plain`` is a control (a Linear
     layer, no duo ops); ``engine-standard`` the engine's prefill graph through ``aoti_compile_and_package`` /
@@ -69,9 +76,7 @@ def aoti_child(kind: str) -> int:
             from duo_compile.aoti_export import export_programs
             from duo_compile.engine_file import example_inputs
 
-            engine = duo_compile.compile(tiny_model("llama", True).to(dev),
-                                         duo_compile.HeadMasks.from_gates(mixed_gates(3, 2)), sink_size=SINK,
-                                         recent_size=RECENT, max_seq_len=512, backend="eager")
+            engine = _tiny_engine(dev)
             program = export_programs(engine)["prefill"]
             torch._inductor.aoti_compile_and_package(program, package_path=path)
             print("  exported; loading", flush=True)
@@ -80,10 +85,7 @@ def aoti_child(kind: str) -> int:
             args_copy = tuple(a.clone() for a in args)
             ok = torch.allclose(compiled(*args), engine.graph(*args_copy), atol=1e-4)
         else:
-            model = tiny_model("llama", True).to(dev)
-            masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, 2))
-            engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=512,
-                                         backend="eager")
+            engine = _tiny_engine(dev)
             ids = torch.randint(0, 96, (2, PROMPT), device=dev)
             want = engine.generate(ids, max_new_tokens=NEW)
             duo_compile.export(engine, path, backend="aoti")

@@ -35,6 +35,9 @@ from .triton_streaming import streaming_kernel, streaming_write_kernel
 
 # Queries per call at or below which a call is "decode": the group's heads share a tile and (retrieval) split-K.
 DECODE_MAX_TOKENS = 16
+LONG_CACHE = 32768  # cache capacity from which one-head (MHA) decode programs get more splits and 4 stages
+VERY_LONG_CACHE = 131072
+PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group tune differently (H200 sweep)
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
@@ -69,12 +72,8 @@ def decode_config(q: torch.Tensor, groups: int, long_cache: bool = True) -> Tile
     block_t = max(block_t, 16 // heads_per)
     if q.device.type != "cuda":
         return TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
-    stages = 4 if long_cache and heads_per < 4 else 3
+    stages = 4 if long_cache and heads_per < PACKED_HEADS else 3
     return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=stages)
-
-
-LONG_CACHE = 32768  # cache capacity from which one-head (MHA) decode programs get more splits and 4 stages
-VERY_LONG_CACHE = 131072
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -121,7 +120,7 @@ def decode_programs_per_sm(heads_per: int, capacity: int) -> int:
     and 256K keys (Llama-3 heads). One-head programs (MHA, Llama-2 heads): 4 per SM below 32K keys, 8 from
     32K, 16 from 128K (best at 8K / 64K / 256K).
     """
-    if heads_per >= 4:
+    if heads_per >= PACKED_HEADS:
         return 2
     if capacity >= VERY_LONG_CACHE:
         return 16
