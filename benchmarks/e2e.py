@@ -37,6 +37,7 @@ SHAPES = {
                     num_attention_heads=32, num_key_value_heads=32, rope_theta=10000.0),
         pattern="Llama-2-7B-32K-Instruct", sparsity=0.75,
         contexts=[32 * 1024, 64 * 1024, 120 * 1024, 200 * 1024], hf_contexts=[32 * 1024, 64 * 1024],
+        goal_context=120 * 1024,
     ),
     "llama3": dict(
         name="Llama-3-8B shape (GQA 32/8)",
@@ -44,6 +45,7 @@ SHAPES = {
                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
         pattern="Llama-3-8B-Instruct-Gradient-1048k", sparsity=0.5,
         contexts=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024], hf_contexts=[128 * 1024],
+        goal_context=512 * 1024,
     ),
 }
 PREFILL = [32 * 1024, 128 * 1024]
@@ -126,8 +128,45 @@ def free_cuda() -> None:
     torch.cuda.empty_cache()
 
 
-def engine_decode(engine, contexts: list[int]) -> list[dict]:
-    """Per context: allocate exactly that cache, fill it with synthetic K/V, time graphed decode steps."""
+KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
+    ("duo attention", ("retrieval_split", "combine_kernel", "streaming_kernel", "streaming_write", "retrieval_prefill")),
+    ("matmul (cuBLAS)", ("gemv", "gemm", "cutlass", "nvjet", "sm90", "sm80", "xmma", "splitk")),
+    ("fused elementwise (Inductor)", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy", "cat")),
+)
+
+
+def decode_kernel_breakdown(engine, token: torch.Tensor, context: int, steps: int = 10) -> dict:
+    """Where a decode step's GPU time goes: kernel time per step by kind and the 12 costliest kernels, from a
+    torch.profiler trace of ``steps`` graphed decode steps. The kernel total below the measured step time is
+    time the GPU sat idle between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step(token, context)
+        torch.cuda.synchronize()
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        us = event.self_cuda_time_total if us is None else us
+        if us > 0:
+            kernels.append((event.key, us / steps / 1000, event.count / steps))
+    kernels.sort(key=lambda k: -k[1])
+    kinds: dict[str, list[float]] = {}
+    for name, ms, count in kernels:
+        kind = next((k for k, keys in KERNEL_KINDS if any(x in name.lower() for x in keys)), "other")
+        kinds.setdefault(kind, [0.0, 0.0])
+        kinds[kind][0] += ms
+        kinds[kind][1] += count
+    return {"steps": steps, "kernel_ms_per_step": sum(k[1] for k in kernels),
+            "by_kind": {k: {"ms": round(v[0], 4), "launches": round(v[1], 1)} for k, v in kinds.items()},
+            "top": [{"kernel": n[:120], "ms": round(ms, 4), "launches": round(c, 1)} for n, ms, c in kernels[:12]]}
+
+
+def engine_decode(engine, contexts: list[int], profile_at: int | None = None) -> list[dict]:
+    """Per context: allocate exactly that cache, fill it with synthetic K/V, time graphed decode steps; at
+    ``profile_at`` also break the step's GPU time down by kernel."""
     rows = []
     token = torch.tensor([[1]], device="cuda")
     for context in contexts:
@@ -144,6 +183,11 @@ def engine_decode(engine, contexts: list[int]) -> list[dict]:
             row["ms_per_token"] = cuda_ms(lambda: engine.step(token, context), repeat=5, inner=20)
             row["peak_GB"] = torch.cuda.max_memory_allocated() / 1e9
             row["kv_GB"] = engine.kv_cache_bytes().total / 1e9
+            if context == profile_at:
+                try:
+                    row["kernels"] = decode_kernel_breakdown(engine, token, context)
+                except Exception as error:  # noqa: BLE001 - a profiler failure must not lose the timings
+                    row["kernels"] = {"error": repr(error)}
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         engine.release()
@@ -295,7 +339,7 @@ def bench_model(key: str, args, ceilings: dict, save_partial) -> dict:
         part = {"compile_s": compile_s, "decode": [], "prefill": [], "max_context": {}}
         result[label] = part
         if "decode" in args.sections:
-            part["decode"] = engine_decode(engine, shape["contexts"])
+            part["decode"] = engine_decode(engine, shape["contexts"], profile_at=shape["goal_context"])
             for row in part["decode"]:
                 row["bound_ms"] = (weights + kv_read_bytes(m, cfg, row["context"])) / (ceilings["copy_TBps"] * 1e9)
             save_partial(result)

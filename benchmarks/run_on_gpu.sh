@@ -33,8 +33,9 @@ for step in "$@"; do
                 --identify-steps 400 --study --samples-per-cell 8 2>&1 | tee "$OUT/train.log"
             tar czf "$OUT/passkey.tgz" -C /tmp pk ;;
         kernels)
+            # KERNEL_SECTIONS="ceilings decode" runs only those sections (default: every section)
             timeout 560 python3 -m benchmarks.kernels --out "$OUT/kernels_h200.json" --commit "$COMMIT" \
-                --deadline 480 2>&1 | tee "$OUT/kernels_h200.log" ;;
+                --deadline 480 ${KERNEL_SECTIONS:+--sections $KERNEL_SECTIONS} 2>&1 | tee "$OUT/kernels_h200.log" ;;
         e2e-decode)
             for model in llama3 llama2; do
                 hf=(); [ "$model" = llama3 ] && hf=(--skip-hf)
