@@ -11,11 +11,10 @@ The new tokens' keys come from ``k``/``v`` (never from the cache) and the split 
 the cache; the cache part of every split ends below ``start``, so reads and the append never touch one slot.
 
 ``combine_kernel`` (grid ``B * Hq * T``) merges the partials by their log-sum-exp: two launches per layer for the
-retrieval half. ``FUSED_COMBINE`` is the one-launch alternative: each program takes a ticket from a zeroed
-counter per row group (``TICKETS``, one small memset per call) after writing its partial, and the program that
-draws the last ticket merges the partials itself. It is an option of the launcher, measured by
-``benchmarks/kernels.py`` against the two-launch default; on the GPU it is not the default until a run shows it
-is faster.
+retrieval half. A one-launch variant (the split that draws the last ticket of an atomic counter merges the
+partials) was built and measured on the H200: slower at every size (8K keys, Llama-3 heads: 25 vs 16 us; 64K:
+85 vs 76 us; benchmarks/README.md), since the merging program runs alone after every other split has finished,
+and it was removed.
 """
 from __future__ import annotations
 
@@ -27,12 +26,12 @@ from .triton_common import program_rows, tile_update
 
 @triton.jit
 def retrieval_split_kernel(
-    Q, K, V, KC, VC, POS, OP, LP, O, TICKETS,
+    Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, so_b, so_h, so_t,
+    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, T, num_splits, qk_scale,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -85,32 +84,6 @@ def retrieval_split_kernel(
     row = ((b64 * Hkv + kv64) * groups + (head - kv * groups)) * T + t
     tl.store(LP + row * num_splits + split, lse, mask=row_ok)
     tl.store(OP + (row * num_splits + split)[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
-
-    if FUSED_COMBINE:
-        # The last split of this program's rows to finish merges all partials: no second launch. Every thread's
-        # partial stores are issued before the barrier, and the ticket's acq_rel orders them before the last
-        # program's reads, which bypass L1 (.cg): another SM wrote them, and L1 is not coherent.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(TICKETS + pid_g, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
-            tl.debug_barrier()
-            m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for s in range(0, num_splits):
-                m = tl.maximum(m, tl.load(LP + row * num_splits + s, mask=row_ok, other=float("-inf"),
-                                          cache_modifier=".cg"))
-            m = tl.where(m == float("-inf"), 0.0, m)
-            merged = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-            weight = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for s in range(0, num_splits):
-                w = tl.math.exp2(tl.load(LP + row * num_splits + s, mask=row_ok, other=float("-inf"),
-                                         cache_modifier=".cg") - m)
-                part = tl.load(OP + (row * num_splits + s)[:, None] * D + offs_d[None, :], mask=row_ok[:, None],
-                               other=0.0, cache_modifier=".cg")
-                merged += part * w[:, None]
-                weight += w
-            merged = merged / tl.maximum(weight, 1e-30)[:, None]
-            o_ptrs = O + b64 * so_b + head.to(tl.int64)[:, None] * so_h + t[:, None] * so_t + offs_d[None, :]
-            tl.store(o_ptrs, merged.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit

@@ -6,8 +6,8 @@ under ``TRITON_INTERPRET=1`` (set before triton is imported), which is how the C
 existing ``custom_op`` definitions: ``triton_op`` cannot be traced on CPU (platform notes), the custom ops can
 everywhere, and on CUDA they now run these kernels.
 
-Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused; 1
-with the ``fused_combine`` option, not yet measured on a GPU), streaming prefill 2 (attention, then the ring write
+Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
+streaming prefill 2 (attention, then the ring write
 that must wait for every read), streaming decode 1 (attention and the one-slot write in the same program). No launcher reads a device value on the host: the
 chunk's start position is read inside the kernels, so every launch is CUDA-graph capturable.
 """
@@ -35,8 +35,10 @@ from .triton_streaming import streaming_kernel, streaming_write_kernel
 
 # Queries per call at or below which a call is "decode": the group's heads share a tile and (retrieval) split-K.
 DECODE_MAX_TOKENS = 16
-LONG_CACHE = 32768  # cache capacity from which one-head (MHA) decode programs get more splits and 4 stages
-VERY_LONG_CACHE = 131072
+# Cache capacities (keys) at which the decode launch changes (decode_config, decode_programs_per_sm).
+LONG_CACHE = 32768  # one-head (MHA) programs: 8 per SM and 4 pipeline stages
+VERY_LONG_CACHE = 131072  # one-head programs: 16 per SM
+HUGE_CACHE = 524288  # GQA-packed programs: 8 per SM and 4 stages (else 2 per SM and 3 stages)
 PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group tune differently (H200 sweep)
 
 
@@ -58,11 +60,12 @@ def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
     return TileConfig(block_t=128, block_n=block_n, num_warps=warps, num_stages=3)
 
 
-def decode_config(q: torch.Tensor, groups: int, long_cache: bool = True) -> TileConfig:
+def decode_config(q: torch.Tensor, groups: int, capacity: int = 0) -> TileConfig:
     """Decode tiles: all of a group's query heads (up to 16) times the few tokens as M, at least 16 rows.
 
-    64 keys per tile. Pipeline stages from the H200 sweep: 3 where the group's heads share a tile (GQA, best at
-    every length) or the cache is short, 4 for long caches of one-head programs (MHA, best from 64K keys).
+    64 keys per tile. Pipeline stages by the cache's ``capacity`` in keys (0: the short streaming cache), from
+    the H200 runs: 4 for one-head programs (MHA) from LONG_CACHE (best from 64K keys), 4 for GQA-packed programs
+    from HUGE_CACHE (see decode_programs_per_sm), else 3.
     """
     t = q.shape[2]
     heads_per = min(next_pow2(groups), 16)
@@ -72,7 +75,8 @@ def decode_config(q: torch.Tensor, groups: int, long_cache: bool = True) -> Tile
     block_t = max(block_t, 16 // heads_per)
     if q.device.type != "cuda":
         return TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
-    stages = 4 if long_cache and heads_per < PACKED_HEADS else 3
+    deep = capacity >= (HUGE_CACHE if heads_per >= PACKED_HEADS else LONG_CACHE)
+    stages = 4 if deep else 3
     return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=stages)
 
 
@@ -117,11 +121,13 @@ def decode_programs_per_sm(heads_per: int, capacity: int) -> int:
     """Split-K programs per multiprocessor, the fastest of the H200 sweep (benchmarks/results/kernels_h200.json).
 
     Programs that pack 4+ query heads (GQA) already do 4x the work per K/V byte: 2 per SM was best at 8K, 64K
-    and 256K keys (Llama-3 heads). One-head programs (MHA, Llama-2 heads): 4 per SM below 32K keys, 8 from
-    32K, 16 from 128K (best at 8K / 64K / 256K).
+    and 256K keys (Llama-3 heads, kernel sweep); from HUGE_CACHE (512K) 8 per SM: end to end on the Llama-3
+    shape at 512K and 1M keys, where layers hold 1-8 retrieval KV heads, 8 per SM with 4 stages gave 13.62 / 21.12
+    ms per token and 2 per SM with 3 stages 14.13 / 22.16 (benchmarks/README.md). One-head programs (MHA,
+    Llama-2 heads): 4 per SM below 32K keys, 8 from 32K, 16 from 128K (best at 8K / 64K / 256K).
     """
     if heads_per >= PACKED_HEADS:
-        return 2
+        return 8 if capacity >= HUGE_CACHE else 2
     if capacity >= VERY_LONG_CACHE:
         return 16
     return 8 if capacity >= LONG_CACHE else 4
@@ -139,13 +145,12 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
 
 
-def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None,
-                             fused_combine=False):
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q)
     if out.numel() == 0:
         return out
-    cfg = cfg or decode_config(q, groups, long_cache=k_cache.shape[2] >= LONG_CACHE)
+    cfg = cfg or decode_config(q, groups, capacity=k_cache.shape[2])
     if t > cfg.block_t:
         raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
@@ -153,21 +158,17 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     splits = num_splits or decode_splits(q, k_cache, programs, cfg)
     o_part = torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, hq, t, splits), dtype=torch.float32, device=q.device)
-    # Ticket counters only for the fused combine (one memset); otherwise any tensor fills the unused slot.
-    tickets = torch.zeros(programs, dtype=torch.int32, device=q.device) if fused_combine else lse_part
     retrieval_split_kernel[(splits, programs)](
-        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part, out, tickets,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache), *_strides(out),
+        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
         hkv, groups, t, splits, log2_scale(scale),
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), FUSED_COMBINE=bool(fused_combine),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if not fused_combine:
-        combine_kernel[(b * hq * t,)](
-            o_part, lse_part, out, *_strides(out), hq, t, splits,
-            SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
-        )
+    combine_kernel[(b * hq * t,)](
+        o_part, lse_part, out, *_strides(out), hq, t, splits,
+        SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
+    )
     return out
 
 
@@ -180,7 +181,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
         raise ValueError(f"streaming needs recent >= 1 and sink >= 0, got sink={sink}, recent={recent}")
     has_cache = k_cache is not None
     decode = t <= DECODE_MAX_TOKENS
-    cfg = cfg or (decode_config(q, groups, long_cache=False) if decode else prefill_config(q, "streaming"))
+    cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
     _check_prefill_config(cfg, t)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
@@ -225,16 +226,11 @@ def triton_streaming_attention(
 
 def triton_retrieval_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float,
-    config: TileConfig | None = None, num_splits: int | None = None, fused_combine: bool = False,
+    config: TileConfig | None = None, num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else.
-
-    ``fused_combine`` (decode only): merge the split partials in the split kernel's last program instead of a
-    second launch (see ``triton_decode.py``); off by default until a GPU run shows it pays.
-    """
+    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else."""
     if q.shape[2] <= DECODE_MAX_TOKENS:
-        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits,
-                                        fused_combine)
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits)
     return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config)
 
 
