@@ -20,7 +20,7 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for d in kernels passes models; do [ -e "duo_compile/$d" ] || ln -s "../$d" "duo_compile/$d"; done
-COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"  # the device copy's .git can lag: pass COMMIT=
 
 for step in "$@"; do
     echo "== $step ($(date +%T))"

@@ -247,11 +247,6 @@ def test_needle_attention_mass_shape_and_range():
 
 # ---------------------------------------------------------------------- the bundled passkey model
 
-bundled = pytest.mark.skipif(not (PASSKEY_MODEL_DIR / "model.safetensors").exists(),
-                             reason="the bundled passkey model is not committed yet")
-
-
-@bundled
 def test_identify_on_the_bundled_model_short_schedule(tmp_path):
     from duo_compile.passkey import load_passkey_model
 
@@ -267,7 +262,6 @@ def test_identify_on_the_bundled_model_short_schedule(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["task"] == "text"
 
 
-@bundled
 def test_bundled_model_retrieves_and_streaming_does_not():
     from duo_compile.needle import passkey_accuracy
     from duo_compile.passkey import load_passkey_model
