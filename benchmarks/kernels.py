@@ -278,12 +278,15 @@ DECODE_VARIANTS = [  # (label, TileConfig overrides, programs per SM): the defau
     ("n128w8s2-x4", dict(block_n=128, num_warps=8, num_stages=2), 4),
     ("n64w4s3-x1", dict(block_n=64, num_warps=4, num_stages=3), 1),
 ]
-STREAMING_DECODE_VARIANTS = [  # tile overrides of the streaming decode (one program per KV group, 1 token)
-    ("n64w4s3", dict(block_n=64, num_warps=4, num_stages=3)),
-    ("n64w4s1", dict(block_n=64, num_warps=4, num_stages=1)),
-    ("n128w4s2", dict(block_n=128, num_warps=4, num_stages=2)),
-    ("n128w8s2", dict(block_n=128, num_warps=8, num_stages=2)),
-    ("n256w8s1", dict(block_n=256, num_warps=8, num_stages=1)),
+STREAMING_DECODE_VARIANTS = [  # streaming decode of 1 token: (tiled kernel?, tile overrides)
+    # one program per KV group walking [sink | ring | token] (triton_streaming.py; chunk mode's kernel)
+    ("one_n64w4s3", False, dict(block_n=64, num_warps=4, num_stages=3)),
+    ("one_n256w8s1", False, dict(block_n=256, num_warps=8, num_stages=1)),
+    # one program per tile of it, then combine (triton_streaming_decode.py; window mode's default)
+    ("tiles_n32w4", True, dict(block_n=32, num_warps=4)),
+    ("tiles_n64w4", True, dict(block_n=64, num_warps=4)),
+    ("tiles_n128w4", True, dict(block_n=128, num_warps=4)),
+    ("tiles_n128w8", True, dict(block_n=128, num_warps=8)),
 ]
 
 
@@ -366,8 +369,9 @@ def section_decode():
 
 
 def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
-    """Streaming decode (sink + recent cache, slot write fused): latency-bound (it reads ~320 keys per KV head),
-    so tile variants that walk the cache in fewer, larger steps; each checked against the reference first."""
+    """Streaming decode (sink + recent cache, slot write fused): latency-bound (it reads ~320 keys per KV head).
+    The one-program kernel against the tiled one (a program per cache tile + combine), several tiles each;
+    every variant checked against the reference (output and the written slot) before it is timed."""
     groups = hq // hkv
     kc = torch.randn(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
     vc = torch.randn(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
@@ -377,16 +381,16 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
     pos = torch.tensor([100000], device=DEV)
     ref_out, kref, _ = ref_cached_op(reference.streaming_attention_cached, q, k, v, kc, vc, pos, SINK, RECENT, False)
     row = {}
-    for label, over in [*STREAMING_DECODE_VARIANTS, ("default", None)]:
+    for label, tiled, over in [*STREAMING_DECODE_VARIANTS, ("default", True, None)]:
         cfg = None
         if over is not None:
             base = triton_ops.decode_config(q, groups)
             cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
         kcv, vcv = kc.clone(), vc.clone()
 
-        def call(kcv=kcv, vcv=vcv, cfg=cfg):
+        def call(kcv=kcv, vcv=vcv, cfg=cfg, tiled=tiled):
             return triton_ops.triton_streaming_attention_cached(q, k, v, kcv, vcv, pos, SCALE, SINK, RECENT, False,
-                                                                 config=cfg)
+                                                                 config=cfg, split_decode=tiled)
 
         try:
             err = rel_err(call(), ref_out)
@@ -597,7 +601,8 @@ def _smoke_sizes():
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
-    STREAMING_DECODE_VARIANTS = [("n16", dict(block_n=16)), ("n32", dict(block_n=32))]
+    STREAMING_DECODE_VARIANTS = [("one_n16", False, dict(block_n=16)), ("tiles_n16", True, dict(block_n=16)),
+                                 ("tiles_n32", True, dict(block_n=32))]
     FORMATS = ((torch.float16, 16), (torch.float32, 32))
 
 

@@ -6,6 +6,7 @@
 #
 # Steps (measured durations on the H200, machine start not included):
 #   check       benchmarks/gpu_check.py: compiled engines vs the oracle, AOTI round trips in subprocesses  ~3 min
+#   check-engines  the same without the AOTI round trips                                            ~1.5 min
 #   aoti        only the AOTI round trips of gpu_check.py                                              ~1.5 min
 #   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
 #   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
@@ -26,6 +27,7 @@ for step in "$@"; do
     echo "== $step ($(date +%T))"
     case "$step" in
         check) timeout 420 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" ;;
+        check-engines) timeout 300 python3 benchmarks/gpu_check.py --skip-aoti 2>&1 | tee "$OUT/gpu_check.log" ;;
         aoti) timeout 300 python3 benchmarks/gpu_check.py --only-aoti 2>&1 | tee "$OUT/gpu_check_aoti.log" ;;
         passkey)
             rm -rf /tmp/pk
@@ -43,6 +45,6 @@ for step in "$@"; do
                     --backend inductor --sections decode "${hf[@]}" --commit "$COMMIT" 2>&1 \
                     | tee "$OUT/e2e_${model}_inductor.log"
             done ;;
-        *) echo "unknown step '$step' (check, aoti, passkey, kernels, e2e-decode)" >&2; exit 2 ;;
+        *) echo "unknown step '$step' (check, check-engines, aoti, passkey, kernels, e2e-decode)" >&2; exit 2 ;;
     esac
 done

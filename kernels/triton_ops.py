@@ -7,9 +7,10 @@ existing ``custom_op`` definitions: ``triton_op`` cannot be traced on CPU (platf
 everywhere, and on CUDA they now run these kernels.
 
 Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
-streaming prefill 2 (attention, then the ring write
-that must wait for every read), streaming decode 1 (attention and the one-slot write in the same program). No launcher reads a device value on the host: the
-chunk's start position is read inside the kernels, so every launch is CUDA-graph capturable.
+streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode of one
+token 2 (one program per cache tile + combine, slot write fused; chunk mode and 2-16 tokens: 1 or 2 launches of
+the prefill kernel). No launcher reads a device value on the host: the chunk's start position is read inside
+the kernels, so every launch is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .triton_common import (
 from .triton_decode import combine_kernel, retrieval_split_kernel
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
+from .triton_streaming_decode import streaming_decode_split_kernel
 
 # Queries per call at or below which a call is "decode": the group's heads share a tile and (retrieval) split-K.
 DECODE_MAX_TOKENS = 16
@@ -145,6 +147,15 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
 
 
+def _combine(o_part, lse_part, out):
+    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (one program per row)."""
+    b, hq, t, splits, d = o_part.shape
+    combine_kernel[(b * hq * t,)](
+        o_part, lse_part, out, *_strides(out), hq, t, splits,
+        SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
+    )
+
+
 def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q)
@@ -165,14 +176,33 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
         D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    combine_kernel[(b * hq * t,)](
-        o_part, lse_part, out, *_strides(out), hq, t, splits,
-        SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
-    )
+    _combine(o_part, lse_part, out)
     return out
 
 
-def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg):
+def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg):
+    """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q)
+    cfg = cfg or decode_config(q, groups)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    splits = math.ceil((sink + recent + 1) / cfg.block_n)
+    o_part = torch.empty((b, hq, 1, splits, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, hq, 1, splits), dtype=torch.float32, device=q.device)
+    streaming_decode_split_kernel[(splits, grid_groups(b, hkv, groups, cfg.heads_per))](
+        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *_strides(k_cache), *_strides(v_cache),
+        hkv, groups, splits, log2_scale(scale), sink, recent,
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=1,
+    )
+    _combine(o_part, lse_part, out)
+    return out
+
+
+def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg,
+                      split_decode=True):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q)
     if out.numel() == 0:
@@ -180,6 +210,8 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     if recent < 1 or sink < 0:
         raise ValueError(f"streaming needs recent >= 1 and sink >= 0, got sink={sink}, recent={recent}")
     has_cache = k_cache is not None
+    if has_cache and t == 1 and not chunk_mode and split_decode:
+        return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
     _check_prefill_config(cfg, t)
@@ -236,10 +268,16 @@ def triton_retrieval_attention_cached(
 
 def triton_streaming_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
-    config: TileConfig | None = None,
+    config: TileConfig | None = None, split_decode: bool = True,
 ) -> torch.Tensor:
-    """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache."""
-    return _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config)
+    """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
+
+    ``split_decode=False`` runs a one-token window-mode step on the one-program kernel instead of the tiled one
+    (for side-by-side timing and tests; both are exact).
+    """
+    return _launch_streaming(
+        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode
+    )
 
 
 # ---- registration as the CUDA kernels of the duo:: custom ops ----

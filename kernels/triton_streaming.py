@@ -15,7 +15,8 @@ row see the whole ring (it holds exactly positions ``>= start - recent``).
 
 The cache is only read here. Writing the surviving chunk tokens (``streaming_write_kernel``) must wait until
 every program has read the old ring, so for prefill it is a second, small launch. A decode step (one program per
-KV group, ``FUSE_WRITE``) writes its single token into its slot after a barrier, inside the same launch.
+KV group, ``FUSE_WRITE``) writes its single token into its slot after a barrier, inside the same launch. That is
+how chunk mode decodes; window mode's one-token step runs the tiled kernel of triton_streaming_decode.py instead.
 """
 from __future__ import annotations
 

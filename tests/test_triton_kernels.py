@@ -104,7 +104,8 @@ def test_retrieval_decode_first_token():
     _run_retrieval_chunks([1, 1], 2, 1, 2, torch.float32)
 
 
-def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtype=torch.float32, config=None):
+def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtype=torch.float32, config=None,
+                          split_decode=True):
     k_cache = torch.randn(b, hkv, sink + recent, D).to(dtype)
     v_cache = torch.randn(b, hkv, sink + recent, D).to(dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -113,7 +114,7 @@ def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtyp
         q, k, v = _qkv(b, hkv, groups, t, dtype)
         pos = _pos(start, t)
         out = triton_streaming_attention_cached(
-            q, k, v, k_cache, v_cache, pos, SCALE, sink, recent, chunk_mode, config=config
+            q, k, v, k_cache, v_cache, pos, SCALE, sink, recent, chunk_mode, config=config, split_decode=split_decode
         )
         ref = reference.streaming_attention_cached(q, k, v, k_ref, v_ref, pos, SCALE, sink, recent, chunk_mode)
         _close(out, ref, dtype)
@@ -140,10 +141,33 @@ def test_streaming_cached_fp16():
     _run_streaming_chunks([10, 30, 1, 3], 1, 2, 2, 4, 12, False, dtype=torch.float16)
 
 
-def test_streaming_decode_unfused_write():
-    # Two programs per KV group: the slot write must go to the separate write kernel (no fused write).
+@pytest.mark.parametrize("split_decode", [False, True])
+def test_streaming_decode_unfused_write(split_decode):
+    # Two programs per KV group. One-program kernel: the slot write goes to the separate write kernel (no fused
+    # write). Tiled kernel: only the first head chunk writes.
     cfg = TileConfig(block_t=16, block_n=16, heads_per=2)
-    _run_streaming_chunks([20, 1, 1, 3], 1, 1, 4, 2, 8, False, config=cfg)
+    _run_streaming_chunks([20, 1, 1, 3], 1, 1, 4, 2, 8, False, config=cfg, split_decode=split_decode)
+
+
+@pytest.mark.parametrize(
+    "b,hkv,groups,sink,recent,block_n,steps",
+    [
+        (1, 1, 1, 4, 8, 16, 20),  # from position 0: sink filling, ring filling, wrap-around; one tile of 13 keys
+        (2, 2, 2, 5, 20, 16, 30),  # batch 2, GQA, sink + recent + 1 = 26 keys over 2 tiles (second one partial)
+        (1, 1, 4, 0, 16, 16, 20),  # sink 0; the new token alone in the second tile
+        (1, 2, 1, 3, 12, 32, 18),  # 32-key tile, more than the whole cache
+    ],
+)
+def test_streaming_decode_tiles_token_by_token(b, hkv, groups, sink, recent, block_n, steps):
+    """The tiled one-token kernel (triton_streaming_decode.py) from an empty cache, one token at a time."""
+    heads_per = min(groups, 4)
+    cfg = TileConfig(block_t=max(1, 16 // heads_per), block_n=block_n, heads_per=heads_per)
+    _run_streaming_chunks([1] * steps, b, hkv, groups, sink, recent, False, config=cfg)
+
+
+def test_streaming_decode_one_program_kernel():
+    # The one-program path (FUSE_WRITE) stays for chunk mode; here it is checked in window mode too.
+    _run_streaming_chunks([6, 30, 1, 1, 5, 1], 1, 1, 2, 4, 8, False, split_decode=False)
 
 
 def test_streaming_long_prefill_small_ring_blocks():
