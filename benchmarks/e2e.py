@@ -11,7 +11,7 @@ authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recen
     bandwidth; prefill time = FLOPs / matmul rate. Each measured ratio is printed beside its bound.
 
     python benchmarks/e2e.py --patterns DIR --out DIR [--models llama2,llama3] [--backend eager|inductor]
-        [--sections decode,prefill,max_context] [--skip-hf] [--commit SHA]
+        [--sections decode,prefill,max_context] [--skip-hf] [--streaming-decode one|tiles] [--commit SHA]
 
 Writes ``e2e_<model>.json`` (command, GPU, versions, commit, every number), and ``e2e.png``.
 """
@@ -424,8 +424,15 @@ def main() -> int:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--sections", default="decode,prefill,max_context",
                         help="comma-separated engine measurements: decode, prefill, max_context")
+    parser.add_argument("--streaming-decode", choices=("one", "tiles"), default=None,
+                        help="streaming decode kernel: one program per KV group, or one per cache tile "
+                             "(default: kernels.triton_ops.TILED_STREAMING_DECODE)")
     parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
     args = parser.parse_args()
+    from duo_compile.kernels import triton_ops
+
+    if args.streaming_decode is not None:
+        triton_ops.TILED_STREAMING_DECODE = args.streaming_decode == "tiles"
     args.sections = args.sections.split(",")
     unknown = set(args.sections) - {"decode", "prefill", "max_context"}
     if unknown:
@@ -440,7 +447,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "commit": args.commit, "backend": args.backend, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "commit": args.commit, "backend": args.backend, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "streaming_decode": "tiles" if triton_ops.TILED_STREAMING_DECODE else "one"}
     log(f"{meta}")
     meta["ceilings"] = measure_ceilings()
     log(f"ceilings: {meta['ceilings']}")

@@ -11,6 +11,7 @@
 #   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
 #   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
 #   e2e-decode  benchmarks/e2e.py --backend inductor --sections decode, Llama-3 then Llama-2      ~6 min
+#               (E2E_ARGS="--streaming-decode tiles" adds arguments, e.g. the tiled streaming decode)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first. e2e.py needs the authors'
@@ -42,7 +43,7 @@ for step in "$@"; do
             for model in llama3 llama2; do
                 hf=(); [ "$model" = llama3 ] && hf=(--skip-hf)
                 timeout 280 python3 benchmarks/e2e.py --patterns .bench_patterns --out "$OUT" --models "$model" \
-                    --backend inductor --sections decode "${hf[@]}" --commit "$COMMIT" 2>&1 \
+                    --backend inductor --sections decode "${hf[@]}" --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_inductor.log"
             done ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, passkey, kernels, e2e-decode)" >&2; exit 2 ;;

@@ -7,9 +7,8 @@ existing ``custom_op`` definitions: ``triton_op`` cannot be traced on CPU (platf
 everywhere, and on CUDA they now run these kernels.
 
 Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
-streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode of one
-token 2 (one program per cache tile + combine, slot write fused; chunk mode and 2-16 tokens: 1 or 2 launches of
-the prefill kernel). No launcher reads a device value on the host: the chunk's start position is read inside
+streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 1 (one
+program per KV group, slot write fused; or, with TILED_STREAMING_DECODE, 2: one program per cache tile + combine). No launcher reads a device value on the host: the chunk's start position is read inside
 the kernels, so every launch is CUDA-graph capturable.
 """
 from __future__ import annotations
@@ -42,6 +41,10 @@ LONG_CACHE = 32768  # one-head (MHA) programs: 8 per SM and 4 pipeline stages
 VERY_LONG_CACHE = 131072  # one-head programs: 16 per SM
 HUGE_CACHE = 524288  # GQA-packed programs: 8 per SM and 4 stages (else 2 per SM and 3 stages)
 PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group tune differently (H200 sweep)
+# Window-mode one-token streaming decode on the tiled kernel (triton_streaming_decode.py) instead of the
+# one-program kernel. Off until measured: checked under the interpreter only; benchmarks/kernels.py (section
+# decode) and benchmarks/e2e.py --streaming-decode tiles time both on the GPU.
+TILED_STREAMING_DECODE = False
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
@@ -202,7 +205,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
 
 
 def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg,
-                      split_decode=True):
+                      split_decode=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q)
     if out.numel() == 0:
@@ -210,6 +213,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     if recent < 1 or sink < 0:
         raise ValueError(f"streaming needs recent >= 1 and sink >= 0, got sink={sink}, recent={recent}")
     has_cache = k_cache is not None
+    split_decode = TILED_STREAMING_DECODE if split_decode is None else split_decode
     if has_cache and t == 1 and not chunk_mode and split_decode:
         return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg)
     decode = t <= DECODE_MAX_TOKENS
@@ -268,12 +272,12 @@ def triton_retrieval_attention_cached(
 
 def triton_streaming_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
-    config: TileConfig | None = None, split_decode: bool = True,
+    config: TileConfig | None = None, split_decode: bool | None = None,
 ) -> torch.Tensor:
     """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
 
-    ``split_decode=False`` runs a one-token window-mode step on the one-program kernel instead of the tiled one
-    (for side-by-side timing and tests; both are exact).
+    ``split_decode`` picks the kernel of a one-token window-mode step: True the tiled one, False the one-program
+    one, None ``TILED_STREAMING_DECODE`` (both are exact; the choice is for timing them side by side).
     """
     return _launch_streaming(
         q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode

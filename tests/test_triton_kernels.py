@@ -105,7 +105,7 @@ def test_retrieval_decode_first_token():
 
 
 def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtype=torch.float32, config=None,
-                          split_decode=True):
+                          split_decode=None):
     k_cache = torch.randn(b, hkv, sink + recent, D).to(dtype)
     v_cache = torch.randn(b, hkv, sink + recent, D).to(dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -137,8 +137,9 @@ def test_streaming_cached(chunk_mode, b, hkv, groups, sink, recent, chunks):
     _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode)
 
 
-def test_streaming_cached_fp16():
-    _run_streaming_chunks([10, 30, 1, 3], 1, 2, 2, 4, 12, False, dtype=torch.float16)
+@pytest.mark.parametrize("split_decode", [False, True])
+def test_streaming_cached_fp16(split_decode):
+    _run_streaming_chunks([10, 30, 1, 3], 1, 2, 2, 4, 12, False, dtype=torch.float16, split_decode=split_decode)
 
 
 @pytest.mark.parametrize("split_decode", [False, True])
@@ -162,12 +163,13 @@ def test_streaming_decode_tiles_token_by_token(b, hkv, groups, sink, recent, blo
     """The tiled one-token kernel (triton_streaming_decode.py) from an empty cache, one token at a time."""
     heads_per = min(groups, 4)
     cfg = TileConfig(block_t=max(1, 16 // heads_per), block_n=block_n, heads_per=heads_per)
-    _run_streaming_chunks([1] * steps, b, hkv, groups, sink, recent, False, config=cfg)
+    _run_streaming_chunks([1] * steps, b, hkv, groups, sink, recent, False, config=cfg, split_decode=True)
 
 
-def test_streaming_decode_one_program_kernel():
-    # The one-program path (FUSE_WRITE) stays for chunk mode; here it is checked in window mode too.
-    _run_streaming_chunks([6, 30, 1, 1, 5, 1], 1, 1, 2, 4, 8, False, split_decode=False)
+def test_streaming_decode_one_program_kernel_token_by_token():
+    # The same walk through sink, ring filling and wrap-around on the one-program kernel (FUSE_WRITE).
+    _run_streaming_chunks([1] * 20, 1, 1, 2, 4, 8, False, config=TileConfig(block_t=8, block_n=16, heads_per=2),
+                          split_decode=False)
 
 
 def test_streaming_long_prefill_small_ring_blocks():
