@@ -117,6 +117,36 @@ def program_rows(pid_g, m0, Hkv, groups, T, HEADS_PER: tl.constexpr, BLOCK_T: tl
 
 
 @triton.jit
+def load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, D: tl.constexpr):
+    """The tile's query rows Q[b, head, t, :] (rows past the group or the chunk read as 0)."""
+    offs_d = tl.arange(0, D)
+    ptrs = Q + b.to(tl.int64) * sq_b + head.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def empty_state(BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """Online-softmax state before the first key tile: output 0, running max -inf, running sum 0."""
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D: tl.constexpr):
+    """Split-K partial of each tile row ``row`` (flat b, head, t index): the normalised output into
+    ``OP[row, split, :]`` and its log2-sum-exp into ``LP[row, split]`` (-inf for a split that saw no key), for
+    ``combine_kernel`` to merge."""
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
+    offs_d = tl.arange(0, D)
+    tl.store(LP + row * num_splits + split, lse, mask=row_ok)
+    tl.store(OP + (row * num_splits + split)[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+
+
+@triton.jit
 def finish_rows(acc, l_i, O, b, head, t, row_ok, so_b, so_h, so_t, D: tl.constexpr):
     """Normalise and store the tile's rows to O[b, head, t, :] (rows with nothing visible, i.e. padding, give 0)."""
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import program_rows, tile_update
+from .triton_common import empty_state, load_rows, program_rows, store_partial, tile_update
 
 
 @triton.jit
@@ -36,7 +36,6 @@ def retrieval_split_kernel(
     split = tl.program_id(0)
     pid_g = tl.program_id(1)
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, T, HEADS_PER, BLOCK_T)
-    BLOCK_M: tl.constexpr = HEADS_PER * BLOCK_T
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
@@ -48,11 +47,8 @@ def retrieval_split_kernel(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, total)
 
-    q_ptrs = Q + b64 * sq_b + head.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q = load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, D)
+    acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
 
     kc_base = KC + b64 * skc_b + kv64 * skc_h
     vc_base = VC + b64 * svc_b + kv64 * svc_h
@@ -78,12 +74,8 @@ def retrieval_split_kernel(
         tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
         tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
 
-    # Partial for row (b, head, t): normalised output and log2-sum-exp (-inf when this split saw nothing).
-    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     row = ((b64 * Hkv + kv64) * groups + (head - kv * groups)) * T + t
-    tl.store(LP + row * num_splits + split, lse, mask=row_ok)
-    tl.store(OP + (row * num_splits + split)[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
+    store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D)
 
 
 @triton.jit

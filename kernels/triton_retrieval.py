@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import program_rows, finish_rows, tile_update
+from .triton_common import empty_state, finish_rows, load_rows, program_rows, tile_update
 
 
 @triton.jit
@@ -32,18 +32,12 @@ def retrieval_prefill_kernel(
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     m0 = pid_m * BLOCK_T
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, m0, Hkv, groups, T, HEADS_PER, BLOCK_T)
-    BLOCK_M: tl.constexpr = HEADS_PER * BLOCK_T
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     b64 = b.to(tl.int64)
     kv64 = kv.to(tl.int64)
-
-    q_ptrs = Q + b64 * sq_b + head.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q = load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, D)
+    acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
 
     k_base = K + b64 * sk_b + kv64 * sk_h
     v_base = V + b64 * sv_b + kv64 * sv_h

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import program_rows, tile_update
+from .triton_common import empty_state, load_rows, program_rows, store_partial, tile_update
 
 
 @triton.jit
@@ -58,21 +58,12 @@ def streaming_decode_split_kernel(
     kk = tl.where(is_new[:, None], k_new[None, :], kk)
     vv = tl.where(is_new[:, None], v_new[None, :], vv)
 
-    q = tl.load(Q + b64 * sq_b + head.to(tl.int64)[:, None] * sq_h + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
-    BLOCK_M: tl.constexpr = HEADS_PER * BLOCK_T
-    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q = load_rows(Q, b, head, t, row_ok, sq_b, sq_h, 0, D)
+    acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
     visible = (cached | is_new)[None, :] & row_ok[:, None]
     acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
-
-    # Partial for row (b, head): normalised output and log2-sum-exp (-inf when this tile saw nothing).
-    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     row = (b64 * Hkv + kv64) * groups + (head - kv * groups)
-    tl.store(LP + row * num_splits + split, lse, mask=row_ok)
-    tl.store(OP + (row * num_splits + split)[:, None] * D + offs_d[None, :], out, mask=row_ok[:, None])
+    store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D)
 
     if (split == 0) & (chunk == 0):
         slot = tl.where(start < sink, start, sink + (tl.maximum(start - sink, 0) % recent))
