@@ -5,6 +5,7 @@
     duo-compile run engine.pt2 --ids 1,2,3 --max-new-tokens 16
     duo-compile identify MODEL_DIR -o gates/          head identification (the paper's gate optimisation)
     duo-compile needle                                passkey accuracy study of the bundled model
+    duo-compile bench --patterns DIR --out DIR        end-to-end benchmark at Llama-2/Llama-3 shapes (GPU)
 """
 from __future__ import annotations
 
@@ -122,6 +123,12 @@ def _cmd_needle(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from duo_compile.bench import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duo-compile", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("--device", default="cpu")
     needle.add_argument("-o", "--output", default="needle_results", help="writes OUTPUT.json and OUTPUT.png")
     needle.set_defaults(func=_cmd_needle)
+
+    from duo_compile.bench import add_arguments
+
+    bench = sub.add_parser("bench", help="decode/prefill/memory/max context, DuoAttention vs full attention (GPU; "
+                                         "--models tiny checks it on a CPU)")
+    add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

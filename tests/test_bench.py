@@ -1,0 +1,52 @@
+"""``duo-compile bench`` (duo_compile/bench.py): the end-to-end benchmark's code path on a CPU, and its refusals.
+
+The numbers of a CPU run mean nothing; what is checked is that the benchmark the GPU runs measures every engine,
+writes its JSON and plot, and prints each ratio beside its bound, so a mistake in it costs no device time.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from duo_compile.cli import main
+
+
+def test_bench_tiny_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--models", "tiny", "--out", str(out), "--sections", "decode,prefill", "--commit", "abc"]) == 0
+    result = json.loads((out / "e2e_tiny.json").read_text())
+    assert result["commit"] == "abc" and result["gpu"] == "cpu" and result["backend"] == "eager"
+    assert 0 < result["retrieval_heads"] < result["kv_heads"]
+    for label in ("full", "duo"):
+        decode = result[label]["decode"]
+        assert [row["context"] for row in decode] == [400, 800]
+        assert all(row["ms_per_token"] > 0 and row["bound_ms"] > 0 for row in decode)
+        assert result[label]["prefill"][0]["ms"] > 0
+    # The DuoAttention engine holds less KV than full attention (streaming heads keep sink + recent = 320 slots).
+    assert result["duo"]["decode"][1]["kv_GB"] < result["full"]["decode"][1]["kv_GB"]
+    assert result["hf"]["decode"][0]["ms_per_token"] > 0
+    assert (out / "e2e.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "| decode @ 800 |" in table and "| prefill 400 |" in table
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--models", "llama5"], "unknown --models"),
+        (["--models", "tiny", "--sections", "decode,speed"], "unknown --sections"),
+        (["--models", "tiny,llama2"], "CUDA GPU" if not torch.cuda.is_available() else "mixes"),
+    ],
+)
+def test_bench_refuses_bad_arguments_before_building(tmp_path, capsys, argv, message):
+    assert main(["bench", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
+    assert main(["bench", "--models", "llama3", "--patterns", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "need a CUDA GPU" in capsys.readouterr().err
