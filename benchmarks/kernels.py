@@ -2,7 +2,7 @@
 
 Run from the repository root:  python -m benchmarks.kernels --out results.json [--commit SHA] [--sections ...]
 
-Sections (all by default, in the order ceilings, decode, retrieval, streaming, cached, formats, flex):
+Sections (all by default, in the order ceilings, decode, gemv, retrieval, streaming, cached, formats, flex):
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
   decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at
@@ -11,6 +11,10 @@ Sections (all by default, in the order ceilings, decode, retrieval, streaming, c
              launch overhead nor L2 hits are counted. The launcher's own choice ("default") is timed after the
              variants (timed first, it read 10-13% slow: the first timing of a row pays a warm-up). Then the
              streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants
+  gemv       decode-time linear layers (one token) at the Llama-2-7B / Llama-3-8B weight shapes: cuBLAS
+             (F.linear) vs the Triton GEMV (kernels/triton_gemv.py) and its tile variants, as CUDA-graph replays
+             over rotating weight copies; TB/s over the weight bytes vs the copy bandwidth, and the weight time of
+             one whole decode step (32 layers + lm_head) that each would give
   retrieval  retrieval prefill (causal, 32K chunk) vs causal SDPA, TFLOP/s vs the matmul ceiling; tile sweep
   streaming  streaming prefill (sink 64, recent 256) at 32K/128K vs causal SDPA; tile sweep
   cached     (see above)
@@ -37,13 +41,13 @@ import triton
 from triton.testing import do_bench
 
 try:
-    from duo_compile.kernels import ops, reference, triton_ops  # noqa: F401  (ops: registers the duo:: ops)
+    from duo_compile.kernels import ops, reference, triton_gemv, triton_ops  # noqa: F401  (ops: registers duo::)
     from duo_compile.kernels.triton_common import TileConfig
 except ImportError:  # a plain checkout (the GPU machine): import the kernels package from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for name in [m for m in sys.modules if m == "duo_compile" or m.startswith("duo_compile.")]:
         del sys.modules[name]
-    from kernels import ops, reference, triton_ops  # type: ignore[no-redef]  # noqa: F401
+    from kernels import ops, reference, triton_gemv, triton_ops  # type: ignore[no-redef]  # noqa: F401
     from kernels.triton_common import TileConfig  # type: ignore[no-redef]
 
 SHAPES = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
@@ -406,6 +410,77 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
         + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
 
 
+# Decode-time linear layers: (name, N, K, count per decode step) of each model's weights.
+GEMV_SHAPES = {
+    "llama2-7b": [("q/k/v/o", 4096, 4096, 4 * 32), ("gate/up", 11008, 4096, 2 * 32), ("down", 4096, 11008, 32),
+                  ("lm_head", 32000, 4096, 1)],
+    "llama3-8b": [("q/o", 4096, 4096, 2 * 32), ("k/v", 1024, 4096, 2 * 32), ("gate/up", 14336, 4096, 2 * 32),
+                  ("down", 4096, 14336, 32), ("lm_head", 128256, 4096, 1)],
+}
+GEMV_VARIANTS = [  # (label, TileConfig with block_t = BLOCK_M and block_n = BLOCK_N, BLOCK_K)
+    ("n16k256w4s4", TileConfig(block_t=16, block_n=16, num_warps=4, num_stages=4), 256),
+    ("n16k512w4s3", TileConfig(block_t=16, block_n=16, num_warps=4, num_stages=3), 512),
+    ("n32k256w4s4", TileConfig(block_t=16, block_n=32, num_warps=4, num_stages=4), 256),
+    ("n32k128w4s6", TileConfig(block_t=16, block_n=32, num_warps=4, num_stages=6), 128),
+    ("n64k128w4s4", TileConfig(block_t=16, block_n=64, num_warps=4, num_stages=4), 128),
+    ("n16k256w2s4", TileConfig(block_t=16, block_n=16, num_warps=2, num_stages=4), 256),
+    ("n32k256w8s3", TileConfig(block_t=16, block_n=32, num_warps=8, num_stages=3), 256),
+]
+
+
+def section_gemv():
+    """One-token linear layers: cuBLAS against the Triton GEMV, each variant checked against an fp32 reference."""
+    log("== decode linear layers (GEMV) vs cuBLAS")
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_TBps_read_plus_write")
+    out = {}
+    for model, layers in GEMV_SHAPES.items():
+        rows, step = [], {"cublas_ms": 0.0, "best_triton_ms": 0.0, "bytes": 0}
+        for name, n, k, count in layers:
+            w_bytes = n * k * 2
+            copies = 2 if DEV == "cpu" else max(1, min(8, math.ceil(240e6 / w_bytes)))  # more bytes than L2
+            ws = [torch.randn(n, k, dtype=DT, device=DEV) / math.sqrt(k) for _ in range(copies)]
+            x = torch.randn(1, k, dtype=DT, device=DEV)
+            ref = F.linear(x.float(), ws[0].float())
+            row = {"layer": name, "N": n, "K": k, "per_step": count, "weight_MB": w_bytes / 1e6, "copies": copies}
+            row["cublas_us"] = graph_time([(lambda i=i: F.linear(x, ws[i])) for i in range(copies)]) * 1e3
+            best = None
+            for label, cfg, block_k in GEMV_VARIANTS:
+                try:
+                    err = rel_err(triton_gemv.triton_linear(x, ws[0], config=cfg, block_k=block_k), ref)
+                    us = graph_time([(lambda i=i: triton_gemv.triton_linear(x, ws[i], config=cfg, block_k=block_k))
+                                     for i in range(copies)]) * 1e3
+                except Exception as e:  # a config that does not compile is reported, not fatal
+                    log(f"  gemv {label}: failed {type(e).__name__}: {e}")
+                    continue
+                check(f"gemv/{model}/{name}/{label}", err)
+                row[f"triton_{label}_us"] = us
+                if err <= TOL and (best is None or us < best[1]):
+                    best = (label, us)
+            if best:
+                row.update(best=best[0], triton_us=best[1], triton_TBps=w_bytes / best[1] / 1e6)
+            row["cublas_TBps"] = w_bytes / row["cublas_us"] / 1e6
+            if copy_bw:
+                row["cublas_frac_of_copy"] = row["cublas_TBps"] / copy_bw
+                if best:
+                    row["triton_frac_of_copy"] = row["triton_TBps"] / copy_bw
+            step["cublas_ms"] += count * row["cublas_us"] / 1e3
+            step["best_triton_ms"] += count * min(row.get("triton_us", row["cublas_us"]), row["cublas_us"]) / 1e3
+            step["bytes"] += count * w_bytes
+            rows.append(row)
+            log(f"  {model} {name:<8} {n}x{k}: cuBLAS {row['cublas_us']:.1f} us ({row['cublas_TBps']:.2f} TB/s), "
+                f"triton {row.get('triton_us', float('nan')):.1f} us ({row.get('triton_TBps', float('nan')):.2f} TB/s,"
+                f" {row.get('best')})")
+            del ws
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        if copy_bw:
+            step["at_copy_bandwidth_ms"] = step["bytes"] / (copy_bw * 1e9)
+        out[model] = {"layers": rows, "decode_step_weights": step}
+        log(f"  {model} weights of one decode step: cuBLAS {step['cublas_ms']:.2f} ms, with the faster of the two "
+            f"per layer {step['best_triton_ms']:.2f} ms, at copy bandwidth {step.get('at_copy_bandwidth_ms', 0):.2f} ms")
+    RESULTS["gemv"] = out
+
+
 PREFILL_VARIANTS = [  # h<heads_per> packs that many query heads of a KV group into one tile (GQA K/V reuse)
     ("t128n64w8s3", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3)),
     ("t128n128w8s3", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3)),
@@ -581,6 +656,10 @@ def table():
         log(f"decode    {r['shape']:<10} {r['keys']:>7} keys  ours {r['ours_us']:8.1f} us {r['ours_TBps']:5.2f} TB/s "
             f"({r.get('ours_frac_of_copy', 0) * 100:4.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us {r['sdpa_TBps']:5.2f} TB/s  "
             f"x{r['speedup_vs_sdpa']:.2f}")
+    for model, g in RESULTS.get("gemv", {}).items():
+        st = g["decode_step_weights"]
+        log(f"gemv      {model:<10} weights per decode step: cuBLAS {st['cublas_ms']:.2f} ms, faster of cuBLAS/triton per "
+            f"layer {st['best_triton_ms']:.2f} ms, at copy bandwidth {st.get('at_copy_bandwidth_ms', float('nan')):.2f} ms")
     for r in RESULTS.get("retrieval_prefill", []):
         log(f"retrieval {r['shape']:<10} {r['tokens']:>7} tok   ours {r['ours_ms']:7.2f} ms {r['ours_TFLOPs']:5.0f} TFLOP/s  "
             f"sdpa {r['sdpa_ms']:7.2f} ms {r['sdpa_TFLOPs']:5.0f} TFLOP/s  ours/sdpa {r['ours_frac_of_sdpa'] * 100:.0f}%")
@@ -601,6 +680,9 @@ def _smoke_sizes():
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
+    GEMV_SHAPES.clear()
+    GEMV_SHAPES["tiny"] = [("proj", 40, 48, 2), ("lm_head", 96, 32, 1)]
+    GEMV_VARIANTS[:] = [("n16k16", TileConfig(block_t=16, block_n=16), 16), ("n32k32", TileConfig(block_t=16, block_n=32), 32)]
     STREAMING_DECODE_VARIANTS = [("one_n16", False, dict(block_n=16)), ("tiles_n16", True, dict(block_n=16)),
                                  ("tiles_n32", True, dict(block_n=32))]
     FORMATS = ((torch.float16, 16), (torch.float32, 32))
@@ -610,7 +692,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--commit", default="")
-    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "retrieval", "streaming", "cached", "formats", "flex"])
+    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "gemv", "retrieval", "streaming", "cached", "formats", "flex"])
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections once this many seconds have passed")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (script check)")
@@ -634,7 +716,7 @@ def main():
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     sections = {
-        "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode,
+        "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode, "gemv": section_gemv,
         "retrieval": section_retrieval, "streaming": section_streaming, "formats": section_formats,
         "flex": section_flex,
     }

@@ -36,7 +36,7 @@ for step in "$@"; do
                 --identify-steps 400 --study --samples-per-cell 8 2>&1 | tee "$OUT/train.log"
             tar czf "$OUT/passkey.tgz" -C /tmp pk ;;
         kernels)
-            # KERNEL_SECTIONS="ceilings decode" runs only those sections (default: every section)
+            # KERNEL_SECTIONS="ceilings decode gemv" runs only those sections (default: every section)
             timeout 560 python3 -m benchmarks.kernels --out "$OUT/kernels_h200.json" --commit "$COMMIT" \
                 --deadline 480 ${KERNEL_SECTIONS:+--sections $KERNEL_SECTIONS} 2>&1 | tee "$OUT/kernels_h200.log" ;;
         e2e-decode)

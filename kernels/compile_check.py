@@ -22,6 +22,7 @@ from triton.compiler import ASTSource
 
 from .triton_common import TileConfig, dot_precision
 from .triton_decode import combine_kernel, retrieval_split_kernel
+from .triton_gemv import gemv_config, gemv_kernel
 from .triton_ops import decode_config, prefill_config
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
@@ -93,6 +94,11 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                       dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, D=head_dim,
                            DOT_PRECISION=dot), cfg))
     cases.append(("combine", combine_kernel, dict(OP=f32, LP=f32, O=ptr), dict(SPLITS=64, D=head_dim), None))
+    gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)
+    for has_bias in (False, True):
+        cases.append((f"decode linear (GEMV) bias={has_bias}", gemv_kernel, dict(X=ptr, W=ptr, Bias=ptr, Y=ptr),
+                      dict(HAS_BIAS=has_bias, BLOCK_M=gemv.block_t, BLOCK_N=gemv.block_n, BLOCK_K=256,
+                           DOT_PRECISION=dot), gemv))
     return cases
 
 

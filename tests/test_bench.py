@@ -50,3 +50,26 @@ def test_bench_refuses_bad_arguments_before_building(tmp_path, capsys, argv, mes
 def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
     assert main(["bench", "--models", "llama3", "--patterns", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    """benchmarks/kernels.py --smoke: the decode and GEMV sections (checks, variant sweeps, JSON) under the
+    interpreter at tiny sizes, so a mistake in the script shows here and not on the GPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "gemv",
+         "--out", str(out)],
+        cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["failures"] == [], result["failures"]
+    assert {row["shape"] for row in result["decode"]} == {"gqa", "mha"}
+    assert set(result["streaming_decode_us"]["gqa"]) >= {"one_n16", "tiles_n16", "default"}
+    assert result["gemv"]["tiny"]["layers"][0]["best"] in {"n16k16", "n32k32"}

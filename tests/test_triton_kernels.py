@@ -215,3 +215,35 @@ def test_decode_splits_stay_within_the_key_tiles(capacity, groups):
     splits = decode_splits(q, k_cache, grid_groups(1, 2, groups, cfg.heads_per), cfg)
     tiles = -(-(capacity + 1) // cfg.block_n)
     assert 1 <= splits <= min(tiles, 256)
+
+
+# ---------------------------------------------------------------------- decode-time linear layers (triton_gemv.py)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "lead,n,k,bias",
+    [
+        ((1, 1), 40, 70, False),  # one decode token; N and K not multiples of the 16-wide tiles
+        ((3, 1), 33, 48, True),  # batch 3, bias
+        ((2, 10), 16, 17, True),  # 20 rows: two row blocks
+    ],
+)
+def test_gemv_matches_linear(dtype, lead, n, k, bias):
+    from duo_compile.kernels.triton_gemv import triton_linear
+
+    x = torch.randn(*lead, k).to(dtype)
+    w = torch.randn(n, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    out = triton_linear(x, w, b)
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    err = (out.float() - ref.float()).abs().max().item() / ref.float().abs().max().item()
+    assert err < TOL[dtype], err
+
+
+def test_gemv_refuses_mismatched_shapes():
+    from duo_compile.kernels.triton_gemv import triton_linear
+
+    with pytest.raises(ValueError, match=r"weight \(8, 5\)"):
+        triton_linear(torch.randn(1, 4), torch.randn(8, 5))
