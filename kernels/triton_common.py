@@ -143,7 +143,8 @@ def store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D: tl.c
     lse = tl.where(seen, m_i + tl.math.log2(l_safe), float("-inf"))
     offs_d = tl.arange(0, D)
     tl.store(LP + row * num_splits + split, lse, mask=row_ok)
-    tl.store(OP + (row * num_splits + split)[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
+    o_ptrs = OP + (row * num_splits + split)[:, None] * D + offs_d[None, :]
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None])
 
 
 @triton.jit

@@ -8,8 +8,9 @@ everywhere, and on CUDA they now run these kernels.
 
 Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
 streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 1 (one
-program per KV group, slot write fused; or, with TILED_STREAMING_DECODE, 2: one program per cache tile + combine). No launcher reads a device value on the host: the chunk's start position is read inside
-the kernels, so every launch is CUDA-graph capturable.
+program per KV group, slot write fused; or, with TILED_STREAMING_DECODE, 2: one program per cache tile, then
+combine). No launcher reads a device value on the host: the chunk's start position is read inside the kernels,
+so every launch is CUDA-graph capturable.
 """
 from __future__ import annotations
 

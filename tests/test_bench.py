@@ -15,7 +15,8 @@ from duo_compile.cli import main
 
 def test_bench_tiny_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--models", "tiny", "--out", str(out), "--sections", "decode,prefill", "--commit", "abc"]) == 0
+    argv = ["bench", "--models", "tiny", "--out", str(out), "--sections", "decode,prefill", "--commit", "abc"]
+    assert main(argv) == 0
     result = json.loads((out / "e2e_tiny.json").read_text())
     assert result["commit"] == "abc" and result["gpu"] == "cpu" and result["backend"] == "eager"
     assert 0 < result["retrieval_heads"] < result["kv_heads"]
