@@ -14,7 +14,8 @@ Sections (all by default, in the order ceilings, decode, gemv, retrieval, stream
   gemv       decode-time linear layers (one token) at the Llama-2-7B / Llama-3-8B weight shapes: cuBLAS
              (F.linear) vs the Triton GEMV (kernels/triton_gemv.py) and its tile variants, as CUDA-graph replays
              over rotating weight copies; TB/s over the weight bytes vs the copy bandwidth, and the weight time of
-             one whole decode step (32 layers + lm_head) that each would give
+             one whole decode step (32 layers + lm_head) that each would give, also with q/k/v and gate/up fused
+             into one matrix each (cuBLAS)
   retrieval  retrieval prefill (causal, 32K chunk) vs causal SDPA, TFLOP/s vs the matmul ceiling; tile sweep
   streaming  streaming prefill (sink 64, recent 256) at 32K/128K vs causal SDPA; tile sweep
   cached     (see above)
@@ -410,13 +411,21 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
         + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
 
 
-# Decode-time linear layers: (name, N, K, count per decode step) of each model's weights.
+# Decode-time linear layers: (name, N, K, count per decode step) of each model's weights, then the projections
+# that share an input concatenated into one matrix (count 0: not in the step's sum; the fused-projections figure
+# swaps them in),
+# to see what fusing q/k/v and gate/up into one GEMV each would give.
 GEMV_SHAPES = {
     "llama2-7b": [("q/k/v/o", 4096, 4096, 4 * 32), ("gate/up", 11008, 4096, 2 * 32), ("down", 4096, 11008, 32),
-                  ("lm_head", 32000, 4096, 1)],
+                  ("lm_head", 32000, 4096, 1), ("q+k+v", 3 * 4096, 4096, 0), ("gate+up", 2 * 11008, 4096, 0)],
     "llama3-8b": [("q/o", 4096, 4096, 2 * 32), ("k/v", 1024, 4096, 2 * 32), ("gate/up", 14336, 4096, 2 * 32),
-                  ("down", 4096, 14336, 32), ("lm_head", 128256, 4096, 1)],
+                  ("down", 4096, 14336, 32), ("lm_head", 128256, 4096, 1), ("q+k+v", 4096 + 2 * 1024, 4096, 0),
+                  ("gate+up", 2 * 14336, 4096, 0)],
 }
+GEMV_LAYERS = 32  # decoder layers of both models
+# What the fused matrices replace, per layer: {fused name: [(name, how many of them), ...]}.
+GEMV_FUSED = {"q+k+v": {"llama2-7b": [("q/k/v/o", 3)], "llama3-8b": [("q/o", 1), ("k/v", 2)]},
+              "gate+up": {"llama2-7b": [("gate/up", 2)], "llama3-8b": [("gate/up", 2)]}}
 GEMV_VARIANTS = [  # (label, TileConfig with block_t = BLOCK_M and block_n = BLOCK_N, BLOCK_K)
     ("n16k256w4s4", TileConfig(block_t=16, block_n=16, num_warps=4, num_stages=4), 256),
     ("n16k512w4s3", TileConfig(block_t=16, block_n=16, num_warps=4, num_stages=3), 512),
@@ -475,9 +484,17 @@ def section_gemv():
                 torch.cuda.empty_cache()
         if copy_bw:
             step["at_copy_bandwidth_ms"] = step["bytes"] / (copy_bw * 1e9)
+        by_name = {row["layer"]: row for row in rows}
+        fused = step["cublas_ms"]
+        for name, replaces in GEMV_FUSED.items():
+            if name in by_name and model in replaces:
+                fused += GEMV_LAYERS * by_name[name]["cublas_us"] / 1e3
+                fused -= sum(GEMV_LAYERS * n * by_name[r]["cublas_us"] / 1e3 for r, n in replaces[model])
+        step["cublas_fused_projections_ms"] = fused
         out[model] = {"layers": rows, "decode_step_weights": step}
-        log(f"  {model} weights of one decode step: cuBLAS {step['cublas_ms']:.2f} ms, with the faster of the two "
-            f"per layer {step['best_triton_ms']:.2f} ms, at copy bandwidth {step.get('at_copy_bandwidth_ms', 0):.2f} ms")
+        log(f"  {model} weights of one decode step: cuBLAS {step['cublas_ms']:.2f} ms (with q/k/v and gate/up fused "
+            f"{fused:.2f} ms), with the faster of cuBLAS and triton per layer {step['best_triton_ms']:.2f} ms, "
+            f"at copy bandwidth {step.get('at_copy_bandwidth_ms', 0):.2f} ms")
     RESULTS["gemv"] = out
 
 
@@ -658,8 +675,9 @@ def table():
             f"x{r['speedup_vs_sdpa']:.2f}")
     for model, g in RESULTS.get("gemv", {}).items():
         st = g["decode_step_weights"]
-        log(f"gemv      {model:<10} weights per decode step: cuBLAS {st['cublas_ms']:.2f} ms, faster of cuBLAS/triton per "
-            f"layer {st['best_triton_ms']:.2f} ms, at copy bandwidth {st.get('at_copy_bandwidth_ms', float('nan')):.2f} ms")
+        log(f"gemv      {model:<10} weights per decode step: cuBLAS {st['cublas_ms']:.2f} ms (fused projections "
+            f"{st['cublas_fused_projections_ms']:.2f}), faster of cuBLAS/triton per layer {st['best_triton_ms']:.2f} ms, "
+            f"at copy bandwidth {st.get('at_copy_bandwidth_ms', float('nan')):.2f} ms")
     for r in RESULTS.get("retrieval_prefill", []):
         log(f"retrieval {r['shape']:<10} {r['tokens']:>7} tok   ours {r['ours_ms']:7.2f} ms {r['ours_TFLOPs']:5.0f} TFLOP/s  "
             f"sdpa {r['sdpa_ms']:7.2f} ms {r['sdpa_TFLOPs']:5.0f} TFLOP/s  ours/sdpa {r['ours_frac_of_sdpa'] * 100:.0f}%")
@@ -681,7 +699,9 @@ def _smoke_sizes():
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
     GEMV_SHAPES.clear()
-    GEMV_SHAPES["tiny"] = [("proj", 40, 48, 2), ("lm_head", 96, 32, 1)]
+    GEMV_SHAPES["tiny"] = [("proj", 40, 48, 2 * GEMV_LAYERS), ("lm_head", 96, 32, 1), ("q+k+v", 80, 48, 0)]
+    GEMV_FUSED.clear()
+    GEMV_FUSED["q+k+v"] = {"tiny": [("proj", 2)]}
     GEMV_VARIANTS[:] = [("n16k16", TileConfig(block_t=16, block_n=16), 16), ("n32k32", TileConfig(block_t=16, block_n=32), 32)]
     STREAMING_DECODE_VARIANTS = [("one_n16", False, dict(block_n=16)), ("tiles_n16", True, dict(block_n=16)),
                                  ("tiles_n32", True, dict(block_n=32))]
