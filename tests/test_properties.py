@@ -5,7 +5,8 @@
     the streaming ring wraps around whenever the sequence is longer than ``sink + recent``. It also checks the
     cache contents afterwards: every slot holds the key of the position the layout says, and slots that were never
     written still hold the garbage they started with (nothing is written out of bounds; garbage in unwritten
-    slots never leaks into outputs).
+    slots never leaks into outputs). The same rule checks the tiled one-token streaming decode kernel under the
+    Triton interpreter (it is off by default, so the runtime tests below do not reach it).
 (b) Runtime. Random masks (any layer may be all-retrieval or all-streaming), sink (incl. 0), recent, chunk size,
     prompt length, batch, mode, family, MHA/GQA: a compiled engine (eager backend) against
     ``duo_compile.oracle.oracle_generate``: greedy tokens identical, scores within 1e-4 relative.
@@ -156,6 +157,43 @@ def test_cacheless_ops_equal_one_dense_masked_attention(c):
     want_s = dense_attention(q, k, v, dense_visible("streaming", starts, c["sink"], c["recent"], "window"), c["scale"])
     torch.testing.assert_close(got_r.double(), want_r, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_s.double(), want_s, rtol=1e-4, atol=1e-5)
+
+
+@examples(ci=12, long=120)
+@given(
+    kv_heads=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]), sink=st.integers(0, 5), recent=st.integers(1, 9),
+    prompt=st.integers(1, 20), decode=st.integers(1, 14), block_n=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_tiled_streaming_decode_follows_the_dense_rule(kv_heads, groups, sink, recent, prompt, decode,
+                                                               block_n, seed):
+    """The tiled one-token streaming kernel (kernels/triton_streaming_decode.py, under the interpreter) after a
+    Triton prefill, token by token: outputs equal the dense window rule; the cache ends in the layout, and slots
+    never written keep their garbage (the fused slot write lands only where the layout says)."""
+    from duo_compile.kernels.triton_common import TileConfig
+    from duo_compile.kernels.triton_ops import triton_streaming_attention_cached
+
+    c = dict(batch=1, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=16, seed=seed)
+    length = prompt + decode
+    q, k, v = _qkv(c, length)
+    s_k = torch.full((1, kv_heads, sink + recent, 16), GARBAGE)
+    s_v = -s_k.clone()
+    heads_per = min(groups, 4)
+    tiles = TileConfig(block_t=16 // heads_per, block_n=block_n, heads_per=heads_per)
+    outs = []
+    for begin, end in [(0, prompt)] + [(p, p + 1) for p in range(prompt, length)]:
+        outs.append(triton_streaming_attention_cached(
+            q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end], s_k, s_v, torch.arange(begin, end), 0.25,
+            sink, recent, False, config=None if end - begin > 1 else tiles, split_decode=True))
+    want = dense_attention(q, k, v, dense_visible("streaming", torch.zeros(length, dtype=torch.long), sink, recent,
+                                                  "window"), 0.25)
+    torch.testing.assert_close(torch.cat(outs, dim=2).double(), want, rtol=1e-4, atol=1e-5)
+    held = {streaming_slot(p, sink, recent): p for p in range(length) if p < sink or p >= max(sink, length - recent)}
+    for slot in range(sink + recent):
+        if slot in held:
+            assert torch.equal(s_k[:, :, slot], k[:, :, held[slot]]), slot
+        else:
+            assert bool((s_k[:, :, slot] == GARBAGE).all()), slot
 
 
 def test_dense_rule_sanity():
