@@ -98,6 +98,32 @@ def onnx_streaming_attention(q, k, v, k_cache, v_cache, cache_position, scale: f
     return _attend(q, keys, values, visible, scale)
 
 
+def onnx_attention(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
+                   retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool):
+    """``duo::attention_cached`` (a mixed layer) as the two lowerings above on its head groups, side by side."""
+    split = reference.head_group_split(q, k, retrieval_kv_heads)
+    n = retrieval_kv_heads
+    retrieval = onnx_retrieval_attention(q[:, :split], k[:, :n], v[:, :n], k_retrieval, v_retrieval, cache_position,
+                                         scale)
+    streaming = onnx_streaming_attention(q[:, split:], k[:, n:], v[:, n:], k_streaming, v_streaming, cache_position,
+                                         scale, sink, recent, chunk_mode)
+    return torch.cat([retrieval, streaming], dim=1)
+
+
+def _cache_rows(graph: fx.Graph, node: fx.Node) -> dict[str, fx.Node]:
+    """The chunk's K/V rows each cache of a lowered duo op receives, by cache placeholder name (slices of k/v for
+    the merged op, inserted before ``node``)."""
+    if node.target is OPS["attention_cached"]:
+        _, k, v, k_r, v_r, k_s, v_s, _, _, n, *_ = node.args
+        rows = {}
+        with graph.inserting_before(node):
+            for cache, value, lo, hi in ((k_r, k, 0, n), (v_r, v, 0, n), (k_s, k, n, None), (v_s, v, n, None)):
+                rows[cache.name] = graph.call_function(torch.ops.aten.slice.Tensor, (value, 1, lo, hi))
+        return rows
+    _, k, v, k_cache, v_cache, *_ = node.args
+    return {k_cache.name: k, v_cache.name: v}
+
+
 def onnx_graph(graph: fx.GraphModule) -> fx.GraphModule:
     """A copy of the rewritten graph with the cached duo ops replaced by their pure ONNX-friendly forms.
 
@@ -111,13 +137,13 @@ def onnx_graph(graph: fx.GraphModule) -> fx.GraphModule:
     lowered = {
         OPS["retrieval_attention_cached"]: onnx_retrieval_attention,
         OPS["streaming_attention_cached"]: onnx_streaming_attention,
+        OPS["attention_cached"]: onnx_attention,
     }
     for node in list(new_graph.nodes):
         if node.op != "call_function":
             continue
         if node.target in lowered:
-            q, k, v, k_cache, v_cache, *_ = node.args
-            rows[k_cache.name], rows[v_cache.name] = k, v
+            rows.update(_cache_rows(new_graph, node))
             with new_graph.inserting_before(node):
                 new = new_graph.call_function(lowered[node.target], node.args, node.kwargs)
             new.meta = dict(node.meta)

@@ -1,4 +1,4 @@
-"""The ``duo::`` custom ops: what the split-attention and KV-layout passes emit.
+"""The ``duo::`` custom ops: what the split-attention, KV-layout and merge-head-groups passes emit.
 
 Each op is a ``torch.library.custom_op`` (opaque to tracing, so torch.export, torch.compile and AOTInductor
 keep it as one node) with
@@ -68,7 +68,34 @@ def streaming_attention_cached(
     ).contiguous()
 
 
-for _op in (retrieval_attention, streaming_attention, retrieval_attention_cached, streaming_attention_cached):
+@torch.library.custom_op(
+    f"{_LIB}::attention_cached", mutates_args=("k_retrieval", "v_retrieval", "k_streaming", "v_streaming")
+)
+def attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_retrieval: torch.Tensor,
+    v_retrieval: torch.Tensor,
+    k_streaming: torch.Tensor,
+    v_streaming: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+    retrieval_kv_heads: int,
+    sink: int,
+    recent: int,
+    chunk_mode: bool,
+) -> torch.Tensor:
+    """A whole layer with both head groups (``merge_head_groups``): the two cached ops above on the head slices,
+    one output, so the graph needs neither the slices nor the concatenation."""
+    return reference.attention_cached(
+        q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale, retrieval_kv_heads,
+        sink, recent, chunk_mode,
+    ).contiguous()
+
+
+for _op in (retrieval_attention, streaming_attention, retrieval_attention_cached, streaming_attention_cached,
+            attention_cached):
     _op.register_fake(lambda q, *args, **kwargs: _fake_like_q(q))
 
 
@@ -77,6 +104,7 @@ OPS = {
     "streaming_attention": torch.ops.duo.streaming_attention.default,
     "retrieval_attention_cached": torch.ops.duo.retrieval_attention_cached.default,
     "streaming_attention_cached": torch.ops.duo.streaming_attention_cached.default,
+    "attention_cached": torch.ops.duo.attention_cached.default,
 }
 
 

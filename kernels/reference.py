@@ -1,6 +1,6 @@
 """Plain PyTorch implementations of the duo attention ops: the oracle every kernel is checked against.
 
-Shapes (all ops):
+Shapes (all ops but ``attention_cached``, which takes a whole layer and splits it into the two groups):
   q        [B, Hq, T, D]   queries of one head group (retrieval or streaming), after RoPE
   k, v     [B, Hkv, T, D]  keys/values of the same group's KV heads, Hq = Hkv * groups (GQA)
   output   [B, Hq, T, D]
@@ -137,3 +137,38 @@ def streaming_attention_cached(
     k_cache[:, :, slot_idx.to(device)] = k[:, :, token_idx.to(device)]
     v_cache[:, :, slot_idx.to(device)] = v[:, :, token_idx.to(device)]
     return out
+
+
+def head_group_split(q: torch.Tensor, k: torch.Tensor, retrieval_kv_heads: int) -> int:
+    """Query heads of the retrieval group when KV heads ``[0, retrieval_kv_heads)`` are retrieval heads (each KV
+    head with its ``Hq / Hkv`` query heads, the layout ``reorder_heads`` makes)."""
+    if not 0 < retrieval_kv_heads < k.shape[1]:
+        raise ValueError(f"retrieval_kv_heads={retrieval_kv_heads} must leave both head groups non-empty "
+                         f"(the layer has {k.shape[1]} KV heads)")
+    return retrieval_kv_heads * (q.shape[1] // k.shape[1])
+
+
+def attention_cached(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_retrieval: torch.Tensor,
+    v_retrieval: torch.Tensor,
+    k_streaming: torch.Tensor,
+    v_streaming: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+    retrieval_kv_heads: int,
+    sink: int,
+    recent: int,
+    chunk_mode: bool,
+) -> torch.Tensor:
+    """Both head groups of one layer: KV heads ``[0, retrieval_kv_heads)`` (and their query heads) on the
+    retrieval cache, the rest on the streaming cache; the two outputs side by side in head order."""
+    split = head_group_split(q, k, retrieval_kv_heads)
+    n = retrieval_kv_heads
+    retrieval = retrieval_attention_cached(q[:, :split], k[:, :n], v[:, :n], k_retrieval, v_retrieval,
+                                           cache_position, scale)
+    streaming = streaming_attention_cached(q[:, split:], k[:, n:], v[:, n:], k_streaming, v_streaming,
+                                           cache_position, scale, sink, recent, chunk_mode)
+    return torch.cat([retrieval, streaming], dim=1)

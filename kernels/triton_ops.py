@@ -9,8 +9,9 @@ everywhere, and on CUDA they now run these kernels.
 Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
 streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 1 (one
 program per KV group, slot write fused; or, with TILED_STREAMING_DECODE, 2: one program per cache tile, then
-combine). No launcher reads a device value on the host: the chunk's start position is read inside the kernels,
-so every launch is CUDA-graph capturable.
+combine). A mixed layer (``duo::attention_cached``) runs both groups' launches, each writing its heads' slice of
+one output. No launcher reads a device value on the host: the chunk's start position is read inside the
+kernels, so every launch is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -101,9 +102,9 @@ def _check_prefill_config(cfg: TileConfig, t: int) -> None:
         raise ValueError("tl.dot needs tiles of at least 16 rows and 16 keys")
 
 
-def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, cfg: TileConfig | None):
+def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, cfg: TileConfig | None, out=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
-    out = _empty_out(q)
+    out = _empty_out(q) if out is None else out
     if out.numel() == 0:
         return out
     cfg = cfg or prefill_config(q, "retrieval")
@@ -160,9 +161,9 @@ def _combine(o_part, lse_part, out):
     )
 
 
-def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None):
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None, out=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
-    out = _empty_out(q)
+    out = _empty_out(q) if out is None else out
     if out.numel() == 0:
         return out
     cfg = cfg or decode_config(q, groups, capacity=k_cache.shape[2])
@@ -184,10 +185,9 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     return out
 
 
-def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg):
+def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg, out):
     """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
-    out = _empty_out(q)
     cfg = cfg or decode_config(q, groups)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     splits = math.ceil((sink + recent + 1) / cfg.block_n)
@@ -206,9 +206,9 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
 
 
 def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg,
-                      split_decode=None):
+                      split_decode=None, out=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
-    out = _empty_out(q)
+    out = _empty_out(q) if out is None else out
     if out.numel() == 0:
         return out
     if recent < 1 or sink < 0:
@@ -216,7 +216,8 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     has_cache = k_cache is not None
     split_decode = TILED_STREAMING_DECODE if split_decode is None else split_decode
     if has_cache and t == 1 and not chunk_mode and split_decode:
-        return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg)
+        return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg,
+                                              out)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
     _check_prefill_config(cfg, t)
@@ -263,26 +264,45 @@ def triton_streaming_attention(
 
 def triton_retrieval_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float,
-    config: TileConfig | None = None, num_splits: int | None = None,
+    config: TileConfig | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else."""
+    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else.
+
+    ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor."""
     if q.shape[2] <= DECODE_MAX_TOKENS:
-        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits)
-    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config)
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out)
+    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config, out)
 
 
 def triton_streaming_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
-    config: TileConfig | None = None, split_decode: bool | None = None,
+    config: TileConfig | None = None, split_decode: bool | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
 
     ``split_decode`` picks the kernel of a one-token window-mode step: True the tiled one, False the one-program
-    one, None ``TILED_STREAMING_DECODE`` (both are exact; the choice is for timing them side by side).
+    one, None ``TILED_STREAMING_DECODE`` (both are exact; the choice is for timing them side by side). ``out``
+    as for ``triton_retrieval_attention_cached``.
     """
     return _launch_streaming(
-        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode
+        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out
     )
+
+
+def triton_attention_cached(
+    q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
+    retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool,
+) -> torch.Tensor:
+    """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
+    output (no concatenation afterwards)."""
+    split = reference.head_group_split(q, k, retrieval_kv_heads)
+    n = retrieval_kv_heads
+    out = _empty_out(q)
+    triton_retrieval_attention_cached(q[:, :split], k[:, :n], v[:, :n], k_retrieval, v_retrieval, cache_position,
+                                      scale, out=out[:, :split])
+    triton_streaming_attention_cached(q[:, split:], k[:, n:], v[:, n:], k_streaming, v_streaming, cache_position,
+                                      scale, sink, recent, chunk_mode, out=out[:, split:])
+    return out
 
 
 # ---- registration as the CUDA kernels of the duo:: custom ops ----
@@ -320,11 +340,22 @@ def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, 
     )
 
 
+def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode):
+    if not _kernel_ok(q):
+        return reference.attention_cached(
+            q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode
+        ).contiguous()
+    return triton_attention_cached(
+        q, k, v, k_r, v_r, k_s, v_s, cache_position.to(q.device), scale, n, sink, recent, chunk_mode
+    )
+
+
 CUDA_KERNELS = {
     "retrieval_attention": _retrieval_attention_cuda,
     "streaming_attention": _streaming_attention_cuda,
     "retrieval_attention_cached": _retrieval_attention_cached_cuda,
     "streaming_attention_cached": _streaming_attention_cached_cuda,
+    "attention_cached": _attention_cached_cuda,
 }
 _registered = False
 

@@ -4,6 +4,7 @@
 2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice.
 3. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
 4. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
+5. merge_head_groups - last: a mixed layer's two cached ops and their concatenation become one op again.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import fx
 from .context import PassContext
 from .find_attention import find_attention
 from .kv_layout import kv_layout
+from .merge_head_groups import merge_head_groups
 from .reorder_heads import reorder_heads
 from .split_attention import split_attention
 
@@ -24,6 +26,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("reorder_heads", reorder_heads),
     ("split_attention", split_attention),
     ("kv_layout", kv_layout),
+    ("merge_head_groups", merge_head_groups),
 ]
 
 

@@ -25,6 +25,11 @@ def test_opcheck_all_ops(kv_heads):
         (OPS["streaming_attention_cached"], (q, k, v, ks, vs, pos, 0.3, sink, recent, False)),
         (OPS["streaming_attention_cached"], (q, k, v, ks, vs, pos, 0.3, sink, recent, True)),
     ]
+    if kv_heads > 1:  # the merged layer op needs both head groups: KV heads [0, 1) retrieval, the rest streaming
+        kr, vr = kc[:, :1].clone(), vc[:, :1].clone()
+        ks2, vs2 = ks[:, 1:].clone(), vs[:, 1:].clone()
+        for chunk_mode in (False, True):
+            cases.append((OPS["attention_cached"], (q, k, v, kr, vr, ks2, vs2, pos, 0.3, 1, sink, recent, chunk_mode)))
     for op, args in cases:
         torch.library.opcheck(op, args)
 

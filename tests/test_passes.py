@@ -9,6 +9,7 @@ from duo_compile.oracle import oracle_logits
 from duo_compile.passes import PassContext, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
 from duo_compile.passes.kv_layout import kv_layout
+from duo_compile.passes.merge_head_groups import merge_head_groups
 from tests.tiny_models import mixed_gates, tiny_model
 
 LENGTH = 30
@@ -128,6 +129,26 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     streaming = [c for s, c in zip(ctx.cache_specs, caches) if s.kind == "streaming"]
     assert all(s.slots == 12 for s in ctx.cache_specs if s.kind == "streaming")
     assert all(bool(c.abs().sum() > 0) for c in streaming)  # the pass really wired the caches in
+
+
+@torch.no_grad()
+def test_merge_head_groups_makes_one_op_per_layer_and_keeps_outputs(model):
+    ids, pos = _inputs()
+    ctx = _ctx(mixed_gates(3, _kv_heads(model)))
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="kv_layout")
+    caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
+    before = [c.clone() for c in caches]
+    split = gm(ids, pos, torch.arange(LENGTH), *before)
+    slices, cats = _count(gm, torch.ops.aten.slice.Tensor), _count(gm, torch.ops.aten.cat.default)
+    gm = merge_head_groups(gm, ctx)
+    # layer 1 is the only mixed layer: its two ops and their cat become one op; layers 0 and 2 keep theirs.
+    assert ctx.changed["merge_head_groups"] == 1
+    assert _count(gm, OPS["attention_cached"]) == 1 and _count(gm, torch.ops.aten.cat.default) == cats - 1
+    assert _count(gm, OPS["retrieval_attention_cached"]) == 1 and _count(gm, OPS["streaming_attention_cached"]) == 1
+    assert _count(gm, torch.ops.aten.slice.Tensor) < slices  # the head slices of layer 1 are gone
+    merged = gm(ids, pos, torch.arange(LENGTH), *caches)
+    torch.testing.assert_close(merged, split, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(caches, before))  # the same cache writes
 
 
 def _repeat_kv_with_slices(y, b, t):

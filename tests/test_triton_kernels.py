@@ -247,3 +247,38 @@ def test_gemv_refuses_mismatched_shapes():
 
     with pytest.raises(ValueError, match=r"weight \(8, 5\)"):
         triton_linear(torch.randn(1, 4), torch.randn(8, 5))
+
+
+# ---------------------------------------------------------------------- a whole layer: duo::attention_cached
+
+
+@pytest.mark.parametrize("chunk_mode", [False, True])
+@pytest.mark.parametrize("b,hkv,groups,retrieval_kv_heads", [(1, 2, 2, 1), (2, 3, 1, 2), (1, 4, 4, 1)])
+def test_attention_cached_writes_both_groups_into_one_output(chunk_mode, b, hkv, groups, retrieval_kv_heads):
+    """triton_attention_cached (each group's launcher writing its slice of one output) against the reference,
+    chunk after chunk and then decode steps, caches included."""
+    from duo_compile.kernels.triton_ops import triton_attention_cached
+
+    sink, recent, capacity = 3, 10, 64
+    n_s = hkv - retrieval_kv_heads
+    caches = [torch.randn(b, retrieval_kv_heads, capacity, D), torch.randn(b, retrieval_kv_heads, capacity, D),
+              torch.randn(b, n_s, sink + recent, D), torch.randn(b, n_s, sink + recent, D)]
+    ref_caches = [c.clone() for c in caches]
+    start = 0
+    for t in (20, 1, 7, 1, 1):
+        q, k, v = _qkv(b, hkv, groups, t)
+        pos = _pos(start, t)
+        out = triton_attention_cached(q, k, v, *caches, pos, SCALE, retrieval_kv_heads, sink, recent, chunk_mode)
+        ref = reference.attention_cached(q, k, v, *ref_caches, pos, SCALE, retrieval_kv_heads, sink, recent,
+                                         chunk_mode)
+        _close(out, ref, torch.float32)
+        assert all(torch.equal(c, r) for c, r in zip(caches, ref_caches)), f"caches differ after chunk at {start}"
+        start += t
+
+
+@pytest.mark.parametrize("retrieval_kv_heads", [0, 2])
+def test_attention_cached_needs_both_groups(retrieval_kv_heads):
+    q, k, v = _qkv(1, 2, 1, 1)
+    with pytest.raises(ValueError, match=f"retrieval_kv_heads={retrieval_kv_heads} must leave both"):
+        reference.attention_cached(q, k, v, *(torch.zeros(1, 1, 8, D) for _ in range(4)), _pos(0, 1), SCALE,
+                                   retrieval_kv_heads, 2, 4, False)
