@@ -44,7 +44,8 @@ def merge_head_groups(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         retrieval, streaming = ops[RETRIEVAL], ops[STREAMING]
         users = list(retrieval.users)
         cat = users[0] if len(users) == 1 else None
-        if cat is None or cat.target is not torch.ops.aten.cat.default or list(cat.args[0]) != [retrieval, streaming]:
+        if (cat is None or cat.target is not torch.ops.aten.cat.default or list(cat.args[0]) != [retrieval, streaming]
+                or cat.args[1:] != (1,)):
             raise ValueError(f"layer {layer}: expected cat([{retrieval.name}, {streaming.name}], 1) after kv_layout, "
                              f"found users {[u.name for u in users]}")
         site = sites[layer]
