@@ -375,12 +375,11 @@ def hf_generate(model, contexts: list[int], prefill_tokens: list[int], vocab: in
     return out
 
 
-def bench_model(key: str, args, ceilings: dict, save_partial) -> dict:
+def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
     import duo_compile
 
     shape = SHAPES[key]
     cfg = shape["config"]
-    masks = shape_masks(shape, args.patterns)  # checked before the model is built
     log(f"== {shape['name']}: building random bf16 weights on the {shape['device'].upper()}")
     max_positions = 4 * 1024 * 1024 if on_cuda(shape["device"]) else 2048
     model = build_model(shape, max_positions)
@@ -523,8 +522,7 @@ def run(args: argparse.Namespace) -> int:
         raise RuntimeError(f"models {gpu_models} need a CUDA GPU and none is available (--models tiny runs on a CPU)")
     if len(devices) > 1:
         raise ValueError("--models mixes GPU shapes with the CPU check 'tiny': run them separately")
-    for m in models:
-        shape_masks(SHAPES[m], args.patterns)  # pattern files exist and parse
+    masks = {m: shape_masks(SHAPES[m], args.patterns) for m in models}  # pattern files exist and parse
     args.sections = sections
     from duo_compile.kernels import triton_ops
 
@@ -549,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
         def save_partial(part: dict, key=key) -> None:  # a run cut short keeps what it measured
             (out / f"e2e_{key}.json").write_text(json.dumps({**meta, **part}, indent=1))
 
-        result = {**meta, **bench_model(key, args, meta["ceilings"], save_partial)}
+        result = {**meta, **bench_model(key, masks[key], args, meta["ceilings"], save_partial)}
         results.append(result)
         save_partial(result)
         print("\n".join(summarize(result)), flush=True)

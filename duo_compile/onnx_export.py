@@ -101,12 +101,10 @@ def onnx_streaming_attention(q, k, v, k_cache, v_cache, cache_position, scale: f
 def onnx_attention(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
                    retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool):
     """``duo::attention_cached`` (a mixed layer) as the two lowerings above on its head groups, side by side."""
-    split = reference.head_group_split(q, k, retrieval_kv_heads)
-    n = retrieval_kv_heads
-    retrieval = onnx_retrieval_attention(q[:, :split], k[:, :n], v[:, :n], k_retrieval, v_retrieval, cache_position,
-                                         scale)
-    streaming = onnx_streaming_attention(q[:, split:], k[:, n:], v[:, n:], k_streaming, v_streaming, cache_position,
-                                         scale, sink, recent, chunk_mode)
+    retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
+    retrieval = onnx_retrieval_attention(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale)
+    streaming = onnx_streaming_attention(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink,
+                                         recent, chunk_mode)
     return torch.cat([retrieval, streaming], dim=1)
 
 

@@ -139,13 +139,16 @@ def streaming_attention_cached(
     return out
 
 
-def head_group_split(q: torch.Tensor, k: torch.Tensor, retrieval_kv_heads: int) -> int:
-    """Query heads of the retrieval group when KV heads ``[0, retrieval_kv_heads)`` are retrieval heads (each KV
-    head with its ``Hq / Hkv`` query heads, the layout ``reorder_heads`` makes)."""
-    if not 0 < retrieval_kv_heads < k.shape[1]:
-        raise ValueError(f"retrieval_kv_heads={retrieval_kv_heads} must leave both head groups non-empty "
+def head_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, retrieval_kv_heads: int):
+    """``((q, k, v) of the retrieval group, (q, k, v) of the streaming group)`` of a whole layer whose KV heads
+    ``[0, retrieval_kv_heads)`` are retrieval heads, each with its ``Hq / Hkv`` query heads (the layout
+    ``reorder_heads`` makes). Views, no copies."""
+    n = retrieval_kv_heads
+    if not 0 < n < k.shape[1]:
+        raise ValueError(f"retrieval_kv_heads={n} must leave both head groups non-empty "
                          f"(the layer has {k.shape[1]} KV heads)")
-    return retrieval_kv_heads * (q.shape[1] // k.shape[1])
+    split = n * (q.shape[1] // k.shape[1])
+    return (q[:, :split], k[:, :n], v[:, :n]), (q[:, split:], k[:, n:], v[:, n:])
 
 
 def attention_cached(
@@ -165,10 +168,8 @@ def attention_cached(
 ) -> torch.Tensor:
     """Both head groups of one layer: KV heads ``[0, retrieval_kv_heads)`` (and their query heads) on the
     retrieval cache, the rest on the streaming cache; the two outputs side by side in head order."""
-    split = head_group_split(q, k, retrieval_kv_heads)
-    n = retrieval_kv_heads
-    retrieval = retrieval_attention_cached(q[:, :split], k[:, :n], v[:, :n], k_retrieval, v_retrieval,
-                                           cache_position, scale)
-    streaming = streaming_attention_cached(q[:, split:], k[:, n:], v[:, n:], k_streaming, v_streaming,
-                                           cache_position, scale, sink, recent, chunk_mode)
+    retrieval_qkv, streaming_qkv = head_groups(q, k, v, retrieval_kv_heads)
+    retrieval = retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale)
+    streaming = streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink,
+                                           recent, chunk_mode)
     return torch.cat([retrieval, streaming], dim=1)

@@ -295,13 +295,13 @@ def triton_attention_cached(
 ) -> torch.Tensor:
     """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
     output (no concatenation afterwards)."""
-    split = reference.head_group_split(q, k, retrieval_kv_heads)
-    n = retrieval_kv_heads
+    retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
     out = _empty_out(q)
-    triton_retrieval_attention_cached(q[:, :split], k[:, :n], v[:, :n], k_retrieval, v_retrieval, cache_position,
-                                      scale, out=out[:, :split])
-    triton_streaming_attention_cached(q[:, split:], k[:, n:], v[:, n:], k_streaming, v_streaming, cache_position,
-                                      scale, sink, recent, chunk_mode, out=out[:, split:])
+    split = retrieval_qkv[0].shape[1]
+    triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
+                                      out=out[:, :split])
+    triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,
+                                      chunk_mode, out=out[:, split:])
     return out
 
 
