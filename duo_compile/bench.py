@@ -12,7 +12,7 @@ authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recen
     bandwidth; prefill time = FLOPs / matmul rate. Each measured ratio is printed beside its bound.
 
     duo-compile bench --patterns DIR --out DIR [--models llama2,llama3] [--backend eager|inductor]
-        [--sections decode,prefill,max_context] [--skip-hf] [--streaming-decode one|tiles] [--commit SHA]
+        [--sections decode,prefill,max_context] [--skip-hf] [--streaming-decode one|tiles|one,tiles] [--commit SHA]
     (or python benchmarks/e2e.py with the same arguments)
 
 Writes ``e2e_<model>.json`` (command, GPU, versions, commit, every number), and ``e2e.png``.
@@ -377,6 +377,7 @@ def hf_generate(model, contexts: list[int], prefill_tokens: list[int], vocab: in
 
 def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
     import duo_compile
+    from duo_compile.kernels import triton_ops
 
     shape = SHAPES[key]
     cfg = shape["config"]
@@ -411,10 +412,19 @@ def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
         part = {"compile_s": compile_s, "decode": [], "prefill": [], "max_context": {}}
         result[label] = part
         if "decode" in args.sections:
-            part["decode"] = engine_decode(engine, shape["contexts"], profile_at=shape["goal_context"])
-            for row in part["decode"]:
-                row["bound_ms"] = (weights + kv_read_bytes(m, cfg, row["context"])) / (ceilings["copy_TBps"] * 1e9)
-            save_partial(result)
+            # With two streaming decode kernels asked for, the DuoAttention engine is timed with each in turn
+            # (the first into "decode", the next into "decode_tiles"): every allocate re-captures the decode
+            # graph, and the launchers read the choice at each launch, so one compiled engine serves both.
+            modes = args.streaming_decode if label == "duo" else args.streaming_decode[:1]
+            for i, mode in enumerate(modes):
+                triton_ops.TILED_STREAMING_DECODE = mode == "tiles"
+                if len(modes) > 1:
+                    log(f"    streaming decode kernel: {mode}")
+                rows = engine_decode(engine, shape["contexts"], profile_at=shape["goal_context"])
+                for row in rows:
+                    row["bound_ms"] = (weights + kv_read_bytes(m, cfg, row["context"])) / (ceilings["copy_TBps"] * 1e9)
+                part["decode" if i == 0 else f"decode_{mode}"] = rows
+                save_partial(result)
         if "prefill" in args.sections:
             part["prefill"] = engine_prefill(engine, cfg["vocab_size"], shape["prefill"], shape["chunk"])
             for row in part["prefill"]:
@@ -449,6 +459,12 @@ def summarize(result: dict) -> list[str]:
         else:
             lines.append(f"| decode @ {tokens_label(ctx)} | {a.get('ms_per_token', a.get('error'))} | "
                          f"{b.get('ms_per_token', b.get('error'))} | - | - | {hf_txt} |")
+    for key in [k for k in result["duo"] if k.startswith("decode_")]:  # the other streaming decode kernel
+        for a, b in zip(result["full"]["decode"], result["duo"][key]):
+            if "ms_per_token" in a and "ms_per_token" in b:
+                lines.append(f"| decode @ {tokens_label(a['context'])}, streaming {key[7:]} | "
+                             f"{a['ms_per_token']:.2f} ms | {b['ms_per_token']:.2f} ms | "
+                             f"{a['ms_per_token'] / b['ms_per_token']:.2f}x | {a['bound_ms'] / b['bound_ms']:.2f}x | - |")
     hf_prefill = {r["context"]: r for r in result.get("hf", {}).get("prefill", [])}
     for a, b in zip(result["full"]["prefill"], result["duo"]["prefill"]):
         hf = hf_prefill.get(a["tokens"], {})
@@ -476,6 +492,9 @@ def plot(results: list[dict], path: Path) -> None:
                 pts = [(r["context"] / 1024, r[key]) for r in result[label]["decode"] if key in r]
                 if pts:
                     ax.plot(*zip(*pts), style, label="full attention (a)" if label == "full" else "DuoAttention")
+            tiles = [(r["context"] / 1024, r[key]) for r in result["duo"].get("decode_tiles", []) if key in r]
+            if tiles and key == "ms_per_token":
+                ax.plot(*zip(*tiles), "s:", label="DuoAttention, tiled streaming decode")
             hf = [(r["context"] / 1024, r[key]) for r in result.get("hf", {}).get("decode", []) if key in r]
             if hf:
                 ax.plot(*zip(*hf), "^--", label="HF generate (b)")
@@ -499,8 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate (b)")
     parser.add_argument("--sections", default="decode,prefill,max_context",
                         help="comma-separated engine measurements: decode, prefill, max_context")
-    parser.add_argument("--streaming-decode", choices=("one", "tiles"), default=None,
-                        help="streaming decode kernel: one program per KV group, or one per cache tile "
+    parser.add_argument("--streaming-decode", choices=("one", "tiles", "one,tiles", "tiles,one"), default=None,
+                        help="streaming decode kernel: one program per KV group, or one per cache tile; "
+                             "both (comma-separated) times the DuoAttention engine with each, side by side "
                              "(default: kernels.triton_ops.TILED_STREAMING_DECODE)")
     parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
 
@@ -526,8 +546,9 @@ def run(args: argparse.Namespace) -> int:
     args.sections = sections
     from duo_compile.kernels import triton_ops
 
-    if args.streaming_decode is not None:
-        triton_ops.TILED_STREAMING_DECODE = args.streaming_decode == "tiles"
+    if args.streaming_decode is None:
+        args.streaming_decode = "tiles" if triton_ops.TILED_STREAMING_DECODE else "one"
+    args.streaming_decode = args.streaming_decode.split(",")
     import transformers
     import triton
 
@@ -538,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "commit": args.commit, "backend": args.backend,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "streaming_decode": "tiles" if triton_ops.TILED_STREAMING_DECODE else "one"}
+            "streaming_decode": ",".join(args.streaming_decode)}
     log(f"{meta}")
     meta["ceilings"] = measure_ceilings(device)
     log(f"ceilings: {meta['ceilings']}")
