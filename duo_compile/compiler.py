@@ -33,6 +33,7 @@ def compile(
     prefill_chunk_size: int | None = None,
     streaming_mode: str = "window",
     backend: str = "inductor",
+    fuse_projections: bool = True,
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
@@ -40,10 +41,15 @@ def compile(
     head, ``sink_size`` first + ``recent_size`` last tokens). ``max_seq_len`` (default: the model's
     ``max_position_embeddings``) sizes the retrieval cache. Every argument is checked before any work; the model
     is not modified (the engine shares its weights, except the reordered attention projections).
+    ``fuse_projections`` (pass 6): the engine holds each layer's q/k/v and gate/up weights concatenated, one
+    matrix multiply each (faster decode; while the model is kept too, those weights exist twice: pass False
+    to share them instead).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     masks = as_binary_masks(masks)
+    if not isinstance(fuse_projections, bool):
+        raise ValueError(f"fuse_projections must be True or False, got {fuse_projections!r}")
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     config = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
@@ -60,6 +66,7 @@ def compile(
         recent_size=config.recent_size,
         streaming_mode=config.streaming_mode,
         expected_layers=info.num_layers,
+        fuse_projections=fuse_projections,
     )
     graph = run_passes(capture(model), ctx)
     return Engine(

@@ -62,6 +62,7 @@ class PassContext:
     recent_size: int
     streaming_mode: str = "window"  # or "chunk"
     expected_layers: int | None = None
+    fuse_projections: bool = True  # pass 6 on (costs a second copy of q/k/v and gate/up while the model lives)
     sites: list[AttentionSite] = field(default_factory=list)
     # After reorder_heads: per layer, the KV heads [0, n) are retrieval and [n, num_kv_heads) streaming.
     retrieval_counts: list[int] = field(default_factory=list)

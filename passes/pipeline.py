@@ -4,7 +4,9 @@
 2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice.
 3. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
 4. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
-5. merge_head_groups - last: a mixed layer's two cached ops and their concatenation become one op again.
+5. merge_head_groups - a mixed layer's two cached ops and their concatenation become one op again.
+6. fuse_projections - last: linears on one input become one (q/k/v, gate/up); the passes before it find
+   attention through the separate q/k/v projections.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import fx
 
 from .context import PassContext
 from .find_attention import find_attention
+from .fuse_projections import fuse_projections
 from .kv_layout import kv_layout
 from .merge_head_groups import merge_head_groups
 from .reorder_heads import reorder_heads
@@ -27,6 +30,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("split_attention", split_attention),
     ("kv_layout", kv_layout),
     ("merge_head_groups", merge_head_groups),
+    ("fuse_projections", fuse_projections),
 ]
 
 

@@ -8,6 +8,7 @@ from duo_compile.kernels.ops import OPS
 from duo_compile.oracle import oracle_logits
 from duo_compile.passes import PassContext, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
+from duo_compile.passes.fuse_projections import fuse_projections
 from duo_compile.passes.kv_layout import kv_layout
 from duo_compile.passes.merge_head_groups import merge_head_groups
 from tests.tiny_models import mixed_gates, tiny_model
@@ -149,6 +150,44 @@ def test_merge_head_groups_makes_one_op_per_layer_and_keeps_outputs(model):
     merged = gm(ids, pos, torch.arange(LENGTH), *caches)
     torch.testing.assert_close(merged, split, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(caches, before))  # the same cache writes
+
+
+@torch.no_grad()
+def test_fuse_projections_makes_one_linear_per_input_and_keeps_outputs(model):
+    ids, pos = _inputs()
+    ctx = _ctx(mixed_gates(3, _kv_heads(model)))
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="merge_head_groups")
+    caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
+    before = [c.clone() for c in caches]
+    separate = gm(ids, pos, torch.arange(LENGTH), *before)
+    linears = _count(gm, torch.ops.aten.linear.default)
+    params = sum(p.numel() for p in gm.parameters())
+    gm = fuse_projections(gm, ctx)
+    # Per layer q/k/v become one linear and gate/up another: 3 + 2 -> 1 + 1, so 3 fewer per layer.
+    assert ctx.changed["fuse_projections"] == 2 * 3
+    assert _count(gm, torch.ops.aten.linear.default) == linears - 3 * 3
+    assert sum(p.numel() for p in gm.parameters()) == params  # each weight held once, concatenated
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            width = gm.get_parameter(node.args[1].target).shape[0]
+            assert tuple(node.meta["val"].shape[-1:]) == (width,)
+    if model.config.model_type == "qwen2":  # q/k/v carry biases: concatenated with the weights
+        assert any("fused_q_proj_k_proj_v_proj_bias" in name for name, _ in gm.named_parameters())
+    fused = gm(ids, pos, torch.arange(LENGTH), *caches)
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(caches, before))  # the same cache writes
+    # The user's model keeps its own separate weights.
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (model.config.hidden_size,) * 2
+
+
+def test_fuse_projections_can_be_turned_off(model):
+    import duo_compile
+
+    masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, _kv_heads(model)))
+    engine = duo_compile.compile(model, masks, sink_size=4, recent_size=8, max_seq_len=64, backend="eager",
+                                 fuse_projections=False)
+    assert engine.pass_counts["fuse_projections"] == 0
+    assert _count(engine.graph, torch.ops.aten.linear.default) == 7 * 3 + 1
 
 
 def _repeat_kv_with_slices(y, b, t):

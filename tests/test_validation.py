@@ -139,6 +139,8 @@ COMPILE_CASES = {
     "mode-none": (dict(streaming_mode=None), r"streaming_mode must be one of .*got None"),
     "backend-unknown": (dict(backend="tensorrt"), r"backend must be one of \('inductor', 'eager'\), got 'tensorrt'"),
     "backend-case": (dict(backend="Eager"), r"got 'Eager'"),
+    "fuse-not-bool": (dict(fuse_projections="no"), r"fuse_projections must be True or False, got 'no'"),
+    "fuse-int": (dict(fuse_projections=1), r"fuse_projections must be True or False, got 1"),
     # models
     "model-not-a-module": (dict(model="llama"), r"model must be a torch\.nn\.Module, got str"),
     "model-not-hf": (dict(model=_linear), r"unsupported model Linear \(model_type=None\).*llama"),

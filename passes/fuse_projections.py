@@ -1,0 +1,122 @@
+"""Pass 6: linear layers that read the same input become one matrix multiply (q/k/v; gate/up).
+
+Matches groups of two or more ``aten.linear(x, W_i[, b_i])`` on the same ``x`` whose weights are parameters
+read by nothing else, of one dtype, device and input width, all with a bias or all without. Emits one
+``aten.linear(x, cat(W_i), cat(b_i))`` and, per former node, an ``aten.slice`` of its output columns (a view:
+no copy). The concatenated weight replaces the group's weights in the graph module, so the engine holds each
+weight once.
+
+Why: at decode a linear layer is a matrix-vector product, bound by reading its weight, and a small one does not
+reach the GPU's bandwidth. On the H200 (benchmarks/results/kernels_decode_h200.json) cuBLAS reads a 4096 x 4096
+bf16 weight at 2.4 TB/s but the concatenated q+k+v of Llama-2-7B (12288 x 4096) at 3.4 TB/s: one decode step's
+weights take 4.48 ms as separate layers and 3.95 ms fused. Prefill is compute-bound and one larger GEMM is no
+slower than three. This is the pipeline's last pass: the earlier ones find attention through its q/k/v
+projections (and reorder their rows), so they must see them separate.
+
+Cost: the model's original weights are not touched (the engine must not modify its input), so while the user
+keeps the model, the fused weights are a second copy of them; ``compile(..., fuse_projections=False)`` skips the
+pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from .context import PassContext
+from .graph_utils import get_param, is_linear, set_param
+
+aten = torch.ops.aten
+
+
+def _weight_and_bias(linear: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return linear.args[1], bias
+
+
+def _fusable(gm: fx.GraphModule, linear: fx.Node) -> bool:
+    """A weight (and bias) the pass may replace: a parameter or buffer this linear alone reads."""
+    weight, bias = _weight_and_bias(linear)
+    params = [weight] + ([bias] if bias is not None else [])
+    return all(isinstance(p, fx.Node) and p.op == "get_attr" and len(p.users) == 1 for p in params) and \
+        get_param(gm, weight).dim() == 2
+
+
+def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Linear nodes grouped by input, keeping only groups of 2+ with one dtype, device, width and bias use."""
+    by_input: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if is_linear(node) and isinstance(node.args[0], fx.Node) and _fusable(gm, node):
+            by_input.setdefault(node.args[0], []).append(node)
+    groups = []
+    for linears in by_input.values():
+        weights = [get_param(gm, _weight_and_bias(n)[0]) for n in linears]
+        kinds = {(w.dtype, w.device, w.shape[1], _weight_and_bias(n)[1] is None) for n, w in zip(linears, weights)}
+        if len(linears) > 1 and len(kinds) == 1:
+            groups.append(linears)
+    return groups
+
+
+def _drop_param(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase a get_attr node and delete what it read from its owner module."""
+    owner_path, _, name = node.target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
+    gm.graph.erase_node(node)
+
+
+def _fused_name(gm: fx.GraphModule, targets: list[str], what: str) -> str:
+    """``layers.0.self_attn.q_proj.weight`` + ``...k_proj.weight`` -> ``layers.0.self_attn.fused_q_proj_k_proj_weight``."""
+    owners = [t.rpartition(".")[0] for t in targets]
+    parents = {o.rpartition(".")[0] for o in owners}
+    parent = parents.pop() if len(parents) == 1 else ""
+    name = "fused_" + "_".join(o.rpartition(".")[2] for o in owners) + f"_{what}"
+    while hasattr(gm.get_submodule(parent) if parent else gm, name):
+        name += "_"
+    return f"{parent}.{name}" if parent else name
+
+
+def _fuse(gm: fx.GraphModule, linears: list[fx.Node]) -> None:
+    graph = gm.graph
+    first = linears[0]
+    params = [_weight_and_bias(n) for n in linears]
+    widths = [get_param(gm, w).shape[0] for w, _ in params]
+    fused = []
+    for i, what in ((0, "weight"), (1, "bias")):
+        nodes = [p[i] for p in params]
+        if nodes[0] is None:
+            fused.append(None)
+            continue
+        target = _fused_name(gm, [n.target for n in nodes], what)
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner.register_parameter(name, None)  # a slot for set_param, which stores it without autograd
+        set_param(gm, target, torch.cat([get_param(gm, n) for n in nodes], dim=0))
+        with graph.inserting_before(first):
+            fused.append(graph.get_attr(target))
+    with graph.inserting_before(first):
+        out = graph.call_function(aten.linear.default, (first.args[0], *(n for n in fused if n is not None)))
+    start = 0
+    for linear, width in zip(linears, widths):
+        with graph.inserting_before(linear):
+            part = graph.call_function(aten.slice.Tensor, (out, -1, start, start + width))
+        part.meta = dict(linear.meta)
+        linear.replace_all_uses_with(part)
+        graph.erase_node(linear)
+        start += width
+    if "val" in first.meta:  # keep traced values on the new node, as capture left them on the others
+        val = first.meta["val"]
+        out.meta["val"] = val.new_empty((*val.shape[:-1], start))
+    for weight, bias in params:
+        for node in (weight, bias):
+            if node is not None:
+                _drop_param(gm, node)
+
+
+def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    groups = _groups(gm) if ctx.fuse_projections else []
+    for linears in groups:
+        _fuse(gm, linears)
+    gm.recompile()
+    ctx.record("fuse_projections", len(groups))
+    return gm
