@@ -1,7 +1,7 @@
 """Correctness on the GPU before timing anything: compiled engines (Triton kernels, CUDA graphs) vs the oracle.
 
 Tiny random Llama/Qwen2 models (GQA and MHA) with mixed masks on CUDA, both backends, both streaming modes, whole
-and chunked prefill, and two cases on the one-program streaming decode kernel (the tiled one is the default); greedy
+and chunked prefill, on each streaming decode path (kernels.triton_ops.STREAMING_DECODE); greedy
 tokens must equal the eager oracle's and scores agree within the dtype's tolerance.
 Also exports an AOTInductor package on CUDA, loads it and checks it, in a fresh process per case: a control
 (one Linear layer), the engine's graph through the stock one-model API, and the engine through
@@ -29,10 +29,10 @@ from tests.tiny_models import mixed_gates, tiny_model  # noqa: E402
 PROMPT, NEW, SINK, RECENT = 200, 24, 8, 32
 
 
-def check(arch, gqa, dtype, backend, mode, chunk, tol, streaming_decode="tiles") -> bool:
+def check(arch, gqa, dtype, backend, mode, chunk, tol, streaming_decode="mixed") -> bool:
     from duo_compile.kernels import triton_ops
 
-    triton_ops.TILED_STREAMING_DECODE = streaming_decode == "tiles"  # read at each launch: set before compiling
+    triton_ops.STREAMING_DECODE = streaming_decode  # read at each launch: set before compiling
     model = tiny_model(arch, gqa, dtype=dtype).cuda()
     masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
     engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=512,
@@ -132,9 +132,10 @@ def main() -> int:
         ("llama", True, torch.bfloat16, "eager", "window", 64, 3e-2),
         ("qwen2", True, torch.float16, "eager", "chunk", 64, 1e-2),
         ("llama", False, torch.bfloat16, "inductor", "window", 64, 3e-2),
-        # the one-program streaming decode kernel (kernels/triton_streaming.py; the tiled one is the default)
+        # the other streaming decode paths (the default "mixed" above)
         ("llama", True, torch.float32, "eager", "window", 64, 1e-2, "one"),
         ("qwen2", False, torch.bfloat16, "inductor", "window", None, 3e-2, "one"),
+        ("llama", True, torch.bfloat16, "eager", "window", 64, 3e-2, "tiles"),
     ]
     if "--skip-inductor" in sys.argv:
         cases = [c for c in cases if c[3] != "inductor"]
@@ -149,7 +150,7 @@ def main() -> int:
             ok = False
     from duo_compile.kernels import triton_ops
 
-    triton_ops.TILED_STREAMING_DECODE = True
+    triton_ops.STREAMING_DECODE = "mixed"
     try:
         ok &= "--skip-aoti" in sys.argv or check_aoti()
     except Exception:

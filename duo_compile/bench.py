@@ -12,7 +12,7 @@ authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recen
     bandwidth; prefill time = FLOPs / matmul rate. Each measured ratio is printed beside its bound.
 
     duo-compile bench --patterns DIR --out DIR [--models llama2,llama3] [--backend eager|inductor]
-        [--sections decode,prefill,max_context] [--skip-hf] [--streaming-decode one|tiles|one,tiles] [--commit SHA]
+        [--sections decode,prefill,max_context] [--skip-hf] [--streaming-decode one,tiles,mixed] [--commit SHA]
     (or python benchmarks/e2e.py with the same arguments)
 
 Writes ``e2e_<model>.json`` (command, GPU, versions, commit, every number), and ``e2e.png``.
@@ -413,12 +413,12 @@ def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
         part = {"compile_s": compile_s, "decode": [], "prefill": [], "max_context": {}}
         result[label] = part
         if "decode" in args.sections:
-            # With two streaming decode kernels asked for, the DuoAttention engine is timed with each in turn
-            # (the first into "decode", the next into "decode_tiles"): every allocate re-captures the decode
-            # graph, and the launchers read the choice at each launch, so one compiled engine serves both.
+            # With several streaming decode kernels asked for, the DuoAttention engine is timed with each in turn
+            # (the first into "decode", the others into "decode_<mode>"): every allocate re-captures the decode
+            # graph, and the launchers read the choice at each launch, so one compiled engine serves them all.
             modes = args.streaming_decode if label == "duo" else args.streaming_decode[:1]
             for i, mode in enumerate(modes):
-                triton_ops.TILED_STREAMING_DECODE = mode == "tiles"
+                triton_ops.STREAMING_DECODE = mode
                 if len(modes) > 1:
                     log(f"    streaming decode kernel: {mode}")
                 rows = engine_decode(engine, shape["contexts"], profile_at=shape["goal_context"])
@@ -493,9 +493,10 @@ def plot(results: list[dict], path: Path) -> None:
                 pts = [(r["context"] / 1024, r[key]) for r in result[label]["decode"] if key in r]
                 if pts:
                     ax.plot(*zip(*pts), style, label="full attention (a)" if label == "full" else "DuoAttention")
-            tiles = [(r["context"] / 1024, r[key]) for r in result["duo"].get("decode_tiles", []) if key in r]
-            if tiles and key == "ms_per_token":
-                ax.plot(*zip(*tiles), "s:", label="DuoAttention, tiled streaming decode")
+            for other in [k for k in result["duo"] if k.startswith("decode_")] if key == "ms_per_token" else []:
+                pts = [(r["context"] / 1024, r[key]) for r in result["duo"][other] if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), "s:", label=f"DuoAttention, streaming decode {other[7:]}")
             hf = [(r["context"] / 1024, r[key]) for r in result.get("hf", {}).get("decode", []) if key in r]
             if hf:
                 ax.plot(*zip(*hf), "^--", label="HF generate (b)")
@@ -519,10 +520,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-hf", action="store_true", help="do not time Hugging Face generate (b)")
     parser.add_argument("--sections", default="decode,prefill,max_context",
                         help="comma-separated engine measurements: decode, prefill, max_context")
-    parser.add_argument("--streaming-decode", choices=("one", "tiles", "one,tiles", "tiles,one"), default=None,
-                        help="streaming decode kernel: one program per KV group, or one per cache tile; "
-                             "both (comma-separated) times the DuoAttention engine with each, side by side "
-                             "(default: kernels.triton_ops.TILED_STREAMING_DECODE)")
+    parser.add_argument("--streaming-decode", default=None,
+                        help="streaming decode kernels, comma-separated, from one, tiles, mixed "
+                             "(kernels.triton_ops.STREAMING_DECODE, the default); several time the DuoAttention "
+                             "engine with each, side by side")
     parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
 
 
@@ -537,6 +538,13 @@ def run(args: argparse.Namespace) -> int:
     bad = sorted(set(sections) - {"decode", "prefill", "max_context"})
     if bad:
         raise ValueError(f"unknown --sections {bad}; choose from decode, prefill, max_context")
+    from duo_compile.kernels import triton_ops
+
+    streaming = (args.streaming_decode or triton_ops.STREAMING_DECODE).split(",")
+    bad = [m for m in streaming if m not in triton_ops.STREAMING_DECODE_MODES]
+    if bad or len(set(streaming)) < len(streaming):
+        raise ValueError(f"bad --streaming-decode {args.streaming_decode!r}; give distinct modes from "
+                         f"{', '.join(triton_ops.STREAMING_DECODE_MODES)}")
     devices = {SHAPES[m]["device"] for m in models}
     if "cuda" in devices and not torch.cuda.is_available():
         gpu_models = [m for m in models if SHAPES[m]["device"] == "cuda"]
@@ -544,12 +552,7 @@ def run(args: argparse.Namespace) -> int:
     if len(devices) > 1:
         raise ValueError("--models mixes GPU shapes with the CPU check 'tiny': run them separately")
     masks = {m: shape_masks(SHAPES[m], args.patterns) for m in models}  # pattern files exist and parse
-    args.sections = sections
-    from duo_compile.kernels import triton_ops
-
-    if args.streaming_decode is None:
-        args.streaming_decode = "tiles" if triton_ops.TILED_STREAMING_DECODE else "one"
-    args.streaming_decode = args.streaming_decode.split(",")
+    args.sections, args.streaming_decode = sections, streaming
     import transformers
     import triton
 

@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 from .triton_common import TileConfig, dot_precision
 from .triton_decode import combine_kernel, retrieval_split_kernel
 from .triton_gemv import gemv_config, gemv_kernel
+from .triton_mixed_decode import mixed_decode_kernel
 from .triton_ops import decode_config, prefill_config
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
@@ -93,6 +94,12 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
         cases.append((f"retrieval decode split-K heads_per={cfg.heads_per}", retrieval_split_kernel, split,
                       dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, D=head_dim,
                            DOT_PRECISION=dot), cfg))
+    mixed = decode_config(_cuda_q(32, 1, head_dim), groups, 65536)
+    cases.append(("mixed layer decode (streaming tiles + retrieval split-K)", mixed_decode_kernel,
+                  dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,
+                       OP=f32, LP=f32),
+                  dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, STREAMING_BLOCK_N=32,
+                       D=head_dim, DOT_PRECISION=dot), mixed))
     cases.append(("combine", combine_kernel, dict(OP=f32, LP=f32, O=ptr), dict(SPLITS=64, D=head_dim), None))
     gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)
     for has_bias in (False, True):

@@ -25,16 +25,17 @@ from .triton_common import empty_state, load_rows, program_rows, store_partial, 
 
 
 @triton.jit
-def retrieval_split_kernel(
+def retrieval_split(
     Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    Hkv, groups, T, num_splits, qk_scale,
+    Hkv, groups, T, num_splits, qk_scale, split, pid_g, part_hq, part_head0, part_splits,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    """One split of one program group. Its partials go to rows ``(b * part_hq + part_head0 + head) * T + t``
+    of a buffer with ``part_splits`` slots per row (a mixed layer's one-launch decode shares one buffer between
+    both head groups, triton_mixed_decode.py)."""
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, T, HEADS_PER, BLOCK_T)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -74,28 +75,45 @@ def retrieval_split_kernel(
         tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
         tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
 
-    row = ((b64 * Hkv + kv64) * groups + (head - kv * groups)) * T + t
-    store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D)
+    row = (b64 * part_hq + part_head0 + head) * T + t
+    store_partial(OP, LP, acc, m_i, l_i, row, split, part_splits, row_ok, D)
+
+
+@triton.jit
+def retrieval_split_kernel(
+    Q, K, V, KC, VC, POS, OP, LP,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+    Hkv, groups, T, num_splits, qk_scale,
+    HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    retrieval_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, T, num_splits, qk_scale,
+                    tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits,
+                    HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION)
 
 
 @triton.jit
 def combine_kernel(
-    OP, LP, O, so_b, so_h, so_t, Hq, T, num_splits,
+    OP, LP, O, so_b, so_h, so_t, Hq, T, part_splits, h_first, splits_first, splits_rest,
     SPLITS: tl.constexpr, D: tl.constexpr,
 ):
-    """Merge the split partials of one (b, head, t) row: weights 2^(lse_s - max lse)."""
+    """Merge the split partials of one (b, head, t) row: weights 2^(lse_s - max lse). Rows hold
+    ``part_splits`` slots; heads below ``h_first`` filled ``splits_first`` of them, the others ``splits_rest``
+    (a mixed layer's two head groups split differently)."""
     row = tl.program_id(0).to(tl.int64)
     t = row % T
     bh = row // T
     h = bh % Hq
     b = bh // Hq
     s = tl.arange(0, SPLITS)
-    ok = s < num_splits
-    lse = tl.load(LP + row * num_splits + s, mask=ok, other=float("-inf"))
+    ok = s < tl.where(h < h_first, splits_first, splits_rest)
+    lse = tl.load(LP + row * part_splits + s, mask=ok, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)
     offs_d = tl.arange(0, D)
-    parts = tl.load(OP + (row * num_splits + s)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    parts = tl.load(OP + (row * part_splits + s)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
     tl.store(O + b * so_b + h * so_h + t * so_t + offs_d, out.to(O.dtype.element_ty))

@@ -8,8 +8,8 @@ everywhere, and on CUDA they now run these kernels.
 
 Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
 streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 2 (one
-program per cache tile, slot write fused, then combine; chunk mode, or TILED_STREAMING_DECODE off: 1, one
-program per KV group). A mixed layer (``duo::attention_cached``) runs both groups' launches, each writing its heads' slice of
+program per cache tile, slot write fused, then combine; chunk mode, or STREAMING_DECODE "one": 1, one program
+per KV group); a mixed layer's decode 2 (both groups' programs in one grid, one combine; STREAMING_DECODE). A mixed layer (``duo::attention_cached``) runs both groups' launches, each writing its heads' slice of
 one output. No launcher reads a device value on the host: the chunk's start position is read inside the
 kernels, so every launch is CUDA-graph capturable.
 """
@@ -32,6 +32,7 @@ from .triton_common import (
     supported_head_dim,
 )
 from .triton_decode import combine_kernel, retrieval_split_kernel
+from .triton_mixed_decode import mixed_decode_kernel
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
 from .triton_streaming_decode import streaming_decode_split_kernel
@@ -43,12 +44,16 @@ LONG_CACHE = 32768  # one-head (MHA) programs: 8 per SM and 4 pipeline stages
 VERY_LONG_CACHE = 131072  # one-head programs: 16 per SM
 HUGE_CACHE = 524288  # GQA-packed programs: 8 per SM and 4 stages (else 2 per SM and 3 stages)
 PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group tune differently (H200 sweep)
-# Window-mode one-token streaming decode on the tiled kernel (triton_streaming_decode.py) instead of the
-# one-program kernel. On the H200 (2026-12-01, sink 64 + recent 256, bf16 d128): 5.9 / 7.0 us per layer vs
-# 11.3 us (kernels_decode_h200.json, Llama-3 / Llama-2 heads), and 0.15-0.18 ms less per decode step end to end
-# on both model shapes (e2e_*_streaming_decode.json, the same engine timed with each). False keeps the
-# one-program kernel (benchmarks compare the two with this switch).
-TILED_STREAMING_DECODE = True
+# How a window-mode one-token step decodes streaming heads (chunk mode always uses "one"):
+#   "one"    one program per KV group walks its cache (triton_streaming.py), slot write fused: 1 launch;
+#   "tiles"  one program per 64-key cache tile (triton_streaming_decode.py), then combine: 2 launches;
+#   "mixed"  as "tiles", but a mixed layer runs its streaming tiles in its retrieval split-K grid and one
+#            combine for both groups (triton_mixed_decode.py): 2 launches per mixed layer instead of 4.
+# On the H200 (2026-12-01, sink 64 + recent 256, bf16 d128) "tiles" took 5.9 / 7.0 us per layer vs 11.3 us for
+# "one" (kernels_decode_h200.json, Llama-3 / Llama-2 heads) and 0.15-0.18 ms less per decode step end to end on
+# both model shapes (e2e_*_streaming_decode.json, the same engine timed with each).
+STREAMING_DECODE = "mixed"
+STREAMING_DECODE_MODES = ("one", "tiles", "mixed")
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
@@ -154,11 +159,15 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
 
 
-def _combine(o_part, lse_part, out):
-    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (one program per row)."""
+def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: int | None = None,
+             splits_rest: int | None = None):
+    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (one program per row);
+    heads from ``h_first`` on filled only ``splits_rest`` slots, those before it ``splits_first`` (default:
+    every head all slots)."""
     b, hq, t, splits, d = o_part.shape
     combine_kernel[(b * hq * t,)](
         o_part, lse_part, out, *_strides(out), hq, t, splits,
+        hq if h_first is None else h_first, splits_first or splits, splits_rest or splits,
         SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
     )
 
@@ -216,7 +225,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     if recent < 1 or sink < 0:
         raise ValueError(f"streaming needs recent >= 1 and sink >= 0, got sink={sink}, recent={recent}")
     has_cache = k_cache is not None
-    split_decode = TILED_STREAMING_DECODE if split_decode is None else split_decode
+    split_decode = STREAMING_DECODE != "one" if split_decode is None else split_decode
     if has_cache and t == 1 and not chunk_mode and split_decode:
         return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg,
                                               out)
@@ -283,12 +292,40 @@ def triton_streaming_attention_cached(
     """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
 
     ``split_decode`` picks the kernel of a one-token window-mode step: True the tiled one, False the one-program
-    one, None ``TILED_STREAMING_DECODE`` (both are exact; the choice is for timing them side by side). ``out``
+    one, None ``STREAMING_DECODE`` != "one" (both are exact; the choice is for timing them side by side). ``out``
     as for ``triton_retrieval_attention_cached``.
     """
     return _launch_streaming(
         q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out
     )
+
+
+def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_position, scale, sink, recent,
+                         out):
+    """One token, window mode, both head groups: one grid of streaming tiles then retrieval splits, writing one
+    partial buffer, then one combine (triton_mixed_decode.py)."""
+    (qr, kr, vr), (qs, ks, vs) = retrieval_qkv, streaming_qkv
+    b, hq, _, d = out.shape
+    _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
+    _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
+    cfg = decode_config(qr, groups, capacity=k_r.shape[2])
+    programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)
+    programs_s = grid_groups(b, hkv_s, groups, cfg.heads_per)
+    splits_r = decode_splits(qr, k_r, programs_r, cfg)
+    streaming_block_n = min(cfg.block_n, 32)  # see triton_mixed_decode.py
+    tiles_s = math.ceil((sink + recent + 1) / streaming_block_n)
+    part = max(splits_r, tiles_s)
+    o_part = torch.empty((b, hq, 1, part, d), dtype=torch.float32, device=out.device)
+    lse_part = torch.empty((b, hq, 1, part), dtype=torch.float32, device=out.device)
+    mixed_decode_kernel[(tiles_s * programs_s + splits_r * programs_r,)](
+        qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, cache_position, o_part, lse_part,
+        *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),
+        hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, STREAMING_BLOCK_N=streaming_block_n,
+        D=d, DOT_PRECISION=dot_precision(qr.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _combine(o_part, lse_part, out, h_first=hkv_r * groups, splits_first=splits_r, splits_rest=tiles_s)
+    return out
 
 
 def triton_attention_cached(
@@ -297,9 +334,14 @@ def triton_attention_cached(
 ) -> torch.Tensor:
     """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
     output (no concatenation afterwards)."""
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
     out = _empty_out(q)
     split = retrieval_qkv[0].shape[1]
+    if (STREAMING_DECODE == "mixed" and q.shape[2] == 1 and not chunk_mode and 0 < split < q.shape[1]
+            and out.numel() > 0):
+        return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
+                                    v_streaming, cache_position, scale, sink, recent, out)
     triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
                                       out=out[:, :split])
     triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,

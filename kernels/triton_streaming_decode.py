@@ -24,15 +24,14 @@ from .triton_common import empty_state, load_rows, program_rows, store_partial, 
 
 
 @triton.jit
-def streaming_decode_split_kernel(
+def streaming_split(
     Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    Hkv, groups, num_splits, qk_scale, sink, recent,
+    Hkv, groups, num_splits, qk_scale, sink, recent, split, pid_g, part_hq, part_head0, part_splits,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    """One tile of one program group; partial rows as in ``retrieval_split`` (triton_decode.py)."""
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, 1, HEADS_PER, BLOCK_T)
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
@@ -62,10 +61,24 @@ def streaming_decode_split_kernel(
     acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
     visible = (cached | is_new)[None, :] & row_ok[:, None]
     acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
-    row = (b64 * Hkv + kv64) * groups + (head - kv * groups)
-    store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D)
+    row = b64 * part_hq + part_head0 + head
+    store_partial(OP, LP, acc, m_i, l_i, row, split, part_splits, row_ok, D)
 
     if (split == 0) & (chunk == 0):
         slot = tl.where(start < sink, start, sink + (tl.maximum(start - sink, 0) % recent))
         tl.store(kc_base + slot * skc_t + offs_d, k_new)
         tl.store(vc_base + slot * svc_t + offs_d, v_new)
+
+
+@triton.jit
+def streaming_decode_split_kernel(
+    Q, K, V, KC, VC, POS, OP, LP,
+    sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+    Hkv, groups, num_splits, qk_scale, sink, recent,
+    HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    streaming_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
+                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, num_splits, qk_scale, sink, recent,
+                    tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits,
+                    HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION)

@@ -252,12 +252,17 @@ def test_gemv_refuses_mismatched_shapes():
 # ---------------------------------------------------------------------- a whole layer: duo::attention_cached
 
 
-@pytest.mark.parametrize("chunk_mode", [False, True])
+@pytest.mark.parametrize("chunk_mode,streaming_decode", [(False, "mixed"), (False, "tiles"), (True, "mixed")])
 @pytest.mark.parametrize("b,hkv,groups,retrieval_kv_heads", [(1, 2, 2, 1), (2, 3, 1, 2), (1, 4, 4, 1)])
-def test_attention_cached_writes_both_groups_into_one_output(chunk_mode, b, hkv, groups, retrieval_kv_heads):
-    """triton_attention_cached (each group's launcher writing its slice of one output) against the reference,
-    chunk after chunk and then decode steps, caches included."""
+def test_attention_cached_writes_both_groups_into_one_output(chunk_mode, streaming_decode, b, hkv, groups,
+                                                             retrieval_kv_heads, monkeypatch):
+    """triton_attention_cached against the reference, chunk after chunk and then decode steps, caches included:
+    decode steps in one grid for both groups ("mixed", window mode) or each group's own launches ("tiles";
+    chunk mode always)."""
+    from duo_compile.kernels import triton_ops
     from duo_compile.kernels.triton_ops import triton_attention_cached
+
+    monkeypatch.setattr(triton_ops, "STREAMING_DECODE", streaming_decode)
 
     sink, recent, capacity = 3, 10, 64
     n_s = hkv - retrieval_kv_heads
