@@ -9,7 +9,8 @@ everywhere, and on CUDA they now run these kernels.
 Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
 streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 2 (one
 program per cache tile, slot write fused, then combine; chunk mode, or STREAMING_DECODE "one": 1, one program
-per KV group); a mixed layer's decode 2 (both groups' programs in one grid, one combine; STREAMING_DECODE). A mixed layer (``duo::attention_cached``) runs both groups' launches, each writing its heads' slice of
+per KV group). A mixed layer (``duo::attention_cached``) decodes in 2 (both groups' programs in one grid, one
+combine: STREAMING_DECODE "mixed"); otherwise it runs both groups' launches, each writing its heads' slice of
 one output. No launcher reads a device value on the host: the chunk's start position is read inside the
 kernels, so every launch is CUDA-graph capturable.
 """
@@ -51,7 +52,8 @@ PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group
 #            combine for both groups (triton_mixed_decode.py): 2 launches per mixed layer instead of 4.
 # On the H200 (2026-12-01, sink 64 + recent 256, bf16 d128) "tiles" took 5.9 / 7.0 us per layer vs 11.3 us for
 # "one" (kernels_decode_h200.json, Llama-3 / Llama-2 heads) and 0.15-0.18 ms less per decode step end to end on
-# both model shapes (e2e_*_streaming_decode.json, the same engine timed with each).
+# both model shapes (e2e_*_streaming_decode.json, the same engine timed with each); "mixed" another 0.17-0.20 ms
+# less than "tiles" (e2e_*_inductor.json, side by side), so it is the default.
 STREAMING_DECODE = "mixed"
 STREAMING_DECODE_MODES = ("one", "tiles", "mixed")
 

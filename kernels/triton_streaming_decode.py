@@ -27,7 +27,7 @@ from .triton_common import empty_state, load_rows, program_rows, store_partial, 
 def streaming_split(
     Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    Hkv, groups, num_splits, qk_scale, sink, recent, split, pid_g, part_hq, part_head0, part_splits,
+    Hkv, groups, qk_scale, sink, recent, split, pid_g, part_hq, part_head0, part_splits,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -79,6 +79,6 @@ def streaming_decode_split_kernel(
     D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     streaming_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
-                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, num_splits, qk_scale, sink, recent,
+                    skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, qk_scale, sink, recent,
                     tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits,
                     HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION)
