@@ -196,6 +196,49 @@ def test_triton_tiled_streaming_decode_follows_the_dense_rule(kv_heads, groups, 
             assert bool((s_k[:, :, slot] == GARBAGE).all()), slot
 
 
+@examples(ci=8, long=80)
+@given(
+    kv_heads=st.integers(2, 3), retrieval_frac=st.floats(0, 1), groups=st.sampled_from([1, 2, 4]),
+    sink=st.integers(0, 5), recent=st.integers(1, 9), prompt=st.integers(1, 20), decode=st.integers(1, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_frac, groups, sink, recent, prompt,
+                                                          decode, seed):
+    """A mixed layer's one-grid decode (kernels/triton_mixed_decode.py, under the interpreter) after a Triton
+    prefill, token by token: retrieval heads equal causal attention, streaming heads the dense window rule; both
+    caches end in their layouts and slots never written keep their garbage."""
+    from duo_compile.kernels import triton_ops
+
+    assert triton_ops.STREAMING_DECODE == "mixed"  # the default, which this test is about
+    n = 1 + round(retrieval_frac * (kv_heads - 2))  # 1 .. kv_heads - 1 retrieval KV heads
+    c = dict(batch=1, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=16, seed=seed)
+    length = prompt + decode
+    q, k, v = _qkv(c, length)
+    r_k = torch.full((1, n, length + 3, 16), GARBAGE)
+    s_k = torch.full((1, kv_heads - n, sink + recent, 16), GARBAGE)
+    r_v, s_v = -r_k.clone(), -s_k.clone()
+    outs = []
+    for begin, end in [(0, prompt)] + [(p, p + 1) for p in range(prompt, length)]:
+        outs.append(triton_ops.triton_attention_cached(
+            q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end], r_k, r_v, s_k, s_v, torch.arange(begin, end),
+            0.25, n, sink, recent, False))
+    out = torch.cat(outs, dim=2).double()
+    starts = torch.zeros(length, dtype=torch.long)
+    a = n * groups
+    want_r = dense_attention(q[:, :a], k[:, :n], v[:, :n], dense_visible("retrieval", starts, 0, 1, "window"), 0.25)
+    want_s = dense_attention(q[:, a:], k[:, n:], v[:, n:],
+                             dense_visible("streaming", starts, sink, recent, "window"), 0.25)
+    torch.testing.assert_close(out[:, :a], want_r, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:, a:], want_s, rtol=1e-4, atol=1e-5)
+    assert torch.equal(r_k[:, :, :length], k[:, :n]) and bool((r_k[:, :, length:] == GARBAGE).all())
+    held = {streaming_slot(p, sink, recent): p for p in range(length) if p < sink or p >= max(sink, length - recent)}
+    for slot in range(sink + recent):
+        if slot in held:
+            assert torch.equal(s_k[:, :, slot], k[:, n:, held[slot]]), slot
+        else:
+            assert bool((s_k[:, :, slot] == GARBAGE).all()), slot
+
+
 def test_dense_rule_sanity():
     """The test's own rule on a hand-checked case: sink 2, recent 3, query 9 sees 0, 1, 7, 8, 9."""
     starts = torch.arange(10)  # every token its own call
