@@ -48,8 +48,9 @@ def check(arch, gqa, dtype, backend, mode, chunk, tol, streaming_decode="mixed")
     err = max(((a.float() - b).norm() / b.norm()).item() for a, b in zip(out.scores[:steps], scores[:steps]))
     same = int((out.sequences == tokens).all(dim=1).sum())
     ok = err < tol and (same == 2 or dtype != torch.float32)
-    print(f"{'ok ' if ok else 'BAD'} {arch}-{'gqa' if gqa else 'mha'} {dtype} {backend} {mode} chunk={chunk} streaming decode {streaming_decode}: "
-          f"rel score err {err:.2e} (tol {tol}), rows token-identical {same}/2", flush=True)
+    print(f"{'ok ' if ok else 'BAD'} {arch}-{'gqa' if gqa else 'mha'} {dtype} {backend} {mode} chunk={chunk} "
+          f"streaming decode {streaming_decode}: rel score err {err:.2e} (tol {tol}), rows token-identical {same}/2",
+          flush=True)
     return ok
 
 

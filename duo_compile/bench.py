@@ -460,7 +460,7 @@ def summarize(result: dict) -> list[str]:
         else:
             lines.append(f"| decode @ {tokens_label(ctx)} | {a.get('ms_per_token', a.get('error'))} | "
                          f"{b.get('ms_per_token', b.get('error'))} | - | - | {hf_txt} |")
-    for key in [k for k in result["duo"] if k.startswith("decode_")]:  # the other streaming decode kernel
+    for key in [k for k in result["duo"] if k.startswith("decode_")]:  # the other streaming decode kernels
         for a, b in zip(result["full"]["decode"], result["duo"][key]):
             if "ms_per_token" in a and "ms_per_token" in b:
                 lines.append(f"| decode @ {tokens_label(a['context'])}, streaming {key[7:]} | "
@@ -568,14 +568,18 @@ def run(args: argparse.Namespace) -> int:
     meta["ceilings"] = measure_ceilings(device)
     log(f"ceilings: {meta['ceilings']}")
     results = []
-    for key in models:
-        def save_partial(part: dict, key=key) -> None:  # a run cut short keeps what it measured
-            (out / f"e2e_{key}.json").write_text(json.dumps({**meta, **part}, indent=1))
+    default_streaming = triton_ops.STREAMING_DECODE  # bench_model switches it; the caller gets it back
+    try:
+        for key in models:
+            def save_partial(part: dict, key=key) -> None:  # a run cut short keeps what it measured
+                (out / f"e2e_{key}.json").write_text(json.dumps({**meta, **part}, indent=1))
 
-        result = {**meta, **bench_model(key, masks[key], args, meta["ceilings"], save_partial)}
-        results.append(result)
-        save_partial(result)
-        print("\n".join(summarize(result)), flush=True)
+            result = {**meta, **bench_model(key, masks[key], args, meta["ceilings"], save_partial)}
+            results.append(result)
+            save_partial(result)
+            print("\n".join(summarize(result)), flush=True)
+    finally:
+        triton_ops.STREAMING_DECODE = default_streaming
     plot(results, out / "e2e.png")
     return 0
 

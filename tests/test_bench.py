@@ -16,7 +16,7 @@ from duo_compile.cli import main
 def test_bench_tiny_on_cpu(tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--models", "tiny", "--out", str(out), "--sections", "decode,prefill", "--commit", "abc",
-            "--streaming-decode", "one,mixed"]
+            "--streaming-decode", "mixed,one"]
     assert main(argv) == 0
     result = json.loads((out / "e2e_tiny.json").read_text())
     assert result["commit"] == "abc" and result["gpu"] == "cpu" and result["backend"] == "eager"
@@ -29,12 +29,15 @@ def test_bench_tiny_on_cpu(tmp_path, capsys):
     # The DuoAttention engine holds less KV than full attention (streaming heads keep sink + recent = 320 slots).
     assert result["duo"]["decode"][1]["kv_GB"] < result["full"]["decode"][1]["kv_GB"]
     # Both streaming decode kernels timed on the one DuoAttention engine; full attention has no streaming heads.
-    assert result["streaming_decode"] == "one,mixed" and "decode_mixed" not in result["full"]
-    assert [row["context"] for row in result["duo"]["decode_mixed"]] == [400, 800]
+    from duo_compile.kernels import triton_ops
+
+    assert triton_ops.STREAMING_DECODE == "mixed"  # the default again after the run
+    assert result["streaming_decode"] == "mixed,one" and "decode_one" not in result["full"]
+    assert [row["context"] for row in result["duo"]["decode_one"]] == [400, 800]
     assert result["hf"]["decode"][0]["ms_per_token"] > 0
     assert (out / "e2e.png").stat().st_size > 0
     table = capsys.readouterr().out
-    assert "| decode @ 800 |" in table and "| prefill 400 |" in table and "| decode @ 800, streaming mixed |" in table
+    assert "| decode @ 800 |" in table and "| prefill 400 |" in table and "| decode @ 800, streaming one |" in table
 
 
 @pytest.mark.parametrize(
