@@ -10,7 +10,8 @@ Sections (all by default, in the order ceilings, decode, gemv, retrieval, stream
              as CUDA-graph replays of several calls over rotating cache copies (more bytes than L2), so neither
              launch overhead nor L2 hits are counted. The launcher's own choice ("default") is timed after the
              variants (timed first, it read 10-13% slow: the first timing of a row pays a warm-up). Then the
-             streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants
+             streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants, and a
+             mixed layer's decode (duo::attention_cached at 8K and 128K keys) on each STREAMING_DECODE path
   gemv       decode-time linear layers (one token) at the Llama-2-7B / Llama-3-8B weight shapes: cuBLAS
              (F.linear) vs the Triton GEMV (kernels/triton_gemv.py) and its tile variants, as CUDA-graph replays
              over rotating weight copies; TB/s over the weight bytes vs the copy bandwidth, and the weight time of
@@ -59,6 +60,7 @@ SINK, RECENT = 64, 256
 TOL = 1e-2
 DEV = "cuda"
 SIZES = {"cap": 16384, "chunks": (8192, 4096, 1, 1, 1), "s_chunks": (4096, 4096, 1, 1, 300), "decode": (8192, 65536, 262144, 524288),
+         "mixed_decode": (8192, 131072),
          "retrieval": 32768, "streaming": (32768, 131072), "ref_block": 2048, "dispatch": 512,
          "copy_bytes": 1 << 30, "mm": 8192}
 RESULTS: dict = {}
@@ -370,6 +372,7 @@ def section_decode():
             del kcs, vcs
             torch.cuda.empty_cache()
         section_streaming_decode(shape, hq, hkv)
+        section_mixed_decode(shape, hq, hkv)
     RESULTS["decode"] = out_rows
 
 
@@ -408,6 +411,58 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
         row[label] = ms * 1e3
     RESULTS.setdefault("streaming_decode_us", {})[shape] = row
     log(f"  {shape} streaming decode (sink {SINK} + recent {RECENT}), us: "
+        + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
+
+
+# A mixed layer's retrieval KV heads: the patterns' average at the e2e sparsities (Llama-2 0.75, Llama-3 0.5).
+MIXED_RETRIEVAL_KV = {"llama3-8b": 4, "llama2-7b": 8}
+
+
+def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
+    """A mixed layer's one-token decode (``duo::attention_cached``: retrieval heads over the long cache plus
+    streaming heads over sink + recent) on each path of ``triton_ops.STREAMING_DECODE``: "mixed" (one grid, one
+    combine: 2 launches), "tiles" (each group's split kernel and combine: 4), "one" (3). Each is checked against
+    the reference (output and both caches) before it is timed, rotating cache copies beyond L2."""
+    groups, n = hq // hkv, MIXED_RETRIEVAL_KV[shape]
+    q = torch.randn(1, hq, 1, D, dtype=DT, device=DEV)
+    k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+    v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+    row = {}
+    default = triton_ops.STREAMING_DECODE
+    for n_keys in SIZES["mixed_decode"]:
+        kv_bytes = 2 * n * (n_keys + 1) * D * DT.itemsize
+        copies = 2 if DEV == "cpu" else max(1, min(16, math.ceil(240e6 / kv_bytes)))
+        caches = [[torch.randn(1, n, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(2)]
+                  + [torch.randn(1, hkv - n, SINK + RECENT, D, dtype=DT, device=DEV) for _ in range(2)]
+                  for _ in range(copies)]
+        pos = torch.tensor([n_keys], device=DEV)
+        ref_caches = [c.float() for c in caches[0]]
+        ref_out = reference.attention_cached(q.float(), k.float(), v.float(), *ref_caches, pos, SCALE, n, SINK, RECENT,
+                                             False)
+        for mode in triton_ops.STREAMING_DECODE_MODES:
+            triton_ops.STREAMING_DECODE = mode  # read at each launch, so also while the graph is captured
+            try:
+                first = [c.clone() for c in caches[0]]
+                err = rel_err(triton_ops.triton_attention_cached(q, k, v, *first, pos, SCALE, n, SINK, RECENT, False),
+                              ref_out)
+                written = all(torch.equal(c.float(), r) for c, r in zip(first, ref_caches))
+                ms = graph_time([
+                    (lambda i=i: triton_ops.triton_attention_cached(q, k, v, *caches[i], pos, SCALE, n, SINK, RECENT,
+                                                                    False))
+                    for i in range(copies)
+                ])
+            except Exception as e:  # a path that does not compile is reported, not fatal
+                log(f"  mixed decode {mode}: failed {type(e).__name__}: {e}")
+                continue
+            finally:
+                triton_ops.STREAMING_DECODE = default
+            check(f"mixed_decode/{shape}/{n_keys}/{mode}", err if written else float("nan"))
+            row[f"{n_keys}_{mode}"] = ms * 1e3
+        del caches
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    RESULTS.setdefault("mixed_decode_us", {})[shape] = row
+    log(f"  {shape} mixed layer decode ({n} of {hkv} KV heads retrieval), us: "
         + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
 
 
@@ -673,6 +728,9 @@ def table():
         log(f"decode    {r['shape']:<10} {r['keys']:>7} keys  ours {r['ours_us']:8.1f} us {r['ours_TBps']:5.2f} TB/s "
             f"({r.get('ours_frac_of_copy', 0) * 100:4.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us {r['sdpa_TBps']:5.2f} TB/s  "
             f"x{r['speedup_vs_sdpa']:.2f}")
+    for shape, row in RESULTS.get("mixed_decode_us", {}).items():
+        log(f"mixed     {shape:<10} one mixed layer's decode, keys_path: "
+            + ", ".join(f"{k} {v:.1f} us" for k, v in row.items()))
     for model, g in RESULTS.get("gemv", {}).items():
         st = g["decode_step_weights"]
         log(f"gemv      {model:<10} weights per decode step: cuBLAS {st['cublas_ms']:.2f} ms (fused projections "
@@ -693,7 +751,9 @@ def _smoke_sizes():
     DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
     SCALE = D**-0.5
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
-    SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), retrieval=40,
+    MIXED_RETRIEVAL_KV.clear()
+    MIXED_RETRIEVAL_KV.update(gqa=1, mha=1)
+    SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), mixed_decode=(50,), retrieval=40,
                  streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256)
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]

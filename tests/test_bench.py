@@ -81,4 +81,5 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert result["failures"] == [], result["failures"]
     assert {row["shape"] for row in result["decode"]} == {"gqa", "mha"}
     assert set(result["streaming_decode_us"]["gqa"]) >= {"one_n16", "tiles_n16", "default"}
+    assert set(result["mixed_decode_us"]["mha"]) == {"50_one", "50_tiles", "50_mixed"}
     assert result["gemv"]["tiny"]["layers"][0]["best"] in {"n16k16", "n32k32"}
