@@ -161,6 +161,12 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
 
 
+def _empty_partials(b: int, hq: int, t: int, splits: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partial outputs ``[B, Hq, T, splits, D]`` and their log-sum-exps ``[B, Hq, T, splits]`` (fp32)."""
+    return (torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=device),
+            torch.empty((b, hq, t, splits), dtype=torch.float32, device=device))
+
+
 def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: int | None = None,
              splits_rest: int | None = None):
     """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (one program per row);
@@ -185,8 +191,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     programs = grid_groups(b, hkv, groups, cfg.heads_per)
     splits = num_splits or decode_splits(q, k_cache, programs, cfg)
-    o_part = torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((b, hq, t, splits), dtype=torch.float32, device=q.device)
+    o_part, lse_part = _empty_partials(b, hq, t, splits, d, q.device)
     retrieval_split_kernel[(splits, programs)](
         q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
@@ -204,8 +209,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
     cfg = cfg or decode_config(q, groups)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     splits = math.ceil((sink + recent + 1) / cfg.block_n)
-    o_part = torch.empty((b, hq, 1, splits, d), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((b, hq, 1, splits), dtype=torch.float32, device=q.device)
+    o_part, lse_part = _empty_partials(b, hq, 1, splits, d, q.device)
     streaming_decode_split_kernel[(splits, grid_groups(b, hkv, groups, cfg.heads_per))](
         q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -317,8 +321,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     streaming_block_n = min(cfg.block_n, 32)  # see triton_mixed_decode.py
     tiles_s = math.ceil((sink + recent + 1) / streaming_block_n)
     part = max(splits_r, tiles_s)
-    o_part = torch.empty((b, hq, 1, part, d), dtype=torch.float32, device=out.device)
-    lse_part = torch.empty((b, hq, 1, part), dtype=torch.float32, device=out.device)
+    o_part, lse_part = _empty_partials(b, hq, 1, part, d, out.device)
     mixed_decode_kernel[(tiles_s * programs_s + splits_r * programs_r,)](
         qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, cache_position, o_part, lse_part,
         *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),

@@ -23,14 +23,13 @@ import torch
 from torch import fx
 
 from .context import PassContext
-from .graph_utils import get_param, is_linear, set_param
+from .graph_utils import drop_param, get_param, is_linear, linear_bias, set_param
 
 aten = torch.ops.aten
 
 
 def _weight_and_bias(linear: fx.Node) -> tuple[fx.Node, fx.Node | None]:
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    return linear.args[1], bias
+    return linear.args[1], linear_bias(linear)
 
 
 def _fusable(gm: fx.GraphModule, linear: fx.Node) -> bool:
@@ -56,15 +55,6 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     return groups
 
 
-def _drop_param(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase a get_attr node and delete what it read from its owner module."""
-    owner_path, _, name = node.target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    owner._parameters.pop(name, None)
-    owner._buffers.pop(name, None)
-    gm.graph.erase_node(node)
-
-
 def _fused_name(gm: fx.GraphModule, targets: list[str], what: str) -> str:
     """``layers.0.self_attn.q_proj.weight`` + ``...k_proj.weight`` -> ``layers.0.self_attn.fused_q_proj_k_proj_weight``."""
     owners = [t.rpartition(".")[0] for t in targets]
@@ -88,9 +78,6 @@ def _fuse(gm: fx.GraphModule, linears: list[fx.Node]) -> None:
             fused.append(None)
             continue
         target = _fused_name(gm, [n.target for n in nodes], what)
-        owner_path, _, name = target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        owner.register_parameter(name, None)  # a slot for set_param, which stores it without autograd
         set_param(gm, target, torch.cat([get_param(gm, n) for n in nodes], dim=0))
         with graph.inserting_before(first):
             fused.append(graph.get_attr(target))
@@ -110,7 +97,7 @@ def _fuse(gm: fx.GraphModule, linears: list[fx.Node]) -> None:
     for weight, bias in params:
         for node in (weight, bias):
             if node is not None:
-                _drop_param(gm, node)
+                drop_param(gm, node)
 
 
 def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:

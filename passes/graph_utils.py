@@ -54,26 +54,41 @@ def is_linear(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is LINEAR
 
 
+def linear_bias(linear: fx.Node) -> fx.Node | None:
+    """The bias node of an ``aten.linear`` (positional or keyword), or None."""
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    return bias if isinstance(bias, fx.Node) else None
+
+
+def owner_of(gm: fx.GraphModule, target: str) -> tuple[torch.nn.Module, str]:
+    """The module holding a ``get_attr`` target and the attribute's name in it."""
+    owner_path, _, name = target.rpartition(".")
+    return (gm.get_submodule(owner_path) if owner_path else gm), name
+
+
 def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     if node.op != "get_attr":
         raise ValueError(f"expected a parameter (get_attr), got {node.op} {node.name}")
-    return gm.get_parameter(node.target) if _is_param(gm, node.target) else gm.get_buffer(node.target)
+    owner, name = owner_of(gm, node.target)
+    return owner._parameters[name] if name in owner._parameters else owner._buffers[name]
 
 
 def set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Replace a parameter by a new tensor (never in place: the user's model shares the old storage)."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    else:
+    """Replace a buffer or parameter by a new tensor, or add a new parameter (never in place: the user's model
+    shares the old storage)."""
+    owner, name = owner_of(gm, target)
+    if name in owner._buffers:
         owner._buffers[name] = value
+    else:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def _is_param(gm: fx.GraphModule, target: str) -> bool:
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    return name in owner._parameters
+def drop_param(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase a ``get_attr`` node and delete what it read from its owner module."""
+    owner, name = owner_of(gm, node.target)
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
+    gm.graph.erase_node(node)
 
 
 def dead_code_elimination(gm: fx.GraphModule) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from .context import AttentionSite, PassContext
-from .graph_utils import get_param, set_param
+from .graph_utils import get_param, linear_bias, set_param
 
 
 def _permute_blocks(gm: fx.GraphModule, param_node: fx.Node | None, order: list[int], dim: int) -> None:
@@ -27,15 +27,10 @@ def _permute_blocks(gm: fx.GraphModule, param_node: fx.Node | None, order: list[
     set_param(gm, param_node.target, blocks.index_select(dim, index).flatten(dim, dim + 1).contiguous())
 
 
-def _bias(linear: fx.Node) -> fx.Node | None:
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    return bias if isinstance(bias, fx.Node) else None
-
-
 def _reorder_site(gm: fx.GraphModule, site: AttentionSite, order: list[int]) -> None:
     for linear in (site.q_proj, site.k_proj, site.v_proj):
         _permute_blocks(gm, linear.args[1], order, dim=0)
-        _permute_blocks(gm, _bias(linear), order, dim=0)
+        _permute_blocks(gm, linear_bias(linear), order, dim=0)
     _permute_blocks(gm, site.o_proj.args[1], order, dim=1)
 
 

@@ -132,14 +132,7 @@ def test_cached_ops_chunk_by_chunk_equal_one_dense_masked_attention(c):
     assert torch.equal(r_k[:, :, :length], k) and torch.equal(r_v[:, :, :length], v)
     assert bool((r_k[:, :, length:] == GARBAGE).all()) and bool((r_v[:, :, length:] == -GARBAGE).all())
     # Streaming cache: the sink and the last `recent` positions at their slots; empty slots untouched.
-    held = [p for p in range(length) if p < sink or p >= max(sink, length - recent)]
-    written = set()
-    for p in held:
-        slot = streaming_slot(p, sink, recent)
-        written.add(slot)
-        assert torch.equal(s_k[:, :, slot], k[:, :, p]) and torch.equal(s_v[:, :, slot], v[:, :, p]), (p, slot)
-    for slot in set(range(sink + recent)) - written:
-        assert bool((s_k[:, :, slot] == GARBAGE).all()) and bool((s_v[:, :, slot] == -GARBAGE).all()), slot
+    _assert_streaming_layout(s_k, s_v, k, v, sink, recent)
 
 
 @examples(ci=50, long=500)
@@ -157,6 +150,19 @@ def test_cacheless_ops_equal_one_dense_masked_attention(c):
     want_s = dense_attention(q, k, v, dense_visible("streaming", starts, c["sink"], c["recent"], "window"), c["scale"])
     torch.testing.assert_close(got_r.double(), want_r, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_s.double(), want_s, rtol=1e-4, atol=1e-5)
+
+
+def _assert_streaming_layout(s_k, s_v, k, v, sink, recent):
+    """Streaming K/V caches (filled with GARBAGE / -GARBAGE) after positions ``0 .. k.shape[2] - 1``: the sink
+    and the last ``recent`` positions at their slots; every other slot untouched."""
+    length = k.shape[2]
+    held = {streaming_slot(p, sink, recent): p for p in range(length) if p < sink or p >= max(sink, length - recent)}
+    for slot in range(sink + recent):
+        if slot in held:
+            p = held[slot]
+            assert torch.equal(s_k[:, :, slot], k[:, :, p]) and torch.equal(s_v[:, :, slot], v[:, :, p]), (p, slot)
+        else:
+            assert bool((s_k[:, :, slot] == GARBAGE).all()) and bool((s_v[:, :, slot] == -GARBAGE).all()), slot
 
 
 @examples(ci=12, long=120)
@@ -188,12 +194,7 @@ def test_triton_tiled_streaming_decode_follows_the_dense_rule(kv_heads, groups, 
     want = dense_attention(q, k, v, dense_visible("streaming", torch.zeros(length, dtype=torch.long), sink, recent,
                                                   "window"), 0.25)
     torch.testing.assert_close(torch.cat(outs, dim=2).double(), want, rtol=1e-4, atol=1e-5)
-    held = {streaming_slot(p, sink, recent): p for p in range(length) if p < sink or p >= max(sink, length - recent)}
-    for slot in range(sink + recent):
-        if slot in held:
-            assert torch.equal(s_k[:, :, slot], k[:, :, held[slot]]), slot
-        else:
-            assert bool((s_k[:, :, slot] == GARBAGE).all()), slot
+    _assert_streaming_layout(s_k, s_v, k, v, sink, recent)
 
 
 @examples(ci=8, long=80)
@@ -231,12 +232,7 @@ def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_fr
     torch.testing.assert_close(out[:, :a], want_r, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out[:, a:], want_s, rtol=1e-4, atol=1e-5)
     assert torch.equal(r_k[:, :, :length], k[:, :n]) and bool((r_k[:, :, length:] == GARBAGE).all())
-    held = {streaming_slot(p, sink, recent): p for p in range(length) if p < sink or p >= max(sink, length - recent)}
-    for slot in range(sink + recent):
-        if slot in held:
-            assert torch.equal(s_k[:, :, slot], k[:, n:, held[slot]]), slot
-        else:
-            assert bool((s_k[:, :, slot] == GARBAGE).all()), slot
+    _assert_streaming_layout(s_k, s_v, k[:, n:], v[:, n:], sink, recent)
 
 
 def test_dense_rule_sanity():
