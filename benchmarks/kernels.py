@@ -2,7 +2,8 @@
 
 Run from the repository root:  python -m benchmarks.kernels --out results.json [--commit SHA] [--sections ...]
 
-Sections (all by default, in the order ceilings, decode, gemv, retrieval, streaming, cached, formats, flex):
+Sections (all by default, in the order ceilings, decode, split_sweep, gemv, retrieval, streaming, cached, formats,
+flex):
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
   decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at
@@ -12,6 +13,8 @@ Sections (all by default, in the order ceilings, decode, gemv, retrieval, stream
              variants (timed first, it read 10-13% slow: the first timing of a row pays a warm-up). Then the
              streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants, and a
              mixed layer's decode (duo::attention_cached at 8K and 128K keys) on each STREAMING_DECODE path
+  split_sweep  one layer's decode at the e2e headline contexts (Llama-2 shape 120K, Llama-3 512K keys) per retrieval
+             KV head count, every split count x 3 / 4 stages against the launcher's default
   gemv       decode-time linear layers (one token) at the Llama-2-7B / Llama-3-8B weight shapes: cuBLAS
              (F.linear) vs the Triton GEMV (kernels/triton_gemv.py) and its tile variants, as CUDA-graph replays
              over rotating weight copies; TB/s over the weight bytes vs the copy bandwidth, and the weight time of
@@ -466,6 +469,76 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
         + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
 
 
+# Split-count sweep of a layer's decode at each model's e2e headline context (cache capacity context + 1, as the
+# e2e bench allocates): per retrieval KV head count a layer can have there (the last: every head retrieval, the
+# full-attention engine's layer), the retrieval split count x pipeline stages.
+SPLIT_SWEEP = {"llama2-7b": (122880, (4, 8, 16, 32)), "llama3-8b": (524288, (1, 2, 4, 8))}
+SPLIT_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256)
+SPLIT_STAGES = (3, 4)
+
+
+def section_split_sweep():
+    """Why: end to end (e2e_*_inductor.json, 3a123ec) the full engine's decode kernels read the KV cache at
+    ~4.40 TB/s but a DuoAttention layer's (a few retrieval heads, e.g. 8 of 32 at 120K keys) at ~4.1-4.3: its
+    grid has as many programs (decode_splits aims at programs per SM) but each reads 1/4-1/2 as many keys, so
+    the per-program ramp and the last wave weigh more. This times, per retrieval head count, every split count
+    (and 3 / 4 stages) of the launch a decode step uses (``duo::attention_cached`` on the "mixed" path; the
+    all-retrieval layer on ``retrieval_attention_cached``), each checked against the launcher's default first;
+    TB/s over the bytes the layer reads (retrieval K/V plus the streaming caches)."""
+    log("== decode split-count sweep (one layer, e2e contexts)")
+    rows = []
+    default_mode = triton_ops.STREAMING_DECODE
+    for shape, (context, counts) in SPLIT_SWEEP.items():
+        hq, hkv = SHAPES[shape]
+        groups = hq // hkv
+        q = torch.randn(1, hq, 1, D, dtype=DT, device=DEV)
+        k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+        v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+        pos = torch.tensor([context], device=DEV)
+        for n in counts:
+            cap = context + 1
+            caches = [torch.randn(1, n, cap, D, dtype=DT, device=DEV) for _ in range(2)]
+            if n < hkv:
+                caches += [torch.randn(1, hkv - n, SINK + RECENT, D, dtype=DT, device=DEV) for _ in range(2)]
+            kv_bytes = sum(c.numel() * c.element_size() for c in caches)
+            base = triton_ops.decode_config(q[:, : n * groups], groups, capacity=cap)
+
+            def call(cfg=None, splits=None):
+                if n == hkv:
+                    return triton_ops.triton_retrieval_attention_cached(q, k, v, *caches, pos, SCALE, config=cfg,
+                                                                        num_splits=splits)
+                return triton_ops.triton_attention_cached(q, k, v, *caches, pos, SCALE, n, SINK, RECENT, False,
+                                                          config=cfg, num_splits=splits)
+
+            triton_ops.STREAMING_DECODE = "mixed"
+            try:
+                ref = call()
+                row = {"shape": shape, "keys": context, "retrieval_kv_heads": n, "kv_MB": kv_bytes / 1e6,
+                       "default_us": graph_time([call] * 4) * 1e3, "splits_us": {}}
+                for stages in SPLIT_STAGES:
+                    cfg = TileConfig(block_t=base.block_t, block_n=base.block_n, heads_per=base.heads_per,
+                                     num_warps=base.num_warps, num_stages=stages)
+                    for splits in SPLIT_COUNTS:
+                        err = rel_err(call(cfg, splits), ref)
+                        if not err < TOL:
+                            FAILURES.append(f"split sweep {shape} n={n} s{stages} x{splits}: {err}")
+                            continue
+                        row["splits_us"][f"s{stages}x{splits}"] = graph_time([lambda: call(cfg, splits)] * 4) * 1e3
+            finally:
+                triton_ops.STREAMING_DECODE = default_mode
+            best = min(row["splits_us"], key=row["splits_us"].get)
+            row.update(best=best, best_us=row["splits_us"][best], default_TBps=kv_bytes / row["default_us"] / 1e6,
+                       best_TBps=kv_bytes / row["splits_us"][best] / 1e6)
+            rows.append(row)
+            log(f"  {shape} {n:>2} of {hkv} KV heads retrieval at {context} keys: default {row['default_us']:.1f} us "
+                f"({row['default_TBps']:.2f} TB/s), best {best} {row['best_us']:.1f} us ({row['best_TBps']:.2f} TB/s)")
+            log("     " + ", ".join(f"{key} {val:.1f}" for key, val in row["splits_us"].items()))
+            del caches
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+    RESULTS["split_sweep"] = rows
+
+
 # Decode-time linear layers: (name, N, K, count per decode step) of each model's weights, then the projections
 # that share an input concatenated into one matrix (count 0: not in the step's sum; the fused-projections figure
 # swaps them in),
@@ -747,7 +820,7 @@ def table():
 
 def _smoke_sizes():
     global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS, STREAMING_DECODE_VARIANTS
-    global FORMATS
+    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES
     DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
     SCALE = D**-0.5
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
@@ -766,13 +839,16 @@ def _smoke_sizes():
     STREAMING_DECODE_VARIANTS = [("one_n16", False, dict(block_n=16)), ("tiles_n16", True, dict(block_n=16)),
                                  ("tiles_n32", True, dict(block_n=32))]
     FORMATS = ((torch.float16, 16), (torch.float32, 32))
+    SPLIT_SWEEP.clear()
+    SPLIT_SWEEP.update(gqa=(50, (1, 2)), mha=(50, (1, 2)))
+    SPLIT_COUNTS, SPLIT_STAGES = (2, 4), (3,)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--commit", default="")
-    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "gemv", "retrieval", "streaming", "cached", "formats", "flex"])
+    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "split_sweep", "gemv", "retrieval", "streaming", "cached", "formats", "flex"])
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections once this many seconds have passed")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (script check)")
@@ -798,7 +874,7 @@ def main():
     sections = {
         "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode, "gemv": section_gemv,
         "retrieval": section_retrieval, "streaming": section_streaming, "formats": section_formats,
-        "flex": section_flex,
+        "flex": section_flex, "split_sweep": section_split_sweep,
     }
     for name in args.sections:
         if name == "flex" and args.no_flex:

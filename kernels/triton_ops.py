@@ -307,17 +307,18 @@ def triton_streaming_attention_cached(
 
 
 def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_position, scale, sink, recent,
-                         out):
+                         out, cfg=None, num_splits=None):
     """One token, window mode, both head groups: one grid of streaming tiles then retrieval splits, writing one
-    partial buffer, then one combine (triton_mixed_decode.py)."""
+    partial buffer, then one combine (triton_mixed_decode.py). ``cfg`` / ``num_splits`` override the retrieval
+    tiles and split count (decode_config / decode_splits), for the kernel benchmark's sweep."""
     (qr, kr, vr), (qs, ks, vs) = retrieval_qkv, streaming_qkv
     b, hq, _, d = out.shape
     _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
     _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
-    cfg = decode_config(qr, groups, capacity=k_r.shape[2])
+    cfg = cfg or decode_config(qr, groups, capacity=k_r.shape[2])
     programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)
     programs_s = grid_groups(b, hkv_s, groups, cfg.heads_per)
-    splits_r = decode_splits(qr, k_r, programs_r, cfg)
+    splits_r = num_splits or decode_splits(qr, k_r, programs_r, cfg)
     streaming_block_n = min(cfg.block_n, 32)  # see triton_mixed_decode.py
     tiles_s = math.ceil((sink + recent + 1) / streaming_block_n)
     part = max(splits_r, tiles_s)
@@ -336,9 +337,11 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
 def triton_attention_cached(
     q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
     retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool,
+    config: TileConfig | None = None, num_splits: int | None = None,
 ) -> torch.Tensor:
     """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
-    output (no concatenation afterwards)."""
+    output (no concatenation afterwards). ``config`` / ``num_splits``: the retrieval decode's tiles and split
+    count (default: decode_config / decode_splits), as for ``triton_retrieval_attention_cached``."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
     out = _empty_out(q)
@@ -346,9 +349,9 @@ def triton_attention_cached(
     if (STREAMING_DECODE == "mixed" and q.shape[2] == 1 and not chunk_mode and 0 < split < q.shape[1]
             and out.numel() > 0):
         return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
-                                    v_streaming, cache_position, scale, sink, recent, out)
+                                    v_streaming, cache_position, scale, sink, recent, out, config, num_splits)
     triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
-                                      out=out[:, :split])
+                                      config=config, num_splits=num_splits, out=out[:, :split])
     triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,
                                       chunk_mode, out=out[:, split:])
     return out

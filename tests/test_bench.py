@@ -62,7 +62,7 @@ def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/kernels.py --smoke: the decode and GEMV sections (checks, variant sweeps, JSON) under the
+    """benchmarks/kernels.py --smoke: the decode, split-sweep and GEMV sections (checks, variant sweeps, JSON) under the
     interpreter at tiny sizes, so a mistake in the script shows here and not on the GPU."""
     import os
     import subprocess
@@ -72,7 +72,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "kernels.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "gemv",
+        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "split_sweep", "gemv",
          "--out", str(out)],
         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
@@ -83,3 +83,6 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert set(result["streaming_decode_us"]["gqa"]) >= {"one_n16", "tiles_n16", "default"}
     assert set(result["mixed_decode_us"]["mha"]) == {"50_one", "50_tiles", "50_mixed"}
     assert result["gemv"]["tiny"]["layers"][0]["best"] in {"n16k16", "n32k32"}
+    sweep = {(row["shape"], row["retrieval_kv_heads"]): row for row in result["split_sweep"]}
+    assert set(sweep) == {("gqa", 1), ("gqa", 2), ("mha", 1), ("mha", 2)}  # mixed layers and all-retrieval ones
+    assert all(set(row["splits_us"]) == {"s3x2", "s3x4"} for row in sweep.values())
