@@ -108,6 +108,18 @@ def onnx_attention(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, 
     return torch.cat([retrieval, streaming], dim=1)
 
 
+def _rotate_first(graph: fx.Graph, node: fx.Node) -> None:
+    """An op given pre-RoPE q/k and ``cos``/``sin`` (``fuse_rope``) gets them rotated in the graph instead (plain
+    ONNX ops), so the lowerings and the returned cache rows see rotated keys, as the caches hold them."""
+    if "cos" not in node.kwargs:
+        return
+    cos, sin = node.kwargs["cos"], node.kwargs["sin"]
+    with graph.inserting_before(node):
+        q, k = (graph.call_function(reference.rope, (x, cos, sin)) for x in node.args[:2])
+    node.args = (q, k, *node.args[2:])
+    node.kwargs = {key: value for key, value in node.kwargs.items() if key not in ("cos", "sin")}
+
+
 def _cache_rows(graph: fx.Graph, node: fx.Node) -> dict[str, fx.Node]:
     """The chunk's K/V rows each cache of a lowered duo op receives, by cache placeholder name (slices of k/v for
     the merged op, inserted before ``node``)."""
@@ -141,6 +153,7 @@ def onnx_graph(graph: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_function":
             continue
         if node.target in lowered:
+            _rotate_first(new_graph, node)
             rows.update(_cache_rows(new_graph, node))
             with new_graph.inserting_before(node):
                 new = new_graph.call_function(lowered[node.target], node.args, node.kwargs)

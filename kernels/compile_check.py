@@ -69,7 +69,8 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     ptr, i64, f32 = _PTR[dtype], "*i64", "*fp32"
     groups, dot = 4, dot_precision(dtype)
     attn = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, O=ptr, POS=i64)
-    split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, OP=f32, LP=f32)
+    # Decode kernels as the engine runs them: RoPE fused (fuse_rope), so the rotated loads are in the check.
+    split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr)
     cases = []
     retrieval = prefill_config(_cuda_q(32, 4096, head_dim), "retrieval")
     for has_cache in (False, True):
@@ -87,19 +88,19 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                   dict(BLOCK_W=64, D=head_dim), None))
     cases.append(("streaming decode, tiled", streaming_decode_split_kernel, split,
                   dict(HEADS_PER=decode.heads_per, BLOCK_T=decode.block_t, BLOCK_N=decode.block_n, D=head_dim,
-                       DOT_PRECISION=dot), TileConfig(decode.block_t, decode.block_n, decode.heads_per,
+                       DOT_PRECISION=dot, ROPE=True), TileConfig(decode.block_t, decode.block_n, decode.heads_per,
                                                       decode.num_warps, num_stages=1)))
     for heads_per_kv, capacity in ((groups, 65536), (1, 131072)):  # GQA-packed and one-head (MHA) programs
         cfg = decode_config(_cuda_q(heads_per_kv * 8, 1, head_dim), heads_per_kv, capacity)
         cases.append((f"retrieval decode split-K heads_per={cfg.heads_per}", retrieval_split_kernel, split,
                       dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, D=head_dim,
-                           DOT_PRECISION=dot), cfg))
+                           DOT_PRECISION=dot, ROPE=True), cfg))
     mixed = decode_config(_cuda_q(32, 1, head_dim), groups, 65536)
     cases.append(("mixed layer decode (streaming tiles + retrieval split-K)", mixed_decode_kernel,
                   dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,
-                       OP=f32, LP=f32),
+                       OP=f32, LP=f32, COS=ptr, SIN=ptr),
                   dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, STREAMING_BLOCK_N=32,
-                       D=head_dim, DOT_PRECISION=dot), mixed))
+                       D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
     cases.append(("combine", combine_kernel, dict(OP=f32, LP=f32, O=ptr), dict(SPLITS=64, D=head_dim), None))
     gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)
     for has_bias in (False, True):

@@ -44,9 +44,13 @@ def retrieval_attention_cached(
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
     scale: float,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Append this chunk to the full retrieval cache, then attend causally to all cached tokens."""
-    return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale).contiguous()
+    """Append this chunk to the full retrieval cache, then attend causally to all cached tokens (``cos``/``sin``:
+    q and k are pre-RoPE, rotate them first; reference.py)."""
+    return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale, cos,
+                                                sin).contiguous()
 
 
 @torch.library.custom_op(f"{_LIB}::streaming_attention_cached", mutates_args=("k_cache", "v_cache"))
@@ -61,10 +65,12 @@ def streaming_attention_cached(
     sink: int,
     recent: int,
     chunk_mode: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend to sink + recent ring + this chunk, then write the chunk into the constant-size streaming cache."""
     return reference.streaming_attention_cached(
-        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode
+        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cos, sin
     ).contiguous()
 
 
@@ -85,12 +91,14 @@ def attention_cached(
     sink: int,
     recent: int,
     chunk_mode: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A whole layer with both head groups (``merge_head_groups``): the two cached ops above on the head slices,
     one output, so the graph needs neither the slices nor the concatenation."""
     return reference.attention_cached(
         q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale, retrieval_kv_heads,
-        sink, recent, chunk_mode,
+        sink, recent, chunk_mode, cos, sin,
     ).contiguous()
 
 

@@ -16,6 +16,11 @@ Streaming cache ``[B, Hkv, sink + recent, D]``: slots ``[0, sink)`` hold the sin
 ``p >= sink`` lives in slot ``sink + (p - sink) % recent``. Keys are stored after RoPE at their true
 positions, so nothing is ever re-rotated.
 
+RoPE. The cached ops optionally take ``cos, sin`` ``[B, 1, T, D]`` (the rotary tables of this call's positions,
+as Hugging Face's rotary embedding makes them, unsqueezed over heads); then q and k arrive *before* the rotary
+embedding and the op applies it first, exactly as ``apply_rotary_pos_emb`` does (``fuse_rope`` emits this, so
+the GPU kernels can rotate q and the new keys as they load them instead of a separate pass over both).
+
 Streaming rule for a query at position p (DESIGN.md, "Semantics"):
   window mode: keys at ``[0, sink) ∪ [p - recent + 1, p]``
   chunk mode:  keys at ``[0, sink) ∪ [start - recent, p]``: the cached window plus the whole current chunk
@@ -72,6 +77,22 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotary embedding of ``x`` [B, H, T, D]: ``x * cos + rotate_half(x) * sin``, where
+    ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])``; the same ops in the same dtype, so results match it."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """(q, k) with the rotary embedding applied when the op was given its tables, else unchanged."""
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together")
+    if cos is None:
+        return q, k
+    return rope(q, cos, sin), rope(k, cos, sin)
+
+
 def _start(cache_position: torch.Tensor) -> int:
     return int(cache_position[0].item())
 
@@ -98,8 +119,11 @@ def retrieval_attention_cached(
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
     scale: float,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append k/v at cache_position to the retrieval cache, then attend causally to every cached token."""
+    q, k = _rotated(q, k, cos, sin)
     start, length = _start(cache_position), q.shape[2]
     k_cache[:, :, start : start + length] = k
     v_cache[:, :, start : start + length] = v
@@ -119,12 +143,15 @@ def streaming_attention_cached(
     sink: int,
     recent: int,
     chunk_mode: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend to [sink | recent ring | this chunk] under the streaming rule, then write the chunk into the cache.
 
     Reading happens before writing: a chunk longer than the ring would otherwise overwrite keys its own
     first queries still need.
     """
+    q, k = _rotated(q, k, cos, sin)
     start, length = _start(cache_position), q.shape[2]
     device = q.device
     slot_pos = streaming_slot_positions(start, sink, recent, device)
@@ -165,9 +192,12 @@ def attention_cached(
     sink: int,
     recent: int,
     chunk_mode: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Both head groups of one layer: KV heads ``[0, retrieval_kv_heads)`` (and their query heads) on the
     retrieval cache, the rest on the streaming cache; the two outputs side by side in head order."""
+    q, k = _rotated(q, k, cos, sin)
     retrieval_qkv, streaming_qkv = head_groups(q, k, v, retrieval_kv_heads)
     retrieval = retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale)
     streaming = streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink,

@@ -125,6 +125,24 @@ def load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, D: tl.constexpr):
 
 
 @triton.jit
+def load_rope(X, x_off, COS, SIN, cs_off, d, mask, ROPE: tl.constexpr, D: tl.constexpr):
+    """``X[x_off + d]`` (``d``: head-dim indices, broadcast against the row offsets ``x_off``); with ROPE the
+    rotary embedding applied on the way in, ``x * cos + rotate_half(x) * sin`` with cos/sin at ``cs_off + d``
+    (reference.rope). Computed in fp32 and rounded once, where Hugging Face rounds after each of its three ops
+    in 16-bit inputs' dtype: within one rounding of it. The rotated half is a second load of the same row
+    (from L1/L2), so a decode step rotates q and its new keys without another pass over memory."""
+    x = tl.load(X + x_off + d, mask=mask, other=0.0)
+    if ROPE:
+        half = D // 2
+        xr = tl.load(X + x_off + (d + half) % D, mask=mask, other=0.0).to(tl.float32)
+        xr = tl.where(d < half, -xr, xr)
+        c = tl.load(COS + cs_off + d, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(SIN + cs_off + d, mask=mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * c + xr * s).to(x.dtype)
+    return x
+
+
+@triton.jit
 def empty_state(BLOCK_M: tl.constexpr, D: tl.constexpr):
     """Online-softmax state before the first key tile: output 0, running max -inf, running sum 0."""
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import empty_state, load_rows, program_rows, store_partial, tile_update
+from .triton_common import empty_state, load_rope, program_rows, store_partial, tile_update
 
 
 @triton.jit
@@ -30,12 +30,15 @@ def retrieval_split(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, T, num_splits, qk_scale, split, pid_g, part_hq, part_head0, part_splits,
+    COS, SIN, sc_b, sc_t,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One split of one program group. Its partials go to rows ``(b * part_hq + part_head0 + head) * T + t``
     of a buffer with ``part_splits`` slots per row (a mixed layer's one-launch decode shares one buffer between
-    both head groups, triton_mixed_decode.py)."""
+    both head groups, triton_mixed_decode.py). With ROPE, q and the new keys arrive before the rotary embedding
+    and are rotated as they are loaded (cos/sin ``[B, 1, T, D]``, strides ``sc_b``/``sc_t``); the cache gets the
+    rotated keys."""
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, T, HEADS_PER, BLOCK_T)
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -48,7 +51,8 @@ def retrieval_split(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, total)
 
-    q = load_rows(Q, b, head, t, row_ok, sq_b, sq_h, sq_t, D)
+    q = load_rope(Q, b64 * sq_b + head.to(tl.int64)[:, None] * sq_h + t[:, None] * sq_t, COS, SIN,
+                  b64 * sc_b + t[:, None] * sc_t, offs_d[None, :], row_ok[:, None], ROPE, D)
     acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
 
     kc_base = KC + b64 * skc_b + kv64 * skc_h
@@ -66,7 +70,8 @@ def retrieval_split(
     for n in range(tl.maximum(lo, start), hi, BLOCK_N):
         i = n - start + offs_n  # index in the chunk
         ok = i < hi - start
-        kk = tl.load(k_base + i[:, None] * sk_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kk = load_rope(k_base, i[:, None] * sk_t, COS, SIN, b64 * sc_b + i[:, None] * sc_t, offs_d[None, :],
+                       ok[:, None], ROPE, D)
         vv = tl.load(v_base + i[:, None] * sv_t + offs_d[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & (i[None, :] <= t[:, None])
         acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
@@ -84,14 +89,14 @@ def retrieval_split_kernel(
     Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    Hkv, groups, T, num_splits, qk_scale,
+    Hkv, groups, T, num_splits, qk_scale, COS, SIN, sc_b, sc_t,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
     retrieval_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, T, num_splits, qk_scale,
-                    tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits,
-                    HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION)
+                    tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits, COS, SIN, sc_b, sc_t,
+                    HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)
 
 
 @triton.jit

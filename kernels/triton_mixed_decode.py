@@ -33,9 +33,9 @@ def mixed_decode_kernel(
     QR, KR, VR, KCR, VCR, QS, KS, VS, KCS, VCS, POS, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, sks_b, sks_h, sks_t, svs_b, svs_h, svs_t,
-    hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent,
+    hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, STREAMING_BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hq = (hkv_r + hkv_s) * groups
@@ -43,11 +43,11 @@ def mixed_decode_kernel(
     if pid < streaming_programs:
         streaming_split(QS, KS, VS, KCS, VCS, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
                         sks_b, sks_h, sks_t, svs_b, svs_h, svs_t, hkv_s, groups, qk_scale, sink, recent,
-                        pid % tiles_s, pid // tiles_s, hq, hkv_r * groups, part_splits,
-                        HEADS_PER, BLOCK_T, STREAMING_BLOCK_N, D, DOT_PRECISION)
+                        pid % tiles_s, pid // tiles_s, hq, hkv_r * groups, part_splits, COS, SIN, sc_b,
+                        HEADS_PER, BLOCK_T, STREAMING_BLOCK_N, D, DOT_PRECISION, ROPE)
     else:
         p = pid - streaming_programs
         retrieval_split(QR, KR, VR, KCR, VCR, POS, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, hkv_r, groups, 1, splits_r, qk_scale,
-                        p % splits_r, p // splits_r, hq, 0, part_splits,
-                        HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION)
+                        p % splits_r, p // splits_r, hq, 0, part_splits, COS, SIN, sc_b, 0,
+                        HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)

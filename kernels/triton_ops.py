@@ -100,6 +100,33 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _rope_tables(q: torch.Tensor, rope) -> tuple:
+    """Kernel arguments ``(COS, SIN, stride_b, stride_t)`` of a decode launch's fused RoPE: the ops' ``cos, sin``
+    ``[B or 1, 1, T, D]`` broadcast to q's batch and tokens, one set of strides for both (made contiguous if they
+    differ); without tables (``rope`` None) placeholders the kernel never reads (ROPE=False)."""
+    if rope is None:
+        return q, q, 0, 0
+    b, _, t, d = q.shape
+    cos, sin = (x.expand(b, 1, t, d) for x in rope)
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cos.stride(0), cos.stride(2)
+
+
+def _rope_pair(cos, sin):
+    """``(cos, sin)``, or None without tables; one without the other is the caller's mistake."""
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together")
+    return None if cos is None else (cos, sin)
+
+
+def _rotate(q, k, rope):
+    """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first, in torch."""
+    if rope is None:
+        return q, k
+    return reference.rope(q, *rope), reference.rope(k, *rope)
+
+
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
@@ -180,7 +207,8 @@ def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: in
     )
 
 
-def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None, out=None):
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None, out=None,
+                             rope=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
     if out.numel() == 0:
@@ -195,15 +223,17 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     retrieval_split_kernel[(splits, programs)](
         q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
-        hkv, groups, t, splits, log2_scale(scale),
+        hkv, groups, t, splits, log2_scale(scale), *_rope_tables(q, rope),
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out)
     return out
 
 
-def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg, out):
+def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg, out,
+                                   rope=None):
     """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     cfg = cfg or decode_config(q, groups)
@@ -214,16 +244,16 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
         q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_strides(k_cache), *_strides(v_cache),
-        hkv, groups, splits, log2_scale(scale), sink, recent,
+        hkv, groups, splits, log2_scale(scale), sink, recent, *_rope_tables(q, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=1,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps, num_stages=1,
     )
     _combine(o_part, lse_part, out)
     return out
 
 
 def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg,
-                      split_decode=None, out=None):
+                      split_decode=None, out=None, rope=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
     if out.numel() == 0:
@@ -234,7 +264,8 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     split_decode = STREAMING_DECODE != "one" if split_decode is None else split_decode
     if has_cache and t == 1 and not chunk_mode and split_decode:
         return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg,
-                                              out)
+                                              out, rope)
+    q, k = _rotate(q, k, rope)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
     _check_prefill_config(cfg, t)
@@ -282,32 +313,39 @@ def triton_streaming_attention(
 def triton_retrieval_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float,
     config: TileConfig | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else.
 
-    ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor."""
+    ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor. ``cos``,
+    ``sin``: q and k are pre-RoPE (reference.py); decode rotates them in the kernel, prefill in torch first."""
+    rope = _rope_pair(cos, sin)
     if q.shape[2] <= DECODE_MAX_TOKENS:
-        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out)
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out,
+                                        rope)
+    q, k = _rotate(q, k, rope)
     return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config, out)
 
 
 def triton_streaming_attention_cached(
     q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
     config: TileConfig | None = None, split_decode: bool | None = None, out: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
 
     ``split_decode`` picks the kernel of a one-token window-mode step: True the tiled one, False the one-program
     one, None ``STREAMING_DECODE`` != "one" (both are exact; the choice is for timing them side by side). ``out``
-    as for ``triton_retrieval_attention_cached``.
+    and ``cos``/``sin`` as for ``triton_retrieval_attention_cached`` (the tiled decode rotates in the kernel).
     """
     return _launch_streaming(
-        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out
+        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out,
+        _rope_pair(cos, sin),
     )
 
 
 def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_position, scale, sink, recent,
-                         out, cfg=None, num_splits=None):
+                         out, cfg=None, num_splits=None, rope=None):
     """One token, window mode, both head groups: one grid of streaming tiles then retrieval splits, writing one
     partial buffer, then one combine (triton_mixed_decode.py). ``cfg`` / ``num_splits`` override the retrieval
     tiles and split count (decode_config / decode_splits), for the kernel benchmark's sweep."""
@@ -327,8 +365,10 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
         qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, cache_position, o_part, lse_part,
         *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),
         hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
+        *_rope_tables(qr, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, STREAMING_BLOCK_N=streaming_block_n,
-        D=d, DOT_PRECISION=dot_precision(qr.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out, h_first=hkv_r * groups, splits_first=splits_r, splits_rest=tiles_s)
     return out
@@ -338,10 +378,12 @@ def triton_attention_cached(
     q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
     retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool,
     config: TileConfig | None = None, num_splits: int | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
     output (no concatenation afterwards). ``config`` / ``num_splits``: the retrieval decode's tiles and split
-    count (default: decode_config / decode_splits), as for ``triton_retrieval_attention_cached``."""
+    count (default: decode_config / decode_splits), as for ``triton_retrieval_attention_cached``; so are
+    ``cos``/``sin``."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
     out = _empty_out(q)
@@ -349,11 +391,12 @@ def triton_attention_cached(
     if (STREAMING_DECODE == "mixed" and q.shape[2] == 1 and not chunk_mode and 0 < split < q.shape[1]
             and out.numel() > 0):
         return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
-                                    v_streaming, cache_position, scale, sink, recent, out, config, num_splits)
+                                    v_streaming, cache_position, scale, sink, recent, out, config, num_splits,
+                                    _rope_pair(cos, sin))
     triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
-                                      config=config, num_splits=num_splits, out=out[:, :split])
+                                      config=config, num_splits=num_splits, out=out[:, :split], cos=cos, sin=sin)
     triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,
-                                      chunk_mode, out=out[:, split:])
+                                      chunk_mode, out=out[:, split:], cos=cos, sin=sin)
     return out
 
 
@@ -376,29 +419,34 @@ def _streaming_attention_cuda(q, k, v, scale, sink, recent):
     return triton_streaming_attention(q, k, v, scale, sink, recent)
 
 
-def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale):
+def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale, cos=None, sin=None):
     if not _kernel_ok(q):
-        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale).contiguous()
-    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position.to(q.device), scale)
+        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale, cos,
+                                                    sin).contiguous()
+    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position.to(q.device), scale,
+                                             cos=cos, sin=sin)
 
 
-def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode):
+def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode,
+                                     cos=None, sin=None):
     if not _kernel_ok(q):
         return reference.streaming_attention_cached(
-            q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode
+            q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cos, sin
         ).contiguous()
     return triton_streaming_attention_cached(
-        q, k, v, k_cache, v_cache, cache_position.to(q.device), scale, sink, recent, chunk_mode
+        q, k, v, k_cache, v_cache, cache_position.to(q.device), scale, sink, recent, chunk_mode, cos=cos, sin=sin
     )
 
 
-def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode):
+def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode,
+                           cos=None, sin=None):
     if not _kernel_ok(q):
         return reference.attention_cached(
-            q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode
+            q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode, cos, sin
         ).contiguous()
     return triton_attention_cached(
-        q, k, v, k_r, v_r, k_s, v_s, cache_position.to(q.device), scale, n, sink, recent, chunk_mode
+        q, k, v, k_r, v_r, k_s, v_s, cache_position.to(q.device), scale, n, sink, recent, chunk_mode, cos=cos,
+        sin=sin,
     )
 
 

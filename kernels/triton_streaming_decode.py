@@ -20,18 +20,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import empty_state, load_rows, program_rows, store_partial, tile_update
+from .triton_common import empty_state, load_rope, program_rows, store_partial, tile_update
 
 
 @triton.jit
 def streaming_split(
     Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    Hkv, groups, qk_scale, sink, recent, split, pid_g, part_hq, part_head0, part_splits,
+    Hkv, groups, qk_scale, sink, recent, split, pid_g, part_hq, part_head0, part_splits, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
-    """One tile of one program group; partial rows as in ``retrieval_split`` (triton_decode.py)."""
+    """One tile of one program group; partial rows and ROPE (q and the new key rotated as loaded) as in
+    ``retrieval_split`` (triton_decode.py)."""
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, 1, HEADS_PER, BLOCK_T)
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
@@ -50,14 +51,15 @@ def streaming_split(
 
     kc_base = KC + b64 * skc_b + kv64 * skc_h
     vc_base = VC + b64 * svc_b + kv64 * svc_h
-    k_new = tl.load(K + b64 * sk_b + kv64 * sk_h + offs_d)
+    k_new = load_rope(K, b64 * sk_b + kv64 * sk_h, COS, SIN, b64 * sc_b, offs_d, offs_d < D, ROPE, D)
     v_new = tl.load(V + b64 * sv_b + kv64 * sv_h + offs_d)
     kk = tl.load(kc_base + u[:, None] * skc_t + offs_d[None, :], mask=cached[:, None], other=0.0)
     vv = tl.load(vc_base + u[:, None] * svc_t + offs_d[None, :], mask=cached[:, None], other=0.0)
     kk = tl.where(is_new[:, None], k_new[None, :], kk)
     vv = tl.where(is_new[:, None], v_new[None, :], vv)
 
-    q = load_rows(Q, b, head, t, row_ok, sq_b, sq_h, 0, D)
+    q = load_rope(Q, b64 * sq_b + head.to(tl.int64)[:, None] * sq_h, COS, SIN, b64 * sc_b, offs_d[None, :],
+                  row_ok[:, None], ROPE, D)
     acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
     visible = (cached | is_new)[None, :] & row_ok[:, None]
     acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
@@ -74,11 +76,11 @@ def streaming_split(
 def streaming_decode_split_kernel(
     Q, K, V, KC, VC, POS, OP, LP,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    Hkv, groups, num_splits, qk_scale, sink, recent,
+    Hkv, groups, num_splits, qk_scale, sink, recent, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
     streaming_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, qk_scale, sink, recent,
-                    tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits,
-                    HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION)
+                    tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits, COS, SIN, sc_b,
+                    HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)

@@ -10,8 +10,8 @@ Why: at decode a linear layer is a matrix-vector product, bound by reading its w
 reach the GPU's bandwidth. On the H200 (benchmarks/results/kernels_decode_h200.json) cuBLAS reads a 4096 x 4096
 bf16 weight at 2.4 TB/s but the concatenated q+k+v of Llama-2-7B (12288 x 4096) at 3.4 TB/s: one decode step's
 weights take 4.48 ms as separate layers and 3.95 ms fused. Prefill is compute-bound and one larger GEMM is no
-slower than three. This is the pipeline's last pass: the earlier ones find attention through its q/k/v
-projections (and reorder their rows), so they must see them separate.
+slower than three. It runs after every pass that finds attention through its q/k/v projections (and
+reorders their rows), since those must see them separate.
 
 Cost: the model's original weights are not touched (the engine must not modify its input), so while the user
 keeps the model, the fused weights are a second copy of them; ``compile(..., fuse_projections=False)`` skips the

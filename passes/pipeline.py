@@ -5,8 +5,10 @@
 3. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
 4. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
 5. merge_head_groups - a mixed layer's two cached ops and their concatenation become one op again.
-6. fuse_projections - last: linears on one input become one (q/k/v, gate/up); the passes before it find
+6. fuse_projections - linears on one input become one (q/k/v, gate/up); the passes before it find
    attention through the separate q/k/v projections.
+7. fuse_rope       - last: the cached ops take q/k before RoPE and rotate them themselves; it needs the final
+   attention ops (merged) and finds the rotation right in front of them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import fx
 from .context import PassContext
 from .find_attention import find_attention
 from .fuse_projections import fuse_projections
+from .fuse_rope import fuse_rope
 from .kv_layout import kv_layout
 from .merge_head_groups import merge_head_groups
 from .reorder_heads import reorder_heads
@@ -31,6 +34,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("kv_layout", kv_layout),
     ("merge_head_groups", merge_head_groups),
     ("fuse_projections", fuse_projections),
+    ("fuse_rope", fuse_rope),
 ]
 
 

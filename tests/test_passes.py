@@ -9,6 +9,7 @@ from duo_compile.oracle import oracle_logits
 from duo_compile.passes import PassContext, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
 from duo_compile.passes.fuse_projections import fuse_projections
+from duo_compile.passes.fuse_rope import fuse_rope
 from duo_compile.passes.kv_layout import kv_layout
 from duo_compile.passes.merge_head_groups import merge_head_groups
 from tests.tiny_models import mixed_gates, tiny_model
@@ -188,6 +189,57 @@ def test_fuse_projections_can_be_turned_off(model):
                                  fuse_projections=False)
     assert engine.pass_counts["fuse_projections"] == 0
     assert _count(engine.graph, torch.ops.aten.linear.default) == 7 * 3 + 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("gates", ["mixed", "all-retrieval", "all-streaming"])
+def test_fuse_rope_hands_the_rotation_to_every_attention_op(model, gates):
+    """Every cached op (merged, retrieval-only, streaming-only) gets q/k before RoPE plus cos/sin; the rotation
+    nodes (neg, the rotate_half cat) are gone; outputs and cache writes equal the graph before the pass."""
+    ids, pos = _inputs()
+    retrieval = {"mixed": mixed_gates(3, _kv_heads(model)), "all-retrieval": np.ones((3, _kv_heads(model))),
+                 "all-streaming": np.zeros((3, _kv_heads(model)))}[gates]
+    ctx = _ctx(retrieval)
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="fuse_projections")
+    caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
+    before = [c.clone() for c in caches]
+    rotated = gm(ids, pos, torch.arange(LENGTH), *before)
+    assert _count(gm, torch.ops.aten.neg.default) == 2 * 3  # q and k per layer
+    gm = fuse_rope(gm, ctx)
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in
+           (OPS["attention_cached"], OPS["retrieval_attention_cached"], OPS["streaming_attention_cached"])]
+    assert ctx.changed["fuse_rope"] == len(ops) == 3  # one op per layer
+    assert all(set(n.kwargs) == {"cos", "sin"} for n in ops)
+    assert _count(gm, torch.ops.aten.neg.default) == 0
+    fused = gm(ids, pos, torch.arange(LENGTH), *caches)
+    torch.testing.assert_close(fused, rotated, rtol=1e-5, atol=1e-6)
+    for a, b in zip(caches, before):  # the caches hold the same rotated keys
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fuse_rope_leaves_a_rotation_it_does_not_know():
+    """A q rotated some other way (here: the halves' roles swapped, x * cos + cat(x_lo, -x_hi) * sin) is no
+    Hugging Face RoPE: the op keeps its rotated q/k and no cos/sin."""
+    from torch import fx
+
+    graph = fx.Graph()
+    x, cos, sin, k_cache, v_cache, pos = (graph.placeholder(n) for n in ("x", "cos", "sin", "kc", "vc", "pos"))
+    aten = torch.ops.aten
+    lo = graph.call_function(aten.slice.Tensor, (x, -1, 0, 8))
+    hi = graph.call_function(aten.slice.Tensor, (x, -1, 8, 16))
+    turned = graph.call_function(aten.cat.default, ([lo, graph.call_function(aten.neg.default, (hi,))], -1))
+    q = graph.call_function(aten.add.Tensor, (graph.call_function(aten.mul.Tensor, (x, cos)),
+                                              graph.call_function(aten.mul.Tensor, (turned, sin))))
+    op = graph.call_function(OPS["retrieval_attention_cached"], (q, q, x, k_cache, v_cache, pos, 0.25))
+    graph.output(op)
+    shapes = {"x": (1, 2, 3, 16), "cos": (1, 1, 3, 16), "sin": (1, 1, 3, 16)}
+    for node in graph.nodes:
+        if node.op != "output":
+            node.meta["val"] = torch.empty(shapes.get(node.name, (1, 2, 3, 16)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    ctx = _ctx(np.ones((1, 2)))
+    fuse_rope(gm, ctx)
+    assert ctx.changed["fuse_rope"] == 0 and op.args[0] is q and not op.kwargs
 
 
 def _repeat_kv_with_slices(y, b, t):

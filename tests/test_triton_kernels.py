@@ -287,3 +287,66 @@ def test_attention_cached_needs_both_groups(retrieval_kv_heads):
     with pytest.raises(ValueError, match=f"retrieval_kv_heads={retrieval_kv_heads} must leave both"):
         reference.attention_cached(q, k, v, *(torch.zeros(1, 1, 8, D) for _ in range(4)), _pos(0, 1), SCALE,
                                    retrieval_kv_heads, 2, 4, False)
+
+
+# ---------------------------------------------------------------------- RoPE fused into the decode kernels
+
+
+def _rope_tables(b, pos, per_row: bool):
+    """Hugging Face's cos/sin for positions ``pos`` ([B or 1, 1, T, D]: duplicated halves, unsqueezed over
+    heads); ``per_row`` gives each batch row its own table (else one, broadcast: stride 0 over the batch)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    rows = torch.stack([pos.float() + (i if per_row else 0) for i in range(b if per_row else 1)])
+    freqs = rows[:, :, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("layer,streaming_decode", [("retrieval", "mixed"), ("streaming", "tiles"),
+                                                    ("streaming", "one"), ("mixed", "mixed"), ("mixed", "tiles"),
+                                                    ("mixed-chunk", "mixed")])
+@pytest.mark.parametrize("b,hkv,groups,per_row", [(1, 2, 2, False), (2, 2, 1, True)])
+def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, hkv, groups, per_row, monkeypatch):
+    """The cached ops given pre-RoPE q/k and cos/sin (what fuse_rope emits): decode steps rotate q and the new
+    keys inside the split kernels (retrieval split-K, streaming tiles, the mixed grid), the other paths in torch
+    first; outputs and caches (which must hold rotated keys) against the reference, chunk after chunk."""
+    from duo_compile.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "STREAMING_DECODE", streaming_decode)
+    sink, recent, capacity = 3, 10, 64
+    n = {"retrieval": hkv, "streaming": 0}.get(layer, 1)
+    shapes = {"retrieval": [capacity] * 2, "streaming": [sink + recent] * 2}.get(layer, [capacity] * 2 + [sink + recent] * 2)
+    heads = {"retrieval": [hkv] * 2, "streaming": [hkv] * 2}.get(layer, [n, n, hkv - n, hkv - n])
+    caches = [torch.randn(b, h, s, D) for h, s in zip(heads, shapes)]
+    ref_caches = [c.clone() for c in caches]
+    start = 0
+    for t in (20, 1, 7, 1, 1):
+        q, k, v = _qkv(b, hkv, groups, t)
+        pos = _pos(start, t)
+        cos, sin = _rope_tables(b, pos, per_row)
+        if layer == "retrieval":
+            run, ref_run = triton_retrieval_attention_cached, reference.retrieval_attention_cached
+            args = (pos, SCALE)
+        elif layer == "streaming":
+            run, ref_run = triton_streaming_attention_cached, reference.streaming_attention_cached
+            args = (pos, SCALE, sink, recent, False)
+        else:
+            run, ref_run = triton_ops.triton_attention_cached, reference.attention_cached
+            args = (pos, SCALE, n, sink, recent, layer == "mixed-chunk")
+        out = run(q, k, v, *caches, *args, cos=cos, sin=sin)
+        ref = ref_run(q, k, v, *ref_caches, *args, cos, sin)
+        _close(out, ref, torch.float32)
+        for c, r in zip(caches, ref_caches):  # fp32 rounding order may differ in the last bit (fused multiply-add)
+            torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
+        start += t
+
+
+def test_rope_tables_come_in_pairs():
+    q, k, v = _qkv(1, 1, 1, 1)
+    cos, _ = _rope_tables(1, _pos(0, 1), False)
+    with pytest.raises(ValueError, match="cos and sin must be given together"):
+        triton_retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D), _pos(0, 1),
+                                          SCALE, cos=cos)
+    with pytest.raises(ValueError, match="cos and sin must be given together"):
+        reference.retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D), _pos(0, 1),
+                                             SCALE, cos=cos)
