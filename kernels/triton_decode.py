@@ -67,7 +67,9 @@ def retrieval_split(
 
     k_base = K + b64 * sk_b + kv64 * sk_h
     v_base = V + b64 * sv_b + kv64 * sv_h
-    for n in range(tl.maximum(lo, start), hi, BLOCK_N):
+    # One iteration (T <= BLOCK_N), never software-pipelined: with ROPE its four tile loads (x, its rotated
+    # half, cos, sin) multi-buffered by Triton 3.6 needed 260 KB of shared memory (the H200 has 227 KB).
+    for n in tl.range(tl.maximum(lo, start), hi, BLOCK_N, num_stages=1):
         i = n - start + offs_n  # index in the chunk
         ok = i < hi - start
         kk = load_rope(k_base, i[:, None] * sk_t, COS, SIN, b64 * sc_b + i[:, None] * sc_t, offs_d[None, :],
