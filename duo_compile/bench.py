@@ -188,7 +188,7 @@ def free_memory() -> None:
 
 KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
     ("duo attention", ("retrieval_split", "combine_kernel", "streaming_kernel", "streaming_write", "retrieval_prefill",
-                       "streaming_decode_split", "mixed_decode")),
+                       "streaming_decode_split", "mixed_decode", "rope_kernel")),
     ("matmul (cuBLAS)", ("gemv", "gemm", "cutlass", "nvjet", "sm90", "sm80", "xmma", "splitk")),
     ("fused elementwise (Inductor)", ("triton_",)),
     ("copies", ("memcpy", "memset", "copy", "cat")),

@@ -24,6 +24,7 @@ from .triton_common import TileConfig, dot_precision
 from .triton_decode import combine_kernel, retrieval_split_kernel
 from .triton_gemv import gemv_config, gemv_kernel
 from .triton_mixed_decode import mixed_decode_kernel
+from .triton_rope import rope_kernel
 from .triton_ops import decode_config, prefill_config
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
@@ -101,6 +102,8 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                        OP=f32, LP=f32, COS=ptr, SIN=ptr),
                   dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, STREAMING_BLOCK_N=32,
                        D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
+    cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr), dict(BLOCK_T=32, D=head_dim),
+                  None))
     cases.append(("combine", combine_kernel, dict(OP=f32, LP=f32, O=ptr), dict(SPLITS=64, D=head_dim), None))
     gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)
     for has_bias in (False, True):

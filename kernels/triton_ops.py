@@ -35,6 +35,7 @@ from .triton_common import (
 from .triton_decode import combine_kernel, retrieval_split_kernel
 from .triton_mixed_decode import mixed_decode_kernel
 from .triton_retrieval import retrieval_prefill_kernel
+from .triton_rope import rope_strides, triton_rope
 from .triton_streaming import streaming_kernel, streaming_write_kernel
 from .triton_streaming_decode import streaming_decode_split_kernel
 
@@ -106,10 +107,7 @@ def _rope_tables(q: torch.Tensor, rope) -> tuple:
     differ); without tables (``rope`` None) placeholders the kernel never reads (ROPE=False)."""
     if rope is None:
         return q, q, 0, 0
-    b, _, t, d = q.shape
-    cos, sin = (x.expand(b, 1, t, d) for x in rope)
-    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = rope_strides(q, *rope)
     return cos, sin, cos.stride(0), cos.stride(2)
 
 
@@ -121,10 +119,11 @@ def _rope_pair(cos, sin):
 
 
 def _rotate(q, k, rope):
-    """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first, in torch."""
+    """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first
+    (triton_rope.py: one pass over each)."""
     if rope is None:
         return q, k
-    return reference.rope(q, *rope), reference.rope(k, *rope)
+    return triton_rope(q, *rope), triton_rope(k, *rope)
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:

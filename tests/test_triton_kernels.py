@@ -350,3 +350,14 @@ def test_rope_tables_come_in_pairs():
     with pytest.raises(ValueError, match="cos and sin must be given together"):
         reference.retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D), _pos(0, 1),
                                              SCALE, cos=cos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,h,t,per_row", [(1, 3, 37, False), (2, 2, 5, True)])
+def test_triton_rope_matches_the_reference(dtype, b, h, t, per_row):
+    """The prefill paths' rotation kernel against reference.rope, q from a transpose (non-contiguous)."""
+    from duo_compile.kernels.triton_rope import triton_rope
+
+    x = torch.randn(b, t, h, D).transpose(1, 2).to(dtype)
+    cos, sin = (c.to(dtype) for c in _rope_tables(b, _pos(40, t), per_row))
+    _close(triton_rope(x, cos, sin), reference.rope(x, cos, sin), dtype)
