@@ -265,8 +265,11 @@ def engine_prefill(engine, vocab: int, lengths: list[int], chunk: int) -> list[d
         try:
             engine.allocate(1, tokens)
             ids = torch.randint(0, vocab, (1, tokens), device=engine.device)
-            if tokens == lengths[0]:
-                engine.prefill(ids, chunk)  # warm-up: Triton compilation for the chunk shape
+            # Warm-up at every length, up to two chunks: a new cache size is a new input shape for the compiled
+            # graph (Inductor compiles again) and the second chunk runs the cached-prefix kernels. Warming up the
+            # first length only put a ~40 s recompile into the 128K timings of the inductor backend
+            # (benchmarks/results/e2e_*_prefill_inductor.json).
+            engine.prefill(ids[:, : min(tokens, 2 * chunk)], chunk)
             row["ms"] = device_ms(lambda: engine.prefill(ids, chunk), engine.device,
                                   repeat=1 if tokens > chunk else 3)
         except torch.OutOfMemoryError:

@@ -86,3 +86,28 @@ def test_kernel_benchmark_smoke(tmp_path):
     sweep = {(row["shape"], row["retrieval_kv_heads"]): row for row in result["split_sweep"]}
     assert set(sweep) == {("gqa", 1), ("gqa", 2), ("mha", 1), ("mha", 2)}  # mixed layers and all-retrieval ones
     assert all(set(row["splits_us"]) == {"s3x2", "s3x4"} for row in sweep.values())
+
+
+def test_prefill_timing_warms_up_every_cache_length():
+    """Each prefill length gets its own cache size, a new input shape for a compiled graph: the timed prefill
+    must come after a warm-up at that size covering a cached chunk (two chunks), not only at the first length."""
+    from duo_compile import bench
+
+    calls = []
+
+    class Recorder:
+        device = torch.device("cpu")
+
+        def allocate(self, batch, length):
+            calls.append(("allocate", length))
+
+        def prefill(self, ids, chunk):
+            calls.append(("prefill", ids.shape[1]))
+
+        def release(self):
+            calls.append(("release",))
+
+    rows = bench.engine_prefill(Recorder(), vocab=10, lengths=[8, 20], chunk=4)
+    assert [row["tokens"] for row in rows] == [8, 20] and all("ms" in row for row in rows)
+    assert calls == [("allocate", 8), ("prefill", 8), ("prefill", 8), ("release",),
+                     ("allocate", 20), ("prefill", 8), ("prefill", 20), ("release",)]
