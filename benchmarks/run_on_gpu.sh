@@ -12,6 +12,8 @@
 #   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
 #   e2e-decode  benchmarks/e2e.py --backend inductor --sections decode, Llama-3 then Llama-2      ~6 min
 #               (E2E_ARGS adds arguments, e.g. "--streaming-decode one,tiles": both streaming decode kernels)
+#   e2e-prefill the same, --sections prefill --skip-hf, for E2E_MODELS (default "llama3 llama2")  ~4.5 min
+#               per model (two engine compiles, a warm-up per length): one model per call fits 10 minutes
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first. e2e.py needs the authors'
@@ -46,6 +48,13 @@ for step in "$@"; do
                     --backend inductor --sections decode "${hf[@]}" --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_inductor.log"
             done ;;
-        *) echo "unknown step '$step' (check, check-engines, aoti, passkey, kernels, e2e-decode)" >&2; exit 2 ;;
+        e2e-prefill)
+            for model in ${E2E_MODELS:-llama3 llama2}; do
+                timeout 540 python3 benchmarks/e2e.py --patterns .bench_patterns --out "$OUT" --models "$model" \
+                    --backend inductor --sections prefill --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
+                    | tee "$OUT/e2e_${model}_prefill.log"
+            done ;;
+        *) echo "unknown step '$step' (check, check-engines, aoti, passkey, kernels, e2e-decode, e2e-prefill)" >&2
+           exit 2 ;;
     esac
 done

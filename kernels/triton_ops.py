@@ -13,6 +13,10 @@ per KV group). A mixed layer (``duo::attention_cached``) decodes in 2 (both grou
 combine: STREAMING_DECODE "mixed"); otherwise it runs both groups' launches, each writing its heads' slice of
 one output. No launcher reads a device value on the host: the chunk's start position is read inside the
 kernels, so every launch is CUDA-graph capturable.
+
+RoPE (ops given ``cos``/``sin`` by ``fuse_rope``): the decode launches above rotate q and the new keys inside
+their kernels (no extra launch); every other path (prefill, chunk mode, STREAMING_DECODE "one") first rotates q
+and k with ``triton_rope.py``, one launch each.
 """
 from __future__ import annotations
 
@@ -118,7 +122,7 @@ def _rope_pair(cos, sin):
     return None if cos is None else (cos, sin)
 
 
-def _rotate(q, k, rope):
+def _rotate_first(q, k, rope):
     """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first
     (triton_rope.py: one pass over each)."""
     if rope is None:
@@ -264,7 +268,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     if has_cache and t == 1 and not chunk_mode and split_decode:
         return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg,
                                               out, rope)
-    q, k = _rotate(q, k, rope)
+    q, k = _rotate_first(q, k, rope)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
     _check_prefill_config(cfg, t)
@@ -322,7 +326,7 @@ def triton_retrieval_attention_cached(
     if q.shape[2] <= DECODE_MAX_TOKENS:
         return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out,
                                         rope)
-    q, k = _rotate(q, k, rope)
+    q, k = _rotate_first(q, k, rope)
     return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config, out)
 
 
