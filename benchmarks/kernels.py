@@ -14,7 +14,8 @@ flex):
              streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants, and a
              mixed layer's decode (duo::attention_cached at 8K and 128K keys) on each STREAMING_DECODE path
   split_sweep  one layer's decode at the e2e headline contexts (Llama-2 shape 120K, Llama-3 512K keys) per retrieval
-             KV head count, every split count x 3 / 4 stages against the launcher's default
+             KV head count, every split count x 3 / 4 stages against the launcher's default, and the default
+             with the combine split into 64- and 32-column blocks
   gemv       decode-time linear layers (one token) at the Llama-2-7B / Llama-3-8B weight shapes: cuBLAS
              (F.linear) vs the Triton GEMV (kernels/triton_gemv.py) and its tile variants, as CUDA-graph replays
              over rotating weight copies; TB/s over the weight bytes vs the copy bandwidth, and the weight time of
@@ -475,6 +476,7 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
 SPLIT_SWEEP = {"llama2-7b": (122880, (4, 8, 16, 32)), "llama3-8b": (524288, (1, 2, 4, 8))}
 SPLIT_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256)
 SPLIT_STAGES = (3, 4)
+COMBINE_BLOCKS = (64, 32)  # combine_kernel column blocks timed beside the default (triton_ops.COMBINE_BLOCK_D)
 
 
 def section_split_sweep():
@@ -487,7 +489,7 @@ def section_split_sweep():
     TB/s over the bytes the layer reads (retrieval K/V plus the streaming caches)."""
     log("== decode split-count sweep (one layer, e2e contexts)")
     rows = []
-    default_mode = triton_ops.STREAMING_DECODE
+    default_mode, default_block_d = triton_ops.STREAMING_DECODE, triton_ops.COMBINE_BLOCK_D
     for shape, (context, counts) in SPLIT_SWEEP.items():
         hq, hkv = SHAPES[shape]
         groups = hq // hkv
@@ -524,15 +526,27 @@ def section_split_sweep():
                             FAILURES.append(f"split sweep {shape} n={n} s{stages} x{splits}: {err}")
                             continue
                         row["splits_us"][f"s{stages}x{splits}"] = graph_time([lambda: call(cfg, splits)] * 4) * 1e3
+                # The launcher's default again with the combine split into column blocks (COMBINE_BLOCK_D).
+                row["combine_block_d_us"] = {}
+                for block_d in COMBINE_BLOCKS:
+                    triton_ops.COMBINE_BLOCK_D = block_d
+                    err = rel_err(call(), ref)
+                    if not err < TOL:
+                        FAILURES.append(f"split sweep {shape} n={n} combine block {block_d}: {err}")
+                        continue
+                    row["combine_block_d_us"][block_d] = graph_time([call] * 4) * 1e3
             finally:
                 triton_ops.STREAMING_DECODE = default_mode
+                triton_ops.COMBINE_BLOCK_D = default_block_d
             best = min(row["splits_us"], key=row["splits_us"].get)
             row.update(best=best, best_us=row["splits_us"][best], default_TBps=kv_bytes / row["default_us"] / 1e6,
                        best_TBps=kv_bytes / row["splits_us"][best] / 1e6)
             rows.append(row)
             log(f"  {shape} {n:>2} of {hkv} KV heads retrieval at {context} keys: default {row['default_us']:.1f} us "
                 f"({row['default_TBps']:.2f} TB/s), best {best} {row['best_us']:.1f} us ({row['best_TBps']:.2f} TB/s)")
-            log("     " + ", ".join(f"{key} {val:.1f}" for key, val in row["splits_us"].items()))
+            log("     " + ", ".join(f"{key} {val:.1f}" for key, val in row["splits_us"].items())
+                + "; combine column blocks: " + ", ".join(f"{key} {val:.1f}"
+                                                          for key, val in row["combine_block_d_us"].items()))
             del caches
             if DEV == "cuda":
                 torch.cuda.empty_cache()
@@ -820,7 +834,7 @@ def table():
 
 def _smoke_sizes():
     global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS, STREAMING_DECODE_VARIANTS
-    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES
+    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS
     DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
     SCALE = D**-0.5
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
@@ -841,7 +855,7 @@ def _smoke_sizes():
     FORMATS = ((torch.float16, 16), (torch.float32, 32))
     SPLIT_SWEEP.clear()
     SPLIT_SWEEP.update(gqa=(50, (1, 2)), mha=(50, (1, 2)))
-    SPLIT_COUNTS, SPLIT_STAGES = (2, 4), (3,)
+    SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS = (2, 4), (3,), (8, 4)
 
 
 def main():

@@ -25,7 +25,7 @@ from .triton_decode import combine_kernel, retrieval_split_kernel
 from .triton_gemv import gemv_config, gemv_kernel
 from .triton_mixed_decode import mixed_decode_kernel
 from .triton_rope import rope_kernel
-from .triton_ops import decode_config, prefill_config
+from .triton_ops import COMBINE_BLOCK_D, decode_config, prefill_config
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
 from .triton_streaming_decode import streaming_decode_split_kernel
@@ -104,7 +104,8 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                        D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
     cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr), dict(BLOCK_T=32, D=head_dim),
                   None))
-    cases.append(("combine", combine_kernel, dict(OP=f32, LP=f32, O=ptr), dict(SPLITS=64, D=head_dim), None))
+    cases.append(("combine (256 splits: 512K keys)", combine_kernel, dict(OP=f32, LP=f32, O=ptr),
+                  dict(SPLITS=256, D=head_dim, BLOCK_D=min(head_dim, COMBINE_BLOCK_D)), None))
     gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)
     for has_bias in (False, True):
         cases.append((f"decode linear (GEMV) bias={has_bias}", gemv_kernel, dict(X=ptr, W=ptr, Bias=ptr, Y=ptr),

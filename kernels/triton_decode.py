@@ -104,11 +104,13 @@ def retrieval_split_kernel(
 @triton.jit
 def combine_kernel(
     OP, LP, O, so_b, so_h, so_t, Hq, T, part_splits, h_first, splits_first, splits_rest,
-    SPLITS: tl.constexpr, D: tl.constexpr,
+    SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the split partials of one (b, head, t) row: weights 2^(lse_s - max lse). Rows hold
-    ``part_splits`` slots; heads below ``h_first`` filled ``splits_first`` of them, the others ``splits_rest``
-    (a mixed layer's two head groups split differently)."""
+    """Merge the split partials of one (b, head, t) row, ``BLOCK_D`` of its columns per program (grid
+    ``(rows, D / BLOCK_D)``): weights 2^(lse_s - max lse). Rows hold ``part_splits`` slots; heads below
+    ``h_first`` filled ``splits_first`` of them, the others ``splits_rest`` (a mixed layer's two head groups split
+    differently). Column blocks: a row's partials at 512K keys are 256 splits x 128 fp32 (128 KB), more than one
+    program holds in registers; a quarter of the columns each puts 4x the programs on the 32 rows of a step."""
     row = tl.program_id(0).to(tl.int64)
     t = row % T
     bh = row // T
@@ -120,7 +122,7 @@ def combine_kernel(
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.math.exp2(lse - m)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     parts = tl.load(OP + (row * part_splits + s)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
     tl.store(O + b * so_b + h * so_h + t * so_t + offs_d, out.to(O.dtype.element_ty))

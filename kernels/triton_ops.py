@@ -61,6 +61,11 @@ PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group
 # less than "tiles" (e2e_*_inductor.json, side by side), so it is the default.
 STREAMING_DECODE = "mixed"
 STREAMING_DECODE_MODES = ("one", "tiles", "mixed")
+# Columns of the head dim per combine program (combine_kernel): 128 = the whole head dim of these models, one
+# program per row, as measured so far (0.115-0.150 ms per decode step at the headline contexts,
+# results/e2e_*_fuse_rope.json). Smaller blocks put more programs on a step's few rows; benchmarks/kernels.py
+# (section split_sweep) times 32 and 64 beside it; not yet run on the H200. Read at each launch.
+COMBINE_BLOCK_D = 128
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
@@ -199,14 +204,16 @@ def _empty_partials(b: int, hq: int, t: int, splits: int, d: int, device) -> tup
 
 def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: int | None = None,
              splits_rest: int | None = None):
-    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (one program per row);
-    heads from ``h_first`` on filled only ``splits_rest`` slots, those before it ``splits_first`` (default:
-    every head all slots)."""
+    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (a program per row and
+    ``COMBINE_BLOCK_D`` columns); heads from ``h_first`` on filled only ``splits_rest`` slots, those before it
+    ``splits_first`` (default: every head all slots)."""
     b, hq, t, splits, d = o_part.shape
-    combine_kernel[(b * hq * t,)](
+    # Under the interpreter (CPU tests) at least two column blocks, so the split is exercised.
+    block_d = min(d if o_part.device.type == "cuda" else d // 2, COMBINE_BLOCK_D)
+    combine_kernel[(b * hq * t, d // block_d)](
         o_part, lse_part, out, *_strides(out), hq, t, splits,
         hq if h_first is None else h_first, splits_first or splits, splits_rest or splits,
-        SPLITS=next_pow2(splits), D=d, num_warps=4 if d >= 128 else 2,
+        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, num_warps=4 if d >= 128 else 2,
     )
 
 

@@ -86,6 +86,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     sweep = {(row["shape"], row["retrieval_kv_heads"]): row for row in result["split_sweep"]}
     assert set(sweep) == {("gqa", 1), ("gqa", 2), ("mha", 1), ("mha", 2)}  # mixed layers and all-retrieval ones
     assert all(set(row["splits_us"]) == {"s3x2", "s3x4"} for row in sweep.values())
+    assert all(set(row["combine_block_d_us"]) == {"8", "4"} for row in sweep.values())
 
 
 def test_prefill_timing_warms_up_every_cache_length():
