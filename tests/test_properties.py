@@ -152,6 +152,14 @@ def test_cacheless_ops_equal_one_dense_masked_attention(c):
     torch.testing.assert_close(got_s.double(), want_s, rtol=1e-4, atol=1e-5)
 
 
+def _rope_tables(length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's cos/sin ``[1, 1, length, head_dim]`` for positions 0 .. length - 1 (base 10000)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(length).float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[None, None]
+    return emb.cos(), emb.sin()
+
+
 def _assert_streaming_layout(s_k, s_v, k, v, sink, recent):
     """Streaming K/V caches (filled with GARBAGE / -GARBAGE) after positions ``0 .. k.shape[2] - 1``: the sink
     and the last ``recent`` positions at their slots; every other slot untouched."""
@@ -201,28 +209,33 @@ def test_triton_tiled_streaming_decode_follows_the_dense_rule(kv_heads, groups, 
 @given(
     kv_heads=st.integers(2, 3), retrieval_frac=st.floats(0, 1), groups=st.sampled_from([1, 2, 4]),
     sink=st.integers(0, 5), recent=st.integers(1, 9), prompt=st.integers(1, 20), decode=st.integers(1, 10),
-    seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16), rope=st.booleans(),
 )
 def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_frac, groups, sink, recent, prompt,
-                                                          decode, seed):
+                                                          decode, seed, rope):
     """A mixed layer's one-grid decode (kernels/triton_mixed_decode.py, under the interpreter) after a Triton
     prefill, token by token: retrieval heads equal causal attention, streaming heads the dense window rule; both
-    caches end in their layouts and slots never written keep their garbage."""
+    caches end in their layouts and slots never written keep their garbage. With ``rope`` the op gets q/k before
+    the rotary embedding and the tables (what fuse_rope emits): the rule holds for the rotated q/k, and the caches
+    hold rotated keys."""
     from duo_compile.kernels import triton_ops
 
     assert triton_ops.STREAMING_DECODE == "mixed"  # the default, which this test is about
     n = 1 + round(retrieval_frac * (kv_heads - 2))  # 1 .. kv_heads - 1 retrieval KV heads
     c = dict(batch=1, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=16, seed=seed)
     length = prompt + decode
-    q, k, v = _qkv(c, length)
+    q_in, k_in, v = _qkv(c, length)
+    tables = _rope_tables(length, 16) if rope else None
+    q, k = (reference.rope(x, *tables) for x in (q_in, k_in)) if rope else (q_in, k_in)
     r_k = torch.full((1, n, length + 3, 16), GARBAGE)
     s_k = torch.full((1, kv_heads - n, sink + recent, 16), GARBAGE)
     r_v, s_v = -r_k.clone(), -s_k.clone()
     outs = []
     for begin, end in [(0, prompt)] + [(p, p + 1) for p in range(prompt, length)]:
+        cos, sin = (t[:, :, begin:end] for t in tables) if rope else (None, None)
         outs.append(triton_ops.triton_attention_cached(
-            q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end], r_k, r_v, s_k, s_v, torch.arange(begin, end),
-            0.25, n, sink, recent, False))
+            q_in[:, :, begin:end], k_in[:, :, begin:end], v[:, :, begin:end], r_k, r_v, s_k, s_v,
+            torch.arange(begin, end), 0.25, n, sink, recent, False, cos=cos, sin=sin))
     out = torch.cat(outs, dim=2).double()
     starts = torch.zeros(length, dtype=torch.long)
     a = n * groups
