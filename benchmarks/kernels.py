@@ -862,7 +862,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--commit", default="")
-    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "split_sweep", "gemv", "retrieval", "streaming", "cached", "formats", "flex"])
+    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "split_sweep", "gemv", "retrieval",
+                                                       "streaming", "cached", "formats", "flex"])
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections once this many seconds have passed")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (script check)")

@@ -102,8 +102,8 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                        OP=f32, LP=f32, COS=ptr, SIN=ptr),
                   dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, STREAMING_BLOCK_N=32,
                        D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
-    cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr), dict(BLOCK_T=32, D=head_dim),
-                  None))
+    cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr),
+                  dict(BLOCK_T=32, D=head_dim), None))
     cases.append(("combine (256 splits: 512K keys)", combine_kernel, dict(OP=f32, LP=f32, O=ptr),
                   dict(SPLITS=256, D=head_dim, BLOCK_D=min(head_dim, COMBINE_BLOCK_D)), None))
     gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)

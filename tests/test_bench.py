@@ -25,6 +25,7 @@ def test_bench_tiny_on_cpu(tmp_path, capsys):
         decode = result[label]["decode"]
         assert [row["context"] for row in decode] == [400, 800]
         assert all(row["ms_per_token"] > 0 and row["bound_ms"] > 0 for row in decode)
+        assert all(len(row["ms_trials"]) == 5 and row["ms_per_token"] == row["ms_trials"][2] for row in decode)
         assert result[label]["prefill"][0]["ms"] > 0
     # The DuoAttention engine holds less KV than full attention (streaming heads keep sink + recent = 320 slots).
     assert result["duo"]["decode"][1]["kv_GB"] < result["full"]["decode"][1]["kv_GB"]
@@ -62,8 +63,8 @@ def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/kernels.py --smoke: the decode, split-sweep and GEMV sections (checks, variant sweeps, JSON) under the
-    interpreter at tiny sizes, so a mistake in the script shows here and not on the GPU."""
+    """benchmarks/kernels.py --smoke: the decode, split-sweep and GEMV sections (checks, variant sweeps, JSON)
+    under the interpreter at tiny sizes, so a mistake in the script shows here and not on the GPU."""
     import os
     import subprocess
     import sys
@@ -72,8 +73,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "kernels.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "split_sweep", "gemv",
-         "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "split_sweep",
+         "gemv", "--out", str(out)],
         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -112,3 +113,13 @@ def test_prefill_timing_warms_up_every_cache_length():
     assert [row["tokens"] for row in rows] == [8, 20] and all("ms" in row for row in rows)
     assert calls == [("allocate", 8), ("prefill", 8), ("prefill", 8), ("release",),
                      ("allocate", 20), ("prefill", 8), ("prefill", 20), ("release",)]
+
+
+def test_decode_ratio_prints_three_decimals_and_the_trials_range():
+    """1.5994 is under a 1.6x goal and must not print as 1.60x; the trials bound how far the ratio moves."""
+    from duo_compile.bench import decode_ratio
+
+    full = {"ms_per_token": 19.799, "ms_trials": [19.70, 19.799, 19.90]}
+    duo = {"ms_per_token": 12.379, "ms_trials": [12.30, 12.379, 12.45]}
+    assert decode_ratio(full, duo) == "1.599x (1.582-1.618)"
+    assert decode_ratio({"ms_per_token": 20.0}, {"ms_per_token": 12.5}) == "1.600x"

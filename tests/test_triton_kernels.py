@@ -308,16 +308,18 @@ def _rope_tables(b, pos, per_row: bool):
 @pytest.mark.parametrize("b,hkv,groups,per_row", [(1, 2, 2, False), (2, 2, 1, True)])
 def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, hkv, groups, per_row, monkeypatch):
     """The cached ops given pre-RoPE q/k and cos/sin (what fuse_rope emits): decode steps rotate q and the new
-    keys inside the split kernels (retrieval split-K, streaming tiles, the mixed grid), the other paths in torch
-    first; outputs and caches (which must hold rotated keys) against the reference, chunk after chunk."""
+    keys inside the split kernels (retrieval split-K, streaming tiles, the mixed grid), the other paths with the
+    rotation kernel first; outputs and caches (which must hold rotated keys) against the reference, chunk after
+    chunk."""
     from duo_compile.kernels import triton_ops
 
     monkeypatch.setattr(triton_ops, "STREAMING_DECODE", streaming_decode)
     sink, recent, capacity = 3, 10, 64
-    n = {"retrieval": hkv, "streaming": 0}.get(layer, 1)
-    shapes = {"retrieval": [capacity] * 2, "streaming": [sink + recent] * 2}.get(layer, [capacity] * 2 + [sink + recent] * 2)
+    n = {"retrieval": hkv, "streaming": 0}.get(layer, 1)  # retrieval KV heads
+    ring = sink + recent
+    slots = {"retrieval": [capacity] * 2, "streaming": [ring] * 2}.get(layer, [capacity, capacity, ring, ring])
     heads = {"retrieval": [hkv] * 2, "streaming": [hkv] * 2}.get(layer, [n, n, hkv - n, hkv - n])
-    caches = [torch.randn(b, h, s, D) for h, s in zip(heads, shapes)]
+    caches = [torch.randn(b, h, s, D) for h, s in zip(heads, slots)]
     ref_caches = [c.clone() for c in caches]
     start = 0
     for t in (20, 1, 7, 1, 1):
