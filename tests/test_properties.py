@@ -28,7 +28,7 @@ from duo_compile.kernels import reference
 from duo_compile.kernels.ops import OPS
 from duo_compile.oracle import oracle_generate
 from tests.reliability import examples, one_thread, relative_error  # noqa: F401  (fixture)
-from tests.tiny_models import ARCHS, tiny_model
+from tests.tiny_models import ARCHS, rope_tables, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,14 +152,6 @@ def test_cacheless_ops_equal_one_dense_masked_attention(c):
     torch.testing.assert_close(got_s.double(), want_s, rtol=1e-4, atol=1e-5)
 
 
-def _rope_tables(length: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hugging Face's cos/sin ``[1, 1, length, head_dim]`` for positions 0 .. length - 1 (base 10000)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    freqs = torch.arange(length).float()[:, None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[None, None]
-    return emb.cos(), emb.sin()
-
-
 def _assert_streaming_layout(s_k, s_v, k, v, sink, recent):
     """Streaming K/V caches (filled with GARBAGE / -GARBAGE) after positions ``0 .. k.shape[2] - 1``: the sink
     and the last ``recent`` positions at their slots; every other slot untouched."""
@@ -225,7 +217,7 @@ def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_fr
     c = dict(batch=1, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=16, seed=seed)
     length = prompt + decode
     q_in, k_in, v = _qkv(c, length)
-    tables = _rope_tables(length, 16) if rope else None
+    tables = rope_tables(torch.arange(length)[None], 16) if rope else None
     q, k = (reference.rope(x, *tables) for x in (q_in, k_in)) if rope else (q_in, k_in)
     r_k = torch.full((1, n, length + 3, 16), GARBAGE)
     s_k = torch.full((1, kv_heads - n, sink + recent, 16), GARBAGE)

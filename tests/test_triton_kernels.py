@@ -18,6 +18,7 @@ from duo_compile.kernels.triton_ops import (
     triton_streaming_attention,
     triton_streaming_attention_cached,
 )
+from tests.tiny_models import rope_tables
 
 D = 16
 SCALE = D**-0.5
@@ -293,13 +294,9 @@ def test_attention_cached_needs_both_groups(retrieval_kv_heads):
 
 
 def _rope_tables(b, pos, per_row: bool):
-    """Hugging Face's cos/sin for positions ``pos`` ([B or 1, 1, T, D]: duplicated halves, unsqueezed over
-    heads); ``per_row`` gives each batch row its own table (else one, broadcast: stride 0 over the batch)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    rows = torch.stack([pos.float() + (i if per_row else 0) for i in range(b if per_row else 1)])
-    freqs = rows[:, :, None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos(), emb.sin()
+    """Rotary tables for positions ``pos``: ``per_row`` gives each batch row its own table ``[B, 1, T, D]`` (other
+    positions per row), else one ``[1, 1, T, D]`` that the kernels broadcast (stride 0 over the batch)."""
+    return rope_tables(torch.stack([pos + i for i in range(b if per_row else 1)]), D)
 
 
 @pytest.mark.parametrize("layer,streaming_decode", [("retrieval", "mixed"), ("streaming", "tiles"),

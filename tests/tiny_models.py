@@ -59,3 +59,12 @@ def mixed_gates(num_layers: int, num_kv_heads: int) -> np.ndarray:
     for layer in range(1, num_layers - 1):
         gates[layer, 1::2] = 1.0
     return gates
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's rotary tables (base 10000) for ``positions`` ``[rows, T]``: cos and sin ``[rows, 1, T,
+    head_dim]`` with duplicated halves, unsqueezed over heads, as ``apply_rotary_pos_emb`` receives them."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
