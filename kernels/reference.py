@@ -84,13 +84,20 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    """(q, k) with the rotary embedding applied when the op was given its tables, else unchanged."""
+def rope_pair(cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An op's rotary tables as one value: ``(cos, sin)``, or None without them; one without the other is the
+    caller's mistake (the reference ops and the Triton launchers check it here)."""
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must be given together")
-    if cos is None:
+    return None if cos is None else (cos, sin)
+
+
+def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """(q, k) with the rotary embedding applied when the op was given its tables, else unchanged."""
+    tables = rope_pair(cos, sin)
+    if tables is None:
         return q, k
-    return rope(q, cos, sin), rope(k, cos, sin)
+    return rope(q, *tables), rope(k, *tables)
 
 
 def _start(cache_position: torch.Tensor) -> int:

@@ -120,13 +120,6 @@ def _rope_tables(q: torch.Tensor, rope) -> tuple:
     return cos, sin, cos.stride(0), cos.stride(2)
 
 
-def _rope_pair(cos, sin):
-    """``(cos, sin)``, or None without tables; one without the other is the caller's mistake."""
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must be given together")
-    return None if cos is None else (cos, sin)
-
-
 def _rotate_first(q, k, rope):
     """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first
     (triton_rope.py: one pass over each)."""
@@ -329,7 +322,7 @@ def triton_retrieval_attention_cached(
 
     ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor. ``cos``,
     ``sin``: q and k are pre-RoPE (reference.py); decode rotates them in the kernel, prefill in torch first."""
-    rope = _rope_pair(cos, sin)
+    rope = reference.rope_pair(cos, sin)
     if q.shape[2] <= DECODE_MAX_TOKENS:
         return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out,
                                         rope)
@@ -350,7 +343,7 @@ def triton_streaming_attention_cached(
     """
     return _launch_streaming(
         q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out,
-        _rope_pair(cos, sin),
+        reference.rope_pair(cos, sin),
     )
 
 
@@ -402,7 +395,7 @@ def triton_attention_cached(
             and out.numel() > 0):
         return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
                                     v_streaming, cache_position, scale, sink, recent, out, config, num_splits,
-                                    _rope_pair(cos, sin))
+                                    reference.rope_pair(cos, sin))
     triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
                                       config=config, num_splits=num_splits, out=out[:, :split], cos=cos, sin=sin)
     triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,

@@ -133,14 +133,28 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     assert all(bool(c.abs().sum() > 0) for c in streaming)  # the pass really wired the caches in
 
 
+class _BeforePass:
+    """What a test of the pass after ``until`` compares against: the graph after ``until`` (``gm``, ``ctx``), random
+    caches for it, a copy of them (``written``) that graph has run on, and that run's ``output``. ``run`` feeds
+    the same inputs and the untouched ``caches`` to the rewritten graph: equal outputs and ``caches`` equal to
+    ``written`` afterwards mean the pass kept both."""
+
+    def __init__(self, model, retrieval, until: str):
+        self.ids, self.pos = _inputs()
+        self.ctx = _ctx(retrieval)
+        self.gm = run_passes(capture(model, last_logits_only=False), self.ctx, until=until)
+        self.caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in self.ctx.cache_specs]
+        self.written = [c.clone() for c in self.caches]
+        self.output = self.run(self.gm, self.written)
+
+    def run(self, gm, caches=None):
+        return gm(self.ids, self.pos, torch.arange(LENGTH), *(self.caches if caches is None else caches))
+
+
 @torch.no_grad()
 def test_merge_head_groups_makes_one_op_per_layer_and_keeps_outputs(model):
-    ids, pos = _inputs()
-    ctx = _ctx(mixed_gates(3, _kv_heads(model)))
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="kv_layout")
-    caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
-    before = [c.clone() for c in caches]
-    split = gm(ids, pos, torch.arange(LENGTH), *before)
+    case = _BeforePass(model, mixed_gates(3, _kv_heads(model)), "kv_layout")
+    ctx, gm, caches, before, split = case.ctx, case.gm, case.caches, case.written, case.output
     slices, cats = _count(gm, torch.ops.aten.slice.Tensor), _count(gm, torch.ops.aten.cat.default)
     gm = merge_head_groups(gm, ctx)
     # layer 1 is the only mixed layer: its two ops and their cat become one op; layers 0 and 2 keep theirs.
@@ -148,19 +162,15 @@ def test_merge_head_groups_makes_one_op_per_layer_and_keeps_outputs(model):
     assert _count(gm, OPS["attention_cached"]) == 1 and _count(gm, torch.ops.aten.cat.default) == cats - 1
     assert _count(gm, OPS["retrieval_attention_cached"]) == 1 and _count(gm, OPS["streaming_attention_cached"]) == 1
     assert _count(gm, torch.ops.aten.slice.Tensor) < slices  # the head slices of layer 1 are gone
-    merged = gm(ids, pos, torch.arange(LENGTH), *caches)
+    merged = case.run(gm)
     torch.testing.assert_close(merged, split, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(caches, before))  # the same cache writes
 
 
 @torch.no_grad()
 def test_fuse_projections_makes_one_linear_per_input_and_keeps_outputs(model):
-    ids, pos = _inputs()
-    ctx = _ctx(mixed_gates(3, _kv_heads(model)))
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="merge_head_groups")
-    caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
-    before = [c.clone() for c in caches]
-    separate = gm(ids, pos, torch.arange(LENGTH), *before)
+    case = _BeforePass(model, mixed_gates(3, _kv_heads(model)), "merge_head_groups")
+    ctx, gm, caches, before, separate = case.ctx, case.gm, case.caches, case.written, case.output
     linears = _count(gm, torch.ops.aten.linear.default)
     params = sum(p.numel() for p in gm.parameters())
     gm = fuse_projections(gm, ctx)
@@ -174,7 +184,7 @@ def test_fuse_projections_makes_one_linear_per_input_and_keeps_outputs(model):
             assert tuple(node.meta["val"].shape[-1:]) == (width,)
     if model.config.model_type == "qwen2":  # q/k/v carry biases: concatenated with the weights
         assert any("fused_q_proj_k_proj_v_proj_bias" in name for name, _ in gm.named_parameters())
-    fused = gm(ids, pos, torch.arange(LENGTH), *caches)
+    fused = case.run(gm)
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(caches, before))  # the same cache writes
     # The user's model keeps its own separate weights.
@@ -196,14 +206,10 @@ def test_fuse_projections_can_be_turned_off(model):
 def test_fuse_rope_hands_the_rotation_to_every_attention_op(model, gates):
     """Every cached op (merged, retrieval-only, streaming-only) gets q/k before RoPE plus cos/sin; the rotation
     nodes (neg, the rotate_half cat) are gone; outputs and cache writes equal the graph before the pass."""
-    ids, pos = _inputs()
     retrieval = {"mixed": mixed_gates(3, _kv_heads(model)), "all-retrieval": np.ones((3, _kv_heads(model))),
                  "all-streaming": np.zeros((3, _kv_heads(model)))}[gates]
-    ctx = _ctx(retrieval)
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="fuse_projections")
-    caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
-    before = [c.clone() for c in caches]
-    rotated = gm(ids, pos, torch.arange(LENGTH), *before)
+    case = _BeforePass(model, retrieval, "fuse_projections")
+    ctx, gm, caches, before, rotated = case.ctx, case.gm, case.caches, case.written, case.output
     assert _count(gm, torch.ops.aten.neg.default) == 2 * 3  # q and k per layer
     gm = fuse_rope(gm, ctx)
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in
@@ -211,7 +217,7 @@ def test_fuse_rope_hands_the_rotation_to_every_attention_op(model, gates):
     assert ctx.changed["fuse_rope"] == len(ops) == 3  # one op per layer
     assert all(set(n.kwargs) == {"cos", "sin"} for n in ops)
     assert _count(gm, torch.ops.aten.neg.default) == 0
-    fused = gm(ids, pos, torch.arange(LENGTH), *caches)
+    fused = case.run(gm)
     torch.testing.assert_close(fused, rotated, rtol=1e-5, atol=1e-6)
     for a, b in zip(caches, before):  # the caches hold the same rotated keys
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
