@@ -650,6 +650,12 @@ PREFILL_VARIANTS = [  # h<heads_per> packs that many query heads of a KV group i
     ("t128n32w4s4", TileConfig(block_t=128, block_n=32, num_warps=4, num_stages=4)),
     ("h2t64n64w8s3", TileConfig(block_t=64, block_n=64, heads_per=2, num_warps=8, num_stages=3)),
     ("h4t32n32w8s3", TileConfig(block_t=32, block_n=32, heads_per=4, num_warps=8, num_stages=3)),
+    # the same tiles with the unmasked key tiles loaded through TMA (Hopper's tensor memory accelerator)
+    ("t128n128w8s3tma", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3, tma=True)),
+    ("t128n128w8s2tma", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=2, tma=True)),
+    ("t128n64w8s3tma", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3, tma=True)),
+    ("t128n64w8s4tma", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=4, tma=True)),
+    ("h2t64n64w8s3tma", TileConfig(block_t=64, block_n=64, heads_per=2, num_warps=8, num_stages=3, tma=True)),
 ]
 
 
@@ -843,7 +849,8 @@ def _smoke_sizes():
     SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), mixed_decode=(50,), retrieval=40,
                  streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256)
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
-                        ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2))]
+                        ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2)),
+                        ("t16n16tma", TileConfig(block_t=16, block_n=16, tma=True))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
     GEMV_SHAPES.clear()
     GEMV_SHAPES["tiny"] = [("proj", 40, 48, 2 * GEMV_LAYERS), ("lm_head", 96, 32, 1), ("q+k+v", 80, 48, 0)]

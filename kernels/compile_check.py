@@ -75,9 +75,12 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     cases = []
     retrieval = prefill_config(_cuda_q(32, 4096, head_dim), "retrieval")
     for has_cache in (False, True):
-        cases.append((f"retrieval prefill cache={has_cache}", retrieval_prefill_kernel, attn,
-                      dict(HAS_CACHE=has_cache, HEADS_PER=1, BLOCK_T=retrieval.block_t, BLOCK_N=retrieval.block_n,
-                           D=head_dim, DOT_PRECISION=dot), retrieval))
+        for tma in (False, True):  # both, whichever prefill_config picks: TMA falls back for unaligned tensors
+            box = f"tensordesc<{ptr[1:]}[1, 1, {retrieval.block_n}, {head_dim}]>" if tma else ptr
+            cases.append((f"retrieval prefill cache={has_cache} tma={tma}", retrieval_prefill_kernel,
+                          dict(attn, DK=box, DV=box, DKC=box, DVC=box),
+                          dict(HAS_CACHE=has_cache, HEADS_PER=1, BLOCK_T=retrieval.block_t,
+                               BLOCK_N=retrieval.block_n, D=head_dim, DOT_PRECISION=dot, TMA=tma), retrieval))
     streaming = prefill_config(_cuda_q(32, 4096, head_dim), "streaming")
     decode = decode_config(_cuda_q(32, 1, head_dim), groups)
     for label, cfg, fuse_write in (("prefill", streaming, False), ("decode", decode, True)):

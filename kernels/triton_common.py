@@ -21,13 +21,18 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile shape and launch knobs for one kernel call. ``block_t`` must be a multiple of ``block_n`` for prefill."""
+    """Tile shape and launch knobs for one kernel call. ``block_t`` must be a multiple of ``block_n`` for prefill.
+
+    ``tma`` (retrieval prefill only; the other launchers reject it): load the unmasked key tiles through Hopper's
+    tensor memory accelerator where the GPU and the tensors allow it (``tma_compatible``), else as without it.
+    """
 
     block_t: int = 128
     block_n: int = 64
     heads_per: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    tma: bool = False
 
 
 def next_pow2(n: int) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
 from .triton_common import (
@@ -132,6 +133,28 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+def _reject_tma(cfg: TileConfig, kernel: str) -> None:
+    if cfg.tma:
+        raise ValueError(f"TileConfig.tma=True: only the retrieval prefill loads through TMA, not the {kernel}")
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can read these tensors: on CPU (the interpreter emulates it) or a GPU of compute capability 9+
+    (Hopper), 16-byte aligned base addresses and strides, the last dim contiguous."""
+    for x in tensors:
+        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+        if x.data_ptr() % 16 or x.stride(-1) != 1 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _key_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """Host-side TMA descriptor of a ``[B, H, T, D]`` k/v tensor or cache; each load is one ``[1, 1, block_n, D]``
+    box (rows past ``T`` read as zeros)."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
+
+
 def _check_prefill_config(cfg: TileConfig, t: int) -> None:
     if cfg.block_t % cfg.block_n and t > cfg.block_t:
         raise ValueError(f"block_t={cfg.block_t} must be a multiple of block_n={cfg.block_n} for multi-block prefill")
@@ -150,13 +173,15 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, 
     has_cache = k_cache is not None
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
     pos = cache_position if has_cache else q  # unused without a cache
+    tma = cfg.tma and tma_compatible(k, v, kc, vc)
+    descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
     grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
     retrieval_prefill_kernel[grid](
-        q, k, v, kc, vc, out, pos,
+        q, k, v, kc, vc, out, pos, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
         hkv, groups, t, log2_scale(scale),
         HAS_CACHE=has_cache, HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -217,6 +242,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     if out.numel() == 0:
         return out
     cfg = cfg or decode_config(q, groups, capacity=k_cache.shape[2])
+    _reject_tma(cfg, "retrieval decode")
     if t > cfg.block_t:
         raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
@@ -240,6 +266,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
     """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     cfg = cfg or decode_config(q, groups)
+    _reject_tma(cfg, "streaming decode")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     splits = math.ceil((sink + recent + 1) / cfg.block_n)
     o_part, lse_part = _empty_partials(b, hq, 1, splits, d, q.device)
@@ -271,6 +298,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     q, k = _rotate_first(q, k, rope)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
+    _reject_tma(cfg, "streaming attention")
     _check_prefill_config(cfg, t)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
@@ -357,6 +385,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
     _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
     cfg = cfg or decode_config(qr, groups, capacity=k_r.shape[2])
+    _reject_tma(cfg, "mixed decode")
     programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)
     programs_s = grid_groups(b, hkv_s, groups, cfg.heads_per)
     splits_r = num_splits or decode_splits(qr, k_r, programs_r, cfg)

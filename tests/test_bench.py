@@ -63,8 +63,9 @@ def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/kernels.py --smoke: the decode, split-sweep and GEMV sections (checks, variant sweeps, JSON)
-    under the interpreter at tiny sizes, so a mistake in the script shows here and not on the GPU."""
+    """benchmarks/kernels.py --smoke: the decode, split-sweep, GEMV and retrieval-prefill sections (checks,
+    variant sweeps, JSON) under the interpreter at tiny sizes, so a mistake in the script shows here and not on
+    the GPU."""
     import os
     import subprocess
     import sys
@@ -74,7 +75,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     out = tmp_path / "kernels.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "split_sweep",
-         "gemv", "--out", str(out)],
+         "gemv", "retrieval", "--out", str(out)],
         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -88,6 +89,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert set(sweep) == {("gqa", 1), ("gqa", 2), ("mha", 1), ("mha", 2)}  # mixed layers and all-retrieval ones
     assert all(set(row["splits_us"]) == {"s3x2", "s3x4"} for row in sweep.values())
     assert all(set(row["combine_block_d_us"]) == {"8", "4"} for row in sweep.values())
+    assert all("t16n16tma" in row["variants_ms"] for row in result["retrieval_prefill"])  # TMA loads checked too
 
 
 def test_prefill_timing_warms_up_every_cache_length():
