@@ -656,6 +656,12 @@ PREFILL_VARIANTS = [  # h<heads_per> packs that many query heads of a KV group i
     ("t128n64w8s3tma", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3, tma=True)),
     ("t128n64w8s4tma", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=4, tma=True)),
     ("h2t64n64w8s3tma", TileConfig(block_t=64, block_n=64, heads_per=2, num_warps=8, num_stages=3, tma=True)),
+    # bf: the grid runs query blocks first (one head's blocks at a time: its keys stay in L2)
+    ("t128n128w8s3bf", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3, blocks_first=True)),
+    ("t128n128w8s3tmabf", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3, tma=True,
+                                     blocks_first=True)),
+    ("h2t64n64w8s3tmabf", TileConfig(block_t=64, block_n=64, heads_per=2, num_warps=8, num_stages=3, tma=True,
+                                     blocks_first=True)),
 ]
 
 

@@ -461,6 +461,10 @@ def decode_ratio(full: dict, duo: dict) -> str:
     return text
 
 
+def _ms_or_error(row: dict) -> str:
+    return f"{row['ms_per_token']:.2f} ms" if "ms_per_token" in row else row.get("error", "-")
+
+
 def summarize(result: dict) -> list[str]:
     """Table rows: measured ratio duo vs (a) beside the bound from the same run."""
     lines = [f"### {result['model']}: {result['retrieval_heads']}/{result['kv_heads']} retrieval KV heads "
@@ -471,6 +475,7 @@ def summarize(result: dict) -> list[str]:
         ctx = a["context"]
         hf = hf_decode.get(ctx, {})
         hf_txt = f"{hf['ms_per_token']:.2f} ms" if "ms_per_token" in hf else hf.get("error", "-")[:40]
+        hf_memory = f"{hf['peak_GB']:.1f} GB" if "peak_GB" in hf else "-"
         if "ms_per_token" in a and "ms_per_token" in b:
             lines.append(f"| decode @ {tokens_label(ctx)} | {a['ms_per_token']:.2f} ms | {b['ms_per_token']:.2f} ms | "
                          f"{decode_ratio(a, b)} | {a['bound_ms'] / b['bound_ms']:.2f}x | {hf_txt} |")
@@ -478,10 +483,9 @@ def summarize(result: dict) -> list[str]:
                 lines.append(f"| memory @ {tokens_label(ctx)} | {a['peak_GB']:.1f} GB | {b['peak_GB']:.1f} GB | "
                              f"{a['peak_GB'] / b['peak_GB']:.2f}x | "
                              f"{(result['weights_GB'] + a['kv_GB']) / (result['weights_GB'] + b['kv_GB']):.2f}x | "
-                             f"{hf.get('peak_GB', float('nan')):.1f} GB |")
+                             f"{hf_memory} |")
         else:
-            lines.append(f"| decode @ {tokens_label(ctx)} | {a.get('ms_per_token', a.get('error'))} | "
-                         f"{b.get('ms_per_token', b.get('error'))} | - | - | {hf_txt} |")
+            lines.append(f"| decode @ {tokens_label(ctx)} | {_ms_or_error(a)} | {_ms_or_error(b)} | - | - | {hf_txt} |")
     for key in [k for k in result["duo"] if k.startswith("decode_")]:  # the other streaming decode kernels
         for a, b in zip(result["full"]["decode"], result["duo"][key]):
             if "ms_per_token" in a and "ms_per_token" in b:

@@ -35,9 +35,9 @@ HOPPER_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KB
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
-def _cuda_q(heads: int, tokens: int, head_dim: int) -> SimpleNamespace:
-    """What the config functions read from q (shape and device), without allocating on a GPU."""
-    return SimpleNamespace(shape=(1, heads, tokens, head_dim), device=torch.device("cuda"))
+def _cuda_q(heads: int, tokens: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> SimpleNamespace:
+    """What the config functions read from q (shape, dtype and device), without allocating on a GPU."""
+    return SimpleNamespace(shape=(1, heads, tokens, head_dim), dtype=dtype, device=torch.device("cuda"))
 
 
 def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
@@ -73,14 +73,15 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     # Decode kernels as the engine runs them: RoPE fused (fuse_rope), so the rotated loads are in the check.
     split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr)
     cases = []
-    retrieval = prefill_config(_cuda_q(32, 4096, head_dim), "retrieval")
+    retrieval = prefill_config(_cuda_q(32, 4096, head_dim, dtype), "retrieval")
     for has_cache in (False, True):
-        for tma in (False, True):  # both, whichever prefill_config picks: TMA falls back for unaligned tensors
+        for tma in (False, True):  # both: the launcher falls back to pointer loads for unaligned tensors
             box = f"tensordesc<{ptr[1:]}[1, 1, {retrieval.block_n}, {head_dim}]>" if tma else ptr
             cases.append((f"retrieval prefill cache={has_cache} tma={tma}", retrieval_prefill_kernel,
                           dict(attn, DK=box, DV=box, DKC=box, DVC=box),
                           dict(HAS_CACHE=has_cache, HEADS_PER=1, BLOCK_T=retrieval.block_t,
-                               BLOCK_N=retrieval.block_n, D=head_dim, DOT_PRECISION=dot, TMA=tma), retrieval))
+                               BLOCK_N=retrieval.block_n, D=head_dim, DOT_PRECISION=dot, TMA=tma,
+                               BLOCKS_FIRST=retrieval.blocks_first), retrieval))
     streaming = prefill_config(_cuda_q(32, 4096, head_dim), "streaming")
     decode = decode_config(_cuda_q(32, 1, head_dim), groups)
     for label, cfg, fuse_write in (("prefill", streaming, False), ("decode", decode, True)):

@@ -23,8 +23,9 @@ LOG2E = 1.4426950408889634
 class TileConfig:
     """Tile shape and launch knobs for one kernel call. ``block_t`` must be a multiple of ``block_n`` for prefill.
 
-    ``tma`` (retrieval prefill only; the other launchers reject it): load the unmasked key tiles through Hopper's
-    tensor memory accelerator where the GPU and the tensors allow it (``tma_compatible``), else as without it.
+    Retrieval prefill only (the other launchers reject them): ``tma`` loads the unmasked key tiles through
+    Hopper's tensor memory accelerator where the GPU and the tensors allow it (``tma_compatible``), else as
+    without it; ``blocks_first`` orders the grid query blocks first (see triton_retrieval.py).
     """
 
     block_t: int = 128
@@ -33,6 +34,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 2
     tma: bool = False
+    blocks_first: bool = False
 
 
 def next_pow2(n: int) -> int:

@@ -1,7 +1,9 @@
 """Retrieval heads, prefill: causal FlashAttention of a chunk against [cached prefix | the chunk], append fused.
 
-Grid ``(B * Hq, cdiv(T, BLOCK_T))``; the second axis runs the longest query blocks first (causal work grows
-with the block index, so the last blocks to start are the cheap ones). Each program walks three key ranges:
+Grid ``(B * Hq, cdiv(T, BLOCK_T))``, or with ``BLOCKS_FIRST`` (``TileConfig.blocks_first``) the two axes swapped
+so that the programs running at once are one head's query blocks rather than every head's few longest ones; the
+query-block axis runs the longest blocks first (causal work grows with the block index, so the last blocks to
+start are the cheap ones). Each program walks three key ranges:
   1. the cache prefix ``[0, start)`` (``start`` read from ``cache_position`` on the device: no host sync),
      full tiles unmasked, one masked tail tile;
   2. chunk tiles left of the diagonal, unmasked;
@@ -44,10 +46,14 @@ def retrieval_prefill_kernel(
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, so_b, so_h, so_t,
     Hkv, groups, T, qk_scale,
     HAS_CACHE: tl.constexpr, HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCKS_FIRST: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    if BLOCKS_FIRST:  # grid (query blocks, heads): a wave runs one head's blocks, all reading its keys (L2 reuse)
+        pid_g = tl.program_id(1)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_g = tl.program_id(0)
+        pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     m0 = pid_m * BLOCK_T
     b, kv, chunk, head, t, row_ok = program_rows(pid_g, m0, Hkv, groups, T, HEADS_PER, BLOCK_T)
     offs_d = tl.arange(0, D)

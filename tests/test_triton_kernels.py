@@ -17,6 +17,7 @@ from duo_compile.kernels.triton_ops import (
     triton_retrieval_attention_cached,
     triton_streaming_attention,
     triton_streaming_attention_cached,
+    tma_compatible,
 )
 from tests.tiny_models import rope_tables
 
@@ -103,6 +104,42 @@ def test_retrieval_decode_heads_split_across_programs():
 def test_retrieval_decode_first_token():
     # start = 0: every split is empty except the one holding the new token.
     _run_retrieval_chunks([1, 1], 2, 1, 2, torch.float32)
+
+
+TMA = TileConfig(block_t=16, block_n=16, tma=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tma,blocks_first", [(True, False), (False, True), (True, True)])
+def test_retrieval_prefill_hopper_options(dtype, tma, blocks_first):
+    # Prefill chunks (> DECODE_MAX_TOKENS) whose unmasked key tiles come through tensor descriptors (the
+    # interpreter emulates TMA) and/or whose grid runs query blocks first: cache prefix with full tiles and a
+    # ragged tail, chunk tiles left of the diagonal, batch 2, GQA.
+    cfg = TileConfig(block_t=16, block_n=16, tma=tma, blocks_first=blocks_first)
+    q, k, v = _qkv(2, 2, 2, 37, dtype)
+    assert tma_compatible(k, v)
+    _close(triton_retrieval_attention(q, k, v, SCALE, config=cfg), reference.retrieval_attention(q, k, v, SCALE),
+           dtype)
+    _run_retrieval_chunks([21, 19, 40], 2, 2, 2, dtype, config=cfg)
+
+
+def test_tma_falls_back_for_unaligned_tensors():
+    # k/v starting 4 bytes into their storage cannot be TMA-loaded: the launcher uses pointer loads instead.
+    q, k, v = _qkv(1, 1, 2, 33)
+    k_off, v_off = (torch.cat([torch.zeros(1), x.flatten()])[1:].view(x.shape) for x in (k, v))
+    assert not tma_compatible(k_off, v_off) and tma_compatible(k, v)
+    out = triton_retrieval_attention(q, k_off, v_off, SCALE, config=TMA)
+    _close(out, reference.retrieval_attention(q, k, v, SCALE), torch.float32)
+
+
+def test_hopper_options_only_for_retrieval_prefill():
+    q, k, v = _qkv(1, 1, 2, 1)
+    cache = torch.zeros(1, 1, 8, D)
+    with pytest.raises(ValueError, match="tma=True.*retrieval decode"):
+        triton_retrieval_attention_cached(q, k, v, cache, cache.clone(), _pos(0, 1), SCALE, config=TMA)
+    blocks_first = TileConfig(block_t=16, block_n=16, blocks_first=True)
+    with pytest.raises(ValueError, match="blocks_first=True.*streaming"):
+        triton_streaming_attention(*_qkv(1, 1, 2, 20), SCALE, 2, 4, config=blocks_first)
 
 
 def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtype=torch.float32, config=None,
