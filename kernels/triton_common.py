@@ -25,7 +25,8 @@ class TileConfig:
 
     Retrieval prefill only (the other launchers reject them): ``tma`` loads the unmasked key tiles through
     Hopper's tensor memory accelerator where the GPU and the tensors allow it (``tma_compatible``), else as
-    without it; ``blocks_first`` orders the grid query blocks first (see triton_retrieval.py).
+    without it; ``blocks_first`` orders the grid query blocks first (see triton_retrieval.py) where batch x
+    heads fits CUDA's second grid axis (65535).
     """
 
     block_t: int = 128

@@ -44,6 +44,7 @@ from .triton_rope import rope_strides, triton_rope
 from .triton_streaming import streaming_kernel, streaming_write_kernel
 from .triton_streaming_decode import streaming_decode_split_kernel
 
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (blocks_first puts batch x heads there)
 # Queries per call at or below which a call is "decode": the group's heads share a tile and (retrieval) split-K.
 DECODE_MAX_TOKENS = 16
 # Cache capacities (keys) at which the decode launch changes (decode_config, decode_programs_per_sm).
@@ -73,12 +74,13 @@ def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
     """Prefill tiles, the fastest of the H200 sweep (benchmarks/results/kernels_h200.json, head dim 128, bf16).
 
     Retrieval (long causal loops): 128 queries x 128 keys, 8 warps, 3 stages (17.4 ms at 32K; next best 17.5);
-    at head dim 128 in 16-bit, with the unmasked key tiles loaded through TMA: 15.3 / 16.2 ms at 32K on Llama-3 /
-    Llama-2 heads instead of 16.9 / 17.4 in the same run (results/kernels_tma_h200.json; the TMA buffers take
-    225 KB of shared memory at 3 stages, 2 stages are slower).
+    at head dim 128 in 16-bit also the unmasked key tiles loaded through TMA and the grid run query blocks
+    first: 15.3 / 15.4 ms at 32K on Llama-3 / Llama-2 heads, against 15.6 / 16.5 with TMA alone and 17.3 / 18.1
+    with neither, in one run (results/kernels_blocks_first_h200.json; SDPA 14.8 / 14.8). The TMA buffers take
+    225 KB of shared memory at 3 stages; 2 stages are slower.
     Streaming (each query block walks only sink + window tiles): 64 x 64, 4 warps, 3 stages (0.82 ms at 32K vs
     1.05 ms for 128 x 64 / 8 warps): smaller blocks put more programs in flight and mask fewer keys per tile.
-    Head dim 64: 4 warps, no TMA (checked for correctness on the H200, not timed). The interpreter gets 16 x 16
+    Head dim 64: 4 warps, neither (checked for correctness on the H200, not timed). The interpreter gets 16 x 16
     so the CPU tests run several tiles.
     """
     if q.device.type != "cuda":
@@ -88,7 +90,7 @@ def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
     if q.shape[-1] <= 64:
         return TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3)
     tma = q.dtype in (torch.bfloat16, torch.float16)
-    return TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3, tma=tma)
+    return TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3, tma=tma, blocks_first=True)
 
 
 def decode_config(q: torch.Tensor, groups: int, capacity: int = 0) -> TileConfig:
@@ -182,12 +184,13 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, 
     tma = cfg.tma and tma_compatible(k, v, kc, vc)
     descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
     grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
-    retrieval_prefill_kernel[grid[::-1] if cfg.blocks_first else grid](
+    blocks_first = cfg.blocks_first and grid[0] <= MAX_GRID_Y
+    retrieval_prefill_kernel[grid[::-1] if blocks_first else grid](
         q, k, v, kc, vc, out, pos, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
         hkv, groups, t, log2_scale(scale),
         HAS_CACHE=has_cache, HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), TMA=tma, BLOCKS_FIRST=cfg.blocks_first, num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), TMA=tma, BLOCKS_FIRST=blocks_first, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
