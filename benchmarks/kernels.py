@@ -3,7 +3,7 @@
 Run from the repository root:  python -m benchmarks.kernels --out results.json [--commit SHA] [--sections ...]
 
 Sections (all by default, in the order ceilings, decode, split_sweep, gemv, retrieval, streaming, cached, formats,
-flex):
+d64, flex):
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
   decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at
@@ -25,6 +25,8 @@ flex):
   streaming  streaming prefill (sink 64, recent 256) at 32K/128K vs causal SDPA; tile sweep
   cached     (see above)
   formats    the cached checks again in fp16 (head dim 128) and at head dim 64 (bf16, fp16)
+  d64        retrieval prefill at head dim 64 (bf16, fp16, 8K): each tile variant's error vs the fp32 reference
+             beside SDPA's, per-row errors (worst row, by half of the query tile), time
   flex       FlexAttention (the same sink + window block mask, torch.compile'd) on the streaming-prefill shapes;
              last, because its compiles are the slowest part (skipped past --deadline)
 Shapes: Llama-3-8B heads (32 q / 8 kv) and Llama-2-7B heads (32 / 32), head dim 128, bf16, batch 1; inputs are
@@ -66,7 +68,7 @@ DEV = "cuda"
 SIZES = {"cap": 16384, "chunks": (8192, 4096, 1, 1, 1), "s_chunks": (4096, 4096, 1, 1, 300), "decode": (8192, 65536, 262144, 524288),
          "mixed_decode": (8192, 131072),
          "retrieval": 32768, "streaming": (32768, 131072), "ref_block": 2048, "dispatch": 512,
-         "copy_bytes": 1 << 30, "mm": 8192}
+         "copy_bytes": 1 << 30, "mm": 8192, "d64": 8192}
 RESULTS: dict = {}
 FAILURES: list[str] = []
 
@@ -684,6 +686,61 @@ def _sweep(name, run, check_out, ref_out, variants):
     return times, best
 
 
+D64_PREFILL_VARIANTS = [  # the head-dim-64 default first, then its neighbours (warps, key tile, query tile, options)
+    ("t128n64w4s3", TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3)),
+    ("t128n64w8s3", TileConfig(block_t=128, block_n=64, num_warps=8, num_stages=3)),
+    ("t128n128w8s3", TileConfig(block_t=128, block_n=128, num_warps=8, num_stages=3)),
+    ("t64n64w4s3", TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=3)),
+    ("t128n64w4s3tma", TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3, tma=True)),
+    ("t128n64w4s3tmabf", TileConfig(block_t=128, block_n=64, num_warps=4, num_stages=3, tma=True, blocks_first=True)),
+]
+D64_FORMATS = (torch.bfloat16, torch.float16)
+
+
+def _row_errors(out, ref, block_t):
+    """Per-row relative error of [B, H, T, D] outputs: the worst row (head, token, token's row in its query tile)
+    and the mean over the first and the second half of each query tile's rows."""
+    rows = ((out.float() - ref).norm(dim=-1) / ref.norm(dim=-1))[0]  # [H, T]
+    head, token = divmod(int(rows.argmax()), rows.shape[1])
+    first = torch.arange(rows.shape[1], device=rows.device) % block_t < block_t // 2
+    return {"worst": float(rows.max()), "worst_head": head, "worst_token": token,
+            "worst_row_in_tile": token % block_t, "mean_first_half": float(rows[:, first].mean()),
+            "mean_second_half": float(rows[:, ~first].mean())}
+
+
+def section_d64():
+    """Retrieval prefill at head dim 64 (bf16 and fp16, one chunk from start 0): each tile variant's error
+    against the fp32 reference beside SDPA's on the same inputs, where the error sits (per-row errors), and the
+    time. The cached checks at head dim 64 (section formats) showed 4-10x the error of head dim 128 in these
+    chunks on the H200 while the interpreter is exact: this tells a kernel fault from bf16/fp16 rounding."""
+    global D, DT, SCALE
+    log("== retrieval prefill at head dim 64: error per tile variant vs SDPA's")
+    saved, rows = (D, DT, SCALE), []
+    for dt in D64_FORMATS:
+        D, DT, SCALE = 64, dt, 64**-0.5
+        try:
+            for shape, (hq, hkv) in SHAPES.items():
+                t = SIZES["d64"]
+                q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
+                ref = ref_causal(q, k, v)
+                sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv)
+                row = {"dtype": str(dt).removeprefix("torch."), "shape": shape, "tokens": t,
+                       "sdpa_rel_err": rel_err(sdpa, ref), "variants": {}}
+                for label, cfg in D64_PREFILL_VARIANTS:
+                    poison(q.shape)
+                    out = triton_ops.triton_retrieval_attention(q, k, v, SCALE, config=cfg)
+                    err = check(f"d64/{row['dtype']}/{shape}/{label}", rel_err(out, ref))
+                    ms = bench(lambda: triton_ops.triton_retrieval_attention(q, k, v, SCALE, config=cfg))
+                    row["variants"][label] = {"rel_err": err, "ms": ms, **_row_errors(out, ref, cfg.block_t)}
+                log(f"  {row['dtype']} {shape}: sdpa rel err {row['sdpa_rel_err']:.2e}; " + ", ".join(
+                    f"{label} {r['rel_err']:.2e} (worst row {r['worst']:.1e} at tile row {r['worst_row_in_tile']}, "
+                    f"{r['ms']:.3f} ms)" for label, r in row["variants"].items()))
+                rows.append(row)
+        finally:
+            D, DT, SCALE = saved
+    RESULTS["d64_prefill"] = rows
+
+
 def section_retrieval():
     t = SIZES["retrieval"]
     log("== retrieval prefill (causal) vs SDPA")
@@ -846,14 +903,14 @@ def table():
 
 def _smoke_sizes():
     global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS, STREAMING_DECODE_VARIANTS
-    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS
+    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS, D64_PREFILL_VARIANTS, D64_FORMATS
     DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
     SCALE = D**-0.5
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
     MIXED_RETRIEVAL_KV.clear()
     MIXED_RETRIEVAL_KV.update(gqa=1, mha=1)
     SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), mixed_decode=(50,), retrieval=40,
-                 streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256)
+                 streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256, d64=40)
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2)),
                         ("t16n16tma", TileConfig(block_t=16, block_n=16, tma=True))]
@@ -866,6 +923,9 @@ def _smoke_sizes():
     STREAMING_DECODE_VARIANTS = [("one_n16", False, dict(block_n=16)), ("tiles_n16", True, dict(block_n=16)),
                                  ("tiles_n32", True, dict(block_n=32))]
     FORMATS = ((torch.float16, 16), (torch.float32, 32))
+    D64_PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)),
+                            ("t32n16tmabf", TileConfig(block_t=32, block_n=16, tma=True, blocks_first=True))]
+    D64_FORMATS = (torch.float16,)
     SPLIT_SWEEP.clear()
     SPLIT_SWEEP.update(gqa=(50, (1, 2)), mha=(50, (1, 2)))
     SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS = (2, 4), (3,), (8, 4)
@@ -876,7 +936,7 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--commit", default="")
     ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "split_sweep", "gemv", "retrieval",
-                                                       "streaming", "cached", "formats", "flex"])
+                                                       "streaming", "cached", "formats", "d64", "flex"])
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections once this many seconds have passed")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 (script check)")
@@ -901,7 +961,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 references stay fp32
     sections = {
         "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode, "gemv": section_gemv,
-        "retrieval": section_retrieval, "streaming": section_streaming, "formats": section_formats,
+        "retrieval": section_retrieval, "streaming": section_streaming, "formats": section_formats, "d64": section_d64,
         "flex": section_flex, "split_sweep": section_split_sweep,
     }
     for name in args.sections:

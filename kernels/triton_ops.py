@@ -65,8 +65,9 @@ STREAMING_DECODE = "mixed"
 STREAMING_DECODE_MODES = ("one", "tiles", "mixed")
 # Columns of the head dim per combine program (combine_kernel): 128 = the whole head dim of these models, one
 # program per row, as measured so far (0.115-0.150 ms per decode step at the headline contexts,
-# results/e2e_*_fuse_rope.json). Smaller blocks put more programs on a step's few rows; benchmarks/kernels.py
-# (section split_sweep) times 32 and 64 beside it; not yet run on the H200. Read at each launch.
+# results/e2e_*_fuse_rope.json). Smaller blocks put more programs on a step's few rows: 64 or 32 were 0-3.5%
+# faster per layer in the H200 split sweep (results/kernels_tma_h200.json), not yet measured end to end, so the
+# end-to-end numbers' setting stays. Read at each launch.
 COMBINE_BLOCK_D = 128
 
 

@@ -63,7 +63,7 @@ def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/kernels.py --smoke: the decode, split-sweep, GEMV and retrieval-prefill sections (checks,
+    """benchmarks/kernels.py --smoke: the decode, split-sweep, GEMV, retrieval-prefill and d64 sections (checks,
     variant sweeps, JSON) under the interpreter at tiny sizes, so a mistake in the script shows here and not on
     the GPU."""
     import os
@@ -75,7 +75,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     out = tmp_path / "kernels.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "split_sweep",
-         "gemv", "retrieval", "--out", str(out)],
+         "gemv", "retrieval", "d64", "--out", str(out)],
         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -90,6 +90,9 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert all(set(row["splits_us"]) == {"s3x2", "s3x4"} for row in sweep.values())
     assert all(set(row["combine_block_d_us"]) == {"8", "4"} for row in sweep.values())
     assert all("t16n16tma" in row["variants_ms"] for row in result["retrieval_prefill"])  # TMA loads checked too
+    d64 = result["d64_prefill"]
+    assert {row["shape"] for row in d64} == {"gqa", "mha"}
+    assert all(set(row["variants"]) == {"t16n16", "t32n16tmabf"} and row["sdpa_rel_err"] < 1e-3 for row in d64)
 
 
 def test_prefill_timing_warms_up_every_cache_length():
