@@ -30,7 +30,7 @@ d64, flex):
   flex       FlexAttention (the same sink + window block mask, torch.compile'd) on the streaming-prefill shapes;
              last, because its compiles are the slowest part (skipped past --deadline)
 Shapes: Llama-3-8B heads (32 q / 8 kv) and Llama-2-7B heads (32 / 32), head dim 128, bf16, batch 1; inputs are
-contiguous [B, H, T, D]. Correctness: ||out - ref|| / ||ref|| < 1e-2 with the reference computed in fp32.
+contiguous [B, H, T, D]. Correctness: ||out - ref|| / ||ref|| < 1e-2 (bf16; fp16 2e-3) against fp32.
 Timings: medians of CUDA-event timings after warm-up. No assertion on speed anywhere.
 """
 from __future__ import annotations
@@ -63,7 +63,14 @@ D = 128
 DT = torch.bfloat16
 SCALE = D**-0.5
 SINK, RECENT = 64, 256
-TOL = 1e-2
+# ||out - ref|| / ||ref|| allowed per input dtype (the reference in fp32): the issue's 1e-2 for bf16; fp16 keeps
+# 3 more mantissa bits, and its errors sit at 2.6-2.9e-4 (2e-3 caught the pipelined diagonal's 4e-3, see
+# triton_retrieval.py); fp32 is the interpreter's smoke run.
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def tol() -> float:
+    return TOLERANCE[DT]
 DEV = "cuda"
 SIZES = {"cap": 16384, "chunks": (8192, 4096, 1, 1, 1), "s_chunks": (4096, 4096, 1, 1, 300), "decode": (8192, 65536, 262144, 524288),
          "mixed_decode": (8192, 131072),
@@ -89,7 +96,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(name: str, err: float) -> float:
-    ok = err < TOL  # NaN fails
+    ok = err < tol()  # NaN fails
     log(f"  check {name}: rel err {err:.2e} {'ok' if ok else 'FAIL'}")
     if not ok:
         FAILURES.append(f"{name}: {err}")
@@ -356,7 +363,7 @@ def section_decode():
                     continue
                 row[f"ours_{label}_us"] = ms * 1e3
                 row[f"ours_{label}_splits"] = splits
-                if err > TOL:
+                if err > tol():
                     FAILURES.append(f"decode variant {label} {shape} {n_keys}: {err}")
                 if best is None or ms < best[1]:
                     best = (label, ms)
@@ -524,7 +531,7 @@ def section_split_sweep():
                                      num_warps=base.num_warps, num_stages=stages)
                     for splits in SPLIT_COUNTS:
                         err = rel_err(call(cfg, splits), ref)
-                        if not err < TOL:
+                        if not err < tol():
                             FAILURES.append(f"split sweep {shape} n={n} s{stages} x{splits}: {err}")
                             continue
                         row["splits_us"][f"s{stages}x{splits}"] = graph_time([lambda: call(cfg, splits)] * 4) * 1e3
@@ -533,7 +540,7 @@ def section_split_sweep():
                 for block_d in COMBINE_BLOCKS:
                     triton_ops.COMBINE_BLOCK_D = block_d
                     err = rel_err(call(), ref)
-                    if not err < TOL:
+                    if not err < tol():
                         FAILURES.append(f"split sweep {shape} n={n} combine block {block_d}: {err}")
                         continue
                     row["combine_block_d_us"][block_d] = graph_time([call] * 4) * 1e3
@@ -607,7 +614,7 @@ def section_gemv():
                     continue
                 check(f"gemv/{model}/{name}/{label}", err)
                 row[f"triton_{label}_us"] = us
-                if err <= TOL and (best is None or us < best[1]):
+                if err <= tol() and (best is None or us < best[1]):
                     best = (label, us)
             if best:
                 row.update(best=best[0], triton_us=best[1], triton_TBps=w_bytes / best[1] / 1e6)
@@ -674,7 +681,7 @@ def _sweep(name, run, check_out, ref_out, variants):
         try:
             poison(ref_out.shape)
             err = rel_err(check_out(cfg), ref_out)
-            if not err < TOL:
+            if not err < tol():
                 FAILURES.append(f"{name} {label}: {err}")
                 log(f"  {name} {label}: rel err {err:.2e} FAIL")
                 continue

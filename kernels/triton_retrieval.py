@@ -12,6 +12,11 @@ start are the cheap ones). Each program walks three key ranges:
      append costs no extra read of k/v and no extra launch. Nothing else in the launch reads cache slots
      ``>= start``, so the writes cannot race with the reads.
 With ``HAS_CACHE=False`` (the cacheless op) ``start`` is 0 and range 1 and the stores vanish at compile time.
+Range 3 is never software-pipelined: on the H200 (Triton 3.6), pipelining the diagonal loop with its cache
+stores, whenever it runs more than one key tile (head dim 64: 128 queries, 64-key tiles), gave outputs 10-15x
+further from the fp32 reference than SDPA's (fp16 4.1e-3 against 2.6e-4; results/
+kernels_formats_pipelined_diagonal_h200.log, then _fixed_diagonal_ with this loop at one stage: 2.6e-4). The
+same loop without the stores (the cacheless op) and the interpreter were exact, so only a GPU run shows it.
 
 With ``TMA`` (``TileConfig.tma``, Hopper and later) the unmasked tiles of ranges 1 and 2 come through the tensor
 memory accelerator: host-side descriptors ``DK, DV, DKC, DVC`` over the 4-d k/v and caches, one bulk copy per
@@ -90,7 +95,7 @@ def retrieval_prefill_kernel(
 
     # Diagonal: causal mask; the group's first program appends these keys to the cache.
     hi = tl.minimum(m0 + BLOCK_T, T)
-    for n in range(m0, hi, BLOCK_N):
+    for n in tl.range(m0, hi, BLOCK_N, num_stages=1):  # never pipelined: see the module docstring
         j = n + offs_n
         ok = j < T
         kk = tl.load(k_base + j[:, None] * sk_t + offs_d[None, :], mask=ok[:, None], other=0.0)
