@@ -132,6 +132,20 @@ def test_tma_falls_back_for_unaligned_tensors():
     _close(out, reference.retrieval_attention(q, k, v, SCALE), torch.float32)
 
 
+@pytest.mark.parametrize("dtype,d,tma,blocks_first", [(torch.bfloat16, 128, True, True), (torch.float16, 128, True, True),
+                                                      (torch.float32, 128, False, True), (torch.bfloat16, 64, False, False)])
+def test_prefill_config_uses_the_hopper_options_where_the_h200_measured_them(dtype, d, tma, blocks_first):
+    # TMA at head dim 128 in 16-bit, the grid order at head dim 128; head dim 64 neither (not timed).
+    from types import SimpleNamespace
+
+    from duo_compile.kernels.triton_ops import prefill_config
+
+    q = SimpleNamespace(shape=(1, 32, 4096, d), dtype=dtype, device=torch.device("cuda"))
+    cfg = prefill_config(q, "retrieval")
+    assert (cfg.tma, cfg.blocks_first) == (tma, blocks_first)
+    assert not (prefill_config(q, "streaming").tma or prefill_config(q, "streaming").blocks_first)
+
+
 def test_hopper_options_only_for_retrieval_prefill():
     q, k, v = _qkv(1, 1, 2, 1)
     cache = torch.zeros(1, 1, 8, D)
