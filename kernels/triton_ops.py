@@ -140,8 +140,9 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _reject_tma(cfg: TileConfig, kernel: str) -> None:
-    """The retrieval prefill's own knobs (TMA loads, grid order) given to another launcher: an error, not ignored."""
+def _refuse_retrieval_prefill_options(cfg: TileConfig, kernel: str) -> None:
+    """The retrieval prefill's own options (TMA loads, grid order) given to another launcher: an error, not
+    ignored."""
     for knob in ("tma", "blocks_first"):
         if getattr(cfg, knob):
             raise ValueError(f"TileConfig.{knob}=True: only the retrieval prefill has it, not the {kernel}")
@@ -253,7 +254,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     if out.numel() == 0:
         return out
     cfg = cfg or decode_config(q, groups, capacity=k_cache.shape[2])
-    _reject_tma(cfg, "retrieval decode")
+    _refuse_retrieval_prefill_options(cfg, "retrieval decode")
     if t > cfg.block_t:
         raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
@@ -277,7 +278,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
     """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     cfg = cfg or decode_config(q, groups)
-    _reject_tma(cfg, "streaming decode")
+    _refuse_retrieval_prefill_options(cfg, "streaming decode")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     splits = math.ceil((sink + recent + 1) / cfg.block_n)
     o_part, lse_part = _empty_partials(b, hq, 1, splits, d, q.device)
@@ -309,7 +310,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     q, k = _rotate_first(q, k, rope)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
-    _reject_tma(cfg, "streaming attention")
+    _refuse_retrieval_prefill_options(cfg, "streaming attention")
     _check_prefill_config(cfg, t)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
@@ -396,7 +397,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
     _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
     cfg = cfg or decode_config(qr, groups, capacity=k_r.shape[2])
-    _reject_tma(cfg, "mixed decode")
+    _refuse_retrieval_prefill_options(cfg, "mixed decode")
     programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)
     programs_s = grid_groups(b, hkv_s, groups, cfg.heads_per)
     splits_r = num_splits or decode_splits(qr, k_r, programs_r, cfg)

@@ -132,8 +132,10 @@ def test_tma_falls_back_for_unaligned_tensors():
     _close(out, reference.retrieval_attention(q, k, v, SCALE), torch.float32)
 
 
-@pytest.mark.parametrize("dtype,d,tma,blocks_first", [(torch.bfloat16, 128, True, True), (torch.float16, 128, True, True),
-                                                      (torch.float32, 128, False, True), (torch.bfloat16, 64, False, False)])
+@pytest.mark.parametrize("dtype,d,tma,blocks_first", [
+    (torch.bfloat16, 128, True, True), (torch.float16, 128, True, True), (torch.float32, 128, False, True),
+    (torch.bfloat16, 64, False, False),
+])
 def test_prefill_config_uses_the_hopper_options_where_the_h200_measured_them(dtype, d, tma, blocks_first):
     # TMA at head dim 128 in 16-bit, the grid order at head dim 128; head dim 64 neither (not timed).
     from types import SimpleNamespace
