@@ -81,8 +81,9 @@ def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
     225 KB of shared memory at 3 stages; 2 stages are slower.
     Streaming (each query block walks only sink + window tiles): 64 x 64, 4 warps, 3 stages (0.82 ms at 32K vs
     1.05 ms for 128 x 64 / 8 warps): smaller blocks put more programs in flight and mask fewer keys per tile.
-    Head dim 64: 4 warps, neither (checked for correctness on the H200, not timed). The interpreter gets 16 x 16
-    so the CPU tests run several tiles.
+    Head dim 64: 128 x 64, 4 warps, neither option (8K tokens on the H200, results/kernels_d64_h200.json: TMA
+    ties, TMA with the grid order 6-11% slower, 8 warps 2-3% faster: within run-to-run spread). The interpreter
+    gets 16 x 16 so the CPU tests run several tiles.
     """
     if q.device.type != "cuda":
         return TileConfig(block_t=16, block_n=16)
