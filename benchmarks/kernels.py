@@ -36,6 +36,7 @@ Timings: medians of CUDA-event timings after warm-up. No assertion on speed anyw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -273,16 +274,23 @@ def section_cached(tag: str = ""):
 FORMATS = ((torch.float16, 128), (torch.bfloat16, 64), (torch.float16, 64))
 
 
-def section_formats():
-    """The cached-op checks again in the other supported formats: fp16, and head dim 64 (bf16 and fp16)."""
+@contextlib.contextmanager
+def in_format(dt: torch.dtype, d: int):
+    """Run a section body at another dtype and head dim (the module's DT, D and SCALE), restored afterwards."""
     global D, DT, SCALE
     saved = D, DT, SCALE
+    D, DT, SCALE = d, dt, d**-0.5
+    try:
+        yield
+    finally:
+        D, DT, SCALE = saved
+
+
+def section_formats():
+    """The cached-op checks again in the other supported formats: fp16, and head dim 64 (bf16 and fp16)."""
     for dt, d in FORMATS:
-        D, DT, SCALE = d, dt, d**-0.5
-        try:
+        with in_format(dt, d):
             section_cached(tag=f"{str(dt).removeprefix('torch.')}/d{d}/")
-        finally:
-            D, DT, SCALE = saved
 
 
 DECODE_VARIANTS = [  # (label, TileConfig overrides, programs per SM): the default's neighbours in every knob
@@ -720,12 +728,10 @@ def section_d64():
     against the fp32 reference beside SDPA's on the same inputs, where the error sits (per-row errors), and the
     time. The cached checks at head dim 64 (section formats) showed 4-10x the error of head dim 128 in these
     chunks on the H200 while the interpreter is exact: this tells a kernel fault from bf16/fp16 rounding."""
-    global D, DT, SCALE
     log("== retrieval prefill at head dim 64: error per tile variant vs SDPA's")
-    saved, rows = (D, DT, SCALE), []
+    rows = []
     for dt in D64_FORMATS:
-        D, DT, SCALE = 64, dt, 64**-0.5
-        try:
+        with in_format(dt, 64):
             for shape, (hq, hkv) in SHAPES.items():
                 t = SIZES["d64"]
                 q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
@@ -743,8 +749,6 @@ def section_d64():
                     f"{label} {r['rel_err']:.2e} (worst row {r['worst']:.1e} at tile row {r['worst_row_in_tile']}, "
                     f"{r['ms']:.3f} ms)" for label, r in row["variants"].items()))
                 rows.append(row)
-        finally:
-            D, DT, SCALE = saved
     RESULTS["d64_prefill"] = rows
 
 

@@ -150,11 +150,12 @@ def _refuse_retrieval_prefill_options(cfg: TileConfig, kernel: str) -> None:
 
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can read these tensors: on CPU (the interpreter emulates it) or a GPU of compute capability 9+
-    (Hopper), 16-byte aligned base addresses and strides, the last dim contiguous."""
+    """Whether TMA can read these tensors (all on one device): on CPU (the interpreter emulates it) or a GPU of
+    compute capability 9+ (Hopper), 16-byte aligned base addresses and strides, the last dim contiguous."""
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
     for x in tensors:
-        if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
         if x.data_ptr() % 16 or x.stride(-1) != 1 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
             return False
     return True

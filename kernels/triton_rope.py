@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import load_rope
+from .triton_common import last_dim_contiguous, load_rope
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def triton_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     ``[B or 1, 1, T, D]``; returns a new contiguous tensor."""
     b, h, t, d = x.shape
     cos, sin = rope_strides(x, cos, sin)
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    x = last_dim_contiguous(x)
     y = torch.empty((b, h, t, d), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
