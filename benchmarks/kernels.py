@@ -2,8 +2,8 @@
 
 Run from the repository root:  python -m benchmarks.kernels --out results.json [--commit SHA] [--sections ...]
 
-Sections (all by default, in the order ceilings, decode, split_sweep, gemv, retrieval, streaming, cached, formats,
-d64, flex):
+Sections (all by default, in the order ceilings, decode, decode_tail, split_sweep, gemv, retrieval, streaming,
+cached, formats, d64, flex):
   ceilings   device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured here
   cached     the cached ops at real sizes against reference.py in fp32 (outputs and cache contents), several chunks
   decode     retrieval decode (split-K + combine) vs torch SDPA (enable_gqa=True, no k/v expansion) at
@@ -13,6 +13,9 @@ d64, flex):
              variants (timed first, it read 10-13% slow: the first timing of a row pays a warm-up). Then the
              streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants, and a
              mixed layer's decode (duo::attention_cached at 8K and 128K keys) on each STREAMING_DECODE path
+  decode_tail  the decode sizes short of their goals (8K keys Llama-2 heads, 64K Llama-3) and controls: kernel
+             device times (profiler) of ours and SDPA beside the whole call's graph time; ours with programmatic
+             dependent launch of the combine, and (MHA) one-row tiles over split counts / tile shapes
   split_sweep  one layer's decode at the e2e headline contexts (Llama-2 shape 120K, Llama-3 512K keys) per retrieval
              KV head count, every split count x 3 / 4 stages against the launcher's default, and the default
              with the combine split into 64- and 32-column blocks
@@ -75,6 +78,9 @@ def tol() -> float:
 DEV = "cuda"
 SIZES = {"cap": 16384, "chunks": (8192, 4096, 1, 1, 1), "s_chunks": (4096, 4096, 1, 1, 300), "decode": (8192, 65536, 262144, 524288),
          "mixed_decode": (8192, 131072),
+         # decode_tail: the sizes still short of their goals (8K keys on Llama-2 heads: slower than SDPA; 64K on
+         # Llama-3 heads: 84-86% of copy), then the other shape at each size as a control
+         "decode_tail": (("llama2-7b", 8192), ("llama3-8b", 65536), ("llama3-8b", 8192), ("llama2-7b", 65536)),
          "retrieval": 32768, "streaming": (32768, 131072), "ref_block": 2048, "dispatch": 512,
          "copy_bytes": 1 << 30, "mm": 8192, "d64": 8192}
 RESULTS: dict = {}
@@ -318,6 +324,19 @@ STREAMING_DECODE_VARIANTS = [  # streaming decode of 1 token: (tiled kernel?, ti
 ]
 
 
+def _decode_inputs(hq: int, hkv: int, n_keys: int):
+    """One decode step's inputs over ``n_keys`` cached keys (capacity n_keys + 1: the new token is appended), with
+    enough cache copies to rotate over more than 4x L2: (q, k, v, k caches, v caches, pos, copies, KV bytes)."""
+    kv_bytes = 2 * hkv * (n_keys + 1) * D * 2
+    copies = 2 if DEV == "cpu" else max(1, min(16, math.ceil(240e6 / kv_bytes)))
+    kcs = [torch.randn(1, hkv, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
+    vcs = [torch.randn(1, hkv, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
+    q = torch.randn(1, 1, hq, D, dtype=DT, device=DEV).transpose(1, 2)  # [1, hq, 1, D], from a transpose
+    k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+    v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
+    return q, k, v, kcs, vcs, torch.tensor([n_keys], device=DEV), copies, kv_bytes
+
+
 def section_decode():
     lengths = SIZES["decode"]
     log("== retrieval decode vs SDPA")
@@ -327,16 +346,7 @@ def section_decode():
     for shape, (hq, hkv) in SHAPES.items():
         groups = hq // hkv
         for n_keys in lengths:
-            cap = n_keys  # cached keys; the new token is key n_keys + 1 (cache capacity n_keys + 1)
-            kv_bytes = 2 * hkv * (n_keys + 1) * D * 2
-            copies = max(1, min(16, math.ceil(240e6 / kv_bytes)))  # rotate over > 4x L2 worth of caches
-            copies = 2 if DEV == "cpu" else copies
-            kcs = [torch.randn(1, hkv, cap + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
-            vcs = [torch.randn(1, hkv, cap + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
-            q = torch.randn(1, 1, hq, D, dtype=DT, device=DEV).transpose(1, 2)  # [1, hq, 1, D], from a transpose
-            k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
-            v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
-            pos = torch.tensor([n_keys], device=DEV)
+            q, k, v, kcs, vcs, pos, copies, kv_bytes = _decode_inputs(hq, hkv, n_keys)
             # correctness (default config) against the fp32 reference, including the appended slot
             ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kcs[0], vcs[0], pos)
             poison(q.shape)
@@ -355,7 +365,7 @@ def section_decode():
                     base = triton_ops.decode_config(q, groups)
                     cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
                     progs = hkv * math.ceil(groups / cfg.heads_per)
-                    splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((cap + 1) / cfg.block_n), 256))
+                    splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((n_keys + 1) / cfg.block_n), 256))
                 try:
                     o = triton_ops.triton_retrieval_attention_cached(
                         q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits
@@ -485,6 +495,104 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
     RESULTS.setdefault("mixed_decode_us", {})[shape] = row
     log(f"  {shape} mixed layer decode ({n} of {hkv} KV heads retrieval), us: "
         + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
+
+
+ONE_ROW_VARIANTS = [  # one-token MHA decode without padding the head's row to 16 (tile_update's CUDA-core path)
+    ("row-n64w4s3-x4", dict(block_n=64, num_warps=4, num_stages=3), 4),
+    ("row-n64w4s3-x8", dict(block_n=64, num_warps=4, num_stages=3), 8),
+    ("row-n64w4s3-x16", dict(block_n=64, num_warps=4, num_stages=3), 16),
+    ("row-n32w4s3-x8", dict(block_n=32, num_warps=4, num_stages=3), 8),
+    ("row-n128w4s3-x8", dict(block_n=128, num_warps=4, num_stages=3), 8),
+    ("row-n64w8s3-x8", dict(block_n=64, num_warps=8, num_stages=3), 8),
+    ("row-n64w2s3-x8", dict(block_n=64, num_warps=2, num_stages=3), 8),
+    ("row-n64w4s1-x8", dict(block_n=64, num_warps=4, num_stages=1), 8),
+]
+
+
+def _kernel_us(calls) -> dict[str, float]:
+    """Mean device time (us) per call of each kernel the thunks ``calls`` launch (torch profiler, eager)."""
+    if DEV == "cpu":
+        return {}
+    for c in calls:  # compiled and warm
+        c()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for c in calls:
+            c()
+        torch.cuda.synchronize()
+    total: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name[:48]
+            total[name] = total.get(name, 0.0) + e.time_range.elapsed_us() / len(calls)
+    return total
+
+
+def section_decode_tail():
+    """Why: the decode goals still missed are small reads (16-75 us per layer), where a kernel's launch, ramp-up
+    and tail count as much as its bandwidth. For each case: the kernels' own device times (profiler) for ours
+    and SDPA beside the graph-replay time of the whole call (the difference is launch gaps and the split's
+    tail before the combine starts), then ours with programmatic dependent launch of the combine
+    (``triton_ops.PDL``) and, for MHA heads, one-row tiles (no padding of the single query row to the 16 rows an
+    MMA needs) over split counts and tile shapes, each with and without PDL. Every variant is checked against the
+    default's output first."""
+    log("== decode tail: kernel times, PDL, one-row tiles")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 2
+    copy_bw = RESULTS.get("ceilings", {}).get("copy_TBps_read_plus_write")
+    default_pdl = triton_ops.PDL
+    rows = []
+    for shape, n_keys in SIZES["decode_tail"]:
+        hq, hkv = SHAPES[shape]
+        groups = hq // hkv
+        q, k, v, kcs, vcs, pos, copies, kv_bytes = _decode_inputs(hq, hkv, n_keys)
+        ref = triton_ops.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
+        row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies}
+        variants = [("default", None, None)]
+        if groups == 1:
+            for label, over, per_sm in ONE_ROW_VARIANTS:
+                cfg = TileConfig(block_t=1, heads_per=1, **over)
+                splits = max(1, min(math.ceil(per_sm * sms / hkv), math.ceil((n_keys + 1) / cfg.block_n), 256))
+                variants.append((label, cfg, splits))
+        for label, cfg, splits in variants:
+            for pdl in (False, True):
+                triton_ops.PDL = pdl
+                name = f"{label}{'+pdl' if pdl else ''}"
+                calls = [(lambda i=i: triton_ops.triton_retrieval_attention_cached(
+                    q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
+                try:
+                    err = rel_err(calls[0](), ref)
+                    ms = graph_time(calls)
+                    kernels = _kernel_us(calls) if label == "default" else {}
+                except Exception as e:  # a variant that does not compile is reported, not fatal
+                    log(f"  {shape} {n_keys} {name}: failed {type(e).__name__}: {e}")
+                    continue
+                finally:
+                    triton_ops.PDL = default_pdl
+                if err > tol():
+                    FAILURES.append(f"decode_tail {name} {shape} {n_keys}: {err}")
+                row[f"{name}_us"] = ms * 1e3
+                row[f"{name}_splits"] = splits
+                if kernels:
+                    row[f"{name}_kernels_us"] = kernels
+                log(f"  {shape} {n_keys:>6} keys {name:<22} {ms * 1e3:7.1f} us (err {err:.1e})"
+                    + (f"  kernels: {', '.join(f'{n} {t:.1f}' for n, t in kernels.items())}" if kernels else ""))
+        sdpa_calls = [(lambda i=i: F.scaled_dot_product_attention(q, kcs[i], vcs[i], scale=SCALE,
+                                                                  enable_gqa=groups > 1)) for i in range(copies)]
+        row["sdpa_us"] = graph_time(sdpa_calls) * 1e3
+        row["sdpa_kernels_us"] = _kernel_us(sdpa_calls)
+        timed = {key[:-3]: val for key, val in row.items() if key.endswith("_us") and not key.startswith("sdpa")}
+        best = min(timed, key=timed.get)
+        row.update(best=best, best_us=timed[best], best_vs_sdpa=row["sdpa_us"] / timed[best])
+        if copy_bw:
+            row["best_frac_of_copy"] = kv_bytes / (timed[best] * 1e-6) / 1e12 / copy_bw
+        log(f"  {shape} {n_keys:>6} keys: sdpa {row['sdpa_us']:.1f} us (kernels: "
+            f"{', '.join(f'{n} {t:.1f}' for n, t in row['sdpa_kernels_us'].items())}); best {best} "
+            f"{timed[best]:.1f} us = x{row['best_vs_sdpa']:.2f} of SDPA")
+        rows.append(row)
+        del q, k, v, kcs, vcs
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    RESULTS["decode_tail"] = rows
 
 
 # Split-count sweep of a layer's decode at each model's e2e headline context (cache capacity context + 1, as the
@@ -895,6 +1003,10 @@ def table():
         log(f"decode    {r['shape']:<10} {r['keys']:>7} keys  ours {r['ours_us']:8.1f} us {r['ours_TBps']:5.2f} TB/s "
             f"({r.get('ours_frac_of_copy', 0) * 100:4.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us {r['sdpa_TBps']:5.2f} TB/s  "
             f"x{r['speedup_vs_sdpa']:.2f}")
+    for r in RESULTS.get("decode_tail", []):
+        log(f"tail      {r['shape']:<10} {r['keys']:>7} keys  default {r['default_us']:.1f} us, with PDL "
+            f"{r.get('default+pdl_us', float('nan')):.1f} us, best {r['best']} {r['best_us']:.1f} us  sdpa "
+            f"{r['sdpa_us']:.1f} us  x{r['best_vs_sdpa']:.2f}")
     for shape, row in RESULTS.get("mixed_decode_us", {}).items():
         log(f"mixed     {shape:<10} one mixed layer's decode, keys_path: "
             + ", ".join(f"{k} {v:.1f} us" for k, v in row.items()))
@@ -920,12 +1032,13 @@ def _smoke_sizes():
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
     MIXED_RETRIEVAL_KV.clear()
     MIXED_RETRIEVAL_KV.update(gqa=1, mha=1)
-    SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), mixed_decode=(50,), retrieval=40,
+    SIZES.update(cap=96, chunks=(40, 20, 1, 1), s_chunks=(30, 20, 1, 5), decode=(50,), mixed_decode=(50,), decode_tail=(("mha", 50), ("gqa", 50)), retrieval=40,
                  streaming=(40, 70), ref_block=16, dispatch=20, copy_bytes=1 << 20, mm=256, d64=40)
     PREFILL_VARIANTS = [("t16n16", TileConfig(block_t=16, block_n=16)), ("t32n16", TileConfig(block_t=32, block_n=16)),
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2)),
                         ("t16n16tma", TileConfig(block_t=16, block_n=16, tma=True))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
+    ONE_ROW_VARIANTS[:] = [("row-n16", dict(block_n=16), 4), ("row-n32", dict(block_n=32), 2)]
     GEMV_SHAPES.clear()
     GEMV_SHAPES["tiny"] = [("proj", 40, 48, 2 * GEMV_LAYERS), ("lm_head", 96, 32, 1), ("q+k+v", 80, 48, 0)]
     GEMV_FUSED.clear()
@@ -946,7 +1059,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="")
     ap.add_argument("--commit", default="")
-    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "split_sweep", "gemv", "retrieval",
+    ap.add_argument("--sections", nargs="*", default=["ceilings", "decode", "decode_tail", "split_sweep", "gemv", "retrieval",
                                                        "streaming", "cached", "formats", "d64", "flex"])
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections once this many seconds have passed")
     ap.add_argument("--no-flex", action="store_true")
@@ -973,7 +1086,7 @@ def main():
     sections = {
         "ceilings": section_ceilings, "cached": section_cached, "decode": section_decode, "gemv": section_gemv,
         "retrieval": section_retrieval, "streaming": section_streaming, "formats": section_formats, "d64": section_d64,
-        "flex": section_flex, "split_sweep": section_split_sweep,
+        "flex": section_flex, "split_sweep": section_split_sweep, "decode_tail": section_decode_tail,
     }
     for name in args.sections:
         if name == "flex" and args.no_flex:

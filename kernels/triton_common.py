@@ -10,6 +10,7 @@ Softmax runs in base 2 (``qk_scale = scale * log2(e)``), as FlashAttention does,
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,21 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+try:  # grid dependency control (Hopper's programmatic dependent launch), Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_GDC = True
+except ImportError:  # older Triton: no-ops, and pdl_supported() says no
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,15 @@ def num_sms(device: torch.device) -> int:
     return 2
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a kernel launched with it may start while the previous kernel in the stream
+    is still running and waits (``gdc_wait``) only where it reads that kernel's output. Hopper and later, a
+    Triton with grid dependency control, never under the interpreter (which has no grid dependency ops)."""
+    if not _HAS_GDC or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """Return (B, Hq, T, D, Hkv, groups) after checking the op contract."""
     b, hq, t, d = q.shape
@@ -87,8 +112,14 @@ def tile_update(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr,
 
     ``visible`` is only read when MASKED; masked tiles may leave a row with nothing seen yet (max = -inf), which
     the guard turns into a zero contribution instead of NaN. Unmasked tiles skip both the select and the guard.
+    Tiles of fewer than 16 rows (a one-token decode program of one head) cannot use the tensor cores (an MMA
+    has 16 rows at least): their products are broadcast multiply-adds in fp32 on the CUDA cores, so such a
+    program neither pads its row to 16 nor stages K/V in shared memory for the MMA.
     """
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if q.shape[0] >= 16:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     # Scale folded into the exponent: one FMA per score (the softmax, not the matmul, is the hot ALU work).
@@ -101,7 +132,10 @@ def tile_update(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr,
     p = tl.math.exp2(s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    if q.shape[0] >= 16:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    else:
+        acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
     return acc, m_new, l_i
 
 

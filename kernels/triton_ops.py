@@ -35,6 +35,7 @@ from .triton_common import (
     log2_scale,
     next_pow2,
     num_sms,
+    pdl_supported,
     supported_head_dim,
 )
 from .triton_decode import combine_kernel, retrieval_split_kernel
@@ -69,6 +70,14 @@ STREAMING_DECODE_MODES = ("one", "tiles", "mixed")
 # faster per layer in the H200 split sweep (results/kernels_tma_h200.json), not yet measured end to end, so the
 # end-to-end numbers' setting stays. Read at each launch.
 COMBINE_BLOCK_D = 128
+# Programmatic dependent launch of combine_kernel (Hopper+, pdl_supported): the split kernels let it be
+# scheduled as soon as their last programs have started, and it waits on the device for their results, so its
+# launch latency hides behind the splits' tail instead of following it. Read at each launch.
+PDL = False
+
+
+def _use_pdl(device: torch.device) -> bool:
+    return PDL and pdl_supported(device)
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
@@ -242,10 +251,11 @@ def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: in
     b, hq, t, splits, d = o_part.shape
     # Under the interpreter (CPU tests) at least two column blocks, so the split is exercised.
     block_d = min(d if o_part.device.type == "cuda" else d // 2, COMBINE_BLOCK_D)
+    pdl = _use_pdl(out.device)
     combine_kernel[(b * hq * t, d // block_d)](
         o_part, lse_part, out, *_strides(out), hq, t, splits,
         hq if h_first is None else h_first, splits_first or splits, splits_rest or splits,
-        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, num_warps=4 if d >= 128 else 2,
+        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, PDL=pdl, num_warps=4 if d >= 128 else 2, launch_pdl=pdl,
     )
 
 
@@ -268,7 +278,8 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
         hkv, groups, t, splits, log2_scale(scale), *_rope_tables(q, rope),
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, PDL=_use_pdl(q.device),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out)
@@ -290,7 +301,8 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
         *_strides(k_cache), *_strides(v_cache),
         hkv, groups, splits, log2_scale(scale), sink, recent, *_rope_tables(q, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps, num_stages=1,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, PDL=_use_pdl(q.device),
+        num_warps=cfg.num_warps, num_stages=1,
     )
     _combine(o_part, lse_part, out)
     return out
@@ -413,7 +425,8 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
         hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
         *_rope_tables(qr, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, STREAMING_BLOCK_N=streaming_block_n,
-        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, PDL=_use_pdl(qr.device),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out, h_first=hkv_r * groups, splits_first=splits_r, splits_rest=tiles_s)

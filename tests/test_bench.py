@@ -63,9 +63,9 @@ def test_bench_gpu_shapes_need_a_gpu(tmp_path, capsys):
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-    """benchmarks/kernels.py --smoke: the decode, split-sweep, GEMV, retrieval-prefill and d64 sections (checks,
-    variant sweeps, JSON) under the interpreter at tiny sizes, so a mistake in the script shows here and not on
-    the GPU."""
+    """benchmarks/kernels.py --smoke: the decode, decode-tail, split-sweep, GEMV, retrieval-prefill and d64
+    sections (checks, variant sweeps, JSON) under the interpreter at tiny sizes, so a mistake in the script shows
+    here and not on the GPU."""
     import os
     import subprocess
     import sys
@@ -74,8 +74,8 @@ def test_kernel_benchmark_smoke(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "kernels.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "split_sweep",
-         "gemv", "retrieval", "d64", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.kernels", "--smoke", "--sections", "ceilings", "decode", "decode_tail",
+         "split_sweep", "gemv", "retrieval", "d64", "--out", str(out)],
         cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,6 +84,9 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert {row["shape"] for row in result["decode"]} == {"gqa", "mha"}
     assert set(result["streaming_decode_us"]["gqa"]) >= {"one_n16", "tiles_n16", "default"}
     assert set(result["mixed_decode_us"]["mha"]) == {"50_one", "50_tiles", "50_mixed"}
+    tail = {row["shape"]: row for row in result["decode_tail"]}
+    assert {"row-n16_us", "row-n32+pdl_us", "default+pdl_us"} <= set(tail["mha"])  # one-row tiles: MHA only
+    assert not any(key.startswith("row-") for key in tail["gqa"])
     assert result["gemv"]["tiny"]["layers"][0]["best"] in {"n16k16", "n32k32"}
     sweep = {(row["shape"], row["retrieval_kv_heads"]): row for row in result["split_sweep"]}
     assert set(sweep) == {("gqa", 1), ("gqa", 2), ("mha", 1), ("mha", 2)}  # mixed layers and all-retrieval ones
