@@ -15,7 +15,7 @@ cached, formats, d64, flex):
              mixed layer's decode (duo::attention_cached at 8K and 128K keys) on each STREAMING_DECODE path
   decode_tail  the decode sizes short of their goals (8K keys Llama-2 heads, 64K Llama-3) and controls: kernel
              device times (profiler) of ours and SDPA beside the whole call's graph time; ours with programmatic
-             dependent launch of the combine, and (MHA) one-row tiles over split counts / tile shapes
+             dependent launch of the combine; split counts x pipeline stages
   split_sweep  one layer's decode at the e2e headline contexts (Llama-2 shape 120K, Llama-3 512K keys) per retrieval
              KV head count, every split count x 3 / 4 stages against the launcher's default, and the default
              with the combine split into 64- and 32-column blocks
@@ -497,16 +497,8 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
         + ", ".join(f"{key} {val:.1f}" for key, val in row.items()))
 
 
-ONE_ROW_VARIANTS = [  # one-token MHA decode without padding the head's row to 16 (tile_update's CUDA-core path)
-    ("row-n64w4s3-x4", dict(block_n=64, num_warps=4, num_stages=3), 4),
-    ("row-n64w4s3-x8", dict(block_n=64, num_warps=4, num_stages=3), 8),
-    ("row-n64w4s3-x16", dict(block_n=64, num_warps=4, num_stages=3), 16),
-    ("row-n32w4s3-x8", dict(block_n=32, num_warps=4, num_stages=3), 8),
-    ("row-n128w4s3-x8", dict(block_n=128, num_warps=4, num_stages=3), 8),
-    ("row-n64w8s3-x8", dict(block_n=64, num_warps=8, num_stages=3), 8),
-    ("row-n64w2s3-x8", dict(block_n=64, num_warps=2, num_stages=3), 8),
-    ("row-n64w4s1-x8", dict(block_n=64, num_warps=4, num_stages=1), 8),
-]
+TAIL_SPLITS = (4, 6, 8, 10, 12, 16, 20, 24, 33)  # split counts timed per case, at each of TAIL_STAGES
+TAIL_STAGES = (2, 3, 4)
 
 
 def _kernel_us(calls) -> dict[str, float]:
@@ -532,12 +524,11 @@ def section_decode_tail():
     """Why: the decode goals still missed are small reads (16-75 us per layer), where a kernel's launch, ramp-up
     and tail count as much as its bandwidth. For each case: the kernels' own device times (profiler) for ours
     and SDPA beside the graph-replay time of the whole call (the difference is launch gaps and the split's
-    tail before the combine starts), then ours with programmatic dependent launch of the combine
-    (``triton_ops.PDL``) and, for MHA heads, one-row tiles (no padding of the single query row to the 16 rows an
-    MMA needs) over split counts and tile shapes, each with and without PDL. Every variant is checked against the
-    default's output first."""
-    log("== decode tail: kernel times, PDL, one-row tiles")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 2
+    tail before the combine starts); ours with programmatic dependent launch of the combine (``triton_ops.PDL``);
+    then the default tile at every split count of TAIL_SPLITS x pipeline stages of TAIL_STAGES (stages set how
+    many programs fit on a multiprocessor, so which split counts fill the GPU in one wave). Every variant is
+    checked against the default's output first."""
+    log("== decode tail: kernel times, PDL, split counts x stages")
     copy_bw = RESULTS.get("ceilings", {}).get("copy_TBps_read_plus_write")
     default_pdl = triton_ops.PDL
     rows = []
@@ -546,48 +537,45 @@ def section_decode_tail():
         groups = hq // hkv
         q, k, v, kcs, vcs, pos, copies, kv_bytes = _decode_inputs(hq, hkv, n_keys)
         ref = triton_ops.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
-        row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies}
-        variants = [("default", None, None)]
-        if groups == 1:
-            for label, over, per_sm in ONE_ROW_VARIANTS:
-                cfg = TileConfig(block_t=1, heads_per=1, **over)
-                splits = max(1, min(math.ceil(per_sm * sms / hkv), math.ceil((n_keys + 1) / cfg.block_n), 256))
-                variants.append((label, cfg, splits))
-        for label, cfg, splits in variants:
-            for pdl in (False, True):
-                triton_ops.PDL = pdl
-                name = f"{label}{'+pdl' if pdl else ''}"
-                calls = [(lambda i=i: triton_ops.triton_retrieval_attention_cached(
-                    q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
-                try:
-                    err = rel_err(calls[0](), ref)
-                    ms = graph_time(calls)
-                    kernels = _kernel_us(calls) if label == "default" else {}
-                except Exception as e:  # a variant that does not compile is reported, not fatal
-                    log(f"  {shape} {n_keys} {name}: failed {type(e).__name__}: {e}")
-                    continue
-                finally:
-                    triton_ops.PDL = default_pdl
-                if err > tol():
-                    FAILURES.append(f"decode_tail {name} {shape} {n_keys}: {err}")
-                row[f"{name}_us"] = ms * 1e3
-                row[f"{name}_splits"] = splits
-                if kernels:
-                    row[f"{name}_kernels_us"] = kernels
-                log(f"  {shape} {n_keys:>6} keys {name:<22} {ms * 1e3:7.1f} us (err {err:.1e})"
-                    + (f"  kernels: {', '.join(f'{n} {t:.1f}' for n, t in kernels.items())}" if kernels else ""))
+        row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies, "us": {}, "kernels_us": {}}
+        base = triton_ops.decode_config(q, groups, capacity=n_keys + 1)
+        variants = [("default", None, None, False), ("default+pdl", None, None, True)]
+        for stages in TAIL_STAGES:
+            cfg = TileConfig(block_t=base.block_t, block_n=base.block_n, heads_per=base.heads_per,
+                             num_warps=base.num_warps, num_stages=stages)
+            variants += [(f"s{stages}x{splits}", cfg, splits, False) for splits in TAIL_SPLITS]
+        for name, cfg, splits, pdl in variants:
+            triton_ops.PDL = pdl
+            calls = [(lambda i=i: triton_ops.triton_retrieval_attention_cached(
+                q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
+            try:
+                err = rel_err(calls[0](), ref)
+                ms = graph_time(calls)
+                if name.startswith("default"):
+                    row["kernels_us"][name] = _kernel_us(calls)
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                log(f"  {shape} {n_keys} {name}: failed {type(e).__name__}: {e}")
+                continue
+            finally:
+                triton_ops.PDL = default_pdl
+            if err > tol():
+                FAILURES.append(f"decode_tail {name} {shape} {n_keys}: {err}")
+            row["us"][name] = ms * 1e3
+            kernels = row["kernels_us"].get(name, {})
+            log(f"  {shape} {n_keys:>6} keys {name:<12} {ms * 1e3:7.1f} us (err {err:.1e})"
+                + (f"  kernels: {', '.join(f'{n} {t:.1f}' for n, t in kernels.items())}" if kernels else ""))
         sdpa_calls = [(lambda i=i: F.scaled_dot_product_attention(q, kcs[i], vcs[i], scale=SCALE,
                                                                   enable_gqa=groups > 1)) for i in range(copies)]
-        row["sdpa_us"] = graph_time(sdpa_calls) * 1e3
-        row["sdpa_kernels_us"] = _kernel_us(sdpa_calls)
-        timed = {key[:-3]: val for key, val in row.items() if key.endswith("_us") and not key.startswith("sdpa")}
-        best = min(timed, key=timed.get)
-        row.update(best=best, best_us=timed[best], best_vs_sdpa=row["sdpa_us"] / timed[best])
+        row["us"]["sdpa"] = graph_time(sdpa_calls) * 1e3
+        row["kernels_us"]["sdpa"] = _kernel_us(sdpa_calls)
+        ours = {name: us for name, us in row["us"].items() if name != "sdpa"}
+        best = min(ours, key=ours.get)
+        row.update(best=best, best_us=ours[best], best_vs_sdpa=row["us"]["sdpa"] / ours[best])
         if copy_bw:
-            row["best_frac_of_copy"] = kv_bytes / (timed[best] * 1e-6) / 1e12 / copy_bw
-        log(f"  {shape} {n_keys:>6} keys: sdpa {row['sdpa_us']:.1f} us (kernels: "
-            f"{', '.join(f'{n} {t:.1f}' for n, t in row['sdpa_kernels_us'].items())}); best {best} "
-            f"{timed[best]:.1f} us = x{row['best_vs_sdpa']:.2f} of SDPA")
+            row["best_frac_of_copy"] = kv_bytes / (ours[best] * 1e-6) / 1e12 / copy_bw
+        log(f"  {shape} {n_keys:>6} keys: sdpa {row['us']['sdpa']:.1f} us (kernels: "
+            f"{', '.join(f'{n} {t:.1f}' for n, t in row['kernels_us']['sdpa'].items())}); best {best} "
+            f"{ours[best]:.1f} us = x{row['best_vs_sdpa']:.2f} of SDPA")
         rows.append(row)
         del q, k, v, kcs, vcs
         if DEV == "cuda":
@@ -1004,9 +992,9 @@ def table():
             f"({r.get('ours_frac_of_copy', 0) * 100:4.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us {r['sdpa_TBps']:5.2f} TB/s  "
             f"x{r['speedup_vs_sdpa']:.2f}")
     for r in RESULTS.get("decode_tail", []):
-        log(f"tail      {r['shape']:<10} {r['keys']:>7} keys  default {r['default_us']:.1f} us, with PDL "
-            f"{r.get('default+pdl_us', float('nan')):.1f} us, best {r['best']} {r['best_us']:.1f} us  sdpa "
-            f"{r['sdpa_us']:.1f} us  x{r['best_vs_sdpa']:.2f}")
+        log(f"tail      {r['shape']:<10} {r['keys']:>7} keys  default {r['us']['default']:.1f} us, with PDL "
+            f"{r['us'].get('default+pdl', float('nan')):.1f} us, best {r['best']} {r['best_us']:.1f} us  sdpa "
+            f"{r['us']['sdpa']:.1f} us  x{r['best_vs_sdpa']:.2f}")
     for shape, row in RESULTS.get("mixed_decode_us", {}).items():
         log(f"mixed     {shape:<10} one mixed layer's decode, keys_path: "
             + ", ".join(f"{k} {v:.1f} us" for k, v in row.items()))
@@ -1026,7 +1014,8 @@ def table():
 
 def _smoke_sizes():
     global DEV, D, DT, SCALE, SINK, RECENT, SHAPES, PREFILL_VARIANTS, DECODE_VARIANTS, STREAMING_DECODE_VARIANTS
-    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS, D64_PREFILL_VARIANTS, D64_FORMATS
+    global FORMATS, SPLIT_COUNTS, SPLIT_STAGES, COMBINE_BLOCKS, D64_PREFILL_VARIANTS, D64_FORMATS, TAIL_SPLITS
+    global TAIL_STAGES
     DEV, D, DT, SINK, RECENT = "cpu", 16, torch.float32, 4, 8
     SCALE = D**-0.5
     SHAPES = {"gqa": (4, 2), "mha": (2, 2)}
@@ -1038,7 +1027,7 @@ def _smoke_sizes():
                         ("h2t16n16", TileConfig(block_t=16, block_n=16, heads_per=2)),
                         ("t16n16tma", TileConfig(block_t=16, block_n=16, tma=True))]
     DECODE_VARIANTS = [("n16", dict(block_n=16), 4), ("n32", dict(block_n=32), 2)]
-    ONE_ROW_VARIANTS[:] = [("row-n16", dict(block_n=16), 4), ("row-n32", dict(block_n=32), 2)]
+    TAIL_SPLITS, TAIL_STAGES = (2, 5), (3,)
     GEMV_SHAPES.clear()
     GEMV_SHAPES["tiny"] = [("proj", 40, 48, 2 * GEMV_LAYERS), ("lm_head", 96, 32, 1), ("q+k+v", 80, 48, 0)]
     GEMV_FUSED.clear()

@@ -97,12 +97,9 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                                                       decode.num_warps, num_stages=1)))
     for heads_per_kv, capacity in ((groups, 65536), (1, 131072)):  # GQA-packed and one-head (MHA) programs
         cfg = decode_config(_cuda_q(heads_per_kv * 8, 1, head_dim), heads_per_kv, capacity)
-        one_row = TileConfig(1, cfg.block_n, 1, cfg.num_warps, cfg.num_stages)  # CUDA-core products (tile_update)
-        for c in (cfg, one_row) if heads_per_kv == 1 else (cfg,):
-            cases.append((f"retrieval decode split-K heads_per={c.heads_per} rows={c.heads_per * c.block_t}",
-                          retrieval_split_kernel, split,
-                          dict(HEADS_PER=c.heads_per, BLOCK_T=c.block_t, BLOCK_N=c.block_n, D=head_dim,
-                               DOT_PRECISION=dot, ROPE=True, PDL=True), c))
+        cases.append((f"retrieval decode split-K heads_per={cfg.heads_per}", retrieval_split_kernel, split,
+                      dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, D=head_dim,
+                           DOT_PRECISION=dot, ROPE=True, PDL=True), cfg))
     mixed = decode_config(_cuda_q(32, 1, head_dim), groups, 65536)
     cases.append(("mixed layer decode (streaming tiles + retrieval split-K)", mixed_decode_kernel,
                   dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,

@@ -112,14 +112,8 @@ def tile_update(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr,
 
     ``visible`` is only read when MASKED; masked tiles may leave a row with nothing seen yet (max = -inf), which
     the guard turns into a zero contribution instead of NaN. Unmasked tiles skip both the select and the guard.
-    Tiles of fewer than 16 rows (a one-token decode program of one head) cannot use the tensor cores (an MMA
-    has 16 rows at least): their products are broadcast multiply-adds in fp32 on the CUDA cores, so such a
-    program neither pads its row to 16 nor stages K/V in shared memory for the MMA.
     """
-    if q.shape[0] >= 16:
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    else:
-        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     # Scale folded into the exponent: one FMA per score (the softmax, not the matmul, is the hot ALU work).
@@ -132,10 +126,7 @@ def tile_update(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr,
     p = tl.math.exp2(s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if q.shape[0] >= 16:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    else:
-        acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 

@@ -66,9 +66,8 @@ def test_streaming_attention(dtype, b, hkv, groups, t, sink, recent):
     _close(out, reference.streaming_attention(q, k, v, SCALE, sink, recent), dtype)
 
 
-def _run_retrieval_chunks(chunks, b, hkv, groups, dtype, max_len=96, decode_kw=None, **kw):
-    """Feed chunks of these lengths through kernel and reference; compare outputs and caches after each.
-    ``decode_kw``, if given, replaces ``kw`` for the chunks after the first (decode steps after a prefill)."""
+def _run_retrieval_chunks(chunks, b, hkv, groups, dtype, max_len=96, **kw):
+    """Feed chunks of these lengths through kernel and reference; compare outputs and caches after each."""
     k_cache = torch.randn(b, hkv, max_len, D).to(dtype)
     v_cache = torch.randn(b, hkv, max_len, D).to(dtype)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
@@ -76,8 +75,7 @@ def _run_retrieval_chunks(chunks, b, hkv, groups, dtype, max_len=96, decode_kw=N
     for t in chunks:
         q, k, v = _qkv(b, hkv, groups, t, dtype)
         pos = _pos(start, t)
-        step_kw = kw if decode_kw is None or start == 0 else decode_kw
-        out = triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, pos, SCALE, **step_kw)
+        out = triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, pos, SCALE, **kw)
         ref = reference.retrieval_attention_cached(q, k, v, k_ref, v_ref, pos, SCALE)
         _close(out, ref, dtype)
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
@@ -101,14 +99,6 @@ def test_retrieval_decode_heads_split_across_programs():
     # groups=4 with 2 heads per program (prefill and decode): two programs share a KV head, only the first appends.
     cfg = TileConfig(block_t=16, block_n=16, heads_per=2)
     _run_retrieval_chunks([18, 1, 3], 1, 1, 4, torch.float32, config=cfg)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,hkv,groups,heads_per,block_t,steps", [(2, 2, 1, 1, 1, [1, 1]), (1, 1, 4, 2, 2, [2, 1])])
-def test_retrieval_decode_tiles_under_16_rows(dtype, b, hkv, groups, heads_per, block_t, steps):
-    # Fewer than 16 rows per tile (one head, one token: MHA decode unpadded) take tile_update's CUDA-core path.
-    cfg = TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
-    _run_retrieval_chunks([37, *steps], b, hkv, groups, dtype, decode_kw=dict(config=cfg, num_splits=3))
 
 
 def test_retrieval_decode_first_token():
