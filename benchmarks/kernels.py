@@ -125,8 +125,18 @@ def bench(fn, rep_ms=100) -> float:
     return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
+MIN_GRAPH_CALLS = 8
+
+
 def graph_time(calls, replays=20) -> float:
-    """Median ms per call of a CUDA graph holding ``calls`` (a list of thunks), replayed ``replays`` times."""
+    """Median ms per call of a CUDA graph holding ``calls`` (a list of thunks, cycled to at least MIN_GRAPH_CALLS
+    of them), replayed ``replays`` times.
+
+    Why at least 8: a decode step replays one graph for every layer, so the graph's own launch is spread over
+    dozens of kernels. A graph of one call charged all of it to that call: at 64K keys on Llama-3 heads (one
+    cache copy, more than L2) 78.8 us per call where the call's two kernels ran 63.9 + 3.1 us, and SDPA alike
+    (78.7 us, kernels 66.4; results/kernels_decode_tail_h200.json, first run)."""
+    calls = [calls[i % len(calls)] for i in range(max(len(calls), MIN_GRAPH_CALLS))]
     if DEV == "cpu":
         return bench(lambda: [c() for c in calls]) / len(calls)
     s = torch.cuda.Stream()
@@ -326,9 +336,10 @@ STREAMING_DECODE_VARIANTS = [  # streaming decode of 1 token: (tiled kernel?, ti
 
 def _decode_inputs(hq: int, hkv: int, n_keys: int):
     """One decode step's inputs over ``n_keys`` cached keys (capacity n_keys + 1: the new token is appended), with
-    enough cache copies to rotate over more than 4x L2: (q, k, v, k caches, v caches, pos, copies, KV bytes)."""
+    enough cache copies (2 at least) to rotate over more than 4x L2: (q, k, v, k caches, v caches, pos, copies,
+    KV bytes)."""
     kv_bytes = 2 * hkv * (n_keys + 1) * D * 2
-    copies = 2 if DEV == "cpu" else max(1, min(16, math.ceil(240e6 / kv_bytes)))
+    copies = 2 if DEV == "cpu" else max(2, min(16, math.ceil(240e6 / kv_bytes)))
     kcs = [torch.randn(1, hkv, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
     vcs = [torch.randn(1, hkv, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
     q = torch.randn(1, 1, hq, D, dtype=DT, device=DEV).transpose(1, 2)  # [1, hq, 1, D], from a transpose
@@ -523,14 +534,12 @@ def _kernel_us(calls) -> dict[str, float]:
 def section_decode_tail():
     """Why: the decode goals still missed are small reads (16-75 us per layer), where a kernel's launch, ramp-up
     and tail count as much as its bandwidth. For each case: the kernels' own device times (profiler) for ours
-    and SDPA beside the graph-replay time of the whole call (the difference is launch gaps and the split's
-    tail before the combine starts); ours with programmatic dependent launch of the combine (``triton_ops.PDL``);
-    then the default tile at every split count of TAIL_SPLITS x pipeline stages of TAIL_STAGES (stages set how
+    and SDPA beside the graph-replay time of the whole call (the difference is the gaps between kernels); then
+    the default tile at every split count of TAIL_SPLITS x pipeline stages of TAIL_STAGES (stages set how
     many programs fit on a multiprocessor, so which split counts fill the GPU in one wave). Every variant is
     checked against the default's output first."""
-    log("== decode tail: kernel times, PDL, split counts x stages")
+    log("== decode tail: kernel times, split counts x stages")
     copy_bw = RESULTS.get("ceilings", {}).get("copy_TBps_read_plus_write")
-    default_pdl = triton_ops.PDL
     rows = []
     for shape, n_keys in SIZES["decode_tail"]:
         hq, hkv = SHAPES[shape]
@@ -539,25 +548,22 @@ def section_decode_tail():
         ref = triton_ops.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
         row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies, "us": {}, "kernels_us": {}}
         base = triton_ops.decode_config(q, groups, capacity=n_keys + 1)
-        variants = [("default", None, None, False), ("default+pdl", None, None, True)]
+        variants = [("default", None, None)]
         for stages in TAIL_STAGES:
             cfg = TileConfig(block_t=base.block_t, block_n=base.block_n, heads_per=base.heads_per,
                              num_warps=base.num_warps, num_stages=stages)
-            variants += [(f"s{stages}x{splits}", cfg, splits, False) for splits in TAIL_SPLITS]
-        for name, cfg, splits, pdl in variants:
-            triton_ops.PDL = pdl
+            variants += [(f"s{stages}x{splits}", cfg, splits) for splits in TAIL_SPLITS]
+        for name, cfg, splits in variants:
             calls = [(lambda i=i: triton_ops.triton_retrieval_attention_cached(
                 q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
             try:
                 err = rel_err(calls[0](), ref)
                 ms = graph_time(calls)
-                if name.startswith("default"):
+                if name == "default":
                     row["kernels_us"][name] = _kernel_us(calls)
             except Exception as e:  # a variant that does not compile is reported, not fatal
                 log(f"  {shape} {n_keys} {name}: failed {type(e).__name__}: {e}")
                 continue
-            finally:
-                triton_ops.PDL = default_pdl
             if err > tol():
                 FAILURES.append(f"decode_tail {name} {shape} {n_keys}: {err}")
             row["us"][name] = ms * 1e3
@@ -992,8 +998,8 @@ def table():
             f"({r.get('ours_frac_of_copy', 0) * 100:4.0f}% copy)  sdpa {r['sdpa_us']:8.1f} us {r['sdpa_TBps']:5.2f} TB/s  "
             f"x{r['speedup_vs_sdpa']:.2f}")
     for r in RESULTS.get("decode_tail", []):
-        log(f"tail      {r['shape']:<10} {r['keys']:>7} keys  default {r['us']['default']:.1f} us, with PDL "
-            f"{r['us'].get('default+pdl', float('nan')):.1f} us, best {r['best']} {r['best_us']:.1f} us  sdpa "
+        log(f"tail      {r['shape']:<10} {r['keys']:>7} keys  default {r['us']['default']:.1f} us, "
+            f"best {r['best']} {r['best_us']:.1f} us  sdpa "
             f"{r['us']['sdpa']:.1f} us  x{r['best_vs_sdpa']:.2f}")
     for shape, row in RESULTS.get("mixed_decode_us", {}).items():
         log(f"mixed     {shape:<10} one mixed layer's decode, keys_path: "

@@ -10,7 +10,6 @@ Softmax runs in base 2 (``qk_scale = scale * log2(e)``), as FlashAttention does,
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,21 +17,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-
-try:  # grid dependency control (Hopper's programmatic dependent launch), Triton >= 3.3
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    _HAS_GDC = True
-except ImportError:  # older Triton: no-ops, and pdl_supported() says no
-    _HAS_GDC = False
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
 
 
 @dataclass(frozen=True)
@@ -77,15 +61,6 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
-
-
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: a kernel launched with it may start while the previous kernel in the stream
-    is still running and waits (``gdc_wait``) only where it reads that kernel's output. Hopper and later, a
-    Triton with grid dependency control, never under the interpreter (which has no grid dependency ops)."""
-    if not _HAS_GDC or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import empty_state, gdc_launch_dependents, gdc_wait, load_rope, program_rows, store_partial, tile_update
+from .triton_common import empty_state, load_rope, program_rows, store_partial, tile_update
 
 
 @triton.jit
@@ -93,10 +93,8 @@ def retrieval_split_kernel(
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, T, num_splits, qk_scale, COS, SIN, sc_b, sc_t,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
-    if PDL:  # let the combine (launched with PDL) be scheduled once every split program has started
-        gdc_launch_dependents()
     retrieval_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, T, num_splits, qk_scale,
                     tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits, COS, SIN, sc_b, sc_t,
@@ -106,17 +104,13 @@ def retrieval_split_kernel(
 @triton.jit
 def combine_kernel(
     OP, LP, O, so_b, so_h, so_t, Hq, T, part_splits, h_first, splits_first, splits_rest,
-    SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the split partials of one (b, head, t) row, ``BLOCK_D`` of its columns per program (grid
     ``(rows, D / BLOCK_D)``): weights 2^(lse_s - max lse). Rows hold ``part_splits`` slots; heads below
     ``h_first`` filled ``splits_first`` of them, the others ``splits_rest`` (a mixed layer's two head groups split
     differently). Column blocks: a row's partials at 512K keys are 256 splits x 128 fp32 (128 KB), more than one
-    program holds in registers; a quarter of the columns each puts 4x the programs on the 32 rows of a step.
-    With PDL the kernel was launched while the splits still run (programmatic dependent launch) and waits here
-    until their grid has finished and its writes are visible."""
-    if PDL:
-        gdc_wait()
+    program holds in registers; a quarter of the columns each puts 4x the programs on the 32 rows of a step."""
     row = tl.program_id(0).to(tl.int64)
     t = row % T
     bh = row // T

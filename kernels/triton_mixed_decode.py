@@ -24,7 +24,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import gdc_launch_dependents
 from .triton_decode import retrieval_split
 from .triton_streaming_decode import streaming_split
 
@@ -36,10 +35,8 @@ def mixed_decode_kernel(
     skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, sks_b, sks_h, sks_t, svs_b, svs_h, svs_t,
     hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, STREAMING_BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
-    if PDL:  # see retrieval_split_kernel
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     hq = (hkv_r + hkv_s) * groups
     streaming_programs = tiles_s * programs_s

@@ -35,7 +35,6 @@ from .triton_common import (
     log2_scale,
     next_pow2,
     num_sms,
-    pdl_supported,
     supported_head_dim,
 )
 from .triton_decode import combine_kernel, retrieval_split_kernel
@@ -70,14 +69,6 @@ STREAMING_DECODE_MODES = ("one", "tiles", "mixed")
 # faster per layer in the H200 split sweep (results/kernels_tma_h200.json), not yet measured end to end, so the
 # end-to-end numbers' setting stays. Read at each launch.
 COMBINE_BLOCK_D = 128
-# Programmatic dependent launch of combine_kernel (Hopper+, pdl_supported): the split kernels let it be
-# scheduled as soon as their last programs have started, and it waits on the device for their results, so its
-# launch latency hides behind the splits' tail instead of following it. Read at each launch.
-PDL = False
-
-
-def _use_pdl(device: torch.device) -> bool:
-    return PDL and pdl_supported(device)
 
 
 def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
@@ -216,17 +207,22 @@ def decode_programs_per_sm(heads_per: int, capacity: int) -> int:
     and 256K keys (Llama-3 heads, kernel sweep); from HUGE_CACHE (512K) 8 per SM: end to end on the Llama-3
     shape at 512K and 1M keys, where layers hold 1-8 retrieval KV heads, 8 per SM with 4 stages gave 13.62 / 21.12
     ms per token and 2 per SM with 3 stages 14.13 / 22.16 (benchmarks/README.md). One-head programs (MHA,
-    Llama-2 heads): 4 per SM below 32K keys, 8 from 32K, 16 from 128K (best at 8K / 64K / 256K).
+    Llama-2 heads): 2 per SM below 32K keys, 8 from 32K, 16 from 128K. Below 32K the grid is one wave: at 3
+    stages two programs fit on a multiprocessor (96 KB of shared memory each), so 32 heads x 8 splits = 256
+    programs run at once where the 17 splits of 4 per SM ran in 2+ waves: 8K keys 40.9 vs 44.3 us per call,
+    10 splits (2+ waves again) 51.1 us (results/kernels_decode_tail_h200.json). Larger caches amortise a second
+    wave's tail: 8 / 16 per SM were best at 64K / 256K (kernels_h200.json).
     """
     if heads_per >= PACKED_HEADS:
         return 8 if capacity >= HUGE_CACHE else 2
     if capacity >= VERY_LONG_CACHE:
         return 16
-    return 8 if capacity >= LONG_CACHE else 4
+    return 8 if capacity >= LONG_CACHE else 2
 
 
 def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: int, cfg: TileConfig) -> int:
-    """Splits of the key range so that the grid holds ``decode_programs_per_sm`` programs per multiprocessor.
+    """Splits of the key range so that the grid holds at most ``decode_programs_per_sm`` programs per
+    multiprocessor (rounded down: one program past a full wave runs alone, a wave's length after the others).
 
     At most one split per key tile. The grid depends on the cache's capacity, not on the current length (which
     only the device knows), so a long-capacity cache read at a short length gets short splits.
@@ -234,7 +230,7 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     per_sm = decode_programs_per_sm(cfg.heads_per, k_cache.shape[2])
     target = per_sm * num_sms(q.device)
     tiles = math.ceil((k_cache.shape[2] + q.shape[2]) / cfg.block_n)
-    return max(1, min(math.ceil(target / max(programs_per_split, 1)), tiles, 256))
+    return max(1, min(target // max(programs_per_split, 1), tiles, 256))
 
 
 def _empty_partials(b: int, hq: int, t: int, splits: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,11 +247,10 @@ def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: in
     b, hq, t, splits, d = o_part.shape
     # Under the interpreter (CPU tests) at least two column blocks, so the split is exercised.
     block_d = min(d if o_part.device.type == "cuda" else d // 2, COMBINE_BLOCK_D)
-    pdl = _use_pdl(out.device)
     combine_kernel[(b * hq * t, d // block_d)](
         o_part, lse_part, out, *_strides(out), hq, t, splits,
         hq if h_first is None else h_first, splits_first or splits, splits_rest or splits,
-        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, PDL=pdl, num_warps=4 if d >= 128 else 2, launch_pdl=pdl,
+        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, num_warps=4 if d >= 128 else 2,
     )
 
 
@@ -278,8 +273,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
         hkv, groups, t, splits, log2_scale(scale), *_rope_tables(q, rope),
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, PDL=_use_pdl(q.device),
-        num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out)
@@ -301,8 +295,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
         *_strides(k_cache), *_strides(v_cache),
         hkv, groups, splits, log2_scale(scale), sink, recent, *_rope_tables(q, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, PDL=_use_pdl(q.device),
-        num_warps=cfg.num_warps, num_stages=1,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps, num_stages=1,
     )
     _combine(o_part, lse_part, out)
     return out
@@ -425,8 +418,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
         hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
         *_rope_tables(qr, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, STREAMING_BLOCK_N=streaming_block_n,
-        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, PDL=_use_pdl(qr.device),
-        num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out, h_first=hkv_r * groups, splits_first=splits_r, splits_rest=tiles_s)

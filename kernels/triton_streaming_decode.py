@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import empty_state, gdc_launch_dependents, load_rope, program_rows, store_partial, tile_update
+from .triton_common import empty_state, load_rope, program_rows, store_partial, tile_update
 
 
 @triton.jit
@@ -78,10 +78,8 @@ def streaming_decode_split_kernel(
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, num_splits, qk_scale, sink, recent, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
-    if PDL:  # see retrieval_split_kernel
-        gdc_launch_dependents()
     streaming_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, qk_scale, sink, recent,
                     tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits, COS, SIN, sc_b,

@@ -271,6 +271,25 @@ def test_decode_splits_stay_within_the_key_tiles(capacity, groups):
     assert 1 <= splits <= min(tiles, 256)
 
 
+@pytest.mark.parametrize("kv_heads,groups,capacity,splits", [
+    (32, 1, 8193, 8),  # Llama-2 heads at 8K keys: 256 one-head programs, one wave of 2 per SM (was 17 splits)
+    (8, 4, 65537, 33),  # Llama-3 heads at 64K: 264 packed programs, 2 per SM
+    (5, 4, 65537, 52),  # 260 programs; rounding up would put one program of 265 in a second wave
+    (32, 1, 65537, 33),  # from LONG_CACHE one-head programs take 8 per SM (several waves, as measured best)
+])
+def test_decode_grid_on_the_h200(monkeypatch, kv_heads, groups, capacity, splits):
+    # The default split count on a 132-multiprocessor GPU (H200): at most decode_programs_per_sm programs per
+    # multiprocessor, rounded down.
+    from types import SimpleNamespace
+
+    from duo_compile.kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "num_sms", lambda device: 132)
+    q = SimpleNamespace(device=torch.device("cuda"), shape=(1, kv_heads * groups, 1, 128))
+    cfg = TileConfig(block_t=max(1, 16 // groups), block_n=64, heads_per=groups)
+    assert triton_ops.decode_splits(q, SimpleNamespace(shape=(1, kv_heads, capacity, 128)), kv_heads, cfg) == splits
+
+
 # ---------------------------------------------------------------------- decode-time linear layers (triton_gemv.py)
 
 
