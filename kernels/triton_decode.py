@@ -15,7 +15,7 @@ retrieval half. A one-launch variant (the split that draws the last ticket of an
 partials) was built and measured on the H200: slower at every size (8K keys, Llama-3 heads: 25 vs 16 us; 64K:
 85 vs 76 us; benchmarks/README.md), since the merging program runs alone after every other split has finished,
 and it was removed. Two more were measured and removed (benchmarks/README.md, "Small-cache decode"): launching
-the combine with programmatic dependent launch (2-10 us slower per call, at every size), and one-row tiles for
+the combine with programmatic dependent launch (2-11 us slower per call, at every size), and one-row tiles for
 one-head programs instead of padding the query row to the 16 rows of an MMA (1.5-2.8x slower). What shortened a
 small decode was the grid: split counts that run in one wave (``decode_programs_per_sm``).
 """
