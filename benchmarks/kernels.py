@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -338,7 +339,7 @@ def _decode_inputs(hq: int, hkv: int, n_keys: int):
     """One decode step's inputs over ``n_keys`` cached keys (capacity n_keys + 1: the new token is appended), with
     enough cache copies (2 at least) to rotate over more than 4x L2: (q, k, v, k caches, v caches, pos, copies,
     KV bytes)."""
-    kv_bytes = 2 * hkv * (n_keys + 1) * D * 2
+    kv_bytes = 2 * hkv * (n_keys + 1) * D * DT.itemsize
     copies = 2 if DEV == "cpu" else max(2, min(16, math.ceil(240e6 / kv_bytes)))
     kcs = [torch.randn(1, hkv, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
     vcs = [torch.randn(1, hkv, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(copies)]
@@ -445,7 +446,7 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
         try:
             err = rel_err(call(), ref_out)
             written = torch.equal(kcv.float(), kref)
-            ms = graph_time([call] * 8)
+            ms = graph_time([call])
         except Exception as e:  # a config that does not compile is reported, not fatal
             log(f"  streaming decode {label}: failed {type(e).__name__}: {e}")
             continue
@@ -550,8 +551,7 @@ def section_decode_tail():
         base = triton_ops.decode_config(q, groups, capacity=n_keys + 1)
         variants = [("default", None, None)]
         for stages in TAIL_STAGES:
-            cfg = TileConfig(block_t=base.block_t, block_n=base.block_n, heads_per=base.heads_per,
-                             num_warps=base.num_warps, num_stages=stages)
+            cfg = dataclasses.replace(base, num_stages=stages)
             variants += [(f"s{stages}x{splits}", cfg, splits) for splits in TAIL_SPLITS]
         for name, cfg, splits in variants:
             calls = [(lambda i=i: triton_ops.triton_retrieval_attention_cached(
@@ -635,16 +635,15 @@ def section_split_sweep():
             try:
                 ref = call()
                 row = {"shape": shape, "keys": context, "retrieval_kv_heads": n, "kv_MB": kv_bytes / 1e6,
-                       "default_us": graph_time([call] * 4) * 1e3, "splits_us": {}}
+                       "default_us": graph_time([call]) * 1e3, "splits_us": {}}
                 for stages in SPLIT_STAGES:
-                    cfg = TileConfig(block_t=base.block_t, block_n=base.block_n, heads_per=base.heads_per,
-                                     num_warps=base.num_warps, num_stages=stages)
+                    cfg = dataclasses.replace(base, num_stages=stages)
                     for splits in SPLIT_COUNTS:
                         err = rel_err(call(cfg, splits), ref)
                         if not err < tol():
                             FAILURES.append(f"split sweep {shape} n={n} s{stages} x{splits}: {err}")
                             continue
-                        row["splits_us"][f"s{stages}x{splits}"] = graph_time([lambda: call(cfg, splits)] * 4) * 1e3
+                        row["splits_us"][f"s{stages}x{splits}"] = graph_time([lambda: call(cfg, splits)]) * 1e3
                 # The launcher's default again with the combine split into column blocks (COMBINE_BLOCK_D).
                 row["combine_block_d_us"] = {}
                 for block_d in COMBINE_BLOCKS:
@@ -653,7 +652,7 @@ def section_split_sweep():
                     if not err < tol():
                         FAILURES.append(f"split sweep {shape} n={n} combine block {block_d}: {err}")
                         continue
-                    row["combine_block_d_us"][block_d] = graph_time([call] * 4) * 1e3
+                    row["combine_block_d_us"][block_d] = graph_time([call]) * 1e3
             finally:
                 triton_ops.STREAMING_DECODE = default_mode
                 triton_ops.COMBINE_BLOCK_D = default_block_d

@@ -474,7 +474,7 @@ def summarize(result: dict) -> list[str]:
     for a, b in zip(result["full"]["decode"], result["duo"]["decode"]):
         ctx = a["context"]
         hf = hf_decode.get(ctx, {})
-        hf_txt = f"{hf['ms_per_token']:.2f} ms" if "ms_per_token" in hf else hf.get("error", "-")[:40]
+        hf_txt = _ms_or_error(hf)[:40]
         hf_memory = f"{hf['peak_GB']:.1f} GB" if "peak_GB" in hf else "-"
         if "ms_per_token" in a and "ms_per_token" in b:
             lines.append(f"| decode @ {tokens_label(ctx)} | {a['ms_per_token']:.2f} ms | {b['ms_per_token']:.2f} ms | "
