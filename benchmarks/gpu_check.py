@@ -1,7 +1,7 @@
 """Correctness on the GPU before timing anything: compiled engines (Triton kernels, CUDA graphs) vs the oracle.
 
 Tiny random Llama/Qwen2 models (GQA and MHA) with mixed masks on CUDA, both backends, both streaming modes, whole
-and chunked prefill, on each streaming decode path (kernels.triton_ops.STREAMING_DECODE); greedy
+and chunked prefill, on each streaming decode path (kernels.tuning.STREAMING_DECODE); greedy
 tokens must equal the eager oracle's and scores agree within the dtype's tolerance.
 Also exports an AOTInductor package on CUDA, loads it and checks it, in a fresh process per case: a control
 (one Linear layer), the engine's graph through the stock one-model API, and the engine through
@@ -30,9 +30,9 @@ PROMPT, NEW, SINK, RECENT = 200, 24, 8, 32
 
 
 def check(arch, gqa, dtype, backend, mode, chunk, tol, streaming_decode="mixed") -> bool:
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import tuning
 
-    triton_ops.STREAMING_DECODE = streaming_decode  # read at each launch: set before compiling
+    tuning.STREAMING_DECODE = streaming_decode  # read at each launch: set before compiling
     model = tiny_model(arch, gqa, dtype=dtype).cuda()
     masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
     engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=512,
@@ -78,8 +78,8 @@ def aoti_child(kind: str) -> int:
             got, want = torch._inductor.aoti_load_package(path)(x), model(x)
             ok = torch.allclose(got, want, atol=1e-5)
         elif kind == "engine-standard":  # the engine's prefill graph through the stock one-model API
-            from duo_compile.aoti_export import export_programs
-            from duo_compile.engine_file import example_inputs
+            from duo_compile.export.aoti_export import export_programs
+            from duo_compile.export.engine_file import example_inputs
 
             engine = _tiny_engine(dev)
             program = export_programs(engine)["prefill"]
@@ -149,9 +149,9 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             ok = False
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import tuning
 
-    triton_ops.STREAMING_DECODE = "mixed"
+    tuning.STREAMING_DECODE = "mixed"
     try:
         ok &= "--skip-aoti" in sys.argv or check_aoti()
     except Exception:

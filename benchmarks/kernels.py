@@ -10,12 +10,12 @@ cached, formats, d64, flex):
              8K/64K/256K/512K keys; effective bandwidth over KV bytes read vs the copy bandwidth. Both sides timed
              as CUDA-graph replays of several calls over rotating cache copies (more bytes than L2), so neither
              launch overhead nor L2 hits are counted. The launcher's own choice ("default") is timed after the
-             variants (timed first, it read 10-13% slow: the first timing of a row pays a warm-up). Then the
-             streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants, and a
+             variants (the first timing of a row pays a warm-up: benchmarks/DECISIONS.md#default-timed-last).
+             Then the streaming decode (sink 64 + recent 256 cache, slot write fused) with its tile variants, and a
              mixed layer's decode (duo::attention_cached at 8K and 128K keys) on each STREAMING_DECODE path
-  decode_tail  the decode sizes that were short of their goals (8K keys Llama-2 heads, 64K Llama-3) and
-             controls: kernel device times (profiler) of ours and SDPA beside the whole call's graph time, and
-             split counts x pipeline stages
+  decode_tail  small decode reads (8K keys on Llama-2 heads, 64K on Llama-3) and the other shape at each size:
+             kernel device times (profiler) of ours and SDPA beside the whole call's graph time, and split
+             counts x pipeline stages
   split_sweep  one layer's decode at the e2e headline contexts (Llama-2 shape 120K, Llama-3 512K keys) per retrieval
              KV head count, every split count x 3 / 4 stages against the launcher's default, and the default
              with the combine split into 64- and 32-column blocks
@@ -54,14 +54,14 @@ import triton
 from triton.testing import do_bench
 
 try:
-    from duo_compile.kernels import ops, reference, triton_gemv, triton_ops  # noqa: F401  (ops: registers duo::)
-    from duo_compile.kernels.triton_common import TileConfig
+    from duo_compile.kernels import launchers, ops, reference, triton_gemv, tuning  # noqa: F401  (ops: registers duo::)
+    from duo_compile.kernels.tuning import TileConfig
 except ImportError:  # a plain checkout (the GPU machine): import the kernels package from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for name in [m for m in sys.modules if m == "duo_compile" or m.startswith("duo_compile.")]:
         del sys.modules[name]
-    from kernels import ops, reference, triton_gemv, triton_ops  # type: ignore[no-redef]  # noqa: F401
-    from kernels.triton_common import TileConfig  # type: ignore[no-redef]
+    from kernels import launchers, ops, reference, triton_gemv, tuning  # type: ignore[no-redef]  # noqa: F401
+    from kernels.tuning import TileConfig  # type: ignore[no-redef]
 
 SHAPES = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}
 D = 128
@@ -69,8 +69,8 @@ DT = torch.bfloat16
 SCALE = D**-0.5
 SINK, RECENT = 64, 256
 # ||out - ref|| / ||ref|| allowed per input dtype (the reference in fp32): the issue's 1e-2 for bf16; fp16 keeps
-# 3 more mantissa bits, and its errors sit at 2.6-2.9e-4 (2e-3 caught the pipelined diagonal's 4e-3, see
-# triton_retrieval.py); fp32 is the interpreter's smoke run.
+# 3 more mantissa bits, so a tighter bound (benchmarks/DECISIONS.md#prefill-diagonal-one-stage); fp32 is the
+# interpreter's smoke run.
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
@@ -79,8 +79,8 @@ def tol() -> float:
 DEV = "cuda"
 SIZES = {"cap": 16384, "chunks": (8192, 4096, 1, 1, 1), "s_chunks": (4096, 4096, 1, 1, 300), "decode": (8192, 65536, 262144, 524288),
          "mixed_decode": (8192, 131072),
-         # decode_tail: the sizes that were short of their goals until 2026-12-01 (8K keys on Llama-2 heads: slower
-         # than SDPA; 64K on Llama-3 heads: 84-86% of copy), then the other shape at each size as a control
+         # decode_tail: small reads where launch gaps and the last wave weigh most (8K keys on Llama-2 heads,
+         # 64K on Llama-3 heads; benchmarks/DECISIONS.md#decode-one-wave), then the other shape at each size
          "decode_tail": (("llama2-7b", 8192), ("llama3-8b", 65536), ("llama3-8b", 8192), ("llama2-7b", 65536)),
          "retrieval": 32768, "streaming": (32768, 131072), "ref_block": 2048, "dispatch": 512,
          "copy_bytes": 1 << 30, "mm": 8192, "d64": 8192}
@@ -134,9 +134,8 @@ def graph_time(calls, replays=20) -> float:
     of them), replayed ``replays`` times.
 
     Why at least 8: a decode step replays one graph for every layer, so the graph's own launch is spread over
-    dozens of kernels. A graph of one call charged all of it to that call: at 64K keys on Llama-3 heads (one
-    cache copy, more than L2) 78.8 us per call where the call's two kernels ran 63.9 + 3.1 us, and SDPA alike
-    (78.7 us, kernels 66.4; results/kernels_decode_tail_h200.json, first run)."""
+    dozens of kernels; a graph of one call would charge all of it to that call
+    (benchmarks/DECISIONS.md#graph-min-calls)."""
     calls = [calls[i % len(calls)] for i in range(max(len(calls), MIN_GRAPH_CALLS))]
     if DEV == "cpu":
         return bench(lambda: [c() for c in calls]) / len(calls)
@@ -251,7 +250,7 @@ def section_cached(tag: str = ""):
             pos = torch.arange(start, start + t, device=DEV)
             ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kc, vc, pos) if start > 0 else (None, None, None)
             poison(q.shape)
-            out = triton_ops.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE)
+            out = launchers.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE)
             if ref_out is None:  # 8K x 8K fp32 reference through the chunked path
                 ref_out = ref_causal(q, k, v)
                 cache_ok = torch.equal(kc[:, :, :t], k) and torch.equal(vc[:, :, :t], v)
@@ -272,7 +271,7 @@ def section_cached(tag: str = ""):
                     reference.streaming_attention_cached, q, k, v, kc, vc, pos, SINK, RECENT, chunk_mode
                 )
                 poison(q.shape)
-                out = triton_ops.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, chunk_mode)
+                out = launchers.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, chunk_mode)
                 mode = "chunk" if chunk_mode else "window"
                 check(f"{tag}streaming_cached/{mode}/{shape}/start{start}/T{t}", rel_err(out, ref_out))
                 cache_ok = torch.equal(kc.float(), kref) and torch.equal(vc.float(), vref)
@@ -283,7 +282,7 @@ def section_cached(tag: str = ""):
     # Dispatch: the registered duo:: ops run the Triton kernels on CUDA.
     q, k, v = (torch.randn(1, h, SIZES["dispatch"], D, dtype=DT, device=DEV) for h in (32, 8, 8))
     a = torch.ops.duo.streaming_attention(q, k, v, SCALE, SINK, RECENT)
-    b_ = triton_ops.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT)
+    b_ = launchers.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT)
     if DEV == "cuda":  # on CPU the ops run the reference
         check("dispatch/duo::streaming_attention==triton", 0.0 if torch.equal(a, b_) else float("nan"))
 
@@ -362,7 +361,7 @@ def section_decode():
             # correctness (default config) against the fp32 reference, including the appended slot
             ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kcs[0], vcs[0], pos)
             poison(q.shape)
-            out = triton_ops.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
+            out = launchers.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
             check(f"decode/{shape}/{n_keys}", rel_err(out, ref_out))
             check(
                 f"decode_append/{shape}/{n_keys}",
@@ -374,17 +373,17 @@ def section_decode():
             for label, over, per_sm in [*DECODE_VARIANTS, ("default", None, None)]:
                 cfg = splits = None  # "default": what the launcher picks by itself (decode_config, decode_splits)
                 if over is not None:
-                    base = triton_ops.decode_config(q, groups)
+                    base = tuning.decode_config(q, groups)
                     cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
                     progs = hkv * math.ceil(groups / cfg.heads_per)
                     splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((n_keys + 1) / cfg.block_n), 256))
                 try:
-                    o = triton_ops.triton_retrieval_attention_cached(
+                    o = launchers.triton_retrieval_attention_cached(
                         q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits
                     )
                     err = rel_err(o, out)
                     ms = graph_time([
-                        (lambda i=i: triton_ops.triton_retrieval_attention_cached(
+                        (lambda i=i: launchers.triton_retrieval_attention_cached(
                             q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits))
                         for i in range(copies)
                     ])
@@ -435,12 +434,12 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
     for label, tiled, over in [*STREAMING_DECODE_VARIANTS, ("default", True, None)]:
         cfg = None
         if over is not None:
-            base = triton_ops.decode_config(q, groups)
+            base = tuning.decode_config(q, groups)
             cfg = TileConfig(block_t=base.block_t, heads_per=base.heads_per, **over)
         kcv, vcv = kc.clone(), vc.clone()
 
         def call(kcv=kcv, vcv=vcv, cfg=cfg, tiled=tiled):
-            return triton_ops.triton_streaming_attention_cached(q, k, v, kcv, vcv, pos, SCALE, SINK, RECENT, False,
+            return launchers.triton_streaming_attention_cached(q, k, v, kcv, vcv, pos, SCALE, SINK, RECENT, False,
                                                                  config=cfg, split_decode=tiled)
 
         try:
@@ -463,7 +462,7 @@ MIXED_RETRIEVAL_KV = {"llama3-8b": 4, "llama2-7b": 8}
 
 def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
     """A mixed layer's one-token decode (``duo::attention_cached``: retrieval heads over the long cache plus
-    streaming heads over sink + recent) on each path of ``triton_ops.STREAMING_DECODE``: "mixed" (one grid, one
+    streaming heads over sink + recent) on each path of ``tuning.STREAMING_DECODE``: "mixed" (one grid, one
     combine: 2 launches), "tiles" (each group's split kernel and combine: 4), "one" (3). Each is checked against
     the reference (output and both caches) before it is timed, rotating cache copies beyond L2."""
     groups, n = hq // hkv, MIXED_RETRIEVAL_KV[shape]
@@ -471,7 +470,7 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
     k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
     v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
     row = {}
-    default = triton_ops.STREAMING_DECODE
+    default = tuning.STREAMING_DECODE
     for n_keys in SIZES["mixed_decode"]:
         kv_bytes = 2 * n * (n_keys + 1) * D * DT.itemsize
         copies = 2 if DEV == "cpu" else max(1, min(16, math.ceil(240e6 / kv_bytes)))
@@ -482,15 +481,15 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
         ref_caches = [c.float() for c in caches[0]]
         ref_out = reference.attention_cached(q.float(), k.float(), v.float(), *ref_caches, pos, SCALE, n, SINK, RECENT,
                                              False)
-        for mode in triton_ops.STREAMING_DECODE_MODES:
-            triton_ops.STREAMING_DECODE = mode  # read at each launch, so also while the graph is captured
+        for mode in tuning.STREAMING_DECODE_MODES:
+            tuning.STREAMING_DECODE = mode  # read at each launch, so also while the graph is captured
             try:
                 first = [c.clone() for c in caches[0]]
-                err = rel_err(triton_ops.triton_attention_cached(q, k, v, *first, pos, SCALE, n, SINK, RECENT, False),
+                err = rel_err(launchers.triton_attention_cached(q, k, v, *first, pos, SCALE, n, SINK, RECENT, False),
                               ref_out)
                 written = all(torch.equal(c.float(), r) for c, r in zip(first, ref_caches))
                 ms = graph_time([
-                    (lambda i=i: triton_ops.triton_attention_cached(q, k, v, *caches[i], pos, SCALE, n, SINK, RECENT,
+                    (lambda i=i: launchers.triton_attention_cached(q, k, v, *caches[i], pos, SCALE, n, SINK, RECENT,
                                                                     False))
                     for i in range(copies)
                 ])
@@ -498,7 +497,7 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
                 log(f"  mixed decode {mode}: failed {type(e).__name__}: {e}")
                 continue
             finally:
-                triton_ops.STREAMING_DECODE = default
+                tuning.STREAMING_DECODE = default
             check(f"mixed_decode/{shape}/{n_keys}/{mode}", err if written else float("nan"))
             row[f"{n_keys}_{mode}"] = ms * 1e3
         del caches
@@ -533,9 +532,9 @@ def _kernel_us(calls) -> dict[str, float]:
 
 
 def section_decode_tail():
-    """Why: the last decode goals to be met were small reads (16-75 us per layer), where a kernel's ramp-up, its
-    last wave and the gaps between kernels count as much as its bandwidth. For each case: the kernels' own device times (profiler) for ours
-    and SDPA beside the graph-replay time of the whole call (the difference is the gaps between kernels); then
+    """Why: in small decode reads a kernel's ramp-up, its last wave and the gaps between kernels count as much as
+    its bandwidth. For each case: the kernels' own device times (profiler) for ours and SDPA beside the
+    graph-replay time of the whole call (the difference is the gaps between kernels); then
     the default tile at every split count of TAIL_SPLITS x pipeline stages of TAIL_STAGES (stages set how
     many programs fit on a multiprocessor, so which split counts fill the GPU in one wave). Every variant is
     checked against the default's output first."""
@@ -546,15 +545,15 @@ def section_decode_tail():
         hq, hkv = SHAPES[shape]
         groups = hq // hkv
         q, k, v, kcs, vcs, pos, copies, kv_bytes = _decode_inputs(hq, hkv, n_keys)
-        ref = triton_ops.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
+        ref = launchers.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
         row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies, "us": {}, "kernels_us": {}}
-        base = triton_ops.decode_config(q, groups, capacity=n_keys + 1)
+        base = tuning.decode_config(q, groups, capacity=n_keys + 1)
         variants = [("default", None, None)]
         for stages in TAIL_STAGES:
             cfg = dataclasses.replace(base, num_stages=stages)
             variants += [(f"s{stages}x{splits}", cfg, splits) for splits in TAIL_SPLITS]
         for name, cfg, splits in variants:
-            calls = [(lambda i=i: triton_ops.triton_retrieval_attention_cached(
+            calls = [(lambda i=i: launchers.triton_retrieval_attention_cached(
                 q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
             try:
                 err = rel_err(calls[0](), ref)
@@ -595,20 +594,19 @@ def section_decode_tail():
 SPLIT_SWEEP = {"llama2-7b": (122880, (4, 8, 16, 32)), "llama3-8b": (524288, (1, 2, 4, 8))}
 SPLIT_COUNTS = (16, 32, 48, 64, 96, 128, 192, 256)
 SPLIT_STAGES = (3, 4)
-COMBINE_BLOCKS = (64, 32)  # combine_kernel column blocks timed beside the default (triton_ops.COMBINE_BLOCK_D)
+COMBINE_BLOCKS = (64, 32)  # combine_kernel column blocks timed beside the default (tuning.COMBINE_BLOCK_D)
 
 
 def section_split_sweep():
-    """Why: end to end (e2e_*_inductor.json, 3a123ec) the full engine's decode kernels read the KV cache at
-    ~4.40 TB/s but a DuoAttention layer's (a few retrieval heads, e.g. 8 of 32 at 120K keys) at ~4.1-4.3: its
-    grid has as many programs (decode_splits aims at programs per SM) but each reads 1/4-1/2 as many keys, so
-    the per-program ramp and the last wave weigh more. This times, per retrieval head count, every split count
-    (and 3 / 4 stages) of the launch a decode step uses (``duo::attention_cached`` on the "mixed" path; the
-    all-retrieval layer on ``retrieval_attention_cached``), each checked against the launcher's default first;
-    TB/s over the bytes the layer reads (retrieval K/V plus the streaming caches)."""
+    """Why: a DuoAttention layer (a few retrieval heads) reads its KV cache slower than a full layer: its grid has
+    as many programs (decode_splits aims at programs per SM) but each reads fewer keys, so the per-program ramp
+    and the last wave weigh more (benchmarks/DECISIONS.md#decode-split-sweep). This times, per retrieval head
+    count, every split count (and 3 / 4 stages) of the launch a decode step uses (``duo::attention_cached`` on
+    the "mixed" path; the all-retrieval layer on ``retrieval_attention_cached``), each checked against the
+    launcher's default first; TB/s over the bytes the layer reads (retrieval K/V plus the streaming caches)."""
     log("== decode split-count sweep (one layer, e2e contexts)")
     rows = []
-    default_mode, default_block_d = triton_ops.STREAMING_DECODE, triton_ops.COMBINE_BLOCK_D
+    default_mode, default_block_d = tuning.STREAMING_DECODE, tuning.COMBINE_BLOCK_D
     for shape, (context, counts) in SPLIT_SWEEP.items():
         hq, hkv = SHAPES[shape]
         groups = hq // hkv
@@ -622,16 +620,16 @@ def section_split_sweep():
             if n < hkv:
                 caches += [torch.randn(1, hkv - n, SINK + RECENT, D, dtype=DT, device=DEV) for _ in range(2)]
             kv_bytes = sum(c.numel() * c.element_size() for c in caches)
-            base = triton_ops.decode_config(q[:, : n * groups], groups, capacity=cap)
+            base = tuning.decode_config(q[:, : n * groups], groups, capacity=cap)
 
             def call(cfg=None, splits=None):
                 if n == hkv:
-                    return triton_ops.triton_retrieval_attention_cached(q, k, v, *caches, pos, SCALE, config=cfg,
+                    return launchers.triton_retrieval_attention_cached(q, k, v, *caches, pos, SCALE, config=cfg,
                                                                         num_splits=splits)
-                return triton_ops.triton_attention_cached(q, k, v, *caches, pos, SCALE, n, SINK, RECENT, False,
+                return launchers.triton_attention_cached(q, k, v, *caches, pos, SCALE, n, SINK, RECENT, False,
                                                           config=cfg, num_splits=splits)
 
-            triton_ops.STREAMING_DECODE = "mixed"
+            tuning.STREAMING_DECODE = "mixed"
             try:
                 ref = call()
                 row = {"shape": shape, "keys": context, "retrieval_kv_heads": n, "kv_MB": kv_bytes / 1e6,
@@ -647,15 +645,15 @@ def section_split_sweep():
                 # The launcher's default again with the combine split into column blocks (COMBINE_BLOCK_D).
                 row["combine_block_d_us"] = {}
                 for block_d in COMBINE_BLOCKS:
-                    triton_ops.COMBINE_BLOCK_D = block_d
+                    tuning.COMBINE_BLOCK_D = block_d
                     err = rel_err(call(), ref)
                     if not err < tol():
                         FAILURES.append(f"split sweep {shape} n={n} combine block {block_d}: {err}")
                         continue
                     row["combine_block_d_us"][block_d] = graph_time([call]) * 1e3
             finally:
-                triton_ops.STREAMING_DECODE = default_mode
-                triton_ops.COMBINE_BLOCK_D = default_block_d
+                tuning.STREAMING_DECODE = default_mode
+                tuning.COMBINE_BLOCK_D = default_block_d
             best = min(row["splits_us"], key=row["splits_us"].get)
             row.update(best=best, best_us=row["splits_us"][best], default_TBps=kv_bytes / row["default_us"] / 1e6,
                        best_TBps=kv_bytes / row["splits_us"][best] / 1e6)
@@ -827,8 +825,7 @@ def _row_errors(out, ref, block_t):
 def section_d64():
     """Retrieval prefill at head dim 64 (bf16 and fp16, one chunk from start 0): each tile variant's error
     against the fp32 reference beside SDPA's on the same inputs, where the error sits (per-row errors), and the
-    time. The cached checks at head dim 64 (section formats) showed 4-10x the error of head dim 128 in these
-    chunks on the H200 while the interpreter is exact: this tells a kernel fault from bf16/fp16 rounding."""
+    time: this tells a kernel fault from bf16/fp16 rounding (benchmarks/DECISIONS.md#prefill-diagonal-one-stage)."""
     log("== retrieval prefill at head dim 64: error per tile variant vs SDPA's")
     rows = []
     for dt in D64_FORMATS:
@@ -842,9 +839,9 @@ def section_d64():
                        "sdpa_rel_err": rel_err(sdpa, ref), "variants": {}}
                 for label, cfg in D64_PREFILL_VARIANTS:
                     poison(q.shape)
-                    out = triton_ops.triton_retrieval_attention(q, k, v, SCALE, config=cfg)
+                    out = launchers.triton_retrieval_attention(q, k, v, SCALE, config=cfg)
                     err = check(f"d64/{row['dtype']}/{shape}/{label}", rel_err(out, ref))
-                    ms = bench(lambda: triton_ops.triton_retrieval_attention(q, k, v, SCALE, config=cfg))
+                    ms = bench(lambda: launchers.triton_retrieval_attention(q, k, v, SCALE, config=cfg))
                     row["variants"][label] = {"rel_err": err, "ms": ms, **_row_errors(out, ref, cfg.block_t)}
                 log(f"  {row['dtype']} {shape}: sdpa rel err {row['sdpa_rel_err']:.2e}; " + ", ".join(
                     f"{label} {r['rel_err']:.2e} (worst row {r['worst']:.1e} at tile row {r['worst_row_in_tile']}, "
@@ -862,7 +859,7 @@ def section_retrieval():
         q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
         ref_out = ref_causal(q, k, v).to(DT)
         flops = 4 * hq * D * t * (t + 1) / 2
-        run = lambda cfg: triton_ops.triton_retrieval_attention(q, k, v, SCALE, config=cfg)  # noqa: E731
+        run = lambda cfg: launchers.triton_retrieval_attention(q, k, v, SCALE, config=cfg)  # noqa: E731
         times, best = _sweep(f"retrieval/{shape}", run, run, ref_out, PREFILL_VARIANTS)
         check(f"retrieval_prefill/{shape}/{t}", rel_err(run(dict(PREFILL_VARIANTS)[best]), ref_out))
         sdpa_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv)
@@ -872,7 +869,7 @@ def section_retrieval():
         kc = torch.empty(1, hkv, t, D, dtype=DT, device=DEV)
         vc = torch.empty_like(kc)
         pos = torch.arange(0, t, device=DEV)
-        cached = bench(lambda: triton_ops.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE, config=dict(PREFILL_VARIANTS)[best]))
+        cached = bench(lambda: launchers.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE, config=dict(PREFILL_VARIANTS)[best]))
         ours = times[best]
         row = {
             "shape": shape, "tokens": t, "variants_ms": times, "best": best, "ours_ms": ours, "sdpa_ms": sdpa,
@@ -925,7 +922,7 @@ def section_streaming():
                     ref_out[:, :, i * rb:(i + 1) * rb] = r.to(DT)
 
             def run(cfg):
-                return triton_ops.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT, config=cfg)
+                return launchers.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT, config=cfg)
 
             def ours_fn(cfg):
                 o = run(cfg)
@@ -940,7 +937,7 @@ def section_streaming():
             kc = torch.empty(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
             vc = torch.empty_like(kc)
             pos = torch.arange(0, t, device=DEV)
-            cached = bench(lambda: triton_ops.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, False, config=best_cfg))
+            cached = bench(lambda: launchers.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, False, config=best_cfg))
             sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv), rep_ms=200)
             row = {"shape": shape, "tokens": t, "variants_ms": times, "best": best, "ours_ms": ours,
                    "cached_with_ring_write_ms": cached, "sdpa_causal_ms": sdpa}
@@ -977,7 +974,7 @@ def section_flex():
         try:
             bm = create_block_mask(mask_mod, None, None, t, t, device=DEV, _compile=True)
             fo = flex_fn(q, k, v, block_mask=bm, scale=SCALE, enable_gqa=hq != hkv)
-            ours = triton_ops.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT)
+            ours = launchers.triton_streaming_attention(q, k, v, SCALE, SINK, RECENT)
             row["flex_rel_diff_vs_ours"] = rel_err(fo, ours)
             row["flex_ms"] = bench(lambda: flex_fn(q, k, v, block_mask=bm, scale=SCALE, enable_gqa=hq != hkv))
             row["speedup_vs_flex"] = row["flex_ms"] / row["ours_ms"]

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from duo_compile.needle import DEFAULT_CONTEXT_LENGTHS, DEFAULT_DEPTHS, needle_study, plot_needle_study  # noqa: E402
-from duo_compile.passkey import load_passkey_gates, load_passkey_model  # noqa: E402
+from duo_compile.identify.needle import DEFAULT_CONTEXT_LENGTHS, DEFAULT_DEPTHS, needle_study, plot_needle_study  # noqa: E402
+from duo_compile.identify.passkey import load_passkey_gates, load_passkey_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

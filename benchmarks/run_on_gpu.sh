@@ -16,8 +16,7 @@
 #               per model (two engine compiles, a warm-up per length): one model per call fits 10 minutes
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
-# checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first. e2e.py needs the authors'
-# pattern files in .bench_patterns/<model>/full_attention_heads.tsv (git-ignored; name it in the call's carry).
+# checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
@@ -44,13 +43,13 @@ for step in "$@"; do
         e2e-decode)
             for model in llama3 llama2; do
                 hf=(); [ "$model" = llama3 ] && hf=(--skip-hf)
-                timeout 280 python3 benchmarks/e2e.py --patterns .bench_patterns --out "$OUT" --models "$model" \
+                timeout 280 python3 benchmarks/e2e.py --out "$OUT" --models "$model" \
                     --backend inductor --sections decode "${hf[@]}" --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_inductor.log"
             done ;;
         e2e-prefill)
             for model in ${E2E_MODELS:-llama3 llama2}; do
-                timeout 540 python3 benchmarks/e2e.py --patterns .bench_patterns --out "$OUT" --models "$model" \
+                timeout 540 python3 benchmarks/e2e.py --out "$OUT" --models "$model" \
                     --backend inductor --sections prefill --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_prefill.log"
             done ;;

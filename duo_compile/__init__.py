@@ -6,10 +6,13 @@
     duo_compile.export(engine, "model.pt2"); engine2 = duo_compile.load("model.pt2")
     gates = duo_compile.identify(model, tokenizer)   # the paper's head identification -> HeadMasks
 """
+from duo_compile._checkout import keep_site_kernels
+
+keep_site_kernels()
 from duo_compile.kernels import ops as _ops  # noqa: F401  (registers the duo:: ops)
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.compiler import compile
-from duo_compile.engine import Engine, EngineConfig
+from duo_compile.runtime.engine import Engine, EngineConfig
 from duo_compile.export import export, load
 from duo_compile.identify import identify
 

@@ -25,7 +25,7 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from duo_compile.demo import run_demo
+    from duo_compile.tools.demo import run_demo
 
     run_demo(sparsity=args.sparsity if args.sparsity is not None else 0.5, sink_size=args.sink,
              recent_size=args.recent, backend=args.backend, new_tokens=args.max_new_tokens)
@@ -53,7 +53,7 @@ def _masks(args):
 
 def _cmd_compile(args) -> int:
     import duo_compile
-    from duo_compile.engine_file import check_writable
+    from duo_compile.export.engine_file import check_writable
 
     masks = _masks(args)  # checked before the (slow) model load
     check_writable(args.output)  # and the output path, rather than after the model load and compile
@@ -107,8 +107,8 @@ def _cmd_needle(args) -> int:
 
     import torch
 
-    from duo_compile.needle import needle_study, plot_needle_study
-    from duo_compile.passkey import load_passkey_gates, load_passkey_model
+    from duo_compile.identify.needle import needle_study, plot_needle_study
+    from duo_compile.identify.passkey import load_passkey_gates, load_passkey_model
 
     device = torch.device(args.device)
     model, tokenizer = load_passkey_model(args.model_dir, device=device)
@@ -124,7 +124,7 @@ def _cmd_needle(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from duo_compile.bench import run
+    from duo_compile.tools.bench import run
 
     return run(args)
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     needle.add_argument("-o", "--output", default="needle_results", help="writes OUTPUT.json and OUTPUT.png")
     needle.set_defaults(func=_cmd_needle)
 
-    from duo_compile.bench import add_arguments
+    from duo_compile.tools.bench import add_arguments
 
     bench = sub.add_parser("bench", help="decode/prefill/memory/max context, DuoAttention vs full attention (GPU; "
                                          "--models tiny checks it on a CPU)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from duo_compile.capture import capture
-from duo_compile.engine import Engine, EngineConfig
+from duo_compile.runtime.engine import Engine, EngineConfig
 from duo_compile.masks import HeadMasks
 from duo_compile.models.hf import check_supported
 from duo_compile.passes import PassContext, run_passes

@@ -15,12 +15,18 @@ import numbers
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from duo_compile.checks import check_int
+from duo_compile.models.hf import read_shape
+
+# The authors' gate files for Llama-2-7B-32K-Instruct, Llama-3-8B-Instruct-Gradient-1048k and
+# Mistral-7B-Instruct-v0.2 (MIT licence, beside them): one folder per model with full_attention_heads.tsv.
+PATTERNS_DIR = Path(__file__).resolve().parent / "data" / "patterns"
 
 __all__ = ["HeadMasks", "KVCacheBytes", "kv_cache_bytes"]
 
@@ -335,16 +341,6 @@ class KVCacheBytes:
         return self.full_attention / self.total
 
 
-def _text_config(model_or_config: Any) -> Any:
-    """The config holding the decoder's attention shape, from a model or a config."""
-    config = model_or_config
-    if not hasattr(config, "num_hidden_layers") and hasattr(config, "config"):
-        config = config.config
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config
-
-
 def kv_cache_bytes(
     model_or_config: Any,
     masks: HeadMasks,
@@ -357,19 +353,13 @@ def kv_cache_bytes(
 ) -> KVCacheBytes:
     """Bytes the runtime allocates for the KV cache (keys and values) at ``seq_len`` tokens.
 
+    ``model_or_config``: a Hugging Face model, its config, or the ``ModelInfo`` an engine keeps.
+
     Retrieval heads hold ``seq_len`` tokens; streaming heads hold ``sink_size + recent_size`` tokens whatever the
     sequence length (a static buffer), so at short ``seq_len`` DuoAttention can take more than full attention.
     """
-    config = _text_config(model_or_config)
-    try:
-        num_layers = int(config.num_hidden_layers)
-        num_heads = int(config.num_attention_heads)
-    except AttributeError as exc:
-        raise ValueError(f"cannot read the attention shape from {type(model_or_config).__name__}: {exc}") from None
-    num_kv_heads = getattr(config, "num_key_value_heads", None)
-    num_kv_heads = num_heads if num_kv_heads is None else int(num_kv_heads)
-    head_dim = getattr(config, "head_dim", None)
-    head_dim = int(config.hidden_size) // num_heads if head_dim is None else int(head_dim)
+    shape = read_shape(model_or_config)
+    num_layers, num_kv_heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
 
     if not isinstance(masks, HeadMasks):
         raise ValueError(f"masks must be HeadMasks, got {type(masks).__name__}")

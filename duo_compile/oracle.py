@@ -1,7 +1,7 @@
 """The eager oracle: the unmodified Hugging Face model with dense per-head DuoAttention masks.
 
 Every compiler test compares against this, so it shares no code with the compiler (nothing from
-``duo_compile.kernels`` or ``duo_compile.passes``): the visibility rule of DESIGN.md "Semantics (the oracle)"
+``duo_compile.kernels`` or ``duo_compile.passes``): the visibility rule of docs/design.md "Semantics"
 is written out here again, as dense boolean ``[query, key]`` matrices, and applied by a plain-PyTorch fp32
 attention function registered with transformers' ``AttentionInterface``.
 
@@ -33,6 +33,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from duo_compile.models.hf import read_shape
 
 __all__ = [
     "ATTENTION_NAME",
@@ -299,20 +301,11 @@ def _oracle_attention_installed(model: torch.nn.Module, masks: torch.Tensor) -> 
 # --------------------------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------------------------
-def _text_config(model: torch.nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise TypeError(f"{type(model).__name__} has no .config; the oracle needs a Hugging Face causal LM")
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return config
-
-
 def _model_shape(model: torch.nn.Module) -> tuple[int, int]:
-    config = _text_config(model)
-    num_layers = config.num_hidden_layers
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return int(num_layers), int(num_kv_heads)
+    if getattr(model, "config", None) is None:
+        raise TypeError(f"{type(model).__name__} has no .config; the oracle needs a Hugging Face causal LM")
+    shape = read_shape(model)
+    return shape.num_layers, shape.num_kv_heads
 
 
 def _check_retrieval(model: torch.nn.Module, retrieval: Any) -> np.ndarray:

@@ -1,11 +1,11 @@
-"""Compile every duo Triton kernel for Hopper (sm_90, the H200) on a machine without a GPU.
+"""Compile every duo Triton kernel for Hopper (sm_90) on a machine without a GPU.
 
 The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, but not whether they compile: a
 construct the interpreter accepts can still fail in the GPU compiler, and CI has no GPU. Triton ships its own
 ``ptxas``, so ``triton.compile`` can lower each kernel to a cubin for ``GPUTarget("cuda", 90, 32)`` here. The
-tile shapes come from the launchers' own config functions (``prefill_config``, ``decode_config``), asked for a
-CUDA tensor, so the check compiles what the GPU would run. Must run without ``TRITON_INTERPRET`` (under it the
-kernels are not compilable objects); tests/test_compile_sm90.py runs it in a subprocess.
+tile shapes come from the launchers' own config functions (tuning.py: ``prefill_config``, ``decode_config``),
+asked for a CUDA tensor, so the check compiles what the GPU would run. Must run without ``TRITON_INTERPRET``
+(under it the kernels are not compilable objects); tests/test_compile_sm90.py runs it in a subprocess.
 
     python -m duo_compile.kernels.compile_check      # prints one line per kernel, exits 1 on any failure
 """
@@ -20,15 +20,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .triton_common import TileConfig, dot_precision
+from .triton_common import dot_precision
 from .triton_decode import combine_kernel, retrieval_split_kernel
 from .triton_gemv import gemv_config, gemv_kernel
 from .triton_mixed_decode import mixed_decode_kernel
 from .triton_rope import rope_kernel
-from .triton_ops import COMBINE_BLOCK_D, decode_config, prefill_config
 from .triton_retrieval import retrieval_prefill_kernel
 from .triton_streaming import streaming_kernel, streaming_write_kernel
 from .triton_streaming_decode import streaming_decode_split_kernel
+from .tuning import COMBINE_BLOCK_D, TileConfig, decode_config, prefill_config
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KB); more fails only at launch

@@ -21,7 +21,7 @@ as Hugging Face's rotary embedding makes them, unsqueezed over heads); then q an
 embedding and the op applies it first, exactly as ``apply_rotary_pos_emb`` does (``fuse_rope`` emits this, so
 the GPU kernels can rotate q and the new keys as they load them instead of a separate pass over both).
 
-Streaming rule for a query at position p (DESIGN.md, "Semantics"):
+Streaming rule for a query at position p:
   window mode: keys at ``[0, sink) ∪ [p - recent + 1, p]``
   chunk mode:  keys at ``[0, sink) ∪ [start - recent, p]``: the cached window plus the whole current chunk
                up to p (the authors' chunked prefill). A one-token decode step sees sink + recent + itself.

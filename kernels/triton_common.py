@@ -1,4 +1,4 @@
-"""Pieces every duo Triton kernel shares: the online-softmax tile step, the row layout of a program, tile configs.
+"""Pieces every duo Triton kernel shares: the online-softmax tile step, a program's row layout, shape helpers.
 
 Row layout. A program owns ``HEADS_PER`` query heads of one KV group times ``BLOCK_T`` query tokens; row
 ``r`` of its tile is head ``r // BLOCK_T`` and token ``r % BLOCK_T``. Prefill uses one head per program
@@ -10,32 +10,12 @@ Softmax runs in base 2 (``qk_scale = scale * log2(e)``), as FlashAttention does,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and launch knobs for one kernel call. ``block_t`` must be a multiple of ``block_n`` for prefill.
-
-    Retrieval prefill only (the other launchers reject them): ``tma`` loads the unmasked key tiles through
-    Hopper's tensor memory accelerator where the GPU and the tensors allow it (``tma_compatible``), else as
-    without it; ``blocks_first`` orders the grid query blocks first (see triton_retrieval.py) where batch x
-    heads fits CUDA's second grid axis (65535).
-    """
-
-    block_t: int = 128
-    block_n: int = 64
-    heads_per: int = 1
-    num_warps: int = 4
-    num_stages: int = 2
-    tma: bool = False
-    blocks_first: bool = False
 
 
 def next_pow2(n: int) -> int:

@@ -10,14 +10,8 @@ and the launch can be captured in a CUDA graph; splits past the end exit after w
 The new tokens' keys come from ``k``/``v`` (never from the cache) and the split that owns them appends them to
 the cache; the cache part of every split ends below ``start``, so reads and the append never touch one slot.
 
-``combine_kernel`` (grid ``B * Hq * T``) merges the partials by their log-sum-exp: two launches per layer for the
-retrieval half. A one-launch variant (the split that draws the last ticket of an atomic counter merges the
-partials) was built and measured on the H200: slower at every size (8K keys, Llama-3 heads: 25 vs 16 us; 64K:
-85 vs 76 us; benchmarks/README.md), since the merging program runs alone after every other split has finished,
-and it was removed. Two more were measured and removed (benchmarks/README.md, "Small-cache decode"): launching
-the combine with programmatic dependent launch (2-11 us slower per call, at every size), and one-row tiles for
-one-head programs instead of padding the query row to the 16 rows of an MMA (1.5-2.8x slower). What shortened a
-small decode was the grid: split counts that run in one wave (``decode_programs_per_sm``).
+``combine_kernel`` merges the partials by their log-sum-exp in a second launch: two launches per layer for the
+retrieval half (why not one: benchmarks/DECISIONS.md#decode-one-launch-combine).
 """
 from __future__ import annotations
 
@@ -71,7 +65,7 @@ def retrieval_split(
     k_base = K + b64 * sk_b + kv64 * sk_h
     v_base = V + b64 * sv_b + kv64 * sv_h
     # One iteration (T <= BLOCK_N), never software-pipelined: with ROPE its four tile loads (x, its rotated
-    # half, cos, sin) multi-buffered by Triton 3.6 needed 260 KB of shared memory (the H200 has 227 KB).
+    # half, cos, sin) multi-buffered overflow shared memory; see benchmarks/DECISIONS.md#decode-new-token-loop.
     for n in tl.range(tl.maximum(lo, start), hi, BLOCK_N, num_stages=1):
         i = n - start + offs_n  # index in the chunk
         ok = i < hi - start

@@ -1,11 +1,9 @@
 """Decode-time linear layers: ``y = x @ W^T (+ b)`` for a few rows of x, bound by reading W once.
 
-Why: a decode step of a 7-8B model reads ~13-15 GB of weights through cuBLAS GEMVs, and on the H200 those ran at
-73-86% of the device copy bandwidth (the 4096 x 4096 attention projections lowest), ~1 ms per token above what
-the weight bytes cost (benchmarks/README.md, decode breakdown). That millisecond is paid by full attention and
-DuoAttention alike, so it pulls the DuoAttention speedup below its bound. This kernel is the candidate to win it
-back; ``benchmarks/kernels.py`` (section ``gemv``) times it against cuBLAS at the Llama weight shapes before
-anything uses it.
+Why: a decode step reads every weight once, so where a GEMV reads slower than the device copy bandwidth the
+difference is paid by full attention and DuoAttention alike and pulls the DuoAttention speedup below its bound.
+This kernel is a candidate to win it back; the engine does not use it. ``benchmarks/kernels.py`` (section
+``gemv``) times it against cuBLAS at the Llama weight shapes: see benchmarks/DECISIONS.md#triton-gemv.
 
 Grid ``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))``: each program owns BLOCK_N output features, streams its
 ``[BLOCK_N, K]`` slab of W in ``BLOCK_K`` steps (rows of W are contiguous along K, so each step is BLOCK_N
@@ -21,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import TileConfig, dot_precision, last_dim_contiguous
+from .triton_common import dot_precision, last_dim_contiguous
+from .tuning import TileConfig
 
 
 @triton.jit
@@ -52,8 +51,8 @@ def gemv_kernel(
 
 def gemv_config(x, n: int) -> TileConfig:
     """Tiles for ``triton_linear``: ``block_t`` is BLOCK_M (rows of x), ``block_n`` BLOCK_N (outputs per program),
-    ``heads_per`` unused. Not tuned on a GPU yet (benchmarks/kernels.py, section gemv, sweeps the variants); the
-    interpreter gets 16-wide tiles so the CPU tests cover several K steps and output blocks."""
+    ``heads_per`` unused. Not tuned, as nothing uses the kernel (benchmarks/kernels.py, section gemv, sweeps the
+    variants); the interpreter gets 16-wide tiles so the CPU tests cover several K steps and output blocks."""
     if x.device.type != "cuda":
         return TileConfig(block_t=16, block_n=16)
     return TileConfig(block_t=16, block_n=16, num_warps=4, num_stages=4)

@@ -1,23 +1,19 @@
 """A mixed layer's one-token decode in one launch: the streaming tiles and the retrieval splits in one grid.
 
 A layer with both kinds of heads (``duo::attention_cached``) would otherwise decode in four launches: retrieval
-split-K, its combine, the streaming tiles, their combine. On the H200 the streaming tiles took 5-7 us per layer
-and each combine 2-3 us (benchmarks/results/e2e_*_streaming_decode.json profiles), short kernels the retrieval
-read does not hide because they run after it. Here one 1-D grid holds every streaming tile program first, then
-every retrieval split program: the short streaming programs run in the retrieval read's shadow, both write
+split-K, its combine, the streaming tiles, their combine; the short streaming kernels and the second combine run
+after the retrieval read, which does not hide them. Here one 1-D grid holds every streaming tile program first,
+then every retrieval split program: the short streaming programs run in the retrieval read's shadow, both write
 their partials into one buffer (query heads in the layer's order: retrieval then streaming), and one
-``combine_kernel`` launch merges each head's own number of partials. Two launches per mixed layer. Measured on
-the H200 (2026-12-01, Llama-2 shape at 120K, benchmarks/README.md): 3.96 ms per decode step for this kernel
-where retrieval split-K and streaming tiles took 3.89 + 0.16 ms, one combine 0.12 ms where two took 0.17 ms;
-0.17-0.20 ms less per step on both model shapes at every context, timed side by side.
+``combine_kernel`` launch merges each head's own number of partials. Two launches per mixed layer
+(benchmarks/DECISIONS.md#mixed-decode-one-grid).
 
 The programs are exactly those of ``retrieval_split_kernel`` and ``streaming_decode_split_kernel`` (the same
 device functions), so the cache writes and visibility rules are theirs: the retrieval split owning the new
 token appends it; tile 0 of each streaming group writes its slot. Streaming tiles are ``STREAMING_BLOCK_N`` =
-32 keys on the GPU (the launcher's choice): a 64-key tile keeps K and V in 36 KB of shared memory where the
-retrieval split needs 22 KB, and one kernel reserves the larger of its branches for every program, which would
-cut how many retrieval programs fit on a multiprocessor (32- and 64-key tiles timed alike on the H200:
-5.8 / 6.6-6.7 us per layer, Llama-3 / Llama-2 heads).
+32 keys on the GPU (the launcher's choice): one kernel reserves the shared memory of its larger branch for every
+program, and 32-key streaming tiles keep it at the retrieval split's, so as many retrieval programs fit on a
+multiprocessor as in the retrieval kernel alone (benchmarks/DECISIONS.md#mixed-decode-streaming-tile).
 """
 from __future__ import annotations
 

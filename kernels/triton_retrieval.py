@@ -12,18 +12,14 @@ start are the cheap ones). Each program walks three key ranges:
      append costs no extra read of k/v and no extra launch. Nothing else in the launch reads cache slots
      ``>= start``, so the writes cannot race with the reads.
 With ``HAS_CACHE=False`` (the cacheless op) ``start`` is 0 and range 1 and the stores vanish at compile time.
-Range 3 is never software-pipelined: on the H200 (Triton 3.6), pipelining the diagonal loop with its cache
-stores, whenever it runs more than one key tile (head dim 64: 128 queries, 64-key tiles), gave outputs 10-15x
-further from the fp32 reference than SDPA's (fp16 4.1e-3 against 2.6e-4; results/
-kernels_formats_pipelined_diagonal_h200.log, then _fixed_diagonal_ with this loop at one stage: 2.6e-4). The
-same loop without the stores (the cacheless op) and the interpreter were exact, so only a GPU run shows it.
+Range 3 is never software-pipelined: pipelined with its cache stores, it gave the cached op's outputs errors
+well above rounding on the GPU (benchmarks/DECISIONS.md#prefill-diagonal-one-stage).
 
 With ``TMA`` (``TileConfig.tma``, Hopper and later) the unmasked tiles of ranges 1 and 2 come through the tensor
 memory accelerator: host-side descriptors ``DK, DV, DKC, DVC`` over the 4-d k/v and caches, one bulk copy per
 tile into shared memory instead of per-thread address arithmetic and loads, which also frees the registers that
 arithmetic held. The masked tiles keep pointer loads: their keys past ``start`` must read as zeros, and a
-descriptor's bounds are the whole cache, not ``start``. (Triton's ``warp_specialize`` loop option, tried here,
-changes nothing on sm_90 up to Triton 3.9: the same PTX.)
+descriptor's bounds are the whole cache, not ``start``. See benchmarks/DECISIONS.md#prefill-tma-blocks-first.
 """
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 A streaming head's cache is short (sink + recent = 320 keys), so a decode step moves little data, but one
 program per KV group walking it tile by tile is bound by the latency of those dependent loads and by what one
-multiprocessor can pull: 11.5 us of kernel time per layer in a profiled H200 decode step (benchmarks/README.md),
-longer than reading a 16K-key retrieval cache. Here every tile of the virtual key sequence
+multiprocessor can pull (benchmarks/DECISIONS.md#streaming-decode-tiles). Here every tile of the virtual key sequence
 ``[sink slots | ring slots | the new token]`` is its own program (grid ``(cdiv(sink + recent + 1, BLOCK_N),
 B * Hkv * cdiv(groups, HEADS_PER))``), all loads are in flight at once, and ``combine_kernel`` merges the tile
 partials by their log-sum-exp, as for retrieval decode.

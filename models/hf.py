@@ -6,6 +6,7 @@ lower correctly, how to read their shapes from the config, and how to call them 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ SUPPORTED_FAMILIES = {
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Shapes of a decoder-only transformer, as its config declares them."""
+    """Shapes of a decoder-only transformer, as its config declares them (0 where the config has no value)."""
 
     family: str
     num_layers: int
@@ -30,6 +31,42 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
+
+
+def text_config(model_or_config: Any) -> Any:
+    """The config that holds the decoder's attention shape, from a model or a config (multimodal configs nest it)."""
+    config = model_or_config
+    if not hasattr(config, "num_hidden_layers") and hasattr(config, "config"):
+        config = config.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return config
+
+
+def read_shape(model_or_config: Any) -> ModelInfo:
+    """The one reader of a Hugging Face config: layers, heads, KV heads, head dim, vocabulary and positions.
+
+    Takes a model, its config, or a ModelInfo (returned as is), whatever the family; ``model_info`` adds the
+    check that the family is one the compiler lowers. ValueError when the config has no attention shape.
+    """
+    if isinstance(model_or_config, ModelInfo):
+        return model_or_config
+    config = text_config(model_or_config)
+    try:
+        num_layers = int(config.num_hidden_layers)
+        num_heads = int(config.num_attention_heads)
+    except (AttributeError, TypeError) as exc:
+        raise ValueError(f"cannot read the attention shape from {type(model_or_config).__name__}: {exc}") from None
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // num_heads
+    return ModelInfo(
+        family=getattr(config, "model_type", None) or "",
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
+        head_dim=int(head_dim),
+        vocab_size=int(getattr(config, "vocab_size", None) or 0),
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", None) or 0),
+    )
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:
@@ -42,17 +79,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
             f"unsupported model {type(model).__name__} (model_type={family!r}); duo_compile lowers Hugging Face "
             f"causal LMs of these families: {supported}"
         )
-    num_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return ModelInfo(
-        family=family,
-        num_layers=config.num_hidden_layers,
-        num_heads=num_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-        head_dim=head_dim,
-        vocab_size=config.vocab_size,
-        max_position_embeddings=getattr(config, "max_position_embeddings", 0) or 0,
-    )
+    return read_shape(config)
 
 
 def check_supported(model: torch.nn.Module, max_seq_len: int) -> ModelInfo:

@@ -53,6 +53,26 @@ class CacheSpec:
     slots: int | None
 
 
+class Skipped(int):
+    """The count recorded for a pass its switch turned off (``SKIPPED``, the one instance): it prints as
+    ``skipped``, and ``count is SKIPPED`` tells it from a pass that ran and matched nothing, yet it equals 0, so
+    code that adds counts up, compares them with 0 or stores them as integers keeps working."""
+
+    def __new__(cls) -> Skipped:
+        return super().__new__(cls, 0)
+
+    def __repr__(self) -> str:
+        return "skipped"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> str:
+        return "SKIPPED"  # copies and pickles are the module's instance
+
+
+SKIPPED = Skipped()
+
+
 @dataclass
 class PassContext:
     """Inputs of the pipeline (binary retrieval mask per layer/KV head, window sizes, mode) and its records."""
@@ -62,13 +82,16 @@ class PassContext:
     recent_size: int
     streaming_mode: str = "window"  # or "chunk"
     expected_layers: int | None = None
-    fuse_projections: bool = True  # pass 6 on (costs a second copy of q/k/v and gate/up while the model lives)
+    # Switches of the optional passes (see pipeline.OPTIONAL); a pass switched off is recorded as SKIPPED.
+    fuse_projections: bool = True  # pass 6 (costs a second copy of q/k/v and gate/up while the model lives)
+    fuse_rope: bool = True  # pass 7
     sites: list[AttentionSite] = field(default_factory=list)
     # After reorder_heads: per layer, the KV heads [0, n) are retrieval and [n, num_kv_heads) streaming.
     retrieval_counts: list[int] = field(default_factory=list)
     # Per layer, the original index of each KV head in its new position.
     head_order: list[list[int]] = field(default_factory=list)
     cache_specs: list[CacheSpec] = field(default_factory=list)
+    # Per pass, how many things it changed (its unit: sites, layers, groups...), or SKIPPED.
     changed: dict[str, int] = field(default_factory=dict)
 
     def record(self, pass_name: str, count: int) -> None:

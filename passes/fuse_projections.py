@@ -7,15 +7,14 @@ no copy). The concatenated weight replaces the group's weights in the graph modu
 weight once.
 
 Why: at decode a linear layer is a matrix-vector product, bound by reading its weight, and a small one does not
-reach the GPU's bandwidth. On the H200 (benchmarks/results/kernels_decode_h200.json) cuBLAS reads a 4096 x 4096
-bf16 weight at 2.4 TB/s but the concatenated q+k+v of Llama-2-7B (12288 x 4096) at 3.4 TB/s: one decode step's
-weights take 4.48 ms as separate layers and 3.95 ms fused. Prefill is compute-bound and one larger GEMM is no
-slower than three. It runs after every pass that finds attention through its q/k/v projections (and
-reorders their rows), since those must see them separate.
+reach the GPU's bandwidth; one concatenated weight is read closer to it than its parts (numbers: see
+benchmarks/DECISIONS.md#fuse-projections). Prefill is compute-bound and one larger GEMM is no slower than three.
+It runs after every pass that finds attention through its q/k/v projections (and reorders their rows), since
+those must see them separate.
 
 Cost: the model's original weights are not touched (the engine must not modify its input), so while the user
-keeps the model, the fused weights are a second copy of them; ``compile(..., fuse_projections=False)`` skips the
-pass.
+keeps the model, the fused weights are a second copy of them; ``compile(..., fuse_projections=False)`` switches
+the pass off (``PassContext.fuse_projections``; the pipeline then records it as skipped).
 """
 from __future__ import annotations
 
@@ -101,9 +100,8 @@ def _fuse(gm: fx.GraphModule, linears: list[fx.Node]) -> None:
 
 
 def fuse_projections(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    groups = _groups(gm) if ctx.fuse_projections else []
+    groups = _groups(gm)
     for linears in groups:
         _fuse(gm, linears)
-    gm.recompile()
     ctx.record("fuse_projections", len(groups))
     return gm

@@ -6,18 +6,14 @@ Hugging Face's ``apply_rotary_pos_emb`` as capture writes it in ATen:
     add(mul(x, C), mul(cat([neg(slice(x, -1, D/2, end)), slice(x, -1, 0, D/2)], -1), S))
 
 with the same ``C`` and ``S`` ``[B, 1, T, D]`` (the rotary tables, unsqueezed over heads) for q and k. Emits the op
-on ``x`` (sliced as before) with ``cos=C, sin=S``; the rotation nodes go once nothing reads them. Anything else
-(partial rotary dims, another RoPE formula) is left as it is: the op then gets rotated q/k, as before.
+on ``x`` (sliced as before) with ``cos=C, sin=S``; the rotation nodes, now dead, go with the pipeline's clean-up.
+Anything else (partial rotary dims, another RoPE formula) is left as it is: the op then gets rotated q/k, as before.
 
-Why: at decode Inductor turns each layer's rotation of q and k into its own small kernels (two for GQA, where q
-and k differ in head count; one for MHA), ~3 us each on the H200: 0.20 ms of a Llama-3-8B-shaped step (64
-launches) and 0.08 ms of a Llama-2-7B-shaped one (benchmarks/results/e2e_*_inductor.json profiles, 3a123ec),
-paid by full attention and DuoAttention alike. The decode kernels rotate q and the new keys as they load them
-(``triton_common.load_rope``; the cache still holds rotated keys), so those launches disappear; prefill paths
-rotate q and k first with one kernel each (``kernels/triton_rope.py``; against a compute-bound attention).
-Measured on the H200 (70458b2, benchmarks/results/e2e_*_fuse_rope.json, against 3a123ec): elementwise launches
-per decode step 162 -> 106 (Llama-3 shape) and 130 -> 106 (Llama-2), 0.24-0.60 ms less per token for both
-engines, the decode attention kernels no slower.
+Why: at decode Inductor turns each layer's rotation of q and k into small kernels of their own, launched per
+layer and paid by full attention and DuoAttention alike. The decode kernels rotate q and the new keys as they
+load them (``triton_common.load_rope``; the cache still holds rotated keys), so those launches disappear; prefill
+paths rotate q and k first with one kernel each (``kernels/triton_rope.py``; against a compute-bound attention).
+What it saved: see benchmarks/DECISIONS.md#fuse-rope.
 """
 from __future__ import annotations
 
@@ -27,7 +23,7 @@ from torch import fx
 from duo_compile.kernels.ops import OPS
 
 from .context import PassContext
-from .graph_utils import dead_code_elimination, shape_of
+from .graph_utils import shape_of
 
 aten = torch.ops.aten
 CACHED_OPS = (OPS["retrieval_attention_cached"], OPS["streaming_attention_cached"], OPS["attention_cached"])
@@ -104,10 +100,9 @@ def fuse_rope(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         q, k = (_unrotated(graph, arg, node) for arg in node.args[:2])
         if q is None or k is None or q[1:] != k[1:]:
-            continue  # a head slice made for a half match is dropped with the dead code below
+            continue  # a head slice made for a half match is dead code: the pipeline's clean-up drops it
         node.args = (q[0], k[0], *node.args[2:])
         node.kwargs = {**node.kwargs, "cos": q[1], "sin": q[2]}
         fused += 1
-    dead_code_elimination(gm)  # the rotation nodes (and the old head slices)
     ctx.record("fuse_rope", fused)
     return gm

@@ -91,8 +91,10 @@ def drop_param(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def dead_code_elimination(gm: fx.GraphModule) -> int:
-    """Remove unused pure nodes; returns how many were removed."""
+def clean_up(gm: fx.GraphModule) -> int:
+    """What the pipeline does after every pass (so no pass does it itself): remove the nodes nothing reads any
+    more (pure ones: ops that write a cache stay), check the graph and regenerate the module's code. Returns how
+    many nodes were removed."""
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

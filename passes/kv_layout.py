@@ -17,7 +17,6 @@ from torch import fx
 from duo_compile.kernels.ops import OPS
 
 from .context import CacheSpec, PassContext
-from .graph_utils import dead_code_elimination
 
 _CACHED = {
     OPS["retrieval_attention"]: ("retrieval", OPS["retrieval_attention_cached"]),
@@ -57,6 +56,5 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
-    dead_code_elimination(gm)
     ctx.record("kv_layout", len(attention))
     return gm

@@ -3,14 +3,15 @@
 Matches, in every layer that has both kinds of heads, what ``split_attention`` and ``kv_layout`` leave:
 ``cat([retrieval_attention_cached(q[:, :a], k[:, :n], v[:, :n], ...), streaming_attention_cached(q[:, a:],
 k[:, n:], v[:, n:], ...)], dim=1)``. Emits ``duo::attention_cached(q, k, v, <its four caches>, ...,
-retrieval_kv_heads=n)`` on the unsliced q/k/v, whose kernels write both groups' heads into one output.
+retrieval_kv_heads=n)`` on the unsliced q/k/v, whose kernels write both groups' heads into one output; the head
+slices become dead code, which the pipeline's clean-up removes.
 
 Why a separate pass rather than emitting the merged op from the start: passes 3 and 4 stay one idea each (split
 the heads; give each group its cache), and every step in between is a graph the tests can run. What merging
 buys is in the compiled graph: with the slices and the ``cat`` gone, Inductor produces q/k/v once per layer
-and never copies the two outputs into a third tensor (on the H200 the DuoAttention decode step ran 194
-elementwise kernels against the full-attention engine's 130: two extra per layer). Layers with one kind of
-head keep their single op, which already reads q/k/v whole.
+and never copies the two outputs into a third tensor (what that measured: see
+benchmarks/DECISIONS.md#merge-head-groups).
+Layers with one kind of head keep their single op, which already reads q/k/v whole.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from torch import fx
 from duo_compile.kernels.ops import OPS
 
 from .context import PassContext
-from .graph_utils import dead_code_elimination
 
 RETRIEVAL, STREAMING = OPS["retrieval_attention_cached"], OPS["streaming_attention_cached"]
 
@@ -57,9 +57,8 @@ def merge_head_groups(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             node = graph.call_function(OPS["attention_cached"], args)
         node.meta = {**cat.meta, "duo_layer": layer}
         cat.replace_all_uses_with(node)
-        for old in (cat, retrieval, streaming):  # the cached ops mutate their caches, so DCE would keep them
+        for old in (cat, retrieval, streaming):  # the cached ops write their caches: the clean-up would keep them
             graph.erase_node(old)
         merged += 1
-    dead_code_elimination(gm)  # the head slices
     ctx.record("merge_head_groups", merged)
     return gm

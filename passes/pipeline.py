@@ -9,17 +9,32 @@
    attention through the separate q/k/v projections.
 7. fuse_rope       - last: the cached ops take q/k before RoPE and rotate them themselves; it needs the final
    attention ops (merged) and finds the rotation right in front of them.
+
+After every pass ``run_pass`` cleans the graph up (``graph_utils.clean_up``: dead code removed, graph linted, code
+regenerated), so a pass only rewrites what it matches and leaves the nodes it made dead for the clean-up; call a
+pass through ``run_pass`` (or ``clean_up`` after it) to get a graph module that runs.
+
+The passes in ``OPTIONAL`` have a switch in the context, a bool field of the pass's name; one switched off does not
+run and is recorded as ``SKIPPED`` in ``ctx.changed`` (equal to 0, printed ``skipped``), not as a pass that matched
+nothing.
+
+Debugging: set ``DUO_COMPILE_DUMP_GRAPHS`` to a folder and every pass that runs writes the graph before and after
+it there, ``NN_<pass>_before.txt`` and ``NN_<pass>_after.txt`` (NN its number above; the graph's nodes, then the
+Python code generated from them). The folder is created if needed; files of an earlier run are overwritten.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import fx
 
-from .context import PassContext
+from .context import SKIPPED, PassContext
 from .find_attention import find_attention
 from .fuse_projections import fuse_projections
 from .fuse_rope import fuse_rope
+from .graph_utils import clean_up
 from .kv_layout import kv_layout
 from .merge_head_groups import merge_head_groups
 from .reorder_heads import reorder_heads
@@ -38,15 +53,47 @@ PIPELINE: list[tuple[str, Pass]] = [
 ]
 
 
+# Passes a PassContext can switch off, each by its bool field of the pass's name.
+OPTIONAL = ("fuse_projections", "fuse_rope")
+DUMP_GRAPHS = "DUO_COMPILE_DUMP_GRAPHS"
+
+
+def _number(name: str) -> int:
+    """The pass's number in the docstring's list (its place in PIPELINE, from 1)."""
+    names = [pass_name for pass_name, _ in PIPELINE]
+    if name not in names:
+        raise ValueError(f"unknown pass {name!r}; passes are {names}")
+    return names.index(name) + 1
+
+
+def _dump(gm: fx.GraphModule, number: int, name: str, when: str) -> None:
+    folder = os.environ.get(DUMP_GRAPHS)
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{number:02d}_{name}_{when}.txt").write_text(f"{gm.graph}\n\n{gm.code}")
+
+
+def run_pass(name: str, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Run the pass named ``name`` as the pipeline does: recorded as skipped if its switch is off, else run,
+    cleaned up after, and dumped before and after if ``DUO_COMPILE_DUMP_GRAPHS`` names a folder."""
+    number = _number(name)
+    if name in OPTIONAL and not getattr(ctx, name):
+        ctx.record(name, SKIPPED)
+        return gm
+    _dump(gm, number, name, "before")
+    gm = PIPELINE[number - 1][1](gm, ctx)
+    clean_up(gm)
+    _dump(gm, number, name, "after")
+    return gm
+
+
 def run_passes(gm: fx.GraphModule, ctx: PassContext, until: str | None = None) -> fx.GraphModule:
-    """Run the pipeline in order, stopping after the pass named ``until`` (all of them by default)."""
-    names = [name for name, _ in PIPELINE]
-    if until is not None and until not in names:
-        raise ValueError(f"unknown pass {until!r}; passes are {names}")
-    for name, fn in PIPELINE:
-        gm = fn(gm, ctx)
-        gm.graph.lint()
+    """Run the pipeline in order (each pass through ``run_pass``), stopping after the pass named ``until`` (all of
+    them by default)."""
+    if until is not None:
+        _number(until)  # an unknown name is an error before any pass runs
+    for name, _ in PIPELINE:
+        gm = run_pass(name, gm, ctx)
         if name == until:
             break
-    gm.recompile()
     return gm

@@ -47,6 +47,5 @@ def reorder_heads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if order != sorted(order):
             _reorder_site(gm, site, order)
             changed += 1
-    gm.recompile()
     ctx.record("reorder_heads", changed)
     return gm

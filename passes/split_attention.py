@@ -5,7 +5,7 @@ are ``[0, n_l)``). Emits, per layer: slices of q (``n_l * groups`` query heads) 
 ``duo::retrieval_attention`` on the first slice, ``duo::streaming_attention`` (sink + recent window) on the
 rest, and a ``cat`` of the two head outputs in place of the SDPA output. A layer with no heads of one kind gets
 only the other op. The graph stays cacheless (whole sequence from position 0); the causal mask and the
-repeat_kv expansion feeding SDPA become dead and are removed.
+repeat_kv expansion feeding SDPA become dead; the pipeline's clean-up removes them.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from torch import fx
 from duo_compile.kernels.ops import OPS
 
 from .context import PassContext
-from .graph_utils import dead_code_elimination
 
 aten = torch.ops.aten
 
@@ -48,6 +47,5 @@ def split_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             op.meta["duo_layer"] = site.layer
         site.node.replace_all_uses_with(out)
         graph.erase_node(site.node)
-    dead_code_elimination(gm)
     ctx.record("split_attention", len(ctx.sites))
     return gm

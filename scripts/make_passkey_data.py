@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from filler_grammar import generate_filler  # noqa: E402
 
-from duo_compile.passkey import (  # noqa: E402
+from duo_compile.identify.passkey import (  # noqa: E402
     ANSWER_END, FILLER_PATH, NATO_ALPHABET, NEEDLE_END, NEEDLE_TEMPLATE, ORDINALS, PASSKEY_MODEL_DIR,
     QUESTION_TEMPLATE, WordTokenizer,
 )

@@ -8,7 +8,7 @@ Why this model exists: the project needs a real model whose heads have really sp
 tokens, most only model local text) and that runs in CI on CPU. It is a Llama-architecture model (6 layers, GQA
 8 query / 4 KV heads, hidden 256, rope_theta 500000, 16K positions) over a word vocabulary, trained from scratch on
 two things at once: language modelling of text from a seeded story grammar (``filler_grammar.py``; the streaming
-heads' job) and the multi-passkey task of ``duo_compile.passkey`` at contexts up to 8K tokens (the retrieval
+heads' job) and the multi-passkey task of ``duo_compile.identify.passkey`` at contexts up to 8K tokens (the retrieval
 heads' job). Loss = next-token cross-entropy over all tokens + ``answer_weight`` x cross-entropy over the answer
 passkey tokens (they are a tiny fraction of the tokens).
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from filler_grammar import generate_filler  # noqa: E402
 
-from duo_compile.passkey import FILLER_PATH, PASSKEY_MODEL_DIR, PasskeyTask, WordTokenizer  # noqa: E402
+from duo_compile.identify.passkey import FILLER_PATH, PASSKEY_MODEL_DIR, PasskeyTask, WordTokenizer  # noqa: E402
 
 TRAIN_TEXT_SEED = 1000  # the bundled filler.txt is seed 1: evaluation text is held out
 
@@ -185,7 +185,7 @@ def retrieval_eval(model, task: PasskeyTask, contexts: list[int], args, device, 
                    samples: int = 16) -> dict[str, float]:
     """Exact-match passkey accuracy (one needle, full attention) at a few context lengths: the training's
     real progress signal (the per-batch answer loss is noisy)."""
-    from duo_compile.needle import passkey_accuracy
+    from duo_compile.identify.needle import passkey_accuracy
 
     was_training = model.training
     model.eval()
@@ -386,7 +386,7 @@ def main() -> None:
                                "loss_every_25": [r["loss"] for r in history_rows[::25]],
                                "distill_every_25": [r["distill"] for r in history_rows[::25]]}
             print(f"identified gates ({log['identify']['seconds']}s):\n{np.round(gates.gates, 3)}", flush=True)
-            from duo_compile.needle import plot_gates
+            from duo_compile.identify.needle import plot_gates
 
             plot_gates(gates, str(args.out / "gates.png"), title="passkey model: identified gates")
         except Exception:  # noqa: BLE001 - keep the trained model and report
@@ -396,7 +396,7 @@ def main() -> None:
 
     if args.study and gates is not None:
         try:
-            from duo_compile.needle import needle_study, plot_needle_study
+            from duo_compile.identify.needle import needle_study, plot_needle_study
 
             t0 = time.perf_counter()
             contexts = (256, 384, 512) if args.smoke else (1024, 2048, 3072, 4096, 5120, 6144, 7168, 8192)

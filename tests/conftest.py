@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import duo_compile  # noqa: E402,F401  (first: keeps the checkout's kernels/ from shadowing transformers' kernels)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""``duo-compile bench`` (duo_compile/bench.py): the end-to-end benchmark's code path on a CPU, and its refusals.
+"""``duo-compile bench`` (duo_compile/tools/bench.py): the end-to-end benchmark's code path on a CPU, and its refusals.
 
 The numbers of a CPU run mean nothing; what is checked is that the benchmark the GPU runs measures every engine,
 writes its JSON and plot, and prints each ratio beside its bound, so a mistake in it costs no device time.
@@ -30,9 +30,9 @@ def test_bench_tiny_on_cpu(tmp_path, capsys):
     # The DuoAttention engine holds less KV than full attention (streaming heads keep sink + recent = 320 slots).
     assert result["duo"]["decode"][1]["kv_GB"] < result["full"]["decode"][1]["kv_GB"]
     # Both streaming decode kernels timed on the one DuoAttention engine; full attention has no streaming heads.
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import tuning
 
-    assert triton_ops.STREAMING_DECODE == "mixed"  # the default again after the run
+    assert tuning.STREAMING_DECODE == "mixed"  # the default again after the run
     assert result["streaming_decode"] == "mixed,one" and "decode_one" not in result["full"]
     assert [row["context"] for row in result["duo"]["decode_one"]] == [400, 800]
     assert result["hf"]["decode"][0]["ms_per_token"] > 0
@@ -99,7 +99,7 @@ def test_kernel_benchmark_smoke(tmp_path):
 def test_prefill_timing_warms_up_every_cache_length():
     """Each prefill length gets its own cache size, a new input shape for a compiled graph: the timed prefill
     must come after a warm-up at that size covering a cached chunk (two chunks), not only at the first length."""
-    from duo_compile import bench
+    from duo_compile.tools import bench
 
     calls = []
 
@@ -123,7 +123,7 @@ def test_prefill_timing_warms_up_every_cache_length():
 
 def test_decode_ratio_prints_three_decimals_and_the_trials_range():
     """1.5994 is under a 1.6x goal and must not print as 1.60x; the trials bound how far the ratio moves."""
-    from duo_compile.bench import decode_ratio
+    from duo_compile.tools.bench import decode_ratio
 
     full = {"ms_per_token": 19.799, "ms_trials": [19.70, 19.799, 19.90]}
     duo = {"ms_per_token": 12.379, "ms_trials": [12.30, 12.379, 12.45]}

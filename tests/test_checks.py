@@ -52,7 +52,7 @@ def test_message_names_the_argument_and_the_bad_value(value):
 
 def test_entry_points_share_the_rule():
     """Engine, masks and identify all go through check_int: numpy integers in, Python ints stored."""
-    from duo_compile.engine import EngineConfig
+    from duo_compile.runtime.engine import EngineConfig
     from duo_compile.masks import HeadMasks
 
     config = EngineConfig(np.int64(4), np.int32(8), np.int64(64), np.int64(16))

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import duo_compile
-from duo_compile import engine_file
-from duo_compile.engine_file import EngineFileError
+from duo_compile.export import engine_file
+from duo_compile.export.engine_file import EngineFileError
 from duo_compile.export import BackendUnavailableError
 from tests.tiny_models import mixed_gates, tiny_model
 
@@ -212,9 +212,9 @@ def test_export_refuses_unwritable_paths(tmp_path):
 
 def test_failed_export_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
     """Writing is atomic: a failure half-way (here: the disk fills up) keeps the previous file as it was."""
-    from duo_compile import onnx_export
+    from duo_compile.export import onnx_export
 
-    export_module = sys.modules["duo_compile.export"]  # the attribute duo_compile.export is the function
+    export_module = sys.modules["duo_compile.export.api"]
     path = tmp_path / "m.onnx"
     path.write_bytes(b"previous engine")
 

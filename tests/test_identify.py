@@ -10,11 +10,11 @@ from duo_compile.identify import (
     attention_layout, gated_attention, identify, needle_attention_mass, streaming_attention_mask,
 )
 from duo_compile.masks import HeadMasks
-from duo_compile.passkey import PASSKEY_MODEL_DIR, PasskeyTask, WordTokenizer
+from duo_compile.identify.passkey import PASSKEY_MODEL_DIR, PasskeyTask, WordTokenizer
 from tests.tiny_models import ARCHS, tiny_model
 
-# duo_compile.identify is the function (the public API); the module is reached through importlib.
-identify_module = importlib.import_module("duo_compile.identify")
+# duo_compile.identify is the function (the public API); the optimisation module is reached through importlib.
+identify_module = importlib.import_module("duo_compile.identify.optimize")
 
 SHORT = dict(context_lengths=[48, 64], num_passkeys=2, passkey_length=3, sink_size=4, recent_size=8,
              progress=False)
@@ -248,7 +248,7 @@ def test_needle_attention_mass_shape_and_range():
 # ---------------------------------------------------------------------- the bundled passkey model
 
 def test_identify_on_the_bundled_model_short_schedule(tmp_path):
-    from duo_compile.passkey import load_passkey_model
+    from duo_compile.identify.passkey import load_passkey_model
 
     model, tokenizer = load_passkey_model()
     masks = identify(model, tokenizer, num_steps=4, context_lengths=[400], num_passkeys=2, passkey_length=5,
@@ -263,8 +263,8 @@ def test_identify_on_the_bundled_model_short_schedule(tmp_path):
 
 
 def test_bundled_model_retrieves_and_streaming_does_not():
-    from duo_compile.needle import passkey_accuracy
-    from duo_compile.passkey import load_passkey_model
+    from duo_compile.identify.needle import passkey_accuracy
+    from duo_compile.identify.passkey import load_passkey_model
 
     model, tokenizer = load_passkey_model()
     task = PasskeyTask.from_tokenizer(tokenizer, num_passkeys=1, vocab_size=model.config.vocab_size)

@@ -14,18 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
+from duo_compile.masks import PATTERNS_DIR, HeadMasks, KVCacheBytes, kv_cache_bytes
 from tests.tiny_models import mixed_gates, tiny_config, tiny_model
 
-PATTERNS = Path("/work/shared/patterns")
+PATTERNS = PATTERNS_DIR
 PATTERN_SHAPES = {
     "Llama-2-7B-32K-Instruct": (32, 32),
     "Llama-3-8B-Instruct-Gradient-1048k": (32, 8),
     "Mistral-7B-Instruct-v0.2": (32, 8),
 }
-needs_patterns = pytest.mark.skipif(
-    not PATTERNS.is_dir(), reason=f"{PATTERNS} (the authors' gate patterns) is missing on this machine"
-)
 
 
 def pattern(name: str) -> Path:
@@ -130,7 +127,6 @@ def test_empty_tsv_is_an_error(tmp_path, text):
 
 # ---------------------------------------------------------------- real pattern files
 
-@needs_patterns
 @pytest.mark.parametrize("name", sorted(PATTERN_SHAPES))
 def test_real_pattern_files_load(name):
     masks = HeadMasks.from_tsv(pattern(name))
@@ -142,7 +138,6 @@ def test_real_pattern_files_load(name):
     assert np.array_equal(masks.gates, np.clip(raw, 0.0, 1.0))  # ... and loading clips them like the authors
 
 
-@needs_patterns
 def test_llama3_sparsity_half_is_exact_and_deterministic(tmp_path):
     gates = HeadMasks.from_tsv(pattern("Llama-3-8B-Instruct-Gradient-1048k"))
     binary = gates.binarize(sparsity=0.5)
@@ -158,7 +153,6 @@ def test_llama3_sparsity_half_is_exact_and_deterministic(tmp_path):
     assert gates.gates[~binary.retrieval].max() <= gates.gates[binary.retrieval].min()
 
 
-@needs_patterns
 def test_authors_sparsities_on_llama2():
     gates = HeadMasks.from_tsv(pattern("Llama-2-7B-32K-Instruct"))
     binary = gates.binarize(sparsity=0.75)

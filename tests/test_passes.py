@@ -1,4 +1,6 @@
 """Each pass on its own: what it matched, what it emitted, and that outputs are unchanged where they must be."""
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -6,15 +8,14 @@ import torch
 from duo_compile.capture import capture
 from duo_compile.kernels.ops import OPS
 from duo_compile.oracle import oracle_logits
-from duo_compile.passes import PassContext, run_passes
+from duo_compile.passes import SKIPPED, PassContext, run_pass, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
-from duo_compile.passes.fuse_projections import fuse_projections
 from duo_compile.passes.fuse_rope import fuse_rope
-from duo_compile.passes.kv_layout import kv_layout
-from duo_compile.passes.merge_head_groups import merge_head_groups
+from tests.pass_checks import assert_ops_changed, op_counts
 from tests.tiny_models import mixed_gates, tiny_model
 
 LENGTH = 30
+aten = torch.ops.aten
 
 
 def _count(gm, target):
@@ -44,7 +45,9 @@ def _kv_heads(model):
 def test_find_attention_tags_every_layer(model):
     gm = capture(model, last_logits_only=False)
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
+    before = op_counts(gm)
     find_attention(gm, ctx)
+    assert_ops_changed(before, gm)  # it only tags
     assert ctx.changed["find_attention"] == 3
     for layer, site in enumerate(ctx.sites):
         assert site.layer == layer and site.node.meta["duo_attention"] is site
@@ -78,7 +81,10 @@ def test_reorder_heads_changes_weights_not_outputs(model):
     gates = np.zeros((3, _kv_heads(model)))
     gates[1, -1] = gates[2, -1] = 1  # layers 1 and 2: the retrieval head is last, so it must move
     ctx = _ctx(gates)
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="find_attention")
+    before = op_counts(gm)
+    gm = run_pass("reorder_heads", gm, ctx)
+    assert_ops_changed(before, gm)  # weights only
     assert ctx.changed["reorder_heads"] == 2
     assert ctx.retrieval_counts == [0, 1, 1] and ctx.head_order[1][0] == _kv_heads(model) - 1
     assert not torch.equal(gm.get_parameter("model.model.layers.1.self_attn.q_proj.weight"), original_q)
@@ -90,7 +96,12 @@ def test_reorder_heads_changes_weights_not_outputs(model):
 def test_split_attention_with_all_retrieval_changes_nothing(model):
     ids, pos = _inputs()
     ctx = _ctx(np.ones((3, _kv_heads(model))))
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    before = op_counts(gm)
+    gm = run_pass("split_attention", gm, ctx)
+    # The causal mask and repeat_kv that fed SDPA are dead code now, removed by the clean-up.
+    assert_ops_changed(before, gm, removed={SDPA: 3}, added={OPS["retrieval_attention"]: 3, aten.slice.Tensor: None},
+                       dead_code_ok=True)
     assert _count(gm, SDPA) == 0
     assert _count(gm, OPS["retrieval_attention"]) == 3 and _count(gm, OPS["streaming_attention"]) == 0
     torch.testing.assert_close(gm(ids, pos), model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -101,8 +112,13 @@ def test_split_attention_matches_oracle_for_mixed_masks(model):
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
     ctx = _ctx(gates)
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
+    gm = run_passes(capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    before = op_counts(gm)
+    gm = run_pass("split_attention", gm, ctx)
     # layer 0: retrieval only; layer 1: both; layer 2: streaming only.
+    assert_ops_changed(before, gm, removed={SDPA: 3}, dead_code_ok=True,
+                       added={OPS["retrieval_attention"]: 2, OPS["streaming_attention"]: 2, aten.cat.default: 1,
+                              aten.slice.Tensor: None})
     assert _count(gm, OPS["retrieval_attention"]) == 2 and _count(gm, OPS["streaming_attention"]) == 2
     assert _count(gm, torch.ops.aten.cat.default) >= 1
     expected = oracle_logits(model, gates, ids, sink_size=4, recent_size=8)
@@ -119,7 +135,10 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     ctx = _ctx(gates)
     gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
     cacheless = gm(ids, pos)
-    gm = kv_layout(gm, ctx)
+    before = op_counts(gm)
+    gm = run_pass("kv_layout", gm, ctx)
+    assert_ops_changed(before, gm, removed={OPS["retrieval_attention"]: 2, OPS["streaming_attention"]: 2},
+                       added={OPS["retrieval_attention_cached"]: 2, OPS["streaming_attention_cached"]: 2})
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders[:3] == ["input_ids", "position_ids", "cache_position"]
     assert placeholders[3:] == [spec.name for spec in ctx.cache_specs]
@@ -134,15 +153,16 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
 
 
 class _BeforePass:
-    """What a test of the pass after ``until`` compares against: the graph after ``until`` (``gm``, ``ctx``), random
-    caches for it, a copy of them (``written``) that graph has run on, and that run's ``output``. ``run`` feeds
-    the same inputs and the untouched ``caches`` to the rewritten graph: equal outputs and ``caches`` equal to
-    ``written`` afterwards mean the pass kept both."""
+    """What a test of the pass after ``until`` compares against: the graph after ``until`` (``gm``, ``ctx``) and its
+    ``op_counts`` (``ops``), random caches for it, a copy of them (``written``) that graph has run on, and that run's
+    ``output``. ``run`` feeds the same inputs and the untouched ``caches`` to the rewritten graph: equal outputs and
+    ``caches`` equal to ``written`` afterwards mean the pass kept both."""
 
     def __init__(self, model, retrieval, until: str):
         self.ids, self.pos = _inputs()
         self.ctx = _ctx(retrieval)
         self.gm = run_passes(capture(model, last_logits_only=False), self.ctx, until=until)
+        self.ops = op_counts(self.gm)
         self.caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in self.ctx.cache_specs]
         self.written = [c.clone() for c in self.caches]
         self.output = self.run(self.gm, self.written)
@@ -156,8 +176,12 @@ def test_merge_head_groups_makes_one_op_per_layer_and_keeps_outputs(model):
     case = _BeforePass(model, mixed_gates(3, _kv_heads(model)), "kv_layout")
     ctx, gm, caches, before, split = case.ctx, case.gm, case.caches, case.written, case.output
     slices, cats = _count(gm, torch.ops.aten.slice.Tensor), _count(gm, torch.ops.aten.cat.default)
-    gm = merge_head_groups(gm, ctx)
+    gm = run_pass("merge_head_groups", gm, ctx)
     # layer 1 is the only mixed layer: its two ops and their cat become one op; layers 0 and 2 keep theirs.
+    # Its q/k/v head slices (two groups x three) go too.
+    assert_ops_changed(case.ops, gm, added={OPS["attention_cached"]: 1},
+                       removed={OPS["retrieval_attention_cached"]: 1, OPS["streaming_attention_cached"]: 1,
+                                aten.cat.default: 1, aten.slice.Tensor: 6})
     assert ctx.changed["merge_head_groups"] == 1
     assert _count(gm, OPS["attention_cached"]) == 1 and _count(gm, torch.ops.aten.cat.default) == cats - 1
     assert _count(gm, OPS["retrieval_attention_cached"]) == 1 and _count(gm, OPS["streaming_attention_cached"]) == 1
@@ -173,8 +197,10 @@ def test_fuse_projections_makes_one_linear_per_input_and_keeps_outputs(model):
     ctx, gm, caches, before, separate = case.ctx, case.gm, case.caches, case.written, case.output
     linears = _count(gm, torch.ops.aten.linear.default)
     params = sum(p.numel() for p in gm.parameters())
-    gm = fuse_projections(gm, ctx)
+    gm = run_pass("fuse_projections", gm, ctx)
     # Per layer q/k/v become one linear and gate/up another: 3 + 2 -> 1 + 1, so 3 fewer per layer.
+    # Each of the five former outputs is a column slice of a fused one.
+    assert_ops_changed(case.ops, gm, removed={aten.linear.default: 3 * 3}, added={aten.slice.Tensor: 5 * 3})
     assert ctx.changed["fuse_projections"] == 2 * 3
     assert _count(gm, torch.ops.aten.linear.default) == linears - 3 * 3
     assert sum(p.numel() for p in gm.parameters()) == params  # each weight held once, concatenated
@@ -198,6 +224,8 @@ def test_fuse_projections_can_be_turned_off(model):
     engine = duo_compile.compile(model, masks, sink_size=4, recent_size=8, max_seq_len=64, backend="eager",
                                  fuse_projections=False)
     assert engine.pass_counts["fuse_projections"] == 0
+    assert engine.pass_counts["fuse_projections"] is SKIPPED  # not a pass that found nothing to fuse
+    assert str(engine.pass_counts["fuse_projections"]) == "skipped"
     assert _count(engine.graph, torch.ops.aten.linear.default) == 7 * 3 + 1
 
 
@@ -211,7 +239,11 @@ def test_fuse_rope_hands_the_rotation_to_every_attention_op(model, gates):
     case = _BeforePass(model, retrieval, "fuse_projections")
     ctx, gm, caches, before, rotated = case.ctx, case.gm, case.caches, case.written, case.output
     assert _count(gm, torch.ops.aten.neg.default) == 2 * 3  # q and k per layer
-    gm = fuse_rope(gm, ctx)
+    gm = run_pass("fuse_rope", gm, ctx)
+    # Per layer, q and k each lose x * cos + cat([-x_hi, x_lo]) * sin: two muls, an add, a neg, a cat, two slices.
+    assert_ops_changed(case.ops, gm, removed={aten.mul.Tensor: 2 * 2 * 3, aten.add.Tensor: 2 * 3,
+                                              aten.neg.default: 2 * 3, aten.cat.default: 2 * 3,
+                                              aten.slice.Tensor: 2 * 2 * 3})
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in
            (OPS["attention_cached"], OPS["retrieval_attention_cached"], OPS["streaming_attention_cached"])]
     assert ctx.changed["fuse_rope"] == len(ops) == 3  # one op per layer
@@ -244,8 +276,36 @@ def test_fuse_rope_leaves_a_rotation_it_does_not_know():
             node.meta["val"] = torch.empty(shapes.get(node.name, (1, 2, 3, 16)))
     gm = fx.GraphModule(torch.nn.Module(), graph)
     ctx = _ctx(np.ones((1, 2)))
+    before = op_counts(gm)
     fuse_rope(gm, ctx)
     assert ctx.changed["fuse_rope"] == 0 and op.args[0] is q and not op.kwargs
+    assert ctx.changed["fuse_rope"] is not SKIPPED  # it ran and matched nothing
+    assert_ops_changed(before, gm)
+
+
+@torch.no_grad()
+def test_run_passes_dumps_each_pass_and_records_a_switched_off_pass_as_skipped(tmp_path, monkeypatch):
+    """With DUO_COMPILE_DUMP_GRAPHS set, every pass that runs writes its graph before and after it; a pass switched
+    off in the context runs nothing, writes nothing and is recorded as SKIPPED (0, printed "skipped")."""
+    folder = tmp_path / "graphs"
+    monkeypatch.setenv("DUO_COMPILE_DUMP_GRAPHS", str(folder))
+    model = tiny_model("llama", True)
+    ctx = _ctx(mixed_gates(3, _kv_heads(model)))
+    ctx.fuse_projections = ctx.fuse_rope = False
+    gm = run_passes(capture(model, last_logits_only=False), ctx)
+    ran = ["01_find_attention", "02_reorder_heads", "03_split_attention", "04_kv_layout", "05_merge_head_groups"]
+    text = {path.name: path.read_text() for path in folder.iterdir()}
+    assert sorted(text) == sorted(f"{name}_{when}.txt" for name in ran for when in ("before", "after"))
+    for earlier, later in pairwise(ran):
+        assert text[f"{earlier}_after.txt"] == text[f"{later}_before.txt"]
+    assert "scaled_dot_product_attention" in text["03_split_attention_before.txt"]
+    assert "scaled_dot_product_attention" not in text["03_split_attention_after.txt"]
+    assert text["05_merge_head_groups_after.txt"] == f"{gm.graph}\n\n{gm.code}"
+    assert "def forward" in gm.code and "attention_cached" in gm.code
+    assert ctx.changed["fuse_projections"] is SKIPPED and ctx.changed["fuse_rope"] is SKIPPED
+    assert [str(ctx.changed[name]) for name in ("fuse_projections", "fuse_rope")] == ["skipped", "skipped"]
+    assert ctx.changed["fuse_rope"] == 0 and ctx.changed["merge_head_groups"] == 1
+    assert _count(gm, aten.neg.default) == 2 * 3 and _count(gm, aten.linear.default) == 7 * 3 + 1  # neither ran
 
 
 def _repeat_kv_with_slices(y, b, t):
@@ -277,7 +337,9 @@ def test_find_attention_looks_through_repeat_kv_written_with_slices():
     gm = torch.export.export(SliceRepeatKV(), (torch.randn(2, 5, 16),)).module()
     assert sum(n.target is torch.ops.aten.slice.Tensor for n in gm.graph.nodes) >= 8  # the pattern under test
     ctx = _ctx(np.ones((1, 1)))
+    before = op_counts(gm)
     find_attention(gm, ctx)
+    assert_ops_changed(before, gm)
     site = ctx.sites[0]
     assert (site.num_heads, site.num_kv_heads) == (4, 1)
     assert site.k_proj.args[1].target == "k_proj.weight"

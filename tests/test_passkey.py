@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from duo_compile.passkey import (
+from duo_compile.identify.passkey import (
     FILLER_PATH, NATO_ALPHABET, PASSKEY_MODEL_DIR, NEEDLE_TEMPLATE, QUESTION_TEMPLATE, ORDINALS, PasskeyTask,
     WordTokenizer,
 )

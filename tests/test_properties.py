@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): the duo ops and the whole runtime against independent formulations.
 
-(a) Ops. The test writes DESIGN.md's rule out again as one dense ``[query, key]`` mask over absolute positions
+(a) Ops. The test writes the rule of docs/design.md out again as one dense ``[query, key]`` mask over absolute positions
     (float64 attention, GQA by explicit head index) and compares it with the cached ops run chunk by chunk, so
     the streaming ring wraps around whenever the sequence is longer than ``sink + recent``. It also checks the
     cache contents afterwards: every slot holds the key of the position the layout says, and slots that were never
@@ -37,7 +37,7 @@ GARBAGE = 1e4  # start value of every cache slot: large enough that reading an u
 
 # ------------------------------------------------------------------------------------------ the dense rule
 def dense_visible(kind: str, chunk_starts: torch.Tensor, sink: int, recent: int, mode: str) -> torch.Tensor:
-    """``[T, T]`` bool, DESIGN.md "Semantics": may the query at position p see the key at position j.
+    """``[T, T]`` bool, docs/design.md "Semantics": may the query at position p see the key at position j.
 
     ``chunk_starts[p]`` is the first position of the call that processed token p (chunk mode only).
     """
@@ -61,7 +61,7 @@ def dense_attention(q, k, v, visible: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def streaming_slot(p: int, sink: int, recent: int) -> int:
-    """The layout of DESIGN.md / kernels/reference.py: sink slots, then a ring of ``recent`` slots."""
+    """The layout of docs/design.md / kernels/reference.py: sink slots, then a ring of ``recent`` slots."""
     return p if p < sink else sink + (p - sink) % recent
 
 
@@ -178,7 +178,8 @@ def test_triton_tiled_streaming_decode_follows_the_dense_rule(kv_heads, groups, 
     never written keep their garbage (the fused slot write lands only where the layout says)."""
     from dataclasses import replace
 
-    from duo_compile.kernels.triton_ops import decode_config, triton_streaming_attention_cached
+    from duo_compile.kernels.launchers import triton_streaming_attention_cached
+    from duo_compile.kernels.tuning import decode_config
 
     c = dict(batch=1, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=16, seed=seed)
     length = prompt + decode
@@ -210,9 +211,9 @@ def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_fr
     caches end in their layouts and slots never written keep their garbage. With ``rope`` the op gets q/k before
     the rotary embedding and the tables (what fuse_rope emits): the rule holds for the rotated q/k, and the caches
     hold rotated keys."""
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import launchers, tuning
 
-    assert triton_ops.STREAMING_DECODE == "mixed"  # the default, which this test is about
+    assert tuning.STREAMING_DECODE == "mixed"  # the default, which this test is about
     n = 1 + round(retrieval_frac * (kv_heads - 2))  # 1 .. kv_heads - 1 retrieval KV heads
     c = dict(batch=1, heads=kv_heads * groups, kv_heads=kv_heads, head_dim=16, seed=seed)
     length = prompt + decode
@@ -225,7 +226,7 @@ def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_fr
     outs = []
     for begin, end in [(0, prompt)] + [(p, p + 1) for p in range(prompt, length)]:
         cos, sin = (t[:, :, begin:end] for t in tables) if rope else (None, None)
-        outs.append(triton_ops.triton_attention_cached(
+        outs.append(launchers.triton_attention_cached(
             q_in[:, :, begin:end], k_in[:, :, begin:end], v[:, :, begin:end], r_k, r_v, s_k, s_v,
             torch.arange(begin, end), 0.25, n, sink, recent, False, cos=cos, sin=sin))
     out = torch.cat(outs, dim=2).double()

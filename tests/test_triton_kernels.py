@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from duo_compile.kernels import reference
-from duo_compile.kernels.triton_common import TileConfig
-from duo_compile.kernels.triton_ops import (
+from duo_compile.kernels.launchers import (
+    tma_compatible,
     triton_retrieval_attention,
     triton_retrieval_attention_cached,
     triton_streaming_attention,
     triton_streaming_attention_cached,
-    tma_compatible,
 )
+from duo_compile.kernels.tuning import TileConfig
 from tests.tiny_models import rope_tables
 
 D = 16
@@ -140,7 +140,7 @@ def test_prefill_config_uses_the_hopper_options_where_the_h200_measured_them(dty
     # TMA at head dim 128 in 16-bit, the grid order at head dim 128; head dim 64 neither (not timed).
     from types import SimpleNamespace
 
-    from duo_compile.kernels.triton_ops import prefill_config
+    from duo_compile.kernels.tuning import prefill_config
 
     q = SimpleNamespace(shape=(1, 32, 4096, d), dtype=dtype, device=torch.device("cuda"))
     cfg = prefill_config(q, "retrieval")
@@ -260,8 +260,8 @@ def test_registered_for_cuda():
 def test_decode_splits_stay_within_the_key_tiles(capacity, groups):
     # The default split count: at least 1, never more splits than key tiles (an empty split still costs a
     # program), at most 256 (the combine's width).
-    from duo_compile.kernels.triton_ops import decode_config, decode_splits
     from duo_compile.kernels.triton_common import grid_groups
+    from duo_compile.kernels.tuning import decode_config, decode_splits
 
     q = torch.zeros(1, 2 * groups, 1, D)
     cfg = decode_config(q, groups)
@@ -282,12 +282,12 @@ def test_decode_grid_on_the_h200(monkeypatch, kv_heads, groups, capacity, splits
     # multiprocessor, rounded down.
     from types import SimpleNamespace
 
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import tuning
 
-    monkeypatch.setattr(triton_ops, "num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
     q = SimpleNamespace(device=torch.device("cuda"), shape=(1, kv_heads * groups, 1, 128))
     cfg = TileConfig(block_t=max(1, 16 // groups), block_n=64, heads_per=groups)
-    assert triton_ops.decode_splits(q, SimpleNamespace(shape=(1, kv_heads, capacity, 128)), kv_heads, cfg) == splits
+    assert tuning.decode_splits(q, SimpleNamespace(shape=(1, kv_heads, capacity, 128)), kv_heads, cfg) == splits
 
 
 # ---------------------------------------------------------------------- decode-time linear layers (triton_gemv.py)
@@ -332,10 +332,10 @@ def test_attention_cached_writes_both_groups_into_one_output(chunk_mode, streami
     """triton_attention_cached against the reference, chunk after chunk and then decode steps, caches included:
     decode steps in one grid for both groups ("mixed", window mode) or each group's own launches ("tiles";
     chunk mode always)."""
-    from duo_compile.kernels import triton_ops
-    from duo_compile.kernels.triton_ops import triton_attention_cached
+    from duo_compile.kernels import tuning
+    from duo_compile.kernels.launchers import triton_attention_cached
 
-    monkeypatch.setattr(triton_ops, "STREAMING_DECODE", streaming_decode)
+    monkeypatch.setattr(tuning, "STREAMING_DECODE", streaming_decode)
 
     sink, recent, capacity = 3, 10, 64
     n_s = hkv - retrieval_kv_heads
@@ -380,9 +380,9 @@ def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, 
     keys inside the split kernels (retrieval split-K, streaming tiles, the mixed grid), the other paths with the
     rotation kernel first; outputs and caches (which must hold rotated keys) against the reference, chunk after
     chunk."""
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import launchers, tuning
 
-    monkeypatch.setattr(triton_ops, "STREAMING_DECODE", streaming_decode)
+    monkeypatch.setattr(tuning, "STREAMING_DECODE", streaming_decode)
     sink, recent, capacity = 3, 10, 64
     n = {"retrieval": hkv, "streaming": 0}.get(layer, 1)  # retrieval KV heads
     ring = sink + recent
@@ -402,7 +402,7 @@ def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, 
             run, ref_run = triton_streaming_attention_cached, reference.streaming_attention_cached
             args = (pos, SCALE, sink, recent, False)
         else:
-            run, ref_run = triton_ops.triton_attention_cached, reference.attention_cached
+            run, ref_run = launchers.triton_attention_cached, reference.attention_cached
             args = (pos, SCALE, n, sink, recent, layer == "mixed-chunk")
         out = run(q, k, v, *caches, *args, cos=cos, sin=sin)
         ref = ref_run(q, k, v, *ref_caches, *args, cos, sin)

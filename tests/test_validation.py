@@ -23,7 +23,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import duo_compile
-from duo_compile.engine import Engine
+from duo_compile.runtime.engine import Engine
 from duo_compile.oracle import oracle_generate
 from tests.reliability import one_thread  # noqa: F401  (fixture)
 from tests.tiny_models import mixed_gates, tiny_model

@@ -35,7 +35,7 @@ from torch import fx
 
 from duo_compile.kernels import reference
 from duo_compile.kernels.ops import OPS
-from duo_compile.engine_file import example_inputs
+from duo_compile.export.engine_file import example_inputs
 from duo_compile.passes import CacheSpec
 
 OPSET = 18

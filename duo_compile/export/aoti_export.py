@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from duo_compile.engine_file import example_inputs
+from duo_compile.export.engine_file import example_inputs
 
 MAX_BATCH = 1024
 PREFILL, DECODE = "prefill", "decode"

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from duo_compile.checks import check_int
-from duo_compile.cuda_graphs import GraphedDecode
+from duo_compile.runtime.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
 from duo_compile.passes import CacheSpec
@@ -141,7 +141,7 @@ class Engine:
         for spec, cache in zip(self.cache_specs, self.caches):
             sizes[spec.kind] += cache.numel() * cache.element_size()
         full = kv_cache_bytes(
-            _ConfigView(self.info),
+            self.info,
             self.masks,
             seq_len=self.cache_len,
             batch_size=self.batch_size,
@@ -287,14 +287,3 @@ class Engine:
             f"{self.masks.retrieval_ratio:.3f}, sink={c.sink_size}, recent={c.recent_size}, "
             f"max_seq_len={c.max_seq_len}, mode={c.streaming_mode}, backend={c.backend})"
         )
-
-
-class _ConfigView:
-    """The few config fields ``kv_cache_bytes`` reads, from a ModelInfo (engines loaded from files have no model)."""
-
-    def __init__(self, info: ModelInfo):
-        self.num_hidden_layers = info.num_layers
-        self.num_attention_heads = info.num_heads
-        self.num_key_value_heads = info.num_kv_heads
-        self.head_dim = info.head_dim
-        self.hidden_size = info.num_heads * info.head_dim

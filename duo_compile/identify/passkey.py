@@ -2,7 +2,7 @@
 
 Why a synthetic task: head identification needs inputs whose answers can only be produced by attending to tokens
 far back (the passkeys), so that a head made streaming changes the final hidden states exactly when it is a
-retrieval head. The layout follows the authors (see ``shared/reference/duo-attention-brief.md`` section 1): a
+retrieval head. The layout follows the authors' training data (``docs/design.md``, "Head identification"): a
 haystack of filler text with ``num_passkeys`` needles at sorted depths in [0.05, 0.95], then for every needle a
 question and its answer; the loss positions are the whole question/answer tail.
 
@@ -55,7 +55,7 @@ NEEDLE_END = "."
 QUESTION_TEMPLATE = " Based on the content of the book, what is the {ordinal} passkey to the vault?\nPasskey:"
 ANSWER_END = "."
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 FILLER_PATH = DATA_DIR / "filler.txt"
 PASSKEY_MODEL_DIR = DATA_DIR / "passkey_model"
 PASSKEY_GATES_DIR = DATA_DIR / "passkey_model_gates"

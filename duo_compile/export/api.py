@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from duo_compile.engine import Engine
-from duo_compile.engine_file import (
+from duo_compile.runtime.engine import Engine
+from duo_compile.export.engine_file import (
     PT2_META_NAME,
     EngineFileError,
     atomic_path,
@@ -45,7 +45,7 @@ _TENSORRT_MESSAGE = (
     "CUDA build of torch). Export with backend='onnx' instead: that engine uses standard ONNX ops only (opset "
     "{opset}, no custom domain) with static cache shapes and a dynamic batch/chunk length, so TensorRT's ONNX parser "
     "can build an engine from it, e.g. trtexec --onnx=model.onnx --minShapes=input_ids:1x1,... (the shapes are "
-    "documented in duo_compile/onnx_export.py and in the file's metadata)."
+    "documented in duo_compile/export/onnx_export.py and in the file's metadata)."
 )
 
 
@@ -77,7 +77,7 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "tensorrt":
-        from duo_compile.onnx_export import OPSET
+        from duo_compile.export.onnx_export import OPSET
 
         raise BackendUnavailableError(_TENSORRT_MESSAGE.format(opset=OPSET))
     if separate_decode and backend != "aoti":
@@ -91,7 +91,7 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
 
 
 def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
-    from duo_compile import aoti_export
+    from duo_compile.export import aoti_export
 
     programs = aoti_export.export_programs(engine, separate_decode)
     prefill, decode = aoti_export.PREFILL, aoti_export.DECODE
@@ -108,7 +108,7 @@ def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
 
 
 def _export_onnx(engine: Engine, path: str) -> None:
-    from duo_compile import onnx_export
+    from duo_compile.export import onnx_export
 
     data, description = onnx_export.export_onnx_bytes(engine)
     meta = engine_metadata(engine, "onnx", description, {})
@@ -145,7 +145,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
     parts, _ = read_metadata(path)
     check_runtime(parts, path)
     if parts.backend == "aoti":
-        from duo_compile.aoti_export import AOTIRunner
+        from duo_compile.export.aoti_export import AOTIRunner
 
         check_ops(parts, path)
         try:
@@ -159,7 +159,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
             raise EngineFileError(
                 f"{path}: an ONNX engine runs on onnxruntime, which is not installed (pip install onnxruntime)"
             ) from None
-        from duo_compile.onnx_export import OnnxRunner
+        from duo_compile.export.onnx_export import OnnxRunner
 
         try:
             runner = OnnxRunner(

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from duo_compile.masks import PATTERNS_DIR
+
 SINK, RECENT = 64, 256
 SHAPES = {
     "llama2": dict(
@@ -275,8 +277,8 @@ def engine_prefill(engine, vocab: int, lengths: list[int], chunk: int) -> list[d
             ids = torch.randint(0, vocab, (1, tokens), device=engine.device)
             # Warm-up at every length, up to two chunks: a new cache size is a new input shape for the compiled
             # graph (Inductor compiles again) and the second chunk runs the cached-prefix kernels. Warming up the
-            # first length only put a ~40 s recompile into the 128K timings of the inductor backend
-            # (benchmarks/results/e2e_*_prefill_inductor.json).
+            # first length would put an Inductor recompile into the timings (see
+            # benchmarks/DECISIONS.md#e2e-prefill-warmup).
             engine.prefill(ids[:, : min(tokens, 2 * chunk)], chunk)
             row["ms"] = device_ms(lambda: engine.prefill(ids, chunk), engine.device,
                                   repeat=1 if tokens > chunk else 3)
@@ -388,7 +390,7 @@ def hf_generate(model, contexts: list[int], prefill_tokens: list[int], vocab: in
 
 def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
     import duo_compile
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import tuning
 
     shape = SHAPES[key]
     cfg = shape["config"]
@@ -429,7 +431,7 @@ def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
             # graph, and the launchers read the choice at each launch, so one compiled engine serves them all.
             modes = args.streaming_decode if label == "duo" else args.streaming_decode[:1]
             for i, mode in enumerate(modes):
-                triton_ops.STREAMING_DECODE = mode
+                tuning.STREAMING_DECODE = mode
                 if len(modes) > 1:
                     log(f"    streaming decode kernel: {mode}")
                 rows = engine_decode(engine, shape["contexts"], profile_at=shape["goal_context"])
@@ -538,8 +540,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (``duo-compile bench`` and ``benchmarks/e2e.py`` share them)."""
-    parser.add_argument("--patterns", default=None,
-                        help="folder holding the authors' pattern folders (needed for llama2 and llama3)")
+    parser.add_argument("--patterns", default=str(PATTERNS_DIR),
+                        help="folder holding the authors' pattern folders (default: the bundled ones)")
     parser.add_argument("--out", required=True, help="folder for e2e_<model>.json and e2e.png")
     parser.add_argument("--models", default="llama2,llama3", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--backend", default="eager", choices=("eager", "inductor"))
@@ -548,7 +550,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated engine measurements: decode, prefill, max_context")
     parser.add_argument("--streaming-decode", default=None,
                         help="streaming decode kernels, comma-separated, from one, tiles, mixed "
-                             "(kernels.triton_ops.STREAMING_DECODE, the default); several time the DuoAttention "
+                             "(kernels.tuning.STREAMING_DECODE, the default); several time the DuoAttention "
                              "engine with each, side by side")
     parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
 
@@ -564,13 +566,13 @@ def run(args: argparse.Namespace) -> int:
     bad = sorted(set(sections) - {"decode", "prefill", "max_context"})
     if bad:
         raise ValueError(f"unknown --sections {bad}; choose from decode, prefill, max_context")
-    from duo_compile.kernels import triton_ops
+    from duo_compile.kernels import tuning
 
-    streaming = (args.streaming_decode or triton_ops.STREAMING_DECODE).split(",")
-    bad = [m for m in streaming if m not in triton_ops.STREAMING_DECODE_MODES]
+    streaming = (args.streaming_decode or tuning.STREAMING_DECODE).split(",")
+    bad = [m for m in streaming if m not in tuning.STREAMING_DECODE_MODES]
     if bad or len(set(streaming)) < len(streaming):
         raise ValueError(f"bad --streaming-decode {args.streaming_decode!r}; give distinct modes from "
-                         f"{', '.join(triton_ops.STREAMING_DECODE_MODES)}")
+                         f"{', '.join(tuning.STREAMING_DECODE_MODES)}")
     devices = {SHAPES[m]["device"] for m in models}
     if "cuda" in devices and not torch.cuda.is_available():
         gpu_models = [m for m in models if SHAPES[m]["device"] == "cuda"]
@@ -594,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
     meta["ceilings"] = measure_ceilings(device)
     log(f"ceilings: {meta['ceilings']}")
     results = []
-    default_streaming = triton_ops.STREAMING_DECODE  # bench_model switches it; the caller gets it back
+    default_streaming = tuning.STREAMING_DECODE  # bench_model switches it; the caller gets it back
     try:
         for key in models:
             def save_partial(part: dict, key=key) -> None:  # a run cut short keeps what it measured
@@ -605,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
             save_partial(result)
             print("\n".join(summarize(result)), flush=True)
     finally:
-        triton_ops.STREAMING_DECODE = default_streaming
+        tuning.STREAMING_DECODE = default_streaming
     plot(results, out / "e2e.png")
     return 0
 

@@ -7,7 +7,7 @@ Two containers, each one self-contained file with the same JSON metadata (``FORM
   (one token; prefill then takes 2 .. max_seq_len), and the metadata as the extra file ``extra/duo_engine.json``.
   Zip CRCs are checked on load, so a truncated or damaged file is refused.
 * ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
-  ``metadata_props`` entry ``duo_compile.engine`` holds the metadata. That entry is written as the file's last bytes
+  ``metadata_props`` entry ``duo_compile.runtime.engine`` holds the metadata. That entry is written as the file's last bytes
   (protobuf merges a trailing message into the model), and it records the byte length and SHA-256 of everything
   before it, so a truncated or altered file is refused.
 
@@ -36,16 +36,16 @@ from typing import Any
 
 import torch
 
-from duo_compile.engine import EngineConfig
+from duo_compile.runtime.engine import EngineConfig
 from duo_compile.masks import HeadMasks
 from duo_compile.models.hf import ModelInfo
 from duo_compile.passes import CacheSpec
 
-FORMAT = "duo_compile.engine"
+FORMAT = "duo_compile.runtime.engine"
 FORMAT_VERSION = 1
 BACKENDS = ("aoti", "onnx")
 PT2_META_NAME = "duo_engine.json"  # in the PT2 archive as <archive>/extra/duo_engine.json
-ONNX_META_KEY = "duo_compile.engine"
+ONNX_META_KEY = "duo_compile.runtime.engine"
 ZIP_MAGIC = b"PK\x03\x04"
 
 

@@ -19,7 +19,7 @@ from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 
 def _demo_model():
     """The bundled trained model with its gates and a passkey prompt, else a random one (and say which)."""
-    from duo_compile.passkey import PASSKEY_MODEL_DIR, PasskeyTask, load_passkey_gates, load_passkey_model
+    from duo_compile.identify.passkey import PASSKEY_MODEL_DIR, PasskeyTask, load_passkey_gates, load_passkey_model
 
     if (PASSKEY_MODEL_DIR / "model.safetensors").exists():
         model, tokenizer = load_passkey_model()

@@ -17,10 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from duo_compile.identify import _autocast, _equal_length_batches, attention_layout, gated_attention, \
-    gated_hidden_states, needle_attention_mass
+from duo_compile.identify.gated_attention import (
+    attention_layout, autocast, equal_length_batches, gated_attention, gated_hidden_states, needle_attention_mass,
+)
 from duo_compile.masks import HeadMasks
-from duo_compile.passkey import PasskeySample, PasskeyTask
+from duo_compile.identify.passkey import PasskeySample, PasskeyTask
 
 __all__ = ["DEFAULT_CONTEXT_LENGTHS", "DEFAULT_DEPTHS", "needle_samples", "passkey_accuracy", "needle_study",
            "goals", "plot_needle_study", "plot_gates"]
@@ -55,9 +56,9 @@ def passkey_accuracy(model: torch.nn.Module, samples: Sequence[PasskeySample], g
     head = model.get_output_embeddings()
     exact = {}
     tokens = {}
-    with torch.no_grad(), _autocast(device, autocast_dtype), gated_attention(
+    with torch.no_grad(), autocast(device, autocast_dtype), gated_attention(
             model, gates, sink_size=sink_size, recent_size=recent_size):
-        for group in _equal_length_batches(samples, batch_size):
+        for group in equal_length_batches(samples, batch_size):
             ids = torch.as_tensor(np.stack([s.input_ids for s in group]), device=device)
             hidden = gated_hidden_states(model, ids)
             for row, s in enumerate(group):

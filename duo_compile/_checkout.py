@@ -1,0 +1,36 @@
+"""Running from a checkout: the repository's ``kernels/`` folder must not shadow the ``kernels`` distribution.
+
+The folder installs as ``duo_compile.kernels``, but Python puts the working directory first on ``sys.path`` when
+run from the repository root (``python -m pytest``, ``python -m duo_compile...``). Hugging Face's ``kernels``
+distribution, which recent transformers releases import at start-up, would then resolve to the folder and fail.
+Importing the distribution once from the rest of ``sys.path`` keeps every later ``import kernels`` on it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_checkout_folder(path: str) -> bool:
+    return os.path.abspath(path or os.curdir) == _ROOT
+
+
+def keep_site_kernels() -> None:
+    """Import the installed ``kernels`` distribution if the checkout's folder would shadow it; else do nothing."""
+    if "kernels" in sys.modules:
+        return
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or not spec.origin.startswith(os.path.join(_ROOT, "kernels")):
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if not _is_checkout_folder(p)]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        sys.modules.pop("kernels", None)
+    finally:
+        sys.path[:] = saved

@@ -1,0 +1,347 @@
+"""Launchers of the duo Triton kernels: plain Python over tensors, one function per op and path.
+
+On CUDA they run the compiled kernels; on CPU tensors they run under ``TRITON_INTERPRET=1`` (set before triton is
+imported), which is how the CPU tests check them against ``reference.py``. Tiles and split counts come from
+tuning.py unless a caller passes its own; triton_ops.py registers the public launchers as the ops' CUDA kernels.
+
+Launches per layer: retrieval prefill 1 (append fused), retrieval decode 2 (split-K + combine, append fused),
+streaming prefill 2 (attention, then the ring write that must wait for every read), streaming decode 2 (one
+program per cache tile, slot write fused, then combine; chunk mode, or STREAMING_DECODE "one": 1, one program
+per KV group). A mixed layer (``duo::attention_cached``) decodes in 2 (both groups' programs in one grid, one
+combine: STREAMING_DECODE "mixed"); otherwise it runs both groups' launches, each writing its heads' slice of
+one output. No launcher reads a device value on the host: the chunk's start position is read inside the
+kernels, so every launch is CUDA-graph capturable.
+
+RoPE (ops given ``cos``/``sin`` by ``fuse_rope``): the decode launches above rotate q and the new keys inside
+their kernels (no extra launch); every other path (prefill, chunk mode, STREAMING_DECODE "one") first rotates q
+and k with ``triton_rope.py``, one launch each.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import reference, tuning
+from .triton_common import (
+    check_shapes,
+    dot_precision,
+    grid_groups,
+    last_dim_contiguous,
+    log2_scale,
+    next_pow2,
+)
+from .triton_decode import combine_kernel, retrieval_split_kernel
+from .triton_mixed_decode import mixed_decode_kernel
+from .triton_retrieval import retrieval_prefill_kernel
+from .triton_rope import rope_strides, triton_rope
+from .triton_streaming import streaming_kernel, streaming_write_kernel
+from .triton_streaming_decode import streaming_decode_split_kernel
+from .tuning import DECODE_MAX_TOKENS, TileConfig, decode_config, decode_splits, prefill_config
+
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (blocks_first puts batch x heads there)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rope_tables(q: torch.Tensor, rope) -> tuple:
+    """Kernel arguments ``(COS, SIN, stride_b, stride_t)`` of a decode launch's fused RoPE: the ops' ``cos, sin``
+    ``[B or 1, 1, T, D]`` broadcast to q's batch and tokens, one set of strides for both (made contiguous if they
+    differ); without tables (``rope`` None) placeholders the kernel never reads (ROPE=False)."""
+    if rope is None:
+        return q, q, 0, 0
+    cos, sin = rope_strides(q, *rope)
+    return cos, sin, cos.stride(0), cos.stride(2)
+
+
+def _rotate_first(q, k, rope):
+    """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first
+    (triton_rope.py: one pass over each)."""
+    if rope is None:
+        return q, k
+    return triton_rope(q, *rope), triton_rope(k, *rope)
+
+
+def _empty_out(q: torch.Tensor) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _refuse_retrieval_prefill_options(cfg: TileConfig, kernel: str) -> None:
+    """The retrieval prefill's own options (TMA loads, grid order) given to another launcher: an error, not
+    ignored."""
+    for knob in ("tma", "blocks_first"):
+        if getattr(cfg, knob):
+            raise ValueError(f"TileConfig.{knob}=True: only the retrieval prefill has it, not the {kernel}")
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can read these tensors (all on one device): on CPU (the interpreter emulates it) or a GPU of
+    compute capability 9+ (Hopper), 16-byte aligned base addresses and strides, the last dim contiguous."""
+    device = tensors[0].device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    for x in tensors:
+        if x.data_ptr() % 16 or x.stride(-1) != 1 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _key_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """Host-side TMA descriptor of a ``[B, H, T, D]`` k/v tensor or cache; each load is one ``[1, 1, block_n, D]``
+    box (rows past ``T`` read as zeros)."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
+
+
+def _check_prefill_config(cfg: TileConfig, t: int) -> None:
+    if cfg.block_t % cfg.block_n and t > cfg.block_t:
+        raise ValueError(f"block_t={cfg.block_t} must be a multiple of block_n={cfg.block_n} for multi-block prefill")
+    if cfg.heads_per * cfg.block_t < 16 or cfg.block_n < 16:
+        raise ValueError("tl.dot needs tiles of at least 16 rows and 16 keys")
+
+
+def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, cfg: TileConfig | None, out=None):
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q) if out is None else out
+    if out.numel() == 0:
+        return out
+    cfg = cfg or prefill_config(q, "retrieval")
+    _check_prefill_config(cfg, t)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    has_cache = k_cache is not None
+    kc, vc = (k_cache, v_cache) if has_cache else (k, v)
+    pos = cache_position if has_cache else q  # unused without a cache
+    tma = cfg.tma and tma_compatible(k, v, kc, vc)
+    descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
+    grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
+    blocks_first = cfg.blocks_first and grid[0] <= MAX_GRID_Y
+    retrieval_prefill_kernel[grid[::-1] if blocks_first else grid](
+        q, k, v, kc, vc, out, pos, *descriptors,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
+        hkv, groups, t, log2_scale(scale),
+        HAS_CACHE=has_cache, HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), TMA=tma, BLOCKS_FIRST=blocks_first, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def _empty_partials(b: int, hq: int, t: int, splits: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partial outputs ``[B, Hq, T, splits, D]`` and their log-sum-exps ``[B, Hq, T, splits]`` (fp32)."""
+    return (torch.empty((b, hq, t, splits, d), dtype=torch.float32, device=device),
+            torch.empty((b, hq, t, splits), dtype=torch.float32, device=device))
+
+
+def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: int | None = None,
+             splits_rest: int | None = None):
+    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (a program per row and
+    ``tuning.COMBINE_BLOCK_D`` columns); heads from ``h_first`` on filled only ``splits_rest`` slots, those before
+    it ``splits_first`` (default: every head all slots). An ordinary launch after the splits' (see
+    benchmarks/DECISIONS.md#decode-combine-pdl)."""
+    b, hq, t, splits, d = o_part.shape
+    # Under the interpreter (CPU tests) at least two column blocks, so the split is exercised.
+    block_d = min(d if o_part.device.type == "cuda" else d // 2, tuning.COMBINE_BLOCK_D)
+    combine_kernel[(b * hq * t, d // block_d)](
+        o_part, lse_part, out, *_strides(out), hq, t, splits,
+        hq if h_first is None else h_first, splits_first or splits, splits_rest or splits,
+        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, num_warps=4 if d >= 128 else 2,
+    )
+
+
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None, out=None,
+                             rope=None):
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q) if out is None else out
+    if out.numel() == 0:
+        return out
+    cfg = cfg or decode_config(q, groups, capacity=k_cache.shape[2])
+    _refuse_retrieval_prefill_options(cfg, "retrieval decode")
+    if t > cfg.block_t:
+        raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    programs = grid_groups(b, hkv, groups, cfg.heads_per)
+    splits = num_splits or decode_splits(q, k_cache, programs, cfg)
+    o_part, lse_part = _empty_partials(b, hq, t, splits, d, q.device)
+    retrieval_split_kernel[(splits, programs)](
+        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
+        hkv, groups, t, splits, log2_scale(scale), *_rope_tables(q, rope),
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    _combine(o_part, lse_part, out)
+    return out
+
+
+def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg, out,
+                                   rope=None):
+    """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    cfg = cfg or decode_config(q, groups)
+    _refuse_retrieval_prefill_options(cfg, "streaming decode")
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    splits = math.ceil((sink + recent + 1) / cfg.block_n)
+    o_part, lse_part = _empty_partials(b, hq, 1, splits, d, q.device)
+    streaming_decode_split_kernel[(splits, grid_groups(b, hkv, groups, cfg.heads_per))](
+        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *_strides(k_cache), *_strides(v_cache),
+        hkv, groups, splits, log2_scale(scale), sink, recent, *_rope_tables(q, rope)[:3],
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps, num_stages=1,
+    )
+    _combine(o_part, lse_part, out)
+    return out
+
+
+def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg,
+                      split_decode=None, out=None, rope=None):
+    b, hq, t, d, hkv, groups = check_shapes(q, k, v)
+    out = _empty_out(q) if out is None else out
+    if out.numel() == 0:
+        return out
+    if recent < 1 or sink < 0:
+        raise ValueError(f"streaming needs recent >= 1 and sink >= 0, got sink={sink}, recent={recent}")
+    has_cache = k_cache is not None
+    split_decode = tuning.STREAMING_DECODE != "one" if split_decode is None else split_decode
+    if has_cache and t == 1 and not chunk_mode and split_decode:
+        return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg,
+                                              out, rope)
+    q, k = _rotate_first(q, k, rope)
+    decode = t <= DECODE_MAX_TOKENS
+    cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
+    _refuse_retrieval_prefill_options(cfg, "streaming attention")
+    _check_prefill_config(cfg, t)
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    kc, vc = (k_cache, v_cache) if has_cache else (k, v)
+    pos = cache_position if has_cache else q
+    programs = grid_groups(b, hkv, groups, cfg.heads_per)
+    blocks = math.ceil(t / cfg.block_t)
+    # One program per KV group and a single token: it may write its slot itself once it has read the ring.
+    fuse_write = has_cache and t == 1 and blocks == 1 and programs == b * hkv
+    streaming_kernel[(programs, blocks)](
+        q, k, v, kc, vc, out, pos,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
+        hkv, groups, t, log2_scale(scale), sink, recent,
+        HAS_CACHE=has_cache, CHUNK_MODE=bool(chunk_mode), FUSE_WRITE=fuse_write,
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if has_cache and not fuse_write:
+        candidates = sink + min(t, recent)
+        block_w = 16 if q.device.type != "cuda" else 64
+        streaming_write_kernel[(math.ceil(candidates / block_w), b * hkv)](
+            k, v, k_cache, v_cache, cache_position,
+            *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
+            hkv, t, sink, recent, BLOCK_W=block_w, D=d, num_warps=4,
+        )
+    return out
+
+
+# ---- public launchers (also usable on CPU tensors under TRITON_INTERPRET=1) ----
+
+
+def triton_retrieval_attention(q, k, v, scale: float, config: TileConfig | None = None) -> torch.Tensor:
+    """Causal attention over this call's tokens: the retrieval prefill kernel with no cache (start = 0)."""
+    return _launch_retrieval_prefill(q, k, v, None, None, None, scale, config)
+
+
+def triton_streaming_attention(
+    q, k, v, scale: float, sink: int, recent: int, config: TileConfig | None = None
+) -> torch.Tensor:
+    """Sink + recent-window attention over this call's tokens: the streaming kernel with no cache (start = 0)."""
+    return _launch_streaming(q, k, v, None, None, None, scale, sink, recent, False, config)
+
+
+def triton_retrieval_attention_cached(
+    q, k, v, k_cache, v_cache, cache_position, scale: float,
+    config: TileConfig | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else.
+
+    ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor. ``cos``,
+    ``sin``: q and k are pre-RoPE (reference.py); decode rotates them in the kernel, prefill in torch first."""
+    rope = reference.rope_pair(cos, sin)
+    if q.shape[2] <= DECODE_MAX_TOKENS:
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out,
+                                        rope)
+    q, k = _rotate_first(q, k, rope)
+    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config, out)
+
+
+def triton_streaming_attention_cached(
+    q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
+    config: TileConfig | None = None, split_decode: bool | None = None, out: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
+
+    ``split_decode`` picks the kernel of a one-token window-mode step: True the tiled one, False the one-program
+    one, None ``STREAMING_DECODE`` != "one" (both are exact; the choice is for timing them side by side). ``out``
+    and ``cos``/``sin`` as for ``triton_retrieval_attention_cached`` (the tiled decode rotates in the kernel).
+    """
+    return _launch_streaming(
+        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out,
+        reference.rope_pair(cos, sin),
+    )
+
+
+def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_position, scale, sink, recent,
+                         out, cfg=None, num_splits=None, rope=None):
+    """One token, window mode, both head groups: one grid of streaming tiles then retrieval splits, writing one
+    partial buffer, then one combine (triton_mixed_decode.py). ``cfg`` / ``num_splits`` override the retrieval
+    tiles and split count (decode_config / decode_splits), for the kernel benchmark's sweep."""
+    (qr, kr, vr), (qs, ks, vs) = retrieval_qkv, streaming_qkv
+    b, hq, _, d = out.shape
+    _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
+    _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
+    cfg = cfg or decode_config(qr, groups, capacity=k_r.shape[2])
+    _refuse_retrieval_prefill_options(cfg, "mixed decode")
+    programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)
+    programs_s = grid_groups(b, hkv_s, groups, cfg.heads_per)
+    splits_r = num_splits or decode_splits(qr, k_r, programs_r, cfg)
+    streaming_block_n = min(cfg.block_n, 32)  # see triton_mixed_decode.py
+    tiles_s = math.ceil((sink + recent + 1) / streaming_block_n)
+    part = max(splits_r, tiles_s)
+    o_part, lse_part = _empty_partials(b, hq, 1, part, d, out.device)
+    mixed_decode_kernel[(tiles_s * programs_s + splits_r * programs_r,)](
+        qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, cache_position, o_part, lse_part,
+        *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),
+        hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
+        *_rope_tables(qr, rope)[:3],
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, STREAMING_BLOCK_N=streaming_block_n,
+        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    _combine(o_part, lse_part, out, h_first=hkv_r * groups, splits_first=splits_r, splits_rest=tiles_s)
+    return out
+
+
+def triton_attention_cached(
+    q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
+    retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool,
+    config: TileConfig | None = None, num_splits: int | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
+    output (no concatenation afterwards). ``config`` / ``num_splits``: the retrieval decode's tiles and split
+    count (default: decode_config / decode_splits), as for ``triton_retrieval_attention_cached``; so are
+    ``cos``/``sin``."""
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
+    out = _empty_out(q)
+    split = retrieval_qkv[0].shape[1]
+    if (tuning.STREAMING_DECODE == "mixed" and q.shape[2] == 1 and not chunk_mode and 0 < split < q.shape[1]
+            and out.numel() > 0):
+        return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
+                                    v_streaming, cache_position, scale, sink, recent, out, config, num_splits,
+                                    reference.rope_pair(cos, sin))
+    triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
+                                      config=config, num_splits=num_splits, out=out[:, :split], cos=cos, sin=sin)
+    triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,
+                                      chunk_mode, out=out[:, split:], cos=cos, sin=sin)
+    return out
