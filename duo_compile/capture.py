@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import sys
+import warnings
 
 import torch
 from torch import fx
@@ -26,6 +30,23 @@ def _sdpa_eval_mode(model: torch.nn.Module):
         if config is not None and getattr(config, "_attn_implementation", None) != old_impl and old_impl is not None:
             model.set_attn_implementation(old_impl)
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _tensor_attributes_kept(model: torch.nn.Module):
+    """Undo tensor attributes that the model's forward assigns while it is traced: they would be export's fake
+    tensors left on the user's model (longrope's rotary module caches ``long_inv_freq`` on its first call)."""
+    before = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, tensors in before:
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor) and tensors.get(name) is not value:
+                    if name in tensors:
+                        setattr(module, name, tensors[name])
+                    else:
+                        delattr(module, name)
 
 
 def _plain_signature(gm: fx.GraphModule) -> fx.GraphModule:
@@ -83,6 +104,67 @@ def capture(model: torch.nn.Module, *, last_logits_only: bool = True) -> fx.Grap
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     seq = torch.export.Dim("seq", min=1, max=1 << 24)
     dims = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
-    with _sdpa_eval_mode(model), torch.no_grad():
-        program = _export(CausalLMForCapture(model, last_logits_only), (input_ids, position_ids), dims)
-    return _plain_signature(program.module())
+    try:
+        with _held_diagnostics(), _sdpa_eval_mode(model), _tensor_attributes_kept(model), torch.no_grad():
+            program = _export(CausalLMForCapture(model, last_logits_only), (input_ids, position_ids), dims)
+            return _plain_signature(program.module())
+    except Exception as err:
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} as one graph with torch.export: {type(err).__name__}: "
+            f"{_first_line(err)} (the model uses something duo_compile does not lower; the full error is this "
+            f"exception's __cause__)"
+        ) from err
+
+
+class CaptureError(ValueError):
+    """torch.export could not capture the model as one graph. The message names the model class and the first
+    line of the cause; the original exception is chained (``__cause__``)."""
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
+
+
+@contextlib.contextmanager
+def _held_diagnostics():
+    """Hold torch's log records (below ERROR), Python warnings and what is printed to sys.stderr during the
+    capture: replayed if it succeeds, dropped if it fails. A failed export prints and logs the partial graph
+    (100+ lines) before raising; the CaptureError names the cause in one line instead."""
+    held: list[tuple[logging.Handler, logging.LogRecord]] = []
+    handlers = {h for logger in _torch_loggers() for h in logger.handlers}
+
+    class Hold(logging.Filter):
+        def __init__(self, handler: logging.Handler):
+            super().__init__()
+            self.handler = handler
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.levelno >= logging.ERROR:
+                return True
+            held.append((self.handler, record))
+            return False
+
+    filters = {h: Hold(h) for h in handlers}
+    for handler, f in filters.items():
+        handler.addFilter(f)
+    printed = io.StringIO()  # torch.export also prints the partial graph of a failed export to sys.stderr
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        for handler, f in filters.items():
+            handler.removeFilter(f)
+    sys.stderr.write(printed.getvalue())  # only reached on success
+    for handler, record in held:
+        handler.handle(record)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _torch_loggers() -> list[logging.Logger]:
+    loggers = [logging.getLogger("torch")]
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("torch.") and isinstance(logger, logging.Logger):
+            loggers.append(logger)
+    return loggers

@@ -6,43 +6,130 @@
     duo-compile identify MODEL_DIR -o gates/          head identification (the paper's gate optimisation)
     duo-compile needle                                passkey accuracy study of the bundled model
     duo-compile bench --patterns DIR --out DIR        end-to-end benchmark at Llama-2/Llama-3 shapes (GPU)
+
+Errors. Every command checks all of its arguments (and, for ``compile``, the model directory's config.json and
+the masks against it) before it loads a model or an engine. A user error (a bad argument or file, a full disk,
+a missing GPU: ValueError, OSError and duo_compile's own RuntimeErrors) is one line on stderr,
+``duo-compile <command>: error: <message>``, exit status 2; Ctrl-C is ``duo-compile <command>: interrupted``,
+exit status 130. Anything else is a bug and keeps its traceback; ``DUO_COMPILE_TRACEBACK=1`` shows the traceback
+of user errors too.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
+from duo_compile import __version__
 
-def _add_compile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sink", type=int, default=64, help="sink tokens kept by streaming heads (default 64)")
-    p.add_argument("--recent", type=int, default=256, help="recent tokens kept by streaming heads (default 256)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of heads made streaming")
-    p.add_argument("--threshold", type=float, default=None, help="gates above this are retrieval heads")
-    p.add_argument("--max-seq-len", type=int, default=None, help="retrieval cache length (default: the model's)")
-    p.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: whole prompt)")
-    p.add_argument("--mode", choices=("window", "chunk"), default="window", help="streaming semantics")
+EXIT_ERROR = 2  # argparse's status for usage errors, so every refusal has the same status
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+TRACEBACK_ENV = "DUO_COMPILE_TRACEBACK"
 
 
+# ------------------------------------------------------------------------------------------- argument checks
+def _at_least(flag: str, value: int, minimum: int, why: str = "") -> int:
+    if value < minimum:
+        raise ValueError(f"{flag} must be an integer >= {minimum}{why}, got {value}")
+    return value
+
+
+def _fraction(flag: str, value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError(f"{flag} must be a number in [0, 1], got {value}")
+    return value
+
+
+def _device(value: str | None):
+    """``--device``: a torch device that exists here (torch.device would accept 'cuda' on a machine without one)."""
+    if value is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {value!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"--device {value!r}: this machine has {count} CUDA GPU(s)")
+    return device
+
+
+def _existing_dir(flag: str, path: str | None) -> None:
+    if path is not None and not os.path.isdir(path):
+        what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"{flag} {path!r} {what}")
+
+
+def _folder_to_create(flag: str, path: str) -> None:
+    """A folder the command will create (with its parents) and write into: refuse what would fail later."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a folder (the command writes several files into it)")
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"cannot create the folder {flag} {path!r}: {ancestor!r} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write into {flag} {path!r}: permission denied on {ancestor!r}")
+
+
+def _file_prefix(flag: str, prefix: str, suffixes: tuple[str, ...]) -> None:
+    """``prefix`` + each suffix must be writable files in an existing folder."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {prefix!r}: directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {prefix!r}: permission denied on {folder!r}")
+    for suffix in suffixes:
+        if os.path.isdir(prefix + suffix):
+            raise ValueError(f"{flag} {prefix!r}: {prefix + suffix!r} is a directory")
+
+
+def _model_dir(path: str) -> None:
+    if not os.path.isdir(path):  # else transformers tries the Hub and fails with an OSError about the network
+        raise FileNotFoundError(f"model directory {path!r} does not exist (a local Hugging Face model directory)")
+
+
+# ---------------------------------------------------------------------------------------------------- demo
 def _cmd_demo(args) -> int:
+    _fraction("--sparsity", args.sparsity)
+    _at_least("--sink", args.sink, 0)
+    _at_least("--recent", args.recent, 1)
+    _at_least("--max-seq-len", args.max_seq_len, 1)
+    _at_least("--max-new-tokens", args.max_new_tokens, 0)
     from duo_compile.tools.demo import run_demo
 
-    run_demo(sparsity=args.sparsity if args.sparsity is not None else 0.5, sink_size=args.sink,
-             recent_size=args.recent, backend=args.backend, new_tokens=args.max_new_tokens)
+    run_demo(sparsity=args.sparsity, sink_size=args.sink, recent_size=args.recent, backend=args.backend,
+             new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len)
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- compile
 def _load_model(path: str):
     from transformers import AutoModelForCausalLM
 
-    if not os.path.isdir(path):  # else transformers tries the Hub and fails with an OSError about the network
-        raise FileNotFoundError(f"model directory {path!r} does not exist (a local Hugging Face model directory)")
+    _model_dir(path)
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+def _load_config(path: str):
+    """The model directory's config.json only: what the checks need, without reading the weights."""
+    from transformers import AutoConfig
+
+    _model_dir(path)
+    return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def _masks(args):
     from duo_compile.masks import HeadMasks
 
+    if os.path.isdir(args.masks):
+        raise ValueError(f"--masks {args.masks!r} is a directory; give the masks file in it "
+                         f"(full_attention_heads.tsv: rows = layers, columns = KV heads)")
     masks = HeadMasks.from_tsv(args.masks)
     if args.sparsity is None and args.threshold is None and not masks.is_binary:
         raise ValueError("the gates in --masks are not binary: give --sparsity or --threshold")
@@ -51,15 +138,43 @@ def _masks(args):
     return masks
 
 
+def _check_compile(args):
+    """Every check that does not need the weights: masks, sizes, backend, output path, then the model's
+    config.json (family, sliding window, RoPE, and the masks' shape). Returns (masks, max_seq_len)."""
+    from duo_compile.export.engine_file import check_writable
+    from duo_compile.models.hf import check_config, text_config
+
+    masks = _masks(args)
+    if args.backend == "tensorrt":
+        raise ValueError("--backend tensorrt is not available here (torch-tensorrt cannot be installed); use "
+                         "--backend onnx: its standard-op ONNX file is what TensorRT's ONNX parser builds from")
+    _at_least("--sink", args.sink, 0)
+    _at_least("--recent", args.recent, 1)
+    if args.chunk is not None:
+        _at_least("--chunk", args.chunk, 1)
+    needs = " (an engine file takes a dynamic chunk length of 1..max-seq-len)"
+    if args.max_seq_len is not None:
+        _at_least("--max-seq-len", args.max_seq_len, 2, needs)
+    check_writable(args.output)
+    config = _load_config(args.model)
+    name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        max_seq_len = getattr(text_config(config), "max_position_embeddings", None)
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"{name}'s max_position_embeddings is {max_seq_len!r}: give --max-seq-len (>= 2)")
+    info = check_config(config, max_seq_len, name)
+    masks.check_shape(info.num_layers, info.num_kv_heads)
+    return masks, max_seq_len
+
+
 def _cmd_compile(args) -> int:
     import duo_compile
-    from duo_compile.export.engine_file import check_writable
 
-    masks = _masks(args)  # checked before the (slow) model load
-    check_writable(args.output)  # and the output path, rather than after the model load and compile
+    masks, max_seq_len = _check_compile(args)  # before the (slow) model load and compile
     model = _load_model(args.model)
     engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
-                                 max_seq_len=args.max_seq_len, prefill_chunk_size=args.chunk,
+                                 max_seq_len=max_seq_len, prefill_chunk_size=args.chunk,
                                  streaming_mode=args.mode, backend="eager")
     print(engine)
     duo_compile.export(engine, args.output, backend=args.backend)
@@ -67,26 +182,47 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------- run
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError as err:
         raise ValueError(f"--ids must be integers separated by commas or spaces, got {text!r}") from err
+    if not ids:
+        raise ValueError(f"--ids is empty: give the prompt's token ids separated by commas or spaces (e.g. 1,2,3), "
+                         f"got {text!r}")
+    if min(ids) < 0:
+        raise ValueError(f"--ids must be token ids >= 0, got {text!r}")
+    return ids
 
 
 def _cmd_run(args) -> int:
+    ids = _parse_ids(args.ids)
+    _at_least("--max-new-tokens", args.max_new_tokens, 0)
     import torch
 
     import duo_compile
 
-    ids = _parse_ids(args.ids)
     engine = duo_compile.load(args.engine)
     out = engine.generate(torch.tensor([ids], device=engine.device), max_new_tokens=args.max_new_tokens)
     print(" ".join(str(t) for t in out[0].tolist()))
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ identify
 def _cmd_identify(args) -> int:
+    _at_least("--steps", args.steps, 1)
+    _at_least("--sink", args.sink, 0)
+    _at_least("--recent", args.recent, 1)
+    _at_least("--seed", args.seed, 0)
+    if not (math.isfinite(args.reg_weight) and args.reg_weight >= 0):
+        raise ValueError(f"--reg-weight must be a number >= 0, got {args.reg_weight}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a number > 0, got {args.lr}")
+    device = _device(args.device)
+    _folder_to_create("-o/--output", args.output)
+    _existing_dir("--tokenizer", args.tokenizer)
+    _model_dir(args.model)
     from duo_compile.identify import identify
 
     model = _load_model(args.model)
@@ -97,12 +233,22 @@ def _cmd_identify(args) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     gates = identify(model, tokenizer, num_steps=args.steps, sink_size=args.sink, recent_size=args.recent,
                      reg_weight=args.reg_weight, lr=args.lr, seed=args.seed, output_dir=args.output,
-                     resume=args.resume, device=args.device)
+                     resume=args.resume, device=device)
     print(f"wrote {args.output}/full_attention_heads.tsv: {gates!r}")
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- needle
 def _cmd_needle(args) -> int:
+    for length in args.contexts:
+        _at_least("--contexts", length, 1)
+    _at_least("--samples-per-cell", args.samples_per_cell, 1)
+    _at_least("--sink", args.sink, 0)
+    _at_least("--recent", args.recent, 1)
+    device = _device(args.device)
+    _existing_dir("--model-dir", args.model_dir)
+    _existing_dir("--gates-dir", args.gates_dir)
+    _file_prefix("-o/--output", args.output, (".json", ".png"))
     import json
 
     import torch
@@ -110,7 +256,6 @@ def _cmd_needle(args) -> int:
     from duo_compile.identify.needle import needle_study, plot_needle_study
     from duo_compile.identify.passkey import load_passkey_gates, load_passkey_model
 
-    device = torch.device(args.device)
     model, tokenizer = load_passkey_model(args.model_dir, device=device)
     gates = load_passkey_gates(args.gates_dir)
     study = needle_study(model, tokenizer, gates=gates, context_lengths=args.contexts,
@@ -123,59 +268,117 @@ def _cmd_needle(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- bench
 def _cmd_bench(args) -> int:
     from duo_compile.tools.bench import run
 
     return run(args)
 
 
+# Help for the benchmark's options that tools/bench.py declares without one.
+_BENCH_HELP = {
+    "backend": "how the engines run: eager (op by op) or inductor (torch.compile) (default: %(default)s)",
+    "commit": "commit recorded with the results (default: $GIT_COMMIT, here %(default)s)",
+}
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def _sizes(p: argparse.ArgumentParser, sink: int, recent: int) -> None:
+    p.add_argument("--sink", type=int, default=sink,
+                   help="sink tokens (the first ones) kept by streaming heads (default: %(default)s)")
+    p.add_argument("--recent", type=int, default=recent,
+                   help="recent tokens kept by streaming heads (default: %(default)s)")
+
+
+def _state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option says its default: add '(default: ...)' to help that does not mention one."""
+    for action in parser._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS or action.required:
+            continue
+        help_text = action.help or _BENCH_HELP.get(action.dest) or ""  # (the tests require real help text)
+        if "default" not in help_text and action.default not in (None, False):
+            help_text += " (default: %(default)s)"
+        action.help = help_text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="duo-compile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="duo-compile", description=__doc__.split("\n\n")[0],
+        epilog=f"Errors are one line on stderr (exit status {EXIT_ERROR}; Ctrl-C: {EXIT_INTERRUPTED}); "
+               f"{TRACEBACK_ENV}=1 shows their traceback.")
+    parser.add_argument("--version", action="version", version=f"duo-compile {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="compile a small model with and without DuoAttention and compare")
-    _add_compile_options(demo)
-    demo.add_argument("--backend", choices=("inductor", "eager"), default="inductor")
-    demo.add_argument("--max-new-tokens", type=int, default=16)
+    _sizes(demo, 64, 256)
+    demo.add_argument("--sparsity", type=float, default=0.5,
+                      help="fraction of heads made streaming (default: %(default)s)")
+    demo.add_argument("--max-seq-len", type=int, default=8192,
+                      help="retrieval cache length, for the KV cache sizes (default: %(default)s)")
+    demo.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
+                      help="inductor (torch.compile) or eager (op by op) (default: %(default)s)")
+    demo.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)
 
     comp = sub.add_parser("compile", help="compile a local Hugging Face model directory and export an engine")
     comp.add_argument("model", help="a local model directory (config.json + weights)")
-    comp.add_argument("--masks", required=True, help="full_attention_heads.tsv (rows = layers, columns = KV heads)")
+    comp.add_argument("--masks", required=True,
+                      help="full_attention_heads.tsv (rows = layers, columns = KV heads), as identify writes it")
     comp.add_argument("-o", "--output", required=True, help="engine file to write")
-    comp.add_argument("--backend", choices=("aoti", "onnx", "tensorrt"), default="aoti")
-    _add_compile_options(comp)
+    comp.add_argument("--backend", choices=("aoti", "onnx", "tensorrt"), default="aoti",
+                      help="engine file format: aoti (AOTInductor .pt2) or onnx; tensorrt is not available here "
+                           "(default: %(default)s)")
+    _sizes(comp, 64, 256)
+    comp.add_argument("--sparsity", type=float, default=None,
+                      help="binarise the gates: this fraction of heads made streaming (default: none, the gates "
+                           "must be binary already, or give --threshold)")
+    comp.add_argument("--threshold", type=float, default=None,
+                      help="binarise the gates: gates above this are retrieval heads (default: none)")
+    comp.add_argument("--max-seq-len", type=int, default=None,
+                      help="retrieval cache length, >= 2 (default: the model's max_position_embeddings)")
+    comp.add_argument("--chunk", type=int, default=None, help="prefill chunk size (default: the whole prompt)")
+    comp.add_argument("--mode", choices=("window", "chunk"), default="window",
+                      help="streaming semantics: window (token-exact) or chunk (the authors' chunked prefill) "
+                           "(default: %(default)s)")
     comp.set_defaults(func=_cmd_compile)
 
     run = sub.add_parser("run", help="load an exported engine and generate from token ids")
     run.add_argument("engine", help="engine file written by `duo-compile compile`")
     run.add_argument("--ids", required=True, help="prompt token ids, e.g. 1,2,3")
-    run.add_argument("--max-new-tokens", type=int, default=16)
+    run.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
     run.set_defaults(func=_cmd_run)
 
     ident = sub.add_parser("identify", help="identify retrieval heads of a local model (writes the authors' TSV)")
     ident.add_argument("model", help="a local model directory")
-    ident.add_argument("-o", "--output", required=True, help="folder for full_attention_heads.tsv + config.json")
-    ident.add_argument("--tokenizer", default=None, help="tokenizer directory (default: generated filler tokens)")
-    ident.add_argument("--steps", type=int, default=2000)
-    ident.add_argument("--sink", type=int, default=128)
-    ident.add_argument("--recent", type=int, default=256)
-    ident.add_argument("--reg-weight", type=float, default=0.05)
-    ident.add_argument("--lr", type=float, default=0.02)
-    ident.add_argument("--seed", type=int, default=42)
+    ident.add_argument("-o", "--output", required=True,
+                       help="folder for full_attention_heads.tsv, config.json, history.json, checkpoint.pt "
+                            "(created if missing)")
+    ident.add_argument("--tokenizer", default=None,
+                       help="tokenizer directory (default: none, samples of generated filler tokens)")
+    ident.add_argument("--steps", type=int, default=2000, help="optimisation steps (default: %(default)s)")
+    _sizes(ident, 128, 256)
+    ident.add_argument("--reg-weight", type=float, default=0.05,
+                       help="weight of the mean |gate| penalty (default: %(default)s)")
+    ident.add_argument("--lr", type=float, default=0.02, help="AdamW learning rate (default: %(default)s)")
+    ident.add_argument("--seed", type=int, default=42, help="seed of the samples (default: %(default)s)")
     ident.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
-    ident.add_argument("--device", default=None)
+    ident.add_argument("--device", default=None,
+                       help="torch device to train on, e.g. cuda (default: where the model loads, the CPU)")
     ident.set_defaults(func=_cmd_identify)
 
     needle = sub.add_parser("needle", help="passkey accuracy study of the bundled model (full vs duo vs baselines)")
-    needle.add_argument("--model-dir", default=None, help="default: the bundled passkey model")
-    needle.add_argument("--gates-dir", default=None, help="default: its identified gates")
-    needle.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    needle.add_argument("--samples-per-cell", type=int, default=4)
-    needle.add_argument("--sink", type=int, default=64)
-    needle.add_argument("--recent", type=int, default=256)
-    needle.add_argument("--device", default="cpu")
-    needle.add_argument("-o", "--output", default="needle_results", help="writes OUTPUT.json and OUTPUT.png")
+    needle.add_argument("--model-dir", default=None, help="passkey model directory (default: the bundled one)")
+    needle.add_argument("--gates-dir", default=None,
+                        help="folder holding its full_attention_heads.tsv (default: the bundled gates)")
+    needle.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                        help="context lengths in tokens (default: %(default)s)")
+    needle.add_argument("--samples-per-cell", type=int, default=4,
+                        help="samples per (context length, depth) cell (default: %(default)s)")
+    _sizes(needle, 64, 256)
+    needle.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
+    needle.add_argument("-o", "--output", default="needle_results",
+                        help="writes OUTPUT.json and OUTPUT.png (default: %(default)s)")
     needle.set_defaults(func=_cmd_needle)
 
     from duo_compile.tools.bench import add_arguments
@@ -184,17 +387,78 @@ def build_parser() -> argparse.ArgumentParser:
                                          "--models tiny checks it on a CPU)")
     add_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+    for p in sub.choices.values():
+        _state_defaults(p)
     return parser
 
 
+# ----------------------------------------------------------------------------------------------------- main
+def _raised_by_duo_compile(err: BaseException) -> bool:
+    """True when a ``raise`` statement of duo_compile's own code raised ``err`` (a deliberate message such as
+    'needs a CUDA GPU'), not torch or another library, nor an op that duo_compile called."""
+    import dis
+
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if not str(tb.tb_frame.f_globals.get("__name__", "")).startswith("duo_compile."):
+        return False
+    return any(i.offset == tb.tb_lasti and i.opname == "RAISE_VARARGS"
+               for i in dis.get_instructions(tb.tb_frame.f_code))
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Bad arguments and files (ValueError, duo_compile's EngineFileError), the file system (OSError:
+    FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ENOSPC...), and the RuntimeErrors
+    duo_compile raises on purpose (BackendUnavailableError, a missing GPU). Anything else is a bug."""
+    if isinstance(err, (ValueError, OSError)) or type(err).__module__.startswith("duo_compile."):
+        return True  # (duo_compile's own exception classes, e.g. BackendUnavailableError, are deliberate)
+    return isinstance(err, RuntimeError) and _raised_by_duo_compile(err)
+
+
+def _one_line(err: Exception) -> str:
+    """The error's message on one line: OSError without its '[Errno N]' prefix; a multi-line message (torch's,
+    transformers') cut to its first line (``DUO_COMPILE_TRACEBACK=1`` shows all of it)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror
+        for sep, name in ((": ", err.filename), (" -> ", err.filename2)):
+            if name is not None:
+                text += f"{sep}{os.fsdecode(name) if isinstance(name, bytes) else name!r}"
+    else:
+        text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _close_progress_bars() -> None:
+    """Close tqdm bars left open by the interrupted or failed work (identify's, transformers'), so the message
+    goes on a line of its own rather than after a half-drawn bar, and no bar is redrawn after it at exit."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot draw any more: nothing to tidy
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command = None
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"duo-compile {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(f"duo-compile{' ' + command if command else ''}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if not _is_user_error(err) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        _close_progress_bars()
+        print(f"duo-compile{' ' + command if command else ''}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

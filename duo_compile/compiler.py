@@ -1,11 +1,17 @@
 """``duo_compile.compile``: capture -> passes -> engine."""
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import warnings
+
 import torch
+from torch import fx
 
 from duo_compile.capture import capture
+from duo_compile.runtime import engine as runtime
 from duo_compile.runtime.engine import Engine, EngineConfig
-from duo_compile.masks import HeadMasks
+from duo_compile.masks import HeadMasks, kv_cache_bytes
 from duo_compile.models.hf import check_supported
 from duo_compile.passes import PassContext, run_passes
 
@@ -23,6 +29,88 @@ def as_binary_masks(masks) -> HeadMasks:
     return masks
 
 
+def capped_window(sink_size: int, recent_size: int, max_seq_len: int) -> tuple[int, int]:
+    """The streaming window an engine of ``max_seq_len`` positions needs: ``(sink, recent)`` as asked when
+    ``sink + recent <= max_seq_len``, else capped to ``sink + recent == max_seq_len`` (``sink`` kept below
+    ``max_seq_len`` so that ``recent >= 1``).
+
+    Same outputs: a query at position ``p < max_seq_len`` of a streaming head sees ``[0, sink) ∪ [p - recent + 1, p]``
+    (window mode) or ``[0, sink) ∪ [c(p) - recent, p]`` (chunk mode, ``c(p) <= p``); whenever
+    ``sink + recent >= max_seq_len`` both are every key ``0..p``, before and after the cap.
+    """
+    if sink_size + recent_size <= max_seq_len:
+        return sink_size, recent_size
+    sink = min(sink_size, max_seq_len - 1)
+    return sink, max_seq_len - sink
+
+
+def _check_weights_present(model: torch.nn.Module) -> None:
+    """A parameter or buffer on the meta device has no data (a model built without weights): name the first."""
+    meta = [(kind, name) for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers()))
+            for name, tensor in named if tensor.is_meta]
+    if meta:
+        kind, name = meta[0]
+        more = f" (and {len(meta) - 1} more)" if len(meta) > 1 else ""
+        raise ValueError(
+            f"model {kind} {name!r} is on the meta device (no data){more}: load the weights before compile "
+            f"(from_pretrained, or load_state_dict(..., assign=True) for a model built on meta)"
+        )
+
+
+def _check_cache_fits(info, masks: HeadMasks, config: EngineConfig, dtype: torch.dtype, device) -> None:
+    """The KV cache of one sequence of ``max_seq_len`` tokens must fit the device's free memory."""
+    free = runtime.free_memory_bytes(device)
+    if free is None:
+        return
+    planned = kv_cache_bytes(info, masks, seq_len=config.max_seq_len, batch_size=1, dtype=dtype,
+                             sink_size=config.sink_size, recent_size=config.recent_size).total
+    if planned > free:
+        raise ValueError(
+            f"max_seq_len={config.max_seq_len} needs a KV cache of {planned} bytes ({planned / 2**30:.2f} GiB, "
+            f"{dtype}) at batch 1, more than the {free} bytes free on {device} ({free / 2**30:.2f} GiB); pass a "
+            f"smaller max_seq_len"
+        )
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    return tensor.device, tensor.untyped_storage().data_ptr()
+
+
+def _take_ownership(gm: fx.GraphModule, model: torch.nn.Module, device) -> int:
+    """Replace every parameter, buffer and tensor attribute of ``gm`` that shares storage with ``model`` by a copy,
+    so that the engine owns everything it uses. Tensors the passes already copied (reordered, fused) share nothing
+    and are kept; one model tensor used twice (tied weights) becomes one copy. Returns the bytes copied."""
+    model_tensors = itertools.chain(
+        model.parameters(), model.buffers(),
+        (v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)),
+    )
+    shared = {_storage_key(t) for t in model_tensors if t.untyped_storage().nbytes() > 0}
+    slots = []  # (dict holding the tensor, its key there, the tensor)
+    for module in gm.modules():
+        slots += [(module._parameters, k, t) for k, t in module._parameters.items() if t is not None]
+        slots += [(module._buffers, k, t) for k, t in module._buffers.items() if t is not None]
+        slots += [(module.__dict__, k, t) for k, t in vars(module).items() if isinstance(t, torch.Tensor)]
+    slots = [s for s in slots if s[2].untyped_storage().nbytes() > 0 and _storage_key(s[2]) in shared]
+
+    def view_key(t):
+        return _storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype
+
+    to_copy = {view_key(t): t for _, _, t in slots}
+    nbytes = sum(t.numel() * t.element_size() for t in to_copy.values())
+    free = runtime.free_memory_bytes(device)
+    if free is not None and nbytes > free:
+        raise torch.OutOfMemoryError(
+            f"compile copies {nbytes} bytes of the model's weights into the engine ({nbytes / 2**30:.2f} GiB), more "
+            f"than the {free} bytes free on {device} ({free / 2**30:.2f} GiB)"
+        )
+    with torch.no_grad():
+        copies = {key: t.detach().clone() for key, t in to_copy.items()}
+    for holder, key, tensor in slots:
+        copy = copies[view_key(tensor)]
+        holder[key] = torch.nn.Parameter(copy, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else copy
+    return nbytes
+
+
 def compile(
     model: torch.nn.Module,
     masks,
@@ -34,31 +122,64 @@ def compile(
     streaming_mode: str = "window",
     backend: str = "inductor",
     fuse_projections: bool = True,
+    check_memory: bool = True,
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
     ``masks``: binary HeadMasks ``[num_layers, num_kv_heads]`` (1 = retrieval head, full KV cache; 0 = streaming
     head, ``sink_size`` first + ``recent_size`` last tokens). ``max_seq_len`` (default: the model's
-    ``max_position_embeddings``) sizes the retrieval cache. Every argument is checked before any work; the model
-    is not modified (the engine shares its weights, except the reordered attention projections).
+    ``max_position_embeddings``) sizes the retrieval cache; a larger one than ``max_position_embeddings`` runs
+    positions the model was not trained on, with a warning (as Hugging Face gives one). Every argument is checked
+    before any work, and the model is not modified.
+
+    Sizes: a streaming cache never holds more than ``max_seq_len`` tokens. Where ``sink_size + recent_size >
+    max_seq_len``, a streaming head sees every token of any sequence the engine can run, so ``recent_size`` is
+    capped to ``max_seq_len - sink_size`` (and ``sink_size`` to ``max_seq_len - 1`` if it alone reaches
+    ``max_seq_len``): the outputs are exactly those of the sizes asked (see ``capped_window``).
+    ``engine.config`` holds the sizes the engine runs with (also what an exported engine file records);
+    ``engine.requested_config`` the arguments as given. With ``check_memory`` (default) the KV cache of one
+    sequence of ``max_seq_len`` tokens (``kv_cache_bytes`` at batch 1) must fit the device's free memory (CUDA:
+    ``torch.cuda.mem_get_info`` plus torch's unused cached blocks; CPU: available RAM); pass False only for an
+    engine whose caches are always allocated shorter, with ``engine.allocate(batch, max_seq_len)`` (which checks
+    its own size).
+
+    Weights: the engine owns copies of everything it uses; it shares no storage with the model. After ``compile``
+    the model can be dropped (and its memory freed), and an in-place edit of the model never reaches the engine
+    (compile again to take it). Compiling needs memory for the copies while the model is held (up to the
+    model's size again: the passes' reordered and fused weights are copies already and are not copied twice).
     ``fuse_projections`` (pass 6): the engine holds each layer's q/k/v and gate/up weights concatenated, one
-    matrix multiply each (faster decode; while the model is kept too, those weights exist twice: pass False
-    to share them instead).
+    matrix multiply each (faster decode); False keeps them as separate (copied) matrices.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     masks = as_binary_masks(masks)
     if not isinstance(fuse_projections, bool):
         raise ValueError(f"fuse_projections must be True or False, got {fuse_projections!r}")
+    if not isinstance(check_memory, bool):
+        raise ValueError(f"check_memory must be True or False, got {check_memory!r}")
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    config = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
-    info = check_supported(model, config.max_seq_len)
+    requested = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
+    info = check_supported(model, requested.max_seq_len)
     masks.check_shape(info.num_layers, info.num_kv_heads)
     params = list(model.parameters())
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"model parameters are spread over devices {sorted(map(str, devices))}; use one device")
+    _check_weights_present(model)
+    device, dtype = devices.pop(), params[0].dtype
+    sink, recent = capped_window(requested.sink_size, requested.recent_size, requested.max_seq_len)
+    config = dataclasses.replace(requested, sink_size=sink, recent_size=recent)
+    if check_memory:
+        _check_cache_fits(info, masks, config, dtype, device)
+    if 0 < info.max_position_embeddings < config.max_seq_len:
+        warnings.warn(
+            f"max_seq_len={config.max_seq_len} exceeds the model's max_position_embeddings="
+            f"{info.max_position_embeddings}: positions past it were never trained; depending on the model you may "
+            f"see degraded outputs, or nothing at all",
+            UserWarning,
+            stacklevel=2,
+        )
 
     ctx = PassContext(
         retrieval=masks.retrieval,
@@ -69,13 +190,15 @@ def compile(
         fuse_projections=fuse_projections,
     )
     graph = run_passes(capture(model), ctx)
+    _take_ownership(graph, model, device)
     return Engine(
         graph,
         ctx.cache_specs,
         config,
         info,
         masks,
-        device=devices.pop(),
-        dtype=params[0].dtype,
+        device=device,
+        dtype=dtype,
         pass_counts=ctx.changed,
+        requested_config=requested,
     )

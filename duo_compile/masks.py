@@ -10,6 +10,7 @@ rows = layers, columns = KV heads.
 """
 from __future__ import annotations
 
+import errno
 import math
 import numbers
 import os
@@ -51,6 +52,12 @@ def _real_in_unit_interval(name: str, value: Any) -> float:
 def _n_streaming(sparsity: float, num_heads: int) -> int:
     """Number of streaming heads for a sparsity: Python ``round`` (half to even) of sparsity * N."""
     return int(round(sparsity * num_heads))
+
+
+def _write_error(path: str, err: OSError) -> OSError:
+    """``err`` (e.g. ENOSPC, EACCES) reworded to name the masks file the user asked for; same OSError subclass."""
+    message = f"cannot write the masks file {path!r}: {err.strerror or err}"
+    return OSError(err.errno, message) if err.errno is not None else type(err)(message)
 
 
 class HeadMasks:
@@ -131,7 +138,7 @@ class HeadMasks:
         naming the file, the 1-based line number and the bad value. Blank lines are skipped (like np.loadtxt).
         """
         path = os.fspath(path)
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is skipped
             try:
                 # not splitlines(): it also splits on \f, \v etc. and skews line numbers
                 lines = f.read().split("\n")
@@ -183,8 +190,17 @@ class HeadMasks:
         """
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
-        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o644
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        # Errors name the user's path, not the temporary file (mkstemp and os.replace would name that one).
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(errno.ENOENT, f"cannot write the masks file {path!r}: directory {folder!r} "
+                                                  f"does not exist")
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, f"cannot write the masks file {path!r}: it is a directory")
+        try:
+            mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o644
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        except OSError as err:
+            raise _write_error(path, err) from err
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savetxt(f, self._gates, delimiter="\t")
@@ -192,11 +208,13 @@ class HeadMasks:
                 os.fsync(f.fileno())
             os.chmod(tmp, mode)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            if isinstance(err, OSError):
+                raise _write_error(path, err) from err
             raise
 
     # ------------------------------------------------------------------ dict (engine files)

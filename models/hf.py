@@ -85,7 +85,26 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 def check_supported(model: torch.nn.Module, max_seq_len: int) -> ModelInfo:
     """Reject configurations whose attention is not plain causal attention up to ``max_seq_len``."""
     info = model_info(model)
-    config = model.config
+    check_config(model.config, max_seq_len, type(model).__name__)
+    # The rotary module's own type too: it is what runs, whatever the config was edited to afterwards.
+    for module in model.modules():
+        _check_rope(getattr(module, "rope_type", None), f"{type(module).__name__}.rope_type", type(model).__name__)
+    return info
+
+
+def check_config(config: Any, max_seq_len: int, name: str | None = None) -> ModelInfo:
+    """``check_supported`` for a config alone (the CLI checks a model directory's config.json before it loads
+    the weights): the family, sliding windows shorter than ``max_seq_len``, and dynamic RoPE scaling.
+    ``name`` (default: the config's class) names the model in the errors."""
+    name = name or type(config).__name__
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
+        raise ValueError(
+            f"unsupported model {name} (model_type={family!r}); duo_compile lowers Hugging Face causal LMs of "
+            f"these families: {supported}"
+        )
+    info = read_shape(config)
     window = getattr(config, "sliding_window", None)
     uses_window = window is not None and getattr(config, "use_sliding_window", True)
     if uses_window and window < max_seq_len:
@@ -93,7 +112,60 @@ def check_supported(model: torch.nn.Module, max_seq_len: int) -> ModelInfo:
             f"{info.family} model uses sliding-window attention of {window} tokens, shorter than "
             f"max_seq_len={max_seq_len}; duo_compile only lowers full causal attention"
         )
+    # transformers 5 names the RoPE dict rope_parameters and keeps rope_scaling as an alias; 4.x and old
+    # config.json files have rope_scaling only, sometimes with "type" for "rope_type".
+    for attr in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, attr, None)
+        if isinstance(value, dict):
+            for params in _rope_dicts(value):
+                rope_type = params.get("rope_type", params.get("type"))
+                _check_rope(rope_type, f"{attr}={value!r}", name)
     return info
+
+
+#: RoPE types that are one fixed function of the positions: they capture as one graph and are tested against the
+#: oracle (``longrope`` from transformers 5.21 on, which picks its short or long factors with a ``torch.where``).
+TESTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+
+
+def _rope_dicts(value: dict) -> list[dict]:
+    """The RoPE parameter dicts in ``value``: itself, or one per layer type (``{"full_attention": {...}, ...}``)."""
+    nested = [v for v in value.values() if isinstance(v, dict)]
+    return nested if nested and len(nested) == len(value) else [value]
+
+
+def _check_rope(rope_type: Any, where: str, name: str) -> None:
+    """Refuse dynamic RoPE scaling. Hugging Face recomputes its frequencies whenever the longest position grows
+    past the cached length (any type whose name contains "dynamic", as transformers' ``dynamic_rope_update``
+    decides): a branch on data that one exported graph cannot hold."""
+    types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]  # per-layer-type rotary modules
+    for value in types:
+        if isinstance(value, str) and "dynamic" in value:
+            raise ValueError(
+                f"unsupported: dynamic RoPE scaling (rope_type {value!r}, {where}) in {name}: its rotary "
+                f"frequencies are recomputed from the sequence length at run time, which one captured graph "
+                f"cannot do; duo_compile lowers the RoPE types {', '.join(TESTED_ROPE_TYPES)}"
+            )
+        if value == "longrope" and longrope_branches_on_length():
+            import transformers
+
+            raise ValueError(
+                f"unsupported: longrope RoPE scaling with transformers {transformers.__version__} (rope_type "
+                f"{value!r}, {where}) in {name}: transformers before 5.21 picks the short or long factors with a "
+                f"Python branch on the sequence length, which one captured graph cannot do; upgrade transformers "
+                f"to 5.21 or later (it selects them with torch.where)"
+            )
+
+
+def longrope_branches_on_length() -> bool:
+    """True for transformers < 5.21, whose longrope update is an ``if`` on ``max(position_ids)`` (5.21 made it
+    a ``torch.where``)."""
+    import re
+
+    import transformers
+
+    match = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    return match is not None and (int(match[1]), int(match[2])) < (5, 21)
 
 
 class CausalLMForCapture(torch.nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -230,26 +231,38 @@ def test_failed_export_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatc
 
 
 # -------------------------------------------------------------------------------------------------- load errors
-def _rewrite_pt2(src, dst, edit) -> None:
-    """Copy a PT2 archive, passing its duo_compile metadata through ``edit``."""
+def _rewrite_pt2(src, dst, edit, reseal: bool = True) -> None:
+    """Copy a PT2 archive, passing its duo_compile metadata through ``edit``. ``reseal``: recompute the digest
+    (a well-formed file, as another duo_compile would write it); else keep the recorded one (a hand edit)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
             if item.filename.endswith("/extra/duo_engine.json"):
                 meta = json.loads(data)
                 edit(meta)
+                if reseal:
+                    meta = engine_file.seal(meta, meta["payload"])
                 data = json.dumps(meta).encode()
             zout.writestr(item, data)
 
 
-def _rewrite_onnx(src, dst, edit) -> None:
-    """Copy an ONNX engine with edited metadata (a well-formed file: payload length and digest recomputed)."""
+def _rewrite_onnx(src, dst, edit, reseal: bool = True) -> None:
+    """Copy an ONNX engine with edited metadata. ``reseal``: a well-formed file (payload length and digest
+    recomputed); else the edited metadata keeps the recorded payload and digest (a hand edit)."""
     data = src.read_bytes()
     entry = next(p for p in onnx.ModelProto.FromString(data).metadata_props if p.key == engine_file.ONNX_META_KEY)
     meta = json.loads(entry.value)
-    payload = data[: meta.pop("payload")["bytes"]]
+    size = meta["payload"]["bytes"]
+    payload = data[:size]
+    if reseal:
+        meta.pop("payload")
+        edit(meta)
+        dst.write_bytes(payload + engine_file.onnx_trailer(payload, meta))
+        return
     edit(meta)
-    dst.write_bytes(payload + engine_file.onnx_trailer(payload, meta))
+    trailer = onnx.ModelProto()
+    trailer.metadata_props.add(key=engine_file.ONNX_META_KEY, value=json.dumps(meta, sort_keys=True))
+    dst.write_bytes(payload + trailer.SerializeToString())
 
 
 def test_load_refuses_missing_empty_and_foreign_files(tmp_path):
@@ -299,8 +312,12 @@ def test_load_refuses_another_format_version(engine_files, tmp_path, backend):
     src, dst = engine_files["qwen2", backend], tmp_path / f"v99{SUFFIX[backend]}"
     rewrite = _rewrite_pt2 if backend == "aoti" else _rewrite_onnx
     rewrite(src, dst, lambda meta: meta.update(format_version=99))
-    with pytest.raises(EngineFileError, match="format version 99.*reads version 1"):
+    with pytest.raises(EngineFileError, match="format version 99.*reads version 2.*newer"):
         duo_compile.load(dst)
+    # Files of the first format (metadata outside the digest) are refused as older, not half-trusted.
+    rewrite(src, tmp_path / f"v1{SUFFIX[backend]}", lambda meta: meta.update(format_version=1))
+    with pytest.raises(EngineFileError, match="format version 1, but this duo_compile reads version 2.*older"):
+        duo_compile.load(tmp_path / f"v1{SUFFIX[backend]}")
     # The rewrite itself is faithful: the unedited copy loads.
     rewrite(src, tmp_path / f"same{SUFFIX[backend]}", lambda meta: None)
     duo_compile.load(tmp_path / f"same{SUFFIX[backend]}")
@@ -344,3 +361,185 @@ def test_load_refuses_inconsistent_metadata_and_foreign_runtimes(engine_files, t
     _rewrite_pt2(engine_files["qwen2", "aoti"], dst, lambda meta: meta["producer"].update(torch="1.0.0"))
     with pytest.raises(EngineFileError, match="torch 1.0.0"):
         duo_compile.load(dst)
+
+
+# ------------------------------------------------------------------------------- integrity of the whole metadata
+def _swap_heads(meta):  # layer 1 is mixed: the other head becomes the retrieval head (same counts, same caches)
+    meta["masks"]["gates"][1] = meta["masks"]["gates"][1][::-1]
+
+
+def _flip_mode(meta):
+    meta["config"].update(streaming_mode={"window": "chunk", "chunk": "window"}[meta["config"]["streaming_mode"]])
+
+
+# Edits a consistency check cannot see (sink 4 -> 6 with recent 8 -> 6 keeps the 12 streaming slots; a swapped
+# head keeps the counts; ...), and a few it could: the digest refuses them all, before anything is parsed.
+METADATA_EDITS = {
+    "sink_recent": lambda meta: meta["config"].update(sink_size=6, recent_size=6),
+    "masks": _swap_heads,
+    "mode": _flip_mode,
+    "max_seq_len": lambda meta: meta["config"].update(max_seq_len=48),
+    "vocab": lambda meta: meta["model_info"].update(vocab_size=meta["model_info"]["vocab_size"] + 1000),
+    "shapes": lambda meta: meta["cache_specs"][0].update(num_kv_heads=7),
+    "dtype": lambda meta: meta.update(dtype="float16"),
+    "pass_counts": lambda meta: meta["pass_counts"].update(fuse_rope=0),
+    "ops": lambda meta: meta["ops"].update({"duo::x": "duo::x() -> ()"}),
+    "graphs": lambda meta: meta["graphs"].update(max_batch=1 << 20),
+    "producer": lambda meta: meta["producer"].update(duo_compile="0.0.0"),
+    "payload": lambda meta: meta["payload"].update(sha256="0" * 64),
+    "digest": lambda meta: meta.update(digest="0" * 64),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(METADATA_EDITS))
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_load_refuses_edited_metadata(engine_files, tmp_path, backend, edit):
+    """The recorded digest covers the whole metadata record: any field edited by hand (digest left as written)
+    is refused by load, with an EngineFileError naming the file."""
+    dst = tmp_path / f"edited{SUFFIX[backend]}"
+    rewrite = _rewrite_pt2 if backend == "aoti" else _rewrite_onnx
+    rewrite(engine_files["qwen2", backend], dst, METADATA_EDITS[edit], reseal=False)
+    with pytest.raises(EngineFileError, match="does not match the recorded SHA-256 digest") as err:
+        duo_compile.load(dst)
+    assert str(err.value).startswith(f"{dst}: ") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_load_refuses_metadata_without_a_digest(engine_files, tmp_path, backend):
+    dst = tmp_path / f"nodigest{SUFFIX[backend]}"
+    rewrite = _rewrite_pt2 if backend == "aoti" else _rewrite_onnx
+    rewrite(engine_files["qwen2", backend], dst, lambda meta: meta.pop("digest"), reseal=False)
+    with pytest.raises(EngineFileError, match="no 'digest' record"):
+        duo_compile.load(dst)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "onnx"])
+def test_unedited_copy_loads_and_generates_the_same_tokens(engine_files, tmp_path, backend):
+    """The digest is of the parsed record (canonical JSON), so rewriting the metadata unchanged keeps it valid."""
+    dst = tmp_path / f"copy{SUFFIX[backend]}"
+    rewrite = _rewrite_pt2 if backend == "aoti" else _rewrite_onnx
+    rewrite(engine_files["llama", backend], dst, lambda meta: None, reseal=False)
+    loaded, compiled = duo_compile.load(dst), _engine("llama")
+    assert loaded.masks == compiled.masks and loaded.config == compiled.config
+    got = loaded.generate(_prompt("llama"), max_new_tokens=NEW, prefill_chunk_size=CHUNK)
+    assert torch.equal(got, compiled.generate(_prompt("llama"), max_new_tokens=NEW, prefill_chunk_size=CHUNK))
+
+
+def test_load_refuses_resealed_onnx_metadata_that_contradicts_the_graph(engine_files, tmp_path):
+    """Beside the digest (which anyone can recompute), the ONNX graph's declared shapes must match the metadata."""
+    src = engine_files["qwen2", "onnx"]
+    cases = {
+        "vocab": lambda meta: meta["model_info"].update(vocab_size=meta["model_info"]["vocab_size"] + 1000),
+        "max_seq_len": lambda meta: meta["config"].update(max_seq_len=48),
+    }
+    for name, edit in cases.items():
+        dst = tmp_path / f"{name}.onnx"
+        _rewrite_onnx(src, dst, edit)
+        with pytest.raises(EngineFileError, match="does not describe the ONNX graph"):
+            duo_compile.load(dst)
+
+
+# ----------------------------------------------------------------------------------- what a loaded engine says
+def test_loaded_engine_repr_names_what_runs_it(engine_files):
+    for (arch, backend), path in engine_files.items():
+        loaded = duo_compile.load(path)
+        assert loaded.backend == backend
+        assert f"backend={backend})" in repr(loaded) and "eager" not in repr(loaded)
+        assert repr(loaded).replace(f"backend={backend}", "") == repr(_engine(arch)).replace("backend=eager", "")
+
+
+def test_aoti_archive_members_carry_the_final_file_name(engine_files):
+    """The archive is written under a temporary name, but its members are stored under the final file's name."""
+    for arch in MODES:
+        path = engine_files[arch, "aoti"]
+        with zipfile.ZipFile(path) as archive:
+            roots = {name.split("/")[0] for name in archive.namelist()}
+        assert roots == {path.stem}, roots
+
+
+# --------------------------------------------------------------------------------- AOTI export to a full disk
+def _fake_compiled_files(folder, size: int = 2 << 20) -> list[str]:
+    """Stand-ins for the files AOTInductor compiles (what package_pt2 zips), so no test here waits for a compile."""
+    folder.mkdir()
+    so, cpp = folder / "fake.wrapper.so", folder / "fake.wrapper.cpp"
+    so.write_bytes(os.urandom(size))
+    cpp.write_text("// fake\n")
+    return [str(cpp), str(so)]
+
+
+@pytest.mark.parametrize("when", ["before_compiling", "before_packaging"])
+def test_aoti_export_refuses_a_full_disk(tmp_path, monkeypatch, when):
+    """A disk without room for the package is refused with a clean OSError naming the bytes needed and free
+    (before compiling if the weights alone do not fit), the old file kept, no temporary left."""
+    import shutil
+
+    fake = _fake_compiled_files(tmp_path / "compiled")
+    target = tmp_path / "out"
+    target.mkdir()
+    path = target / "m.pt2"
+    path.write_bytes(b"previous engine")
+    compiled = []
+    monkeypatch.setattr(torch._inductor, "aot_compile", lambda *a, **k: compiled.append(1) or list(fake))
+    weights = sum(t.numel() * t.element_size() for t in (*_engine("llama").graph.parameters(),
+                                                         *_engine("llama").graph.buffers()))
+    free = 1000 if when == "before_compiling" else weights + 1000  # the weights fit, the 2 MiB package does not
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+    with pytest.raises(OSError, match=r"cannot write the engine file .*not enough free space") as err:
+        duo_compile.export(_engine("llama"), path)
+    assert err.value.errno == 28
+    need = int(re.search(r"needs about (\d+) bytes", str(err.value)).group(1))
+    assert f"{free} bytes" in str(err.value) and need > free
+    assert bool(compiled) == (when == "before_packaging")
+    if when == "before_packaging":
+        assert need > 2 << 20
+    assert path.read_bytes() == b"previous engine"
+    assert os.listdir(target) == ["m.pt2"]
+
+
+_FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import os, resource, sys
+    sys.path.insert(0, sys.argv[1])
+    import duo_compile
+    import torch
+    from tests.test_export import _engine
+
+    fake, path = sys.argv[2].split(","), sys.argv[3]
+    torch._inductor.aot_compile = lambda *a, **k: list(fake)
+    engine = _engine("llama")
+    # Every file this process and its children write is now cut at 1 MiB, as on a full disk: the native archive
+    # writer's failed write used to abort the process (SIGXFSZ here; rc 134 from c10::Error on ENOSPC).
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        duo_compile.export(engine, path)
+        print("EXPORTED")
+    except OSError as err:
+        print("CAUGHT", type(err).__name__, err.errno, err)
+    print("ALIVE")
+    """
+)
+
+
+def test_aoti_export_survives_a_native_write_failure(tmp_path):
+    """The archive writer is native code that aborts its process when a write fails; export runs it in a child
+    process, so the caller gets an OSError, keeps the old file and has no temporary left."""
+    fake = _fake_compiled_files(tmp_path / "compiled")
+    target = tmp_path / "out"
+    target.mkdir()
+    path = target / "m.pt2"
+    path.write_bytes(b"previous engine")
+    (tmp_path / "child.py").write_text(_FULL_DISK_CHILD)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "child.py", root, ",".join(fake), str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-4000:])
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "ALIVE", proc.stdout
+    caught = next(line for line in lines if line.startswith(("CAUGHT", "EXPORTED")))
+    assert caught.startswith("CAUGHT OSError"), caught
+    assert "cannot write the engine file" in caught and "AOTInductor packaging failed" in caught
+    assert "ulimit -f" in caught  # the cause this process can see (torch's own message lost the OS error)
+    assert path.read_bytes() == b"previous engine"
+    assert os.listdir(target) == ["m.pt2"]

@@ -13,8 +13,27 @@
 * The duo ops stay custom-op calls in the package (AOTInductor's proxy executor calls them through the
   dispatcher), so loading needs ``duo_compile`` imported for their registrations (``load`` checks them), but not
   the model code or weights: the weights are constants in the package.
+* Writing: ``compile_files`` runs AOTInductor in this process (its files go to Inductor's cache folder), then
+  ``write_package`` zips them into the PT2 archive in a child process. torch's archive writer is native code that
+  throws a C++ exception from a destructor when a write fails (full disk, file size limit), which terminates the
+  whole process (``terminate called after throwing an instance of 'c10::Error'``, even inside a ``try``); in a
+  child, that becomes an ``OSError`` here. ``export`` also checks the free space before compiling (the package
+  holds at least the weights) and again before packaging (the compiled files' sizes are then known).
 """
 from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 
@@ -45,17 +64,87 @@ def export_programs(engine, separate_decode: bool = False) -> dict[str, torch.ex
     return programs
 
 
-def compile_package(programs: dict[str, torch.export.ExportedProgram], path: str, extra_files: dict[str, str]) -> None:
-    """AOTInductor-compile every program and write them, with ``extra_files``, as one PT2 archive at ``path``
-    (what ``aoti_compile_and_package`` does for one program; its docstring shows this multi-model form)."""
-    from torch.export.pt2_archive._package import package_pt2
-
-    files = {
+def compile_files(programs: dict[str, torch.export.ExportedProgram]) -> dict[str, list]:
+    """AOTInductor-compile every program: ``{model name: the files aot_compile made}`` (in Inductor's cache
+    folder), what ``package_pt2`` takes as ``aoti_files`` (``aoti_compile_and_package`` does this for one program;
+    its docstring shows this multi-model form)."""
+    return {
         name: torch._inductor.aot_compile(_module(program), *program.example_inputs,
                                           options={"aot_inductor.package": True})
         for name, program in programs.items()
     }
-    package_pt2(path, aoti_files=files, extra_files=extra_files)
+
+
+def weights_bytes(engine) -> int:
+    """Bytes of the engine graph's parameters and buffers: a lower bound of the package size (its constants)."""
+    tensors = [*engine.graph.parameters(), *engine.graph.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# Zip headers per member (local + central directory + zip64 extras + torch's 64-byte alignment), beyond the names.
+_MEMBER_OVERHEAD = 256
+PACKAGE_MARGIN = 1 << 20  # torch's own records, the metadata, and slack
+
+
+def package_bytes(files: dict[str, list]) -> int:
+    """About how many bytes ``write_package`` will write for ``files`` (their sizes plus zip overhead)."""
+    total = PACKAGE_MARGIN
+    for name, paths in files.items():
+        for path in paths:
+            if isinstance(path, str) and path:
+                member = f"data/aotinductor/{name}/{os.path.basename(path)}"
+                total += os.path.getsize(path) + _MEMBER_OVERHEAD + 2 * len(member)
+            elif isinstance(path, dict):  # a Weights object {name: (tensor, properties)}: constants out of the .so
+                total += sum(value[0].numel() * value[0].element_size() for value in path.values())
+    return total
+
+
+_PACKAGER = """
+import json, sys
+from torch.export.pt2_archive._package import package_pt2
+job = json.load(sys.stdin)
+package_pt2(job["path"], aoti_files=job["files"])
+"""
+
+
+def write_package(files: dict[str, list], path: str) -> None:
+    """Write the PT2 archive of ``files`` at ``path`` (members under ``path``'s base name) in a child process, so
+    that a failed native write is an ``OSError`` here, never an abort of this process."""
+    if not all(isinstance(f, str) for paths in files.values() for f in paths):  # Weights objects: not JSON
+        from torch.export.pt2_archive._package import package_pt2
+
+        package_pt2(path, aoti_files=files)
+        return
+    job = json.dumps({"path": path, "files": files})
+    proc = subprocess.run([sys.executable, "-c", _PACKAGER], input=job, capture_output=True, text=True,
+                          check=False)
+    if proc.returncode == 0:
+        return
+    code = proc.returncode
+    how = f"exit status {code}"
+    if code < 0:
+        how = "killed by " + next((s.name for s in signal.Signals if s.value == -code), f"signal {-code}")
+    # torch's writer loses the OS error ("iostream error"): say what this process can see instead.
+    need = package_bytes(files)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource is not None else -1
+    err = proc.stderr or ""
+    if "No space left" in err or free < need:
+        number, cause = errno.ENOSPC, f"the disk is full: the package needs about {need} bytes, {free} bytes are free"
+    elif "File too large" in err or 0 <= limit < need:
+        number, cause = errno.EFBIG, (f"the file size limit (ulimit -f) is {limit} bytes, the package needs about "
+                                      f"{need} bytes")
+    else:
+        number, cause = errno.EIO, "the write failed"
+    raise OSError(number, f"AOTInductor packaging failed in its subprocess ({how}): {cause}; torch: {_error_line(err)}")
+
+
+def _error_line(stderr: str) -> str:
+    """The first error line of the packager's stderr (the one nearest the cause), as one short line."""
+    lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
+    telling = [line for line in lines if "Error" in line or "error" in line or "what()" in line]
+    line = (telling or lines[-1:] or ["no error message"])[0]
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
@@ -77,6 +166,7 @@ class AOTIRunner:
     def __init__(self, path: str, graphs: dict, device: torch.device):
         from torch._inductor.package import load_package
 
+        self.backend = "aoti"
         self.device = device
         self.max_batch = int(graphs.get("max_batch", MAX_BATCH))
         device_index = device.index if device.type == "cuda" and device.index is not None else -1

@@ -10,17 +10,18 @@ Backends: ``aoti_export.py`` and ``onnx_export.py``; the file format and its che
 """
 from __future__ import annotations
 
-import json
 import os
+import re
 from collections.abc import Sequence
 
 import torch
 
 from duo_compile.runtime.engine import Engine
 from duo_compile.export.engine_file import (
-    PT2_META_NAME,
     EngineFileError,
+    atomic_named_path,
     atomic_path,
+    check_free_space,
     check_ops,
     check_runtime,
     check_writable,
@@ -28,11 +29,12 @@ from duo_compile.export.engine_file import (
     graph_ops,
     onnx_trailer,
     read_metadata,
+    seal_pt2,
 )
 
 BACKENDS = ("aoti", "onnx", "tensorrt")
 
-__all__ = ["export", "load", "BACKENDS", "EngineFileError", "BackendUnavailableError"]
+__all__ = ["export", "load", "BACKENDS", "EngineFileError", "BackendUnavailableError", "LoadedEngine"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -93,6 +95,8 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
 def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
     from duo_compile.export import aoti_export
 
+    with _writing(path):  # before minutes of compilation: the package holds at least the weights
+        check_free_space(path, aoti_export.weights_bytes(engine), "the engine's weights")
     programs = aoti_export.export_programs(engine, separate_decode)
     prefill, decode = aoti_export.PREFILL, aoti_export.DECODE
     max_len = engine.config.max_seq_len
@@ -103,8 +107,13 @@ def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
         "caches": "explicit inputs, mutated in place",
     }
     meta = engine_metadata(engine, "aoti", graphs, graph_ops(*(p.graph for p in programs.values())))
-    with _writing(path), atomic_path(path, ".pt2") as tmp:
-        aoti_export.compile_package(programs, tmp, {PT2_META_NAME: json.dumps(meta, sort_keys=True)})
+    files = aoti_export.compile_files(programs)
+    # The archive names its members after the file it is written to: write it under the final name, in a
+    # temporary folder beside ``path``, packaged in a child process (a failed native write cannot abort this one).
+    with _writing(path), atomic_named_path(path) as tmp:
+        check_free_space(path, aoti_export.package_bytes(files), "the AOTInductor package")
+        aoti_export.write_package(files, tmp)
+        seal_pt2(tmp, meta)
 
 
 def _export_onnx(engine: Engine, path: str) -> None:
@@ -113,6 +122,7 @@ def _export_onnx(engine: Engine, path: str) -> None:
     data, description = onnx_export.export_onnx_bytes(engine)
     meta = engine_metadata(engine, "onnx", description, {})
     with _writing(path), atomic_path(path, ".onnx") as tmp:
+        check_free_space(path, len(data) + (1 << 16), "the ONNX model")
         with open(tmp, "wb") as f:
             f.write(data)
             f.write(onnx_trailer(data, meta))
@@ -133,13 +143,33 @@ class _writing:
         return False
 
 
-def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> Engine:
+class LoadedEngine(Engine):
+    """An engine loaded from an engine file: the compiled engine's API, run by the file's runtime.
+
+    ``backend``: what runs it, ``"aoti"`` (the AOTInductor package) or ``"onnx"`` (onnxruntime); ``config`` is the
+    exported engine's, unchanged (its ``backend`` names the backend it was compiled with). ``path``: the file.
+    """
+
+    def __init__(self, *args, backend: str, path: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.path = path
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        runtime = f"backend={self.backend}"
+        text, found = re.subn(r"backend=[\w-]+", runtime, text)
+        return text if found else f"{text[:-1]}, {runtime})"
+
+
+def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> LoadedEngine:
     """Load an engine file written by ``export``; the result has the compiled engine's ``generate`` API.
 
-    Checks before running anything: the file is a complete duo_compile engine file of this format version,
-    the metadata is consistent, the device is present, and (AOTI) the custom ops it calls are registered with the
-    same schemas and the package was built for this torch and CPU. ``providers``: onnxruntime execution providers
-    for an ONNX engine (default: CPU, or CUDA for an engine exported on CUDA).
+    Checks before running anything: the file is a complete duo_compile engine file of this format version whose
+    metadata and graph bytes match its recorded SHA-256 digest, the metadata is consistent, the device is present,
+    and (AOTI) the custom ops it calls are registered with the same schemas and the package was built for this
+    torch and CPU; (ONNX) the graph's declared shapes match the metadata. ``providers``: onnxruntime execution
+    providers for an ONNX engine (default: CPU, or CUDA for an engine exported on CUDA).
     """
     path = os.fspath(path)
     parts, _ = read_metadata(path)
@@ -159,7 +189,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
             raise EngineFileError(
                 f"{path}: an ONNX engine runs on onnxruntime, which is not installed (pip install onnxruntime)"
             ) from None
-        from duo_compile.export.onnx_export import OnnxRunner
+        from duo_compile.export.onnx_export import OnnxRunner, graph_mismatches
 
         try:
             runner = OnnxRunner(
@@ -168,7 +198,11 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
             )
         except Exception as err:  # the file passed its checks: onnxruntime (or its providers) refused it
             raise EngineFileError(f"{path}: onnxruntime could not load the model ({type(err).__name__}: {err})")
-    return Engine(
+        problems = graph_mismatches(runner.session, parts.graphs, parts.cache_specs, parts.info.vocab_size,
+                                    parts.config.max_seq_len)
+        if problems:
+            raise EngineFileError(f"{path}: the metadata does not describe the ONNX graph: {'; '.join(problems)}")
+    return LoadedEngine(
         None,
         parts.cache_specs,
         parts.config,
@@ -178,4 +212,6 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
         dtype=parts.dtype,
         pass_counts=parts.pass_counts,
         runner=runner,
+        backend=parts.backend,
+        path=path,
     )

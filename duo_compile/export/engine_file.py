@@ -8,8 +8,15 @@ Two containers, each one self-contained file with the same JSON metadata (``FORM
   Zip CRCs are checked on load, so a truncated or damaged file is refused.
 * ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
   ``metadata_props`` entry ``duo_compile.runtime.engine`` holds the metadata. That entry is written as the file's last bytes
-  (protobuf merges a trailing message into the model), and it records the byte length and SHA-256 of everything
-  before it, so a truncated or altered file is refused.
+  (protobuf merges a trailing message into the model), and it records the byte length of everything before it.
+
+Integrity (format version 2): ``payload.sha256`` is the SHA-256 of the graph bytes (ONNX: the model bytes before the
+metadata entry; AOTI: every archive member but the metadata, names and contents, see ``archive_sha256``), and
+``digest`` is the SHA-256 of the canonical JSON of the whole metadata record without ``digest`` itself (sorted
+keys, no whitespace: ``canonical_json``), payload hash included. So every value the runtime derives from the file
+(masks, sink, recent, mode, max_seq_len, shapes, vocab, dtype, pass counts, ops, ...) and the graphs are covered
+by one digest; ``load`` refuses any mismatch. A digest detects accidental damage and hand edits, not a deliberate
+forgery: anyone can recompute it (it is not a signature).
 
 Metadata (JSON object):
   format, format_version, backend      what the file is
@@ -21,16 +28,22 @@ Metadata (JSON object):
   ops                                  ``{"duo::name": schema}`` of every custom op the graphs call (AOTI calls
                                        them through the dispatcher, so they must be registered, same schema)
   graphs                               backend specifics (AOTI model names and shape bounds; ONNX names, opset)
+  payload                              ``{"sha256": graph bytes digest}`` (+ ``"bytes"``: ONNX model length;
+                                       ``"members"``: AOTI archive member count)
+  digest                               SHA-256 of ``canonical_json`` of all of the above
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,11 +55,12 @@ from duo_compile.models.hf import ModelInfo
 from duo_compile.passes import CacheSpec
 
 FORMAT = "duo_compile.runtime.engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the digest covers the whole metadata record and the graph bytes
 BACKENDS = ("aoti", "onnx")
 PT2_META_NAME = "duo_engine.json"  # in the PT2 archive as <archive>/extra/duo_engine.json
 ONNX_META_KEY = "duo_compile.runtime.engine"
 ZIP_MAGIC = b"PK\x03\x04"
+DIGEST_KEY = "digest"
 
 
 class EngineFileError(ValueError):
@@ -86,6 +100,29 @@ def engine_metadata(engine, backend: str, graphs: dict[str, Any], ops: dict[str,
     }
 
 
+def check_format(meta: Any, path: str) -> None:
+    """The metadata must be a duo_compile engine file's, of this format version (checked before anything else:
+    another version may lay out or digest its metadata differently)."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EngineFileError(f"{path}: not a duo_compile engine file (its metadata has no format {FORMAT!r})")
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION and type(version) is int:
+        return
+    producer = meta.get("producer")
+    made = producer.get("duo_compile", "unknown") if isinstance(producer, dict) else "unknown"
+    if type(version) is int and version > FORMAT_VERSION:
+        raise EngineFileError(
+            f"{path}: engine file format version {version}, but this duo_compile reads version {FORMAT_VERSION}: "
+            f"the file was written by a newer duo_compile ({made}); load it with that version, or re-export the "
+            f"engine with this one"
+        )
+    raise EngineFileError(
+        f"{path}: engine file format version {version!r}, but this duo_compile reads version {FORMAT_VERSION}: "
+        f"an older format (written by duo_compile {made}) whose metadata no digest covers; re-export the engine "
+        f"with this duo_compile"
+    )
+
+
 @dataclasses.dataclass
 class EngineParts:
     """The metadata parsed and checked: the ``Engine`` constructor arguments besides graph and runner."""
@@ -105,16 +142,8 @@ class EngineParts:
 
 def parse_metadata(meta: Any, path: str) -> EngineParts:
     """Check the metadata of the file at ``path`` and turn it into Python objects; EngineFileError if anything
-    is missing, inconsistent or of another format version."""
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise EngineFileError(f"{path}: not a duo_compile engine file (its metadata has no format {FORMAT!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise EngineFileError(
-            f"{path}: engine file format version {version!r}, but this duo_compile reads version {FORMAT_VERSION}; "
-            f"re-export the engine with this duo_compile (or load it with the version that wrote it: "
-            f"{meta.get('producer', {}).get('duo_compile', 'unknown')})"
-        )
+    is missing, inconsistent or of another format version. (The digest is checked by ``read_metadata``.)"""
+    check_format(meta, path)
     try:
         backend = meta["backend"]
         if backend not in BACKENDS:
@@ -206,7 +235,100 @@ def check_ops(parts: EngineParts, path: str) -> None:
             )
 
 
+# ------------------------------------------------------------------------------------------------- integrity
+def canonical_json(meta: dict[str, Any]) -> bytes:
+    """The metadata as its digest sees it: JSON with sorted keys, no whitespace, ASCII only, without ``digest``."""
+    body = {key: value for key, value in meta.items() if key != DIGEST_KEY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 (hex) of ``canonical_json(meta)``: the whole record, ``payload`` (the graph bytes' SHA-256)
+    included."""
+    return hashlib.sha256(canonical_json(meta)).hexdigest()
+
+
+def seal(meta: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with ``payload`` (the graph bytes' SHA-256, ...) and the ``digest`` over the whole record.
+
+    The record is normalised through JSON first (tuples become lists, keys strings), so the digest is that of
+    exactly what ``load`` parses back. Any earlier ``digest`` is replaced."""
+    meta = json.loads(json.dumps(dict(meta, payload=payload)))
+    meta.pop(DIGEST_KEY, None)
+    meta[DIGEST_KEY] = metadata_digest(meta)
+    return meta
+
+
+def check_digest(meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """The metadata must match its recorded digest; returns its ``payload`` record (what the graph bytes must
+    hash to), now trusted."""
+    recorded = meta.get(DIGEST_KEY)
+    if not isinstance(recorded, str):
+        raise EngineFileError(f"{path}: damaged engine metadata (no {DIGEST_KEY!r} record)")
+    if metadata_digest(meta) != recorded:
+        raise EngineFileError(
+            f"{path}: altered or damaged engine file: its metadata does not match the recorded SHA-256 digest "
+            f"(edited after export?); re-export the engine"
+        )
+    payload = meta.get("payload")
+    if not isinstance(payload, dict) or not isinstance(payload.get("sha256"), str):
+        raise EngineFileError(f"{path}: damaged engine metadata (no payload digest)")
+    return payload
+
+
+def archive_sha256(archive: zipfile.ZipFile, skip: str | None = None) -> tuple[str, int]:
+    """(SHA-256, member count) of a zip archive's members other than ``skip``: each member's name and contents,
+    in name order. Reading a member checks its CRC (a damaged member raises ``zipfile.BadZipFile``)."""
+    digest = hashlib.sha256()
+    count = 0
+    for info in sorted(archive.infolist(), key=lambda item: (item.filename, item.header_offset)):
+        if info.filename == skip:
+            continue
+        name = info.filename.encode("utf-8")
+        digest.update(len(name).to_bytes(8, "little") + name + info.file_size.to_bytes(8, "little"))
+        with archive.open(info) as member:
+            for block in iter(lambda: member.read(1 << 20), b""):
+                digest.update(block)
+        count += 1
+    return digest.hexdigest(), count
+
+
+def seal_pt2(path: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Append the sealed metadata to the PT2 archive at ``path`` as its last member,
+    ``<archive name>/extra/duo_engine.json``: the digest covers every member written before it."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        if not names or "/" not in names[0]:
+            raise ValueError(f"{path}: the AOTInductor package has no archive folder")
+        sha, count = archive_sha256(archive)
+    meta = seal(meta, {"sha256": sha, "members": count})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(f"{names[0].split('/')[0]}/extra/{PT2_META_NAME}", json.dumps(meta, sort_keys=True))
+    return meta
+
+
 # --------------------------------------------------------------------------------------------------- writing
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def check_free_space(path: str, need: int, what: str) -> None:
+    """``OSError(ENOSPC)`` naming both numbers if the folder of ``path`` has fewer than ``need`` bytes free: a
+    full disk must be refused before the native writer (which aborts the process on a failed write) starts."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space in {folder!r}: {what} needs about {need} bytes ({_size(need)}), "
+            f"{free} bytes ({_size(free)}) are free",
+        )
+
+
 def check_writable(path: str | os.PathLike) -> str:
     """Refuse, before any expensive work, a path the engine file could not be written to."""
     path = os.fspath(path)
@@ -241,12 +363,31 @@ def atomic_path(path: str, suffix: str) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_named_path(path: str) -> Iterator[str]:
+    """Like ``atomic_path``, for writers that record the file's own name inside it (a PT2 archive stores its
+    members under the file's name): a temporary folder beside ``path`` holding a file of the final base name; on
+    success that file replaces ``path`` in one step. The folder is removed either way."""
+    parent = os.path.dirname(os.path.abspath(path))
+    folder = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    tmp = os.path.join(folder, os.path.basename(path))
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def onnx_trailer(model_bytes: bytes, meta: dict[str, Any]) -> bytes:
     """A serialized ModelProto that holds only the metadata entry, to append after ``model_bytes``. The entry
-    records the length and SHA-256 of ``model_bytes``, so load can tell a complete file from a cut one."""
+    records the length and SHA-256 of ``model_bytes`` and the digest over the whole record (``seal``), so load can
+    tell a complete, unedited file from a cut, damaged or edited one."""
     import onnx
 
-    meta = dict(meta, payload={"bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()})
+    meta = seal(meta, {"bytes": len(model_bytes), "sha256": hashlib.sha256(model_bytes).hexdigest()})
     trailer = onnx.ModelProto()
     entry = trailer.metadata_props.add()
     entry.key, entry.value = ONNX_META_KEY, json.dumps(meta, sort_keys=True)
@@ -256,7 +397,10 @@ def onnx_trailer(model_bytes: bytes, meta: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------------------------------- reading
 def read_metadata(path: str | os.PathLike) -> tuple[EngineParts, dict[str, Any]]:
     """Identify and check the engine file at ``path``: (parsed parts, raw metadata). EngineFileError for
-    anything that is not a complete engine file of this format version."""
+    anything that is not a complete, unedited engine file of this format version.
+
+    Order: format and version (another version may digest differently), the metadata digest, the graph bytes
+    against the digested payload hash, then the record's own consistency."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no engine file at {path!r}")
@@ -274,30 +418,39 @@ def read_metadata(path: str | os.PathLike) -> tuple[EngineParts, dict[str, Any]]
     return parts, meta
 
 
-def _read_pt2_metadata(path: str) -> Any:
-    import zipfile
+def _parse_json(raw: bytes | str, path: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EngineFileError(f"{path}: damaged engine metadata ({err})") from None
 
+
+def _read_pt2_metadata(path: str) -> Any:
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()  # reads every member, checking its CRC
-            if bad is not None:
-                raise EngineFileError(f"{path}: damaged engine file (member {bad} fails its CRC check)")
             names = [n for n in archive.namelist() if n.endswith(f"/extra/{PT2_META_NAME}")]
             if not names:
+                archive.testzip()  # a damaged archive says so before "not an engine file"
                 raise EngineFileError(
                     f"{path}: a zip/PT2 archive but not a duo_compile engine file (no extra/{PT2_META_NAME})"
                 )
-            raw = archive.read(names[0])
+            if len(names) > 1:
+                raise EngineFileError(f"{path}: damaged engine file ({len(names)} metadata members)")
+            meta = _parse_json(archive.read(names[0]), path)
+            check_format(meta, path)
+            payload = check_digest(meta, path)
+            sha, count = archive_sha256(archive, skip=names[0])  # reads every member, checking its CRC
     except EngineFileError:
         raise
     except zipfile.BadZipFile as err:
         raise EngineFileError(f"{path}: truncated or damaged engine file (zip: {err})") from None
     except Exception as err:  # EOFError, zlib.error, OSError, ...: whatever a damaged archive makes zipfile raise
         raise EngineFileError(f"{path}: truncated or damaged engine file ({type(err).__name__}: {err})") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EngineFileError(f"{path}: damaged engine metadata ({err})") from None
+    if sha != payload["sha256"] or count != payload.get("members"):
+        raise EngineFileError(
+            f"{path}: altered or damaged engine file (the archive members do not match the recorded SHA-256)"
+        )
+    return meta
 
 
 def _read_onnx_metadata(path: str) -> Any:
@@ -322,11 +475,12 @@ def _read_onnx_metadata(path: str) -> Any:
         raise EngineFileError(
             f"{path}: not a duo_compile engine file, or a truncated one (no {ONNX_META_KEY!r} metadata entry)"
         )
+    meta = _parse_json(entries[-1], path)
+    check_format(meta, path)
+    payload = check_digest(meta, path)
     try:
-        meta = json.loads(entries[-1])
-        payload = meta.pop("payload")
         size, digest = int(payload["bytes"]), str(payload["sha256"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise EngineFileError(f"{path}: damaged engine metadata ({type(err).__name__}: {err})") from None
     try:
         tail = onnx.ModelProto.FromString(data[size:]) if 0 < size < len(data) else None

@@ -242,6 +242,31 @@ class _quiet_exporter:
 
 
 # ---------------------------------------------------------------------------------------------------- runtime
+def graph_mismatches(session, description: dict, specs: Sequence[CacheSpec], vocab_size: int,
+                     max_seq_len: int) -> list[str]:
+    """Where the ONNX graph's declared inputs and outputs disagree with the metadata (names, cache shapes,
+    vocabulary): a second guard, beside the digest, against metadata that does not describe this graph (e.g.
+    re-sealed after an edit)."""
+    declared_in = {value.name: value.shape for value in session.get_inputs()}
+    declared_out = {value.name: value.shape for value in session.get_outputs()}
+    inputs, outputs = list(description["inputs"]), list(description["outputs"])
+    if list(declared_in) != inputs or list(declared_out) != outputs:
+        return [f"graph inputs/outputs {list(declared_in)} / {list(declared_out)}, metadata {inputs} / {outputs}"]
+    problems = []
+    logits = declared_out[outputs[0]]
+    if list(logits[1:]) != [1, vocab_size]:
+        problems.append(f"logits are {logits} in the graph, metadata vocab_size {vocab_size}")
+    names = inputs[3:]
+    if len(names) != len(specs):
+        problems.append(f"{len(names)} cache inputs in the graph, {len(specs)} cache specs in the metadata")
+    for spec, name in zip(specs, names):
+        want = [spec.num_kv_heads, max_seq_len if spec.slots is None else spec.slots, spec.head_dim]
+        if list(declared_in[name][1:]) != want:
+            problems.append(f"cache {name} is {declared_in[name]} in the graph, metadata [batch, {want[0]}, "
+                            f"{want[1]}, {want[2]}]")
+    return problems
+
+
 _NUMPY_TYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
 
 
@@ -260,6 +285,7 @@ class OnnxRunner:
         import numpy as np
         import onnxruntime as ort
 
+        self.backend = "onnx"
         self.np = np
         self.specs, self.sink, self.recent = list(specs), sink, recent
         self.vocab_size, self.device = vocab_size, device

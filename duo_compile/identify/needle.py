@@ -10,8 +10,10 @@ sink + recent window for streaming heads), so the study is independent of the co
 """
 from __future__ import annotations
 
+import numbers
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 from duo_compile.identify.gated_attention import (
     attention_layout, autocast, equal_length_batches, gated_attention, gated_hidden_states, needle_attention_mass,
 )
+from duo_compile.checks import check_int
 from duo_compile.masks import HeadMasks
 from duo_compile.identify.passkey import PasskeySample, PasskeyTask
 
@@ -72,6 +75,25 @@ def passkey_accuracy(model: torch.nn.Module, samples: Sequence[PasskeySample], g
     return np.array([exact[id(s)] for s in samples]), np.array([tokens[id(s)] for s in samples])
 
 
+def _as_list(name: str, values: Any, allow_empty: bool = False) -> list:
+    """``values`` (a list, tuple, array...) as a list; a ValueError naming ``name`` for a string, a scalar or
+    (unless ``allow_empty``) an empty one."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a list, got {values!r}")
+    values = list(values)
+    if not values and not allow_empty:
+        raise ValueError(f"{name} is empty, got {values!r}")
+    return values
+
+
+def _fractions(name: str, values: Any, allow_empty: bool = False) -> list[float]:
+    values = _as_list(name, values, allow_empty)
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name}[{i}] must be a number in [0, 1], got {v!r}")
+    return [float(v) for v in values]
+
+
 def needle_study(
     model: torch.nn.Module,
     tokenizer: Any = None,
@@ -94,7 +116,23 @@ def needle_study(
     """Run every condition on the same samples; returns a JSON-safe dict (see :func:`goals` for the verdict).
 
     gates: the identified (not necessarily binary) gates; binarised here at each sparsity.
+    Every argument is checked first (a ValueError naming it), before any sample is drawn or the model runs.
     """
+    context_lengths = [check_int(f"context_lengths[{i}]", c, 1)
+                       for i, c in enumerate(_as_list("context_lengths", context_lengths))]
+    depths = _fractions("depths", depths)
+    samples_per_cell = check_int("samples_per_cell", samples_per_cell, 1)
+    passkey_length = check_int("passkey_length", passkey_length, 1)
+    sink_size = check_int("sink_size", sink_size, 0)
+    recent_size = check_int("recent_size", recent_size, 1)
+    sparsities = _fractions("sparsities", sparsities, allow_empty=True)
+    random_seeds = [check_int(f"random_seeds[{i}]", r, 0)
+                    for i, r in enumerate(_as_list("random_seeds", random_seeds, allow_empty=True))]
+    calibration_samples = check_int("calibration_samples", calibration_samples, 1)
+    seed = check_int("seed", seed, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
+    if not isinstance(gates, HeadMasks):
+        raise ValueError(f"gates must be HeadMasks, got {type(gates).__name__}")
     layout = attention_layout(model)
     gates.check_shape(layout.num_layers, layout.num_kv_heads)
     if tokenizer is None:

@@ -3,10 +3,13 @@
 The rewritten graph is ``forward(input_ids, position_ids, cache_position, *caches) -> last logits``; every
 call appends its tokens to the caches. The engine allocates the caches once per batch size (sized by
 ``max_seq_len`` for retrieval heads and ``sink + recent`` for streaming heads), so nothing grows or is copied
-while decoding.
+while decoding. An engine owns one cache, so its entry points take one lock: calls from several threads run one
+after the other, never interleaved.
 """
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +52,43 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
+def _available_ram() -> int | None:
+    """Bytes of RAM available to this process: /proc/meminfo's MemAvailable (else sysconf's available pages),
+    lowered to what a cgroup memory limit leaves (containers); None when nothing can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, OSError, ValueError):
+            pass
+    cgroups = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # v2, then v1
+               ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+    for limit, usage in cgroups:
+        try:
+            with open(limit) as f_limit, open(usage) as f_usage:
+                found.append(int(f_limit.read().strip()) - int(f_usage.read().strip()))
+        except (OSError, ValueError):  # no cgroup file, or no limit ("max")
+            pass
+    return max(0, min(found)) if found else None
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on ``device``: on CUDA the driver's free memory plus what torch's caching
+    allocator holds unused; on the CPU the available RAM; None for other devices (no check is made)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        return _available_ram()
+    return None
+
+
 def _token_ids(name: str, value) -> tuple[int, ...]:
     """eos/pad ids as Hugging Face takes them: None, one int, or a list of ints."""
     if value is None:
@@ -62,7 +102,17 @@ def _token_ids(name: str, value) -> tuple[int, ...]:
 
 
 class Engine:
-    """A compiled DuoAttention model: ``generate`` like Hugging Face's greedy search, on a static split cache."""
+    """A compiled DuoAttention model: ``generate`` like Hugging Face's greedy search, on a static split cache.
+
+    ``config`` holds the sizes the engine runs with; ``requested_config`` what ``compile`` was asked (they differ
+    only where ``compile`` capped a streaming window larger than ``max_seq_len``: see ``compile``).
+
+    Threads: an engine owns one KV cache, so ``generate``, ``prefill``, ``step``, ``allocate``, ``release`` and
+    ``kv_cache_bytes`` take one (re-entrant) lock; calls from several threads wait for each other and never
+    interleave, and each ``generate`` gives what it gives alone. The lock makes each call atomic, not a sequence
+    of calls: ``prefill`` then ``step`` from one thread while another thread uses the engine still share its one
+    cache. For parallel decoding use one engine per thread (they share nothing).
+    """
 
     def __init__(
         self,
@@ -76,11 +126,15 @@ class Engine:
         pass_counts: dict[str, int] | None = None,
         runner: Callable[..., torch.Tensor] | None = None,
         cuda_graphs: bool = True,
+        requested_config: EngineConfig | None = None,
     ):
-        """``runner`` replaces the backend's compiled graph (e.g. an engine loaded from a file); same signature."""
+        """``runner`` replaces the backend's compiled graph (e.g. an engine loaded from a file); same signature.
+        ``requested_config``: the sizes the user asked, where ``config`` caps them (default: ``config``)."""
+        self._lock = threading.RLock()
         self.graph = graph
         self.cache_specs = list(cache_specs)
         self.config = config
+        self.requested_config = config if requested_config is None else requested_config
         self.info = info
         self.masks = masks
         self.device = torch.device(device)
@@ -101,19 +155,46 @@ class Engine:
             self._run = graph
 
     # ----------------------------------------------------------------------------------------------- cache
+    def planned_cache_bytes(self, batch_size: int, max_seq_len: int) -> int:
+        """Bytes ``allocate(batch_size, max_seq_len)`` allocates (keys and values of every cache)."""
+        return self.dtype.itemsize * batch_size * sum(
+            spec.num_kv_heads * (max_seq_len if spec.slots is None else spec.slots) * spec.head_dim
+            for spec in self.cache_specs
+        )
+
     def allocate(self, batch_size: int, max_seq_len: int | None = None) -> None:
         """Allocate the static caches for ``batch_size`` (once; again only if the batch size or length changes).
 
         ``max_seq_len`` (default: the engine's) may be smaller than the engine's, e.g. to measure memory at a
         given context. Zero-filled so that slots never written hold finite values (masked keys still enter
-        ``p @ V``).
+        ``p @ V``). Caches larger than the device's free memory (counting the old caches, freed first) are
+        refused before anything is freed, with ``torch.OutOfMemoryError`` (a RuntimeError) naming both sizes.
+        Holds the engine's lock.
         """
-        batch_size = check_int("batch_size", batch_size, 1)
-        length = check_int("max_seq_len", self.config.max_seq_len if max_seq_len is None else max_seq_len, 1)
-        if length > self.config.max_seq_len:
-            raise ValueError(f"max_seq_len {length} exceeds the engine's max_seq_len={self.config.max_seq_len}")
-        if (self.batch_size, self.cache_len) == (batch_size, length):
+        with self._lock:
+            batch_size = check_int("batch_size", batch_size, 1)
+            length = check_int("max_seq_len", self.config.max_seq_len if max_seq_len is None else max_seq_len, 1)
+            if length > self.config.max_seq_len:
+                raise ValueError(f"max_seq_len {length} exceeds the engine's max_seq_len={self.config.max_seq_len}")
+            if (self.batch_size, self.cache_len) == (batch_size, length):
+                return
+            self._check_fits(batch_size, length)
+            self._allocate(batch_size, length)
+
+    def _check_fits(self, batch_size: int, length: int) -> None:
+        planned = self.planned_cache_bytes(batch_size, length)
+        free = free_memory_bytes(self.device)
+        if free is None:
             return
+        free += sum(c.numel() * c.element_size() for c in self.caches)  # freed before the new ones are allocated
+        if planned > free:
+            raise torch.OutOfMemoryError(
+                f"allocate(batch_size={batch_size}, max_seq_len={length}) needs {planned} bytes of KV cache "
+                f"({planned / 2**30:.2f} GiB), more than the {free} bytes free on {self.device} "
+                f"({free / 2**30:.2f} GiB)"
+            )
+
+    def _allocate(self, batch_size: int, length: int) -> None:
         self.caches, self._graphed = [], None  # free the old caches (and the graph using them) first
         self.caches = [
             torch.zeros(
@@ -129,12 +210,19 @@ class Engine:
         self.batch_size, self.cache_len = batch_size, length
 
     def release(self) -> None:
-        """Free the caches (and the decode graph that uses them); the next generate allocates again."""
-        self.caches, self._graphed = [], None
-        self.batch_size = self.cache_len = None
+        """Free the caches (and the decode graph that uses them); the next generate allocates again. Holds the
+        engine's lock."""
+        with self._lock:
+            self.caches, self._graphed = [], None
+            self.batch_size = self.cache_len = None
 
     def kv_cache_bytes(self) -> KVCacheBytes:
-        """KV bytes actually allocated (retrieval and streaming), beside what full attention would need."""
+        """KV bytes actually allocated (retrieval and streaming), beside what full attention would need. Holds the
+        engine's lock."""
+        with self._lock:
+            return self._kv_cache_bytes()
+
+    def _kv_cache_bytes(self) -> KVCacheBytes:
         if self.batch_size is None:
             raise RuntimeError("no cache allocated yet: call generate() or allocate(batch_size) first")
         sizes = {"retrieval": 0, "streaming": 0}
@@ -152,12 +240,17 @@ class Engine:
         return KVCacheBytes(sizes["retrieval"], sizes["streaming"], sizes["retrieval"] + sizes["streaming"], full)
 
     # ----------------------------------------------------------------------------------------------- steps
-    @torch.no_grad()
     def step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         """Run tokens at positions ``start .. start + T - 1`` through the graph, appending them to the caches.
 
         Returns the logits of the last position, ``[B, vocab]``. The caches must hold positions ``< start``.
+        Holds the engine's lock.
         """
+        with self._lock:
+            return self._step(input_ids, start)
+
+    @torch.no_grad()
+    def _step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         start = check_int("start", start, 0)  # a negative start would write into the ring's last slots
         batch, length = input_ids.shape
         if self.batch_size != batch:
@@ -176,7 +269,12 @@ class Engine:
         return logits[:, -1, :]
 
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """Process a prompt from position 0 in chunks of ``chunk_size`` tokens; returns the last logits."""
+        """Process a prompt from position 0 in chunks of ``chunk_size`` tokens; returns the last logits. Holds the
+        engine's lock (all chunks in one go)."""
+        with self._lock:
+            return self._prefill(input_ids, chunk_size)
+
+    def _prefill(self, input_ids: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
         if chunk_size is not None:
             chunk_size = check_int("chunk_size", chunk_size, 1)
         # Checked before the first chunk is written: a prompt past max_seq_len would otherwise fill the caches
@@ -188,7 +286,7 @@ class Engine:
             )
         chunk = chunk_size or input_ids.shape[1]
         for begin in range(0, input_ids.shape[1], chunk):
-            logits = self.step(input_ids[:, begin : begin + chunk], begin)
+            logits = self._step(input_ids[:, begin : begin + chunk], begin)
         return logits
 
     # -------------------------------------------------------------------------------------------- generate
@@ -242,7 +340,16 @@ class Engine:
 
         Rows that produced ``eos_token_id`` continue with ``pad_token_id`` (the eos id if none is given) and
         generation stops once every row has finished. ``prefill_chunk_size`` overrides the engine's.
+
+        Holds the engine's lock from the argument checks to the last token: concurrent calls (from other threads)
+        of any entry point wait, and each call gives exactly what it gives alone.
         """
+        with self._lock:
+            return self._generate(input_ids, max_new_tokens, eos_token_id, pad_token_id, output_scores,
+                                  return_dict_in_generate, attention_mask, prefill_chunk_size)
+
+    def _generate(self, input_ids, max_new_tokens, eos_token_id, pad_token_id, output_scores,
+                  return_dict_in_generate, attention_mask, prefill_chunk_size):
         chunk = prefill_chunk_size if prefill_chunk_size is not None else self.config.prefill_chunk_size
         max_new_tokens, chunk = self._check_generate_inputs(input_ids, max_new_tokens, attention_mask, chunk)
         eos = _token_ids("eos_token_id", eos_token_id)

@@ -416,11 +416,14 @@ def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
             model = build_model(shape, max_positions)
         log(f"  engine '{label}': compile ({'all heads retrieval' if label == 'full' else 'DuoAttention'})")
         t0 = time.perf_counter()
+        # check_memory=False: max_positions (4M tokens on a GPU) bounds the positions, not a cache this engine
+        # allocates; every measurement allocates a shorter one with engine.allocate(1, context), which checks its
+        # own size (an OutOfMemoryError row where it does not fit).
         engine = duo_compile.compile(model, m, sink_size=SINK, recent_size=RECENT, max_seq_len=max_positions,
-                                     backend=args.backend)
+                                     backend=args.backend, check_memory=False)
         compile_s = time.perf_counter() - t0
-        # The engine holds its own copies of the weights passes 2 and 6 rewrite (reordered, concatenated); the
-        # model's originals are then held by nothing else: measure each engine alone, as a server would hold it.
+        # The engine owns copies of every weight it uses (compile's rule): drop the model's reference and collect
+        # it, so that the memory figures below count one copy of the weights, the engine's, as a server holds it.
         model = None
         free_memory()
         part = {"compile_s": compile_s, "decode": [], "prefill": [], "max_context": {}}
