@@ -1,6 +1,8 @@
 """``duo_compile.compile``: capture -> passes -> engine."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from duo_compile.capture import capture
@@ -34,6 +36,7 @@ def compile(
     streaming_mode: str = "window",
     backend: str = "inductor",
     fuse_projections: bool = True,
+    tokenizer=None,
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
@@ -44,12 +47,17 @@ def compile(
     ``fuse_projections`` (pass 6): the engine holds each layer's q/k/v and gate/up weights concatenated, one
     matrix multiply each (faster decode; while the model is kept too, those weights exist twice: pass False
     to share them instead).
+    ``tokenizer``: kept as ``engine.tokenizer`` (for text, streamers and ``stop_strings``; engine files carry a
+    transformers tokenizer). The model's ``generation_config`` is kept (a copy) as ``engine.generation_config``:
+    ``generate``'s defaults, as for ``model.generate``.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     masks = as_binary_masks(masks)
     if not isinstance(fuse_projections, bool):
         raise ValueError(f"fuse_projections must be True or False, got {fuse_projections!r}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise ValueError(f"tokenizer must be a tokenizer (with decode), got {type(tokenizer).__name__}")
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     config = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
@@ -69,7 +77,7 @@ def compile(
         fuse_projections=fuse_projections,
     )
     graph = run_passes(capture(model), ctx)
-    return Engine(
+    engine = Engine(
         graph,
         ctx.cache_specs,
         config,
@@ -79,3 +87,6 @@ def compile(
         dtype=params[0].dtype,
         pass_counts=ctx.changed,
     )
+    engine.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
+    engine.tokenizer = tokenizer
+    return engine

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from duo_compile.runtime.engine import Engine
+from duo_compile.export.generation_files import attach_generation_metadata
 from duo_compile.export.engine_file import (
     PT2_META_NAME,
     EngineFileError,
@@ -142,7 +143,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
     for an ONNX engine (default: CPU, or CUDA for an engine exported on CUDA).
     """
     path = os.fspath(path)
-    parts, _ = read_metadata(path)
+    parts, meta = read_metadata(path)
     check_runtime(parts, path)
     if parts.backend == "aoti":
         from duo_compile.export.aoti_export import AOTIRunner
@@ -168,7 +169,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
             )
         except Exception as err:  # the file passed its checks: onnxruntime (or its providers) refused it
             raise EngineFileError(f"{path}: onnxruntime could not load the model ({type(err).__name__}: {err})")
-    return Engine(
+    engine = Engine(
         None,
         parts.cache_specs,
         parts.config,
@@ -179,3 +180,4 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
         pass_counts=parts.pass_counts,
         runner=runner,
     )
+    return attach_generation_metadata(engine, meta, path)  # generation defaults and tokenizer, when the file has them
