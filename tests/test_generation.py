@@ -317,30 +317,49 @@ def test_stop_strings_without_a_tokenizer_are_refused(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ host syncs
 def test_the_decode_loop_reads_the_device_only_to_stop_early(monkeypatch):
-    """Counted: host reads of tensors made by the decode loop itself. None when decoding to the max length; one per
-    step (but the last) for the eos check; one copy per token for a streamer."""
-    counts = {"n": 0}
+    """Counted: host reads of tensors (bool, item, tolist, int, float, cpu, numpy) by the decode loop and by
+    transformers' processors and criteria it calls, from prefill to the end. None when decoding to the max length,
+    greedy or sampled; one per step but the last for the eos check; one copy per token (and the prompt) for a
+    streamer."""
+    import os
+    import sys
+
+    import transformers.generation
+
+    hf_folder = os.path.dirname(transformers.generation.__file__) + os.sep
+    state = {"decoding": False, "reads": 0}
 
     def counting(name):
         original = getattr(torch.Tensor, name)
 
         def wrapper(self, *args, **kwargs):
-            frame = __import__("sys")._getframe(1)
-            if frame.f_code.co_name == "decode" and frame.f_code.co_filename == generation.__file__:
-                counts["n"] += 1
+            caller = sys._getframe(1).f_code.co_filename
+            if state["decoding"] and (caller == generation.__file__ or caller.startswith(hf_folder)):
+                state["reads"] += 1
             return original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
 
     for name in ("__bool__", "item", "tolist", "__int__", "__float__", "cpu", "numpy"):
         counting(name)
+    decode = generation.decode
+
+    def watched(*args, **kwargs):
+        state["decoding"] = True
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            state["decoding"] = False
+
+    monkeypatch.setattr(generation, "decode", watched)
     ids = _ids()
     eos = min(set(range(4, VOCAB)) - set(_free_run(ids)[:, PROMPT:].flatten().tolist()))  # never produced
-    for options, expected in [(dict(), 0), (dict(do_sample=True), 0), (dict(eos_token_id=eos, pad_token_id=0), NEW - 1),
+    for options, expected in [(dict(), 0), (dict(do_sample=True, temperature=0.8, top_p=0.9), 0),
+                              (dict(eos_token_id=eos, pad_token_id=0), NEW - 1),
                               (dict(streamer=_Recorder()), NEW + 1)]:
-        counts["n"] = 0
+        state["reads"] = 0
         _ours(ids, max_new_tokens=NEW, **options)
-        assert counts["n"] == expected, options
+        assert state["reads"] == expected, options
 
 
 # ------------------------------------------------------------------------------------ engine file and CLI

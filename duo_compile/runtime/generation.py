@@ -219,7 +219,7 @@ def plan(
     if generator is not None and not (isinstance(generator, torch.Generator)
                                       and generator.device.type == engine.device.type):
         raise ValueError(f"generator must be a torch.Generator on {engine.device.type}, got {generator!r}")
-    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+    if streamer is not None and not all(callable(getattr(streamer, name, None)) for name in ("put", "end")):
         raise ValueError(f"streamer must have put() and end() (e.g. transformers' TextStreamer), got {streamer!r}")
     if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
         raise ValueError(f"prefix_allowed_tokens_fn must be callable, got {prefix_allowed_tokens_fn!r}")
