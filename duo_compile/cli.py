@@ -2,6 +2,7 @@
 
     duo-compile demo                       compile a small model with and without DuoAttention, print the savings
     duo-compile compile MODEL_DIR --masks full_attention_heads.tsv --sparsity 0.5 -o engine.pt2
+    duo-compile run engine.pt2 --prompt "Once upon a time" --max-new-tokens 64 [--chat] [--do-sample --seed 0]
     duo-compile run engine.pt2 --ids 1,2,3 --max-new-tokens 16
     duo-compile identify MODEL_DIR -o gates/          head identification (the paper's gate optimisation)
     duo-compile needle                                passkey accuracy study of the bundled model
@@ -109,11 +110,11 @@ def _cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- compile
-def _load_model(path: str):
+def _load_model(path: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     _model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
 
 
 def _load_config(path: str):
@@ -166,19 +167,32 @@ def _check_compile(args):
     info = check_config(config, max_seq_len, name)
     masks.check_shape(info.num_layers, info.num_kv_heads)
     return masks, max_seq_len
+def _load_tokenizer(path: str, required: bool):
+    """The tokenizer (and chat template) of a local model directory; None, with a note, if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # no tokenizer files, or files transformers cannot read: the engine then takes ids
+        if required:
+            raise ValueError(f"cannot load a tokenizer from {path!r} ({type(err).__name__}: {err})") from None
+        print(f"note: no tokenizer loaded from {path} ({type(err).__name__}); the engine takes token ids only "
+              f"(--tokenizer DIR to give one)", file=sys.stderr)
+        return None
 
 
 def _cmd_compile(args) -> int:
     import duo_compile
 
     masks, max_seq_len = _check_compile(args)  # before the (slow) model load and compile
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.dtype)
+    tokenizer = None if args.no_tokenizer else _load_tokenizer(args.tokenizer or args.model, args.tokenizer is not None)
     engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
                                  max_seq_len=max_seq_len, prefill_chunk_size=args.chunk,
-                                 streaming_mode=args.mode, backend="eager")
+                                 streaming_mode=args.mode, backend="eager", tokenizer=tokenizer)
     print(engine)
     duo_compile.export(engine, args.output, backend=args.backend)
-    print(f"wrote {args.output} ({args.backend})")
+    print(f"wrote {args.output} ({args.backend}{', with its tokenizer' if tokenizer is not None else ''})")
     return 0
 
 
@@ -196,16 +210,64 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _prompt_ids(args, tokenizer):
+    """The prompt as token ids [1, T]: --ids as given; --prompt / --file text encoded by the engine's tokenizer,
+    through its chat template with --chat."""
+    import torch
+
+    if args.ids is not None:
+        return torch.tensor([_parse_ids(args.ids)])
+    if tokenizer is None:
+        raise ValueError(f"{args.engine} has no tokenizer (compile it from a model directory that has one, or with "
+                         f"--tokenizer DIR): give the prompt as --ids")
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.file == "-":
+        text = sys.stdin.read()
+    else:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {args.engine} has no chat template: drop --chat")
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True, return_tensors="pt")
+    else:
+        encoded = tokenizer(text, return_tensors="pt")
+    return encoded["input_ids"]
+
+
 def _cmd_run(args) -> int:
-    ids = _parse_ids(args.ids)
+    # Every check that needs no engine comes first: the ids, the sizes, the prompt file, the flags' combination.
+    if args.ids is not None:
+        _parse_ids(args.ids)
     _at_least("--max-new-tokens", args.max_new_tokens, 0)
+    if args.chat and args.ids is not None:
+        raise ValueError("--chat applies to a text prompt (--prompt or --file), not to --ids")
+    if args.file not in (None, "-") and not os.path.isfile(args.file):
+        raise FileNotFoundError(f"--file {args.file!r} does not exist")
     import torch
 
     import duo_compile
 
     engine = duo_compile.load(args.engine)
-    out = engine.generate(torch.tensor([ids], device=engine.device), max_new_tokens=args.max_new_tokens)
-    print(" ".join(str(t) for t in out[0].tolist()))
+    input_ids = _prompt_ids(args, engine.tokenizer).to(engine.device)
+    options = {"max_new_tokens": args.max_new_tokens}
+    if args.do_sample is not None:
+        options["do_sample"] = args.do_sample
+    for name in ("temperature", "top_k", "top_p"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # the global RNG, as for model.generate after torch.manual_seed
+    if args.ids is not None:
+        out = engine.generate(input_ids, **options)
+        print(" ".join(str(t) for t in out[0].tolist()))
+    else:  # the new text is printed as it is generated
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        engine.generate(input_ids, streamer=streamer, **options)
     return 0
 
 
@@ -329,6 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--backend", choices=("aoti", "onnx", "tensorrt"), default="aoti",
                       help="engine file format: aoti (AOTInductor .pt2) or onnx; tensorrt is not available here "
                            "(default: %(default)s)")
+    comp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                      help="weights and cache dtype (default: %(default)s, the model directory's)")
+    comp.add_argument("--tokenizer", default=None,
+                      help="tokenizer directory, saved in the engine file with its chat template (default: the "
+                           "model directory)")
+    comp.add_argument("--no-tokenizer", action="store_true",
+                      help="write the engine without a tokenizer (default: off)")
     _sizes(comp, 64, 256)
     comp.add_argument("--sparsity", type=float, default=None,
                       help="binarise the gates: this fraction of heads made streaming (default: none, the gates "
@@ -343,10 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: %(default)s)")
     comp.set_defaults(func=_cmd_compile)
 
-    run = sub.add_parser("run", help="load an exported engine and generate from token ids")
+    run = sub.add_parser("run", help="load an exported engine and generate: text in, text out (streamed), or ids")
     run.add_argument("engine", help="engine file written by `duo-compile compile`")
-    run.add_argument("--ids", required=True, help="prompt token ids, e.g. 1,2,3")
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", default=None, help="prompt text (needs the engine's tokenizer) (default: none)")
+    prompt.add_argument("--file", default=None,
+                        help="read the prompt text from this file ('-': standard input) (default: none)")
+    prompt.add_argument("--ids", default=None,
+                        help="prompt token ids, e.g. 1,2,3 (prints prompt + new ids) (default: none)")
+    run.add_argument("--chat", action="store_true",
+                     help="wrap the prompt in the tokenizer's chat template (default: off)")
     run.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
+    sampling = run.add_mutually_exclusive_group()
+    sampling.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                          help="sample (default: the engine's generation config, else greedy)")
+    sampling.add_argument("--greedy", dest="do_sample", action="store_false",
+                          help="greedy, whatever the config says (default: the engine's generation config)")
+    run.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature (default: the engine's generation config)")
+    run.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the engine's generation config)")
+    run.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling (default: the engine's generation config)")
+    run.add_argument("--seed", type=int, default=None,
+                     help="seed the RNG (torch.manual_seed) before generating (default: unseeded)")
     run.set_defaults(func=_cmd_run)
 
     ident = sub.add_parser("identify", help="identify retrieval heads of a local model (writes the authors' TSV)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
+import copy
 
 import torch
 from torch import fx
@@ -123,6 +124,7 @@ def compile(
     backend: str = "inductor",
     fuse_projections: bool = True,
     check_memory: bool = True,
+    tokenizer=None,
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
@@ -149,6 +151,9 @@ def compile(
     model's size again: the passes' reordered and fused weights are copies already and are not copied twice).
     ``fuse_projections`` (pass 6): the engine holds each layer's q/k/v and gate/up weights concatenated, one
     matrix multiply each (faster decode); False keeps them as separate (copied) matrices.
+    ``tokenizer``: kept as ``engine.tokenizer`` (for text, streamers and ``stop_strings``; engine files carry a
+    transformers tokenizer). The model's ``generation_config`` is kept (a copy) as ``engine.generation_config``:
+    ``generate``'s defaults, as for ``model.generate``.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -157,6 +162,8 @@ def compile(
         raise ValueError(f"fuse_projections must be True or False, got {fuse_projections!r}")
     if not isinstance(check_memory, bool):
         raise ValueError(f"check_memory must be True or False, got {check_memory!r}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise ValueError(f"tokenizer must be a tokenizer (with decode), got {type(tokenizer).__name__}")
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     requested = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
@@ -191,7 +198,7 @@ def compile(
     )
     graph = run_passes(capture(model), ctx)
     _take_ownership(graph, model, device)
-    return Engine(
+    engine = Engine(
         graph,
         ctx.cache_specs,
         config,
@@ -202,3 +209,6 @@ def compile(
         pass_counts=ctx.changed,
         requested_config=requested,
     )
+    engine.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
+    engine.tokenizer = tokenizer
+    return engine

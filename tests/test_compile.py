@@ -81,9 +81,9 @@ def test_inductor_backend_matches_oracle(arch, gqa, mode, batch, chunk):
 
 def _assert_same_as_hf_generate(model, engine, ids):
     """Greedy tokens equal the model's own generate (SDPA), with its eos id and a pad id (rows may stop early)."""
-    eos = model.generation_config.eos_token_id
+    eos = model.config.eos_token_id
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
-                              pad_token_id=0)
+                              eos_token_id=eos, pad_token_id=0)
     got = engine.generate(ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(got, expected)
 

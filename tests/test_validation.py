@@ -221,7 +221,7 @@ GENERATE_CASES = {
     "new-negative": (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
     "new-float": (dict(max_new_tokens=2.0), r"max_new_tokens must be an integer >= 0, got 2\.0"),
     "new-bool": (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 0, got True"),
-    "new-none": (dict(max_new_tokens=None), r"max_new_tokens must be an integer >= 0, got None"),
+    "new-string": (dict(max_new_tokens="8"), r"max_new_tokens must be an integer >= 0, got '8'"),
     "too-long": (dict(input_ids=_ids(2, 60), max_new_tokens=10),
                  r"prompt length 60 \+ max_new_tokens 10 = 70 exceeds max_seq_len=64"),
     "prompt-too-long": (dict(input_ids=_ids(1, 65), max_new_tokens=0), r"= 65 exceeds max_seq_len=64"),

@@ -49,6 +49,10 @@ def tiny_model(arch: str = "llama", gqa: bool = True, num_layers: int = 3, seed:
                 p.mul_(4.0)
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+    # Random weights have no end of text: without an eos id in the model's generation config, generate (the model's
+    # and an engine's, which takes it as its defaults) runs to max_new_tokens, as the oracle does. Tests that stop
+    # at an eos id pass one.
+    model.generation_config.eos_token_id = None
     return model
 
 

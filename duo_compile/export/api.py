@@ -11,12 +11,12 @@ Backends: ``aoti_export.py`` and ``onnx_export.py``; the file format and its che
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 
 import torch
 
 from duo_compile.runtime.engine import Engine
+from duo_compile.export.generation_files import attach_generation_metadata
 from duo_compile.export.engine_file import (
     EngineFileError,
     atomic_named_path,
@@ -155,12 +155,6 @@ class LoadedEngine(Engine):
         self.backend = backend
         self.path = path
 
-    def __repr__(self) -> str:
-        text = super().__repr__()
-        runtime = f"backend={self.backend}"
-        text, found = re.subn(r"backend=[\w-]+", runtime, text)
-        return text if found else f"{text[:-1]}, {runtime})"
-
 
 def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> LoadedEngine:
     """Load an engine file written by ``export``; the result has the compiled engine's ``generate`` API.
@@ -172,7 +166,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
     providers for an ONNX engine (default: CPU, or CUDA for an engine exported on CUDA).
     """
     path = os.fspath(path)
-    parts, _ = read_metadata(path)
+    parts, meta = read_metadata(path)
     check_runtime(parts, path)
     if parts.backend == "aoti":
         from duo_compile.export.aoti_export import AOTIRunner
@@ -202,7 +196,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
                                     parts.config.max_seq_len)
         if problems:
             raise EngineFileError(f"{path}: the metadata does not describe the ONNX graph: {'; '.join(problems)}")
-    return LoadedEngine(
+    engine = LoadedEngine(
         None,
         parts.cache_specs,
         parts.config,
@@ -215,3 +209,4 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
         backend=parts.backend,
         path=path,
     )
+    return attach_generation_metadata(engine, meta, path)  # generation defaults and tokenizer, when the file has them

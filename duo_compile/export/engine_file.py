@@ -28,6 +28,7 @@ Metadata (JSON object):
   ops                                  ``{"duo::name": schema}`` of every custom op the graphs call (AOTI calls
                                        them through the dispatcher, so they must be registered, same schema)
   graphs                               backend specifics (AOTI model names and shape bounds; ONNX names, opset)
+  generation_config, tokenizer         optional: generate's defaults and the tokenizer (generation_files.py)
   payload                              ``{"sha256": graph bytes digest}`` (+ ``"bytes"``: ONNX model length;
                                        ``"members"``: AOTI archive member count)
   digest                               SHA-256 of ``canonical_json`` of all of the above
@@ -49,6 +50,7 @@ from typing import Any
 
 import torch
 
+from duo_compile.export.generation_files import generation_metadata
 from duo_compile.runtime.engine import EngineConfig
 from duo_compile.masks import HeadMasks
 from duo_compile.models.hf import ModelInfo
@@ -97,6 +99,7 @@ def engine_metadata(engine, backend: str, graphs: dict[str, Any], ops: dict[str,
         "pass_counts": dict(engine.pass_counts),
         "ops": ops,
         "graphs": graphs,
+        **generation_metadata(engine),
     }
 
 

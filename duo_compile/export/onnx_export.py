@@ -27,7 +27,6 @@ Shapes, for TensorRT's ONNX parser (optimization profile):
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Sequence
 
 import torch

@@ -427,6 +427,24 @@ class WordTokenizer:
             json.dump(data, f, indent=0, ensure_ascii=False)
             f.write("\n")
 
+    def to_transformers(self):
+        """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (a ``tokenizers`` WordLevel model: split
+        on whitespace, then into words and punctuation marks by the same pattern; ``<s>`` first; decode joins tokens
+        with spaces). Its ``save_pretrained`` writes files ``AutoTokenizer`` (and ``duo-compile compile``) load; the
+        bundled ``tokenizer.json`` is this class's own format, which transformers cannot read."""
+        from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(models.WordLevel(self.get_vocab(), unk_token=self.unk_token))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(self._PATTERN.pattern), behavior="isolated"),
+        ])
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{self.bos_token} $A", special_tokens=[(self.bos_token, self.bos_token_id)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=self.bos_token, eos_token=self.eos_token,
+                                       unk_token=self.unk_token, pad_token=self.pad_token)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> WordTokenizer:
         """Load from a folder holding ``tokenizer.json`` or from the file itself."""

@@ -1,4 +1,4 @@
-"""The runtime: owns the static KV cache and drives chunked prefill and the greedy decode loop.
+"""The runtime: owns the static KV cache and drives chunked prefill; ``generate`` runs ``generation.py``'s loop.
 
 The rewritten graph is ``forward(input_ids, position_ids, cache_position, *caches) -> last logits``; every
 call appends its tokens to the caches. The engine allocates the caches once per batch size (sized by
@@ -89,20 +89,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _token_ids(name: str, value) -> tuple[int, ...]:
-    """eos/pad ids as Hugging Face takes them: None, one int, or a list of ints."""
-    if value is None:
-        return ()
-    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if isinstance(values, torch.Tensor):
-        values = values.flatten().tolist()
-    if not isinstance(values, Sequence) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
-    return tuple(values)
-
-
 class Engine:
-    """A compiled DuoAttention model: ``generate`` like Hugging Face's greedy search, on a static split cache.
+    """A compiled DuoAttention model: ``generate`` like Hugging Face's, on a static split cache.
 
     ``config`` holds the sizes the engine runs with; ``requested_config`` what ``compile`` was asked (they differ
     only where ``compile`` capped a streaming window larger than ``max_seq_len``: see ``compile``).
@@ -113,6 +101,11 @@ class Engine:
     of calls: ``prefill`` then ``step`` from one thread while another thread uses the engine still share its one
     cache. For parallel decoding use one engine per thread (they share nothing).
     """
+
+    # Like a Hugging Face model's: generate's defaults (compile keeps the model's) and the tokenizer compile was
+    # given; engine files carry both. None: transformers' global defaults, no tokenizer.
+    generation_config = None
+    tokenizer = None
 
     def __init__(
         self,
@@ -140,6 +133,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.pass_counts = dict(pass_counts or {})
+        self.backend = config.backend  # what runs the graph (an engine loaded from a file names its runtime)
         self.caches: list[torch.Tensor] = []
         self.batch_size: int | None = None
         self.cache_len: int | None = None
@@ -290,107 +284,49 @@ class Engine:
         return logits
 
     # -------------------------------------------------------------------------------------------- generate
-    def _check_generate_inputs(self, input_ids, max_new_tokens, attention_mask, chunk) -> tuple[int, int | None]:
-        """Raise ValueError for any bad argument; return ``max_new_tokens`` and ``chunk`` as Python ints."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
-        if input_ids.device != self.device:
-            raise ValueError(f"input_ids are on {input_ids.device} but the engine runs on {self.device}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.info.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {self.info.vocab_size})")
-        max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
-        total = input_ids.shape[1] + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(
-                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                f"max_seq_len={self.config.max_seq_len}"
-            )
-        if chunk is not None:
-            chunk = check_int("prefill_chunk_size", chunk, 1)
-        if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-                raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {shape}")
-            if not bool((attention_mask == 1).all()):
-                raise ValueError(
-                    "attention_mask has zeros (a padded batch); duo_compile supports batches of equal-length "
-                    "prompts only: run unequal prompts as separate calls"
-                )
-        return max_new_tokens, chunk
-
     def generate(
         self,
         input_ids: torch.Tensor,
-        max_new_tokens: int = 20,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        output_scores: bool = False,
-        return_dict_in_generate: bool = False,
+        generation_config=None,
+        *,
+        logits_processor=None,
+        stopping_criteria=None,
+        streamer=None,
+        generator: torch.Generator | None = None,
+        tokenizer=None,
         attention_mask: torch.Tensor | None = None,
         prefill_chunk_size: int | None = None,
+        **kwargs,
     ):
-        """Greedy generation with Hugging Face's meaning of the arguments; returns prompt + new ids.
+        """Hugging Face's ``model.generate`` on this engine (greedy or sampling); returns prompt + new ids, or a
+        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``.
 
-        Rows that produced ``eos_token_id`` continue with ``pad_token_id`` (the eos id if none is given) and
-        generation stops once every row has finished. ``prefill_chunk_size`` overrides the engine's.
+        Takes what ``model.generate`` takes for decoder-only greedy search and sampling: ``generation_config`` (over
+        ``self.generation_config``, the model's), its fields as keywords (``max_new_tokens``, ``max_length``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+        ``no_repeat_ngram_size``, ``eos_token_id``, ``pad_token_id``, ``stop_strings``, ``output_scores``,
+        ``output_logits``, ``return_dict_in_generate``, ...), ``logits_processor``, ``stopping_criteria``,
+        ``streamer``, ``tokenizer`` (for ``stop_strings``; default ``self.tokenizer``) and ``attention_mask`` (all
+        ones: padded batches are refused). Also ``generator`` (a ``torch.Generator`` for sampling; default the
+        global RNG, as Hugging Face) and ``prefill_chunk_size`` (overrides the engine's). Anything it cannot honour
+        is a ValueError naming it, raised before any work. The loop is in ``runtime/generation.py``.
 
         Holds the engine's lock from the argument checks to the last token: concurrent calls (from other threads)
         of any entry point wait, and each call gives exactly what it gives alone.
         """
+        from duo_compile.runtime import generation
+
         with self._lock:
-            return self._generate(input_ids, max_new_tokens, eos_token_id, pad_token_id, output_scores,
-                                  return_dict_in_generate, attention_mask, prefill_chunk_size)
-
-    def _generate(self, input_ids, max_new_tokens, eos_token_id, pad_token_id, output_scores,
-                  return_dict_in_generate, attention_mask, prefill_chunk_size):
-        chunk = prefill_chunk_size if prefill_chunk_size is not None else self.config.prefill_chunk_size
-        max_new_tokens, chunk = self._check_generate_inputs(input_ids, max_new_tokens, attention_mask, chunk)
-        eos = _token_ids("eos_token_id", eos_token_id)
-        pad = _token_ids("pad_token_id", pad_token_id)
-        if len(pad) > 1:
-            raise ValueError(f"pad_token_id must be a single int, got {pad_token_id!r}")
-        pad_id = pad[0] if pad else (eos[0] if eos else None)
-        if eos and not 0 <= pad_id < self.info.vocab_size:  # finished rows feed pad_id back into the model
-            raise ValueError(
-                f"pad_token_id {pad_id}{'' if pad else ' (defaulted to eos_token_id[0])'} is outside the "
-                f"vocabulary [0, {self.info.vocab_size})"
+            request = generation.plan(
+                self, input_ids, generation_config, logits_processor, stopping_criteria, streamer, generator,
+                tokenizer, attention_mask, prefill_chunk_size, **kwargs,
             )
-
-        sequences, scores = input_ids, []
-        if max_new_tokens > 0:
-            self.allocate(input_ids.shape[0])
-            logits = self.prefill(input_ids, chunk)
-            unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=self.device)
-            eos_ids = torch.tensor(eos, device=self.device, dtype=input_ids.dtype) if eos else None
-            for i in range(max_new_tokens):
-                logits = logits.float()
-                if output_scores:
-                    scores.append(logits)
-                next_tokens = logits.argmax(dim=-1).to(input_ids.dtype)
-                if eos_ids is not None:
-                    next_tokens = torch.where(unfinished, next_tokens, pad_id)
-                    unfinished &= ~torch.isin(next_tokens, eos_ids)
-                sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-                if (eos_ids is not None and not bool(unfinished.any())) or i == max_new_tokens - 1:
-                    break
-                logits = self.step(next_tokens[:, None], sequences.shape[1] - 1)
-        if not return_dict_in_generate:
-            return sequences
-        from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores) if output_scores else None)
+            return generation.decode(self, request)
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"Engine({self.info.family}, {self.info.num_layers} layers, retrieval ratio "
             f"{self.masks.retrieval_ratio:.3f}, sink={c.sink_size}, recent={c.recent_size}, "
-            f"max_seq_len={c.max_seq_len}, mode={c.streaming_mode}, backend={c.backend})"
+            f"max_seq_len={c.max_seq_len}, mode={c.streaming_mode}, backend={self.backend})"
         )
