@@ -2,7 +2,10 @@
 
 Each op is a ``torch.library.custom_op`` (opaque to tracing, so torch.export, torch.compile and AOTInductor
 keep it as one node) with
-  * the plain PyTorch implementation from ``reference.py`` for every device (the oracle, and the CPU path),
+  * the plain PyTorch implementation from ``reference.py`` as the default for every device (the oracle: dense
+    masked attention; it serves CUDA where Triton is not usable),
+  * on CPU, the blockwise implementation from ``blockwise.py`` (the same results in O(T x block) memory; streaming
+    heads score only their sink and window keys), registered below as the ops' CPU kernels,
   * a fake implementation for tracing and export,
   * on CUDA, the Triton kernels registered by ``kernels.triton_ops`` when Triton is usable there.
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import blockwise, reference
 
 _LIB = "duo"  # the torch.library namespace: torch.ops.duo.*
 
@@ -114,6 +117,12 @@ OPS = {
     "streaming_attention_cached": torch.ops.duo.streaming_attention_cached.default,
     "attention_cached": torch.ops.duo.attention_cached.default,
 }
+
+
+# The blockwise implementations as the CPU kernels (kernels/blockwise.py); reference.py stays the default and the
+# oracle the tests compare them with.
+for _name, _fn in blockwise.CPU_KERNELS.items():
+    torch.library.register_kernel(f"{_LIB}::{_name}", "cpu")(_fn)
 
 
 # Triton kernels for CUDA (kernels/triton_ops.py). Without Triton the reference above serves CUDA too.
