@@ -347,6 +347,14 @@ def check_writable(path: str | os.PathLike) -> str:
     return path
 
 
+def _replace_durably(tmp: str, path: str) -> None:
+    """Flush ``tmp`` to disk, make it readable, and put it in ``path``'s place in one step."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str) -> Iterator[str]:
     """A temporary path beside ``path``; on success it replaces ``path`` in one step (``os.replace``), so readers
@@ -356,10 +364,7 @@ def atomic_path(path: str, suffix: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        _replace_durably(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -376,10 +381,7 @@ def atomic_named_path(path: str) -> Iterator[str]:
     tmp = os.path.join(folder, os.path.basename(path))
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        _replace_durably(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
