@@ -34,8 +34,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from duo_compile.models.hf import read_shape
-
 __all__ = [
     "ATTENTION_NAME",
     "STREAMING_MODES",
@@ -302,10 +300,15 @@ def _oracle_attention_installed(model: torch.nn.Module, masks: torch.Tensor) -> 
 # Public entry points
 # --------------------------------------------------------------------------------------------------------------
 def _model_shape(model: torch.nn.Module) -> tuple[int, int]:
-    if getattr(model, "config", None) is None:
+    """Layers and KV heads, read here again rather than through the compiler's reader (the oracle shares no code
+    with the compiler)."""
+    config = getattr(model, "config", None)
+    if config is None:
         raise TypeError(f"{type(model).__name__} has no .config; the oracle needs a Hugging Face causal LM")
-    shape = read_shape(model)
-    return shape.num_layers, shape.num_kv_heads
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return int(config.num_hidden_layers), int(num_kv_heads)
 
 
 def _check_retrieval(model: torch.nn.Module, retrieval: Any) -> np.ndarray:
