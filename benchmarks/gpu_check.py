@@ -8,7 +8,12 @@ Also exports an AOTInductor package on CUDA, loads it and checks it, in a fresh 
 ``duo_compile.export``/``load`` (tokens identical to the engine's): which of the three crash tells where a crash
 comes from. Prints one line per case and exits non-zero on any failure.
 
-    python benchmarks/gpu_check.py [--skip-inductor] [--skip-aoti | --only-aoti [--cpu]]
+``--padded`` (or ``--only-padded``) adds mixed-length batches: the Triton kernels with rows at their own positions
+and counts of real tokens against each row alone (tests/ragged.py, bf16 and fp32 on CUDA, every launch path), and
+engines (both backends, CUDA-graph decode, bf16 and fp32) on a left- or right-padded batch of prompts of 9..300
+tokens (shorter than, around and far beyond sink + recent), each row against the oracle on that row alone.
+
+    python benchmarks/gpu_check.py [--skip-inductor] [--skip-aoti | --only-aoti [--cpu]] [--padded | --only-padded]
 """
 from __future__ import annotations
 
@@ -51,6 +56,78 @@ def check(arch, gqa, dtype, backend, mode, chunk, tol, streaming_decode="mixed")
     print(f"{'ok ' if ok else 'BAD'} {arch}-{'gqa' if gqa else 'mha'} {dtype} {backend} {mode} chunk={chunk} "
           f"streaming decode {streaming_decode}: rel score err {err:.2e} (tol {tol}), rows token-identical {same}/2",
           flush=True)
+    return ok
+
+
+PADDED_LENGTHS = (300, 9, 40, 173)  # sink + recent = 40
+
+
+def check_padded(arch, gqa, dtype, backend, mode, chunk, tol, side, streaming_decode="mixed") -> bool:
+    """A padded batch of rows of PADDED_LENGTHS tokens: each row's new tokens and scores against the oracle on that
+    row alone (scores compared while the tokens agree; fp32 must be token-identical), the input kept as given."""
+    from duo_compile.kernels import tuning
+
+    tuning.STREAMING_DECODE = streaming_decode
+    model = tiny_model(arch, gqa, dtype=dtype).cuda()
+    masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
+    engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=512,
+                                 streaming_mode=mode, backend=backend)
+    width = max(PADDED_LENGTHS)
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, 96, (n,), generator=gen) for n in PADDED_LENGTHS]
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[b, cols], mask[b, cols] = row, 1
+    out = engine.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=NEW, prefill_chunk_size=chunk,
+                          output_scores=True, return_dict_in_generate=True)
+    ok = torch.equal(out.sequences[:, :width].cpu(), ids)
+    worst, same = 0.0, 0
+    for b, row in enumerate(rows):
+        tokens, scores = oracle_generate(model.float(), masks, row[None].cuda(), NEW, sink_size=SINK,
+                                         recent_size=RECENT, streaming_mode=mode, prefill_chunk_size=chunk)
+        mine = out.sequences[b, width:]
+        agree = (mine == tokens[0, len(row):]).int().cumprod(0)
+        steps = max(1, int(agree.sum()))
+        err = max(((a[b].float() - w[0]).norm() / w[0].norm()).item()
+                  for a, w in zip(out.scores[:steps], scores[:steps]))
+        worst = max(worst, err)
+        same += int(bool(agree.all()))
+    ok &= worst < tol and (same == len(rows) or dtype != torch.float32)
+    print(f"{'ok ' if ok else 'BAD'} padded ({side}) {arch}-{'gqa' if gqa else 'mha'} {dtype} {backend} {mode} "
+          f"chunk={chunk} streaming decode {streaming_decode}: rel score err {worst:.2e} (tol {tol}), rows "
+          f"token-identical to the row alone {same}/{len(rows)}", flush=True)
+    return ok
+
+
+def check_ragged_kernels() -> bool:
+    """The Triton launchers on CUDA with rows at their own positions and real-token counts, against each row alone
+    through the reference (tests/ragged.py): decode, short and prefill chunks, every streaming decode path."""
+    from duo_compile.kernels import launchers, tuning
+    from tests.ragged import check_rows_alone
+
+    runs = {"retrieval": launchers.triton_retrieval_attention_cached,
+            "streaming": launchers.triton_streaming_attention_cached, "mixed": launchers.triton_attention_cached}
+    ok = True
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for starts, valid, length in (((7, 300, 0, 40), (1, 1, 0, 1), 1), ((3, 200, 0), (5, 2, 0), 5),
+                                      ((0, 0, 0), (300, 129, 9), 300), ((400, 3, 170), (240, 111, 1), 240)):
+            for kind, chunk_mode, decode in (("retrieval", False, "mixed"), ("streaming", False, "tiles"),
+                                             ("streaming", False, "one"), ("streaming", True, "mixed"),
+                                             ("mixed", False, "mixed"), ("mixed", True, "mixed")):
+                tuning.STREAMING_DECODE = decode
+                try:
+                    check_rows_alone(runs[kind], kind, starts, valid, length, hkv=4 if kind == "mixed" else 2,
+                                     groups=4, n_retrieval=2, sink=16, recent=64, chunk_mode=chunk_mode, d=128,
+                                     dtype=dtype, rope=kind != "streaming", tol=tol, device="cuda")
+                except AssertionError as error:
+                    ok = False
+                    print(f"BAD ragged kernels {kind} chunk_mode={chunk_mode} {decode} {dtype} T={length} "
+                          f"starts={starts} valid={valid}: {error}", flush=True)
+    tuning.STREAMING_DECODE = "mixed"
+    print(f"{'ok ' if ok else 'BAD'} ragged kernels: rows at their own positions equal each row alone "
+          f"(4 shapes x 6 paths x fp32/bf16)", flush=True)
     return ok
 
 
@@ -140,8 +217,21 @@ def main() -> int:
     ]
     if "--skip-inductor" in sys.argv:
         cases = [c for c in cases if c[3] != "inductor"]
-    if "--only-aoti" in sys.argv:
+    if "--only-aoti" in sys.argv or "--only-padded" in sys.argv:
         cases = []
+    padded = []
+    if "--padded" in sys.argv or "--only-padded" in sys.argv:
+        padded = [
+            ("llama", True, torch.bfloat16, "eager", "window", 64, 3e-2, "left"),
+            ("qwen2", False, torch.bfloat16, "eager", "chunk", 64, 3e-2, "right"),
+            ("llama", True, torch.float32, "eager", "window", None, 1e-2, "left"),
+            ("llama", False, torch.bfloat16, "inductor", "window", 64, 3e-2, "left"),
+            ("qwen2", True, torch.bfloat16, "inductor", "chunk", None, 3e-2, "right"),
+            ("llama", True, torch.bfloat16, "eager", "window", 64, 3e-2, "left", "tiles"),
+            ("llama", True, torch.float32, "inductor", "window", 64, 1e-2, "left", "one"),
+        ]
+        if "--skip-inductor" in sys.argv:
+            padded = [c for c in padded if c[3] != "inductor"]
     ok = True
     for case in cases:
         try:
@@ -149,11 +239,23 @@ def main() -> int:
         except Exception:
             traceback.print_exc()
             ok = False
+    if padded:
+        try:
+            ok &= check_ragged_kernels()
+        except Exception:
+            traceback.print_exc()
+            ok = False
+    for case in padded:
+        try:
+            ok &= check_padded(*case)
+        except Exception:
+            traceback.print_exc()
+            ok = False
     from duo_compile.kernels import tuning
 
     tuning.STREAMING_DECODE = "mixed"
     try:
-        ok &= "--skip-aoti" in sys.argv or check_aoti()
+        ok &= "--skip-aoti" in sys.argv or "--only-padded" in sys.argv or check_aoti()
     except Exception:
         traceback.print_exc()
         ok = False

@@ -208,10 +208,17 @@ def ref_streaming(q, k, v, sink, recent, q_block=2048):
     return ref_attention_fp32(q, k, v, key_index, lambda qp, kp: (kp <= qp) & ((kp < sink) | (kp > qp - recent)), q_block)
 
 
+def cache_rows(start: int, t: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached ops' per-row positions of ``batch`` rows all at ``start`` with ``t`` real tokens: (cache_start,
+    valid), int64 ``[batch]`` on the device."""
+    return (torch.full((batch,), start, dtype=torch.int64, device=DEV),
+            torch.full((batch,), t, dtype=torch.int64, device=DEV))
+
+
 def ref_cached_op(fn, q, k, v, kc, vc, pos, *args):
     """Run a reference cached op on fp32 copies; returns (out, k_cache, v_cache) in fp32."""
     kc32, vc32 = kc.to(torch.float32, copy=True), vc.to(torch.float32, copy=True)
-    out = fn(q.float(), k.float(), v.float(), kc32, vc32, pos, SCALE, *args)
+    out = fn(q.float(), k.float(), v.float(), kc32, vc32, *pos, SCALE, *args)
     return out, kc32, vc32
 
 
@@ -247,10 +254,10 @@ def section_cached(tag: str = ""):
         start = 0
         for t in SIZES["chunks"]:
             q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
-            pos = torch.arange(start, start + t, device=DEV)
+            pos = cache_rows(start, t)
             ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kc, vc, pos) if start > 0 else (None, None, None)
             poison(q.shape)
-            out = launchers.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE)
+            out = launchers.triton_retrieval_attention_cached(q, k, v, kc, vc, *pos, SCALE)
             if ref_out is None:  # 8K x 8K fp32 reference through the chunked path
                 ref_out = ref_causal(q, k, v)
                 cache_ok = torch.equal(kc[:, :, :t], k) and torch.equal(vc[:, :, :t], v)
@@ -266,12 +273,12 @@ def section_cached(tag: str = ""):
             start = 0
             for t in SIZES["s_chunks"]:
                 q, k, v = (torch.randn(1, h, t, D, dtype=DT, device=DEV) for h in (hq, hkv, hkv))
-                pos = torch.arange(start, start + t, device=DEV)
+                pos = cache_rows(start, t)
                 ref_out, kref, vref = ref_cached_op(
                     reference.streaming_attention_cached, q, k, v, kc, vc, pos, SINK, RECENT, chunk_mode
                 )
                 poison(q.shape)
-                out = launchers.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, chunk_mode)
+                out = launchers.triton_streaming_attention_cached(q, k, v, kc, vc, *pos, SCALE, SINK, RECENT, chunk_mode)
                 mode = "chunk" if chunk_mode else "window"
                 check(f"{tag}streaming_cached/{mode}/{shape}/start{start}/T{t}", rel_err(out, ref_out))
                 cache_ok = torch.equal(kc.float(), kref) and torch.equal(vc.float(), vref)
@@ -345,7 +352,7 @@ def _decode_inputs(hq: int, hkv: int, n_keys: int):
     q = torch.randn(1, 1, hq, D, dtype=DT, device=DEV).transpose(1, 2)  # [1, hq, 1, D], from a transpose
     k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
     v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
-    return q, k, v, kcs, vcs, torch.tensor([n_keys], device=DEV), copies, kv_bytes
+    return q, k, v, kcs, vcs, cache_rows(n_keys, 1), copies, kv_bytes
 
 
 def section_decode():
@@ -361,7 +368,7 @@ def section_decode():
             # correctness (default config) against the fp32 reference, including the appended slot
             ref_out, kref, vref = ref_cached_op(reference.retrieval_attention_cached, q, k, v, kcs[0], vcs[0], pos)
             poison(q.shape)
-            out = launchers.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
+            out = launchers.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], *pos, SCALE)
             check(f"decode/{shape}/{n_keys}", rel_err(out, ref_out))
             check(
                 f"decode_append/{shape}/{n_keys}",
@@ -379,12 +386,12 @@ def section_decode():
                     splits = max(1, min(math.ceil(per_sm * sms / progs), math.ceil((n_keys + 1) / cfg.block_n), 256))
                 try:
                     o = launchers.triton_retrieval_attention_cached(
-                        q, k, v, kcs[0], vcs[0], pos, SCALE, config=cfg, num_splits=splits
+                        q, k, v, kcs[0], vcs[0], *pos, SCALE, config=cfg, num_splits=splits
                     )
                     err = rel_err(o, out)
                     ms = graph_time([
                         (lambda i=i: launchers.triton_retrieval_attention_cached(
-                            q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits))
+                            q, k, v, kcs[i], vcs[i], *pos, SCALE, config=cfg, num_splits=splits))
                         for i in range(copies)
                     ])
                 except Exception as e:  # a config that does not compile is reported, not fatal
@@ -428,7 +435,7 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
     q = torch.randn(1, hq, 1, D, dtype=DT, device=DEV)
     k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
     v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
-    pos = torch.tensor([100000], device=DEV)
+    pos = cache_rows(100000, 1)
     ref_out, kref, _ = ref_cached_op(reference.streaming_attention_cached, q, k, v, kc, vc, pos, SINK, RECENT, False)
     row = {}
     for label, tiled, over in [*STREAMING_DECODE_VARIANTS, ("default", True, None)]:
@@ -439,7 +446,7 @@ def section_streaming_decode(shape: str, hq: int, hkv: int) -> None:
         kcv, vcv = kc.clone(), vc.clone()
 
         def call(kcv=kcv, vcv=vcv, cfg=cfg, tiled=tiled):
-            return launchers.triton_streaming_attention_cached(q, k, v, kcv, vcv, pos, SCALE, SINK, RECENT, False,
+            return launchers.triton_streaming_attention_cached(q, k, v, kcv, vcv, *pos, SCALE, SINK, RECENT, False,
                                                                  config=cfg, split_decode=tiled)
 
         try:
@@ -477,19 +484,19 @@ def section_mixed_decode(shape: str, hq: int, hkv: int) -> None:
         caches = [[torch.randn(1, n, n_keys + 1, D, dtype=DT, device=DEV) for _ in range(2)]
                   + [torch.randn(1, hkv - n, SINK + RECENT, D, dtype=DT, device=DEV) for _ in range(2)]
                   for _ in range(copies)]
-        pos = torch.tensor([n_keys], device=DEV)
+        pos = cache_rows(n_keys, 1)
         ref_caches = [c.float() for c in caches[0]]
-        ref_out = reference.attention_cached(q.float(), k.float(), v.float(), *ref_caches, pos, SCALE, n, SINK, RECENT,
+        ref_out = reference.attention_cached(q.float(), k.float(), v.float(), *ref_caches, *pos, SCALE, n, SINK, RECENT,
                                              False)
         for mode in tuning.STREAMING_DECODE_MODES:
             tuning.STREAMING_DECODE = mode  # read at each launch, so also while the graph is captured
             try:
                 first = [c.clone() for c in caches[0]]
-                err = rel_err(launchers.triton_attention_cached(q, k, v, *first, pos, SCALE, n, SINK, RECENT, False),
+                err = rel_err(launchers.triton_attention_cached(q, k, v, *first, *pos, SCALE, n, SINK, RECENT, False),
                               ref_out)
                 written = all(torch.equal(c.float(), r) for c, r in zip(first, ref_caches))
                 ms = graph_time([
-                    (lambda i=i: launchers.triton_attention_cached(q, k, v, *caches[i], pos, SCALE, n, SINK, RECENT,
+                    (lambda i=i: launchers.triton_attention_cached(q, k, v, *caches[i], *pos, SCALE, n, SINK, RECENT,
                                                                     False))
                     for i in range(copies)
                 ])
@@ -545,7 +552,7 @@ def section_decode_tail():
         hq, hkv = SHAPES[shape]
         groups = hq // hkv
         q, k, v, kcs, vcs, pos, copies, kv_bytes = _decode_inputs(hq, hkv, n_keys)
-        ref = launchers.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], pos, SCALE)
+        ref = launchers.triton_retrieval_attention_cached(q, k, v, kcs[0], vcs[0], *pos, SCALE)
         row = {"shape": shape, "keys": n_keys, "kv_MB": kv_bytes / 1e6, "copies": copies, "us": {}, "kernels_us": {}}
         base = tuning.decode_config(q, groups, capacity=n_keys + 1)
         variants = [("default", None, None)]
@@ -554,7 +561,7 @@ def section_decode_tail():
             variants += [(f"s{stages}x{splits}", cfg, splits) for splits in TAIL_SPLITS]
         for name, cfg, splits in variants:
             calls = [(lambda i=i: launchers.triton_retrieval_attention_cached(
-                q, k, v, kcs[i], vcs[i], pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
+                q, k, v, kcs[i], vcs[i], *pos, SCALE, config=cfg, num_splits=splits)) for i in range(copies)]
             try:
                 err = rel_err(calls[0](), ref)
                 ms = graph_time(calls)
@@ -613,7 +620,7 @@ def section_split_sweep():
         q = torch.randn(1, hq, 1, D, dtype=DT, device=DEV)
         k = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
         v = torch.randn(1, hkv, 1, D, dtype=DT, device=DEV)
-        pos = torch.tensor([context], device=DEV)
+        pos = cache_rows(context, 1)
         for n in counts:
             cap = context + 1
             caches = [torch.randn(1, n, cap, D, dtype=DT, device=DEV) for _ in range(2)]
@@ -624,9 +631,9 @@ def section_split_sweep():
 
             def call(cfg=None, splits=None):
                 if n == hkv:
-                    return launchers.triton_retrieval_attention_cached(q, k, v, *caches, pos, SCALE, config=cfg,
+                    return launchers.triton_retrieval_attention_cached(q, k, v, *caches, *pos, SCALE, config=cfg,
                                                                         num_splits=splits)
-                return launchers.triton_attention_cached(q, k, v, *caches, pos, SCALE, n, SINK, RECENT, False,
+                return launchers.triton_attention_cached(q, k, v, *caches, *pos, SCALE, n, SINK, RECENT, False,
                                                           config=cfg, num_splits=splits)
 
             tuning.STREAMING_DECODE = "mixed"
@@ -868,8 +875,8 @@ def section_retrieval():
         # the cached op at start 0 (same kernel plus the fused append) for the best config
         kc = torch.empty(1, hkv, t, D, dtype=DT, device=DEV)
         vc = torch.empty_like(kc)
-        pos = torch.arange(0, t, device=DEV)
-        cached = bench(lambda: launchers.triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE, config=dict(PREFILL_VARIANTS)[best]))
+        pos = cache_rows(0, t)
+        cached = bench(lambda: launchers.triton_retrieval_attention_cached(q, k, v, kc, vc, *pos, SCALE, config=dict(PREFILL_VARIANTS)[best]))
         ours = times[best]
         row = {
             "shape": shape, "tokens": t, "variants_ms": times, "best": best, "ours_ms": ours, "sdpa_ms": sdpa,
@@ -936,8 +943,8 @@ def section_streaming():
             ours = times[best]
             kc = torch.empty(1, hkv, SINK + RECENT, D, dtype=DT, device=DEV)
             vc = torch.empty_like(kc)
-            pos = torch.arange(0, t, device=DEV)
-            cached = bench(lambda: launchers.triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, SINK, RECENT, False, config=best_cfg))
+            pos = cache_rows(0, t)
+            cached = bench(lambda: launchers.triton_streaming_attention_cached(q, k, v, kc, vc, *pos, SCALE, SINK, RECENT, False, config=best_cfg))
             sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=hq != hkv), rep_ms=200)
             row = {"shape": shape, "tokens": t, "variants_ms": times, "best": best, "ours_ms": ours,
                    "cached_with_ring_write_ms": cached, "sdpa_causal_ms": sdpa}

@@ -8,6 +8,10 @@
 #   check       benchmarks/gpu_check.py: compiled engines vs the oracle, AOTI round trips in subprocesses  ~3 min
 #   check-engines  the same without the AOTI round trips                                            ~1.5 min
 #   aoti        only the AOTI round trips of gpu_check.py                                              ~1.5 min
+#   check-padded  gpu_check.py --only-padded: mixed-length batches (Triton kernels with per-row positions
+#               vs each row alone; padded engines, bf16/fp32, both backends, vs the oracle per row)  (not yet run)
+#   mixed-decode  benchmarks/mixed_decode.py: decode of 8 rows at 4K..64K vs equal-length batches,
+#               Llama-3 shape, inductor                                                    (not yet run; < 5 min)
 #   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
 #   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
 #   e2e-decode  benchmarks/e2e.py --backend inductor --sections decode, Llama-3 then Llama-2      ~6 min
@@ -31,6 +35,10 @@ for step in "$@"; do
         check) timeout 420 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" ;;
         check-engines) timeout 300 python3 benchmarks/gpu_check.py --skip-aoti 2>&1 | tee "$OUT/gpu_check.log" ;;
         aoti) timeout 300 python3 benchmarks/gpu_check.py --only-aoti 2>&1 | tee "$OUT/gpu_check_aoti.log" ;;
+        check-padded) timeout 420 python3 benchmarks/gpu_check.py --only-padded 2>&1 | tee "$OUT/gpu_check_padded.log" ;;
+        mixed-decode)
+            timeout 420 python3 benchmarks/mixed_decode.py --out "$OUT" --commit "$COMMIT" ${MIXED_ARGS:-} 2>&1 \
+                | tee "$OUT/mixed_decode.log" ;;
         passkey)
             rm -rf /tmp/pk
             timeout 470 python3 scripts/train_passkey_model.py --out /tmp/pk --device cuda --time-budget 300 \
@@ -53,7 +61,8 @@ for step in "$@"; do
                     --backend inductor --sections prefill --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_prefill.log"
             done ;;
-        *) echo "unknown step '$step' (check, check-engines, aoti, passkey, kernels, e2e-decode, e2e-prefill)" >&2
+        *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, mixed-decode, passkey, kernels," \
+                "e2e-decode, e2e-prefill)" >&2
            exit 2 ;;
     esac
 done

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import head_groups, rope, rope_pair
+from .reference import check_retrieval_fits, head_groups, rope, rope_pair, row_positions
 
 _FLASH_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # Use the flash kernel for attention parts (tests switch it off to check the matrix-product fallback too).
@@ -68,8 +68,22 @@ def _rotated(q, k, cos, sin):
     return (q, k) if tables is None else (rope(q, *tables), rope(k, *tables))
 
 
-def _start(cache_position: torch.Tensor) -> int:
-    return int(cache_position[0].item())
+def _for_each_row(attend, q, k, v, caches, cache_start, valid, out) -> None:
+    """Run ``attend(q, k, v, *caches, start, out)`` (the one-start code above) for a call whose rows have their
+    own ``cache_start`` and ``valid``: the whole batch at once when every row starts at one position with no
+    padding, otherwise row by row on views of that row's real tokens and caches, so padding is never attended
+    by a real token nor written. Padding outputs are zero."""
+    start, valid = row_positions(cache_start, valid, q)
+    starts, counts = start.tolist(), valid.tolist()
+    length = q.shape[2]
+    if len(set(starts)) <= 1 and all(n == length for n in counts):
+        attend(q, k, v, *caches, starts[0] if starts else 0, out)
+        return
+    out.zero_()
+    for b, (s, n) in enumerate(zip(starts, counts)):
+        if n:
+            row = slice(b, b + 1)
+            attend(q[row, :, :n], k[row, :, :n], v[row, :, :n], *(c[row] for c in caches), s, out[row, :, :n])
 
 
 def _blocks(length: int, block: int):
@@ -159,12 +173,17 @@ def _retrieval_cached(q, k, v, k_cache, v_cache, start: int, scale: float, out, 
     _retrieval(q, k_cache, v_cache, start, scale, out, block)
 
 
-def retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale, cos=None, sin=None,
+def retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None,
                                block: int | None = None) -> torch.Tensor:
     """``reference.retrieval_attention_cached``, blockwise."""
     q, k = _rotated(q, k, cos, sin)
+    check_retrieval_fits(*row_positions(cache_start, valid, q), k_cache)
     out = torch.empty(q.shape, dtype=q.dtype)
-    _retrieval_cached(q, k, v, k_cache, v_cache, _start(cache_position), scale, out, block)
+
+    def attend(q, k, v, k_cache, v_cache, start, out):
+        _retrieval_cached(q, k, v, k_cache, v_cache, start, scale, out, block)
+
+    _for_each_row(attend, q, k, v, (k_cache, v_cache), cache_start, valid, out)
     return out
 
 
@@ -346,27 +365,38 @@ def streaming_attention(q, k, v, scale, sink, recent, block: int | None = None) 
     return out
 
 
-def streaming_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode,
+def streaming_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, chunk_mode,
                                cos=None, sin=None, block: int | None = None) -> torch.Tensor:
     """``reference.streaming_attention_cached``, blockwise."""
     q, k = _rotated(q, k, cos, sin)
     out = torch.empty(q.shape, dtype=q.dtype)
-    _streaming(q, k, v, k_cache, v_cache, _start(cache_position), scale, sink, recent, chunk_mode, out, block)
+
+    def attend(q, k, v, k_cache, v_cache, start, out):
+        _streaming(q, k, v, k_cache, v_cache, start, scale, sink, recent, chunk_mode, out, block)
+
+    _for_each_row(attend, q, k, v, (k_cache, v_cache), cache_start, valid, out)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- mixed layer
-def attention_cached(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale,
+def attention_cached(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale,
                      retrieval_kv_heads, sink, recent, chunk_mode, cos=None, sin=None,
                      block: int | None = None) -> torch.Tensor:
     """``reference.attention_cached``, blockwise: both head groups write their halves of one output."""
     q, k = _rotated(q, k, cos, sin)
-    (qr, kr, vr), (qs, ks, vs) = head_groups(q, k, v, retrieval_kv_heads)
-    start = _start(cache_position)
+    head_groups(q, k, v, retrieval_kv_heads)  # checks the split
+    check_retrieval_fits(*row_positions(cache_start, valid, q), k_retrieval)
     out = torch.empty(q.shape, dtype=q.dtype)
-    split = qr.shape[1]
-    _retrieval_cached(qr, kr, vr, k_retrieval, v_retrieval, start, scale, out[:, :split], block)
-    _streaming(qs, ks, vs, k_streaming, v_streaming, start, scale, sink, recent, chunk_mode, out[:, split:], block)
+
+    def attend(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, start, out):
+        (qr, kr, vr), (qs, ks, vs) = head_groups(q, k, v, retrieval_kv_heads)
+        split = qr.shape[1]
+        _retrieval_cached(qr, kr, vr, k_retrieval, v_retrieval, start, scale, out[:, :split], block)
+        _streaming(qs, ks, vs, k_streaming, v_streaming, start, scale, sink, recent, chunk_mode, out[:, split:],
+                   block)
+
+    caches = (k_retrieval, v_retrieval, k_streaming, v_streaming)
+    _for_each_row(attend, q, k, v, caches, cache_start, valid, out)
     return out
 
 

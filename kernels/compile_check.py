@@ -69,9 +69,9 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     Llama-3-like heads (32 query / 8 KV heads)."""
     ptr, i64, f32 = _PTR[dtype], "*i64", "*fp32"
     groups, dot = 4, dot_precision(dtype)
-    attn = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, O=ptr, POS=i64)
+    attn = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, O=ptr, POS=i64, VALID=i64)  # per-row starts / real counts
     # Decode kernels as the engine runs them: RoPE fused (fuse_rope), so the rotated loads are in the check.
-    split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr)
+    split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr)
     cases = []
     retrieval = prefill_config(_cuda_q(32, 4096, head_dim, dtype), "retrieval")
     for has_cache in (False, True):
@@ -89,7 +89,8 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
             cases.append((f"streaming {label} chunk_mode={chunk_mode}", streaming_kernel, attn,
                           dict(HAS_CACHE=True, CHUNK_MODE=chunk_mode, FUSE_WRITE=fuse_write, HEADS_PER=cfg.heads_per,
                                BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, D=head_dim, DOT_PRECISION=dot), cfg))
-    cases.append(("streaming ring write", streaming_write_kernel, dict(K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64),
+    cases.append(("streaming ring write", streaming_write_kernel,
+                  dict(K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, VALID=i64),
                   dict(BLOCK_W=64, D=head_dim), None))
     cases.append(("streaming decode, tiled", streaming_decode_split_kernel, split,
                   dict(HEADS_PER=decode.heads_per, BLOCK_T=decode.block_t, BLOCK_N=decode.block_n, D=head_dim,
@@ -103,7 +104,7 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     mixed = decode_config(_cuda_q(32, 1, head_dim), groups, 65536)
     cases.append(("mixed layer decode (streaming tiles + retrieval split-K)", mixed_decode_kernel,
                   dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,
-                       OP=f32, LP=f32, COS=ptr, SIN=ptr),
+                       VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr),
                   dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, STREAMING_BLOCK_N=32,
                        D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
     cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr),

@@ -9,8 +9,9 @@ streaming prefill 2 (attention, then the ring write that must wait for every rea
 program per cache tile, slot write fused, then combine; chunk mode, or STREAMING_DECODE "one": 1, one program
 per KV group). A mixed layer (``duo::attention_cached``) decodes in 2 (both groups' programs in one grid, one
 combine: STREAMING_DECODE "mixed"); otherwise it runs both groups' launches, each writing its heads' slice of
-one output. No launcher reads a device value on the host: the chunk's start position is read inside the
-kernels, so every launch is CUDA-graph capturable.
+one output. No launcher reads a device value on the host: each batch row's start position (``cache_start[b]``)
+and count of real tokens (``valid[b]``; padding tokens are never written to a cache) are read inside the kernels,
+so every launch is CUDA-graph capturable.
 
 RoPE (ops given ``cos``/``sin`` by ``fuse_rope``): the decode launches above rotate q and the new keys inside
 their kernels (no extra launch); every other path (prefill, chunk mode, STREAMING_DECODE "one") first rotates q
@@ -102,7 +103,19 @@ def _check_prefill_config(cfg: TileConfig, t: int) -> None:
         raise ValueError("tl.dot needs tiles of at least 16 rows and 16 keys")
 
 
-def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, cfg: TileConfig | None, out=None):
+def _rows(cache_start: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ops' per-row ``cache_start`` / ``valid`` as the kernels read them: int64 ``[B]`` on q's device, contiguous
+    (shapes checked on the host; the values are read on the device only)."""
+    rows = []
+    for name, x in (("cache_start", cache_start), ("valid", valid)):
+        if x.dim() != 1 or x.shape[0] != q.shape[0]:
+            raise ValueError(f"{name} must be [B] = [{q.shape[0]}] (one entry per batch row), got {tuple(x.shape)}")
+        rows.append(x.to(device=q.device, dtype=torch.int64).contiguous())
+    return rows[0], rows[1]
+
+
+def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, scale, cfg: TileConfig | None,
+                              out=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
     if out.numel() == 0:
@@ -112,13 +125,13 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, 
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     has_cache = k_cache is not None
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
-    pos = cache_position if has_cache else q  # unused without a cache
+    pos, n_valid = _rows(cache_start, valid, q) if has_cache else (q, q)  # unused without a cache
     tma = cfg.tma and tma_compatible(k, v, kc, vc)
     descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
     grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
     blocks_first = cfg.blocks_first and grid[0] <= MAX_GRID_Y
     retrieval_prefill_kernel[grid[::-1] if blocks_first else grid](
-        q, k, v, kc, vc, out, pos, *descriptors,
+        q, k, v, kc, vc, out, pos, n_valid, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
         hkv, groups, t, log2_scale(scale),
         HAS_CACHE=has_cache, HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
@@ -150,7 +163,7 @@ def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: in
     )
 
 
-def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, cfg, num_splits=None, out=None,
+def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scale, cfg, num_splits=None, out=None,
                              rope=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
@@ -165,7 +178,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     splits = num_splits or decode_splits(q, k_cache, programs, cfg)
     o_part, lse_part = _empty_partials(b, hq, t, splits, d, q.device)
     retrieval_split_kernel[(splits, programs)](
-        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        q, k, v, k_cache, v_cache, *_rows(cache_start, valid, q), o_part, lse_part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
         hkv, groups, t, splits, log2_scale(scale), *_rope_tables(q, rope),
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
@@ -176,7 +189,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, c
     return out
 
 
-def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg, out,
+def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, cfg, out,
                                    rope=None):
     """One token, window mode: a program per tile of [sink | ring | new token], then combine (see the kernel)."""
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
@@ -186,7 +199,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
     splits = math.ceil((sink + recent + 1) / cfg.block_n)
     o_part, lse_part = _empty_partials(b, hq, 1, splits, d, q.device)
     streaming_decode_split_kernel[(splits, grid_groups(b, hkv, groups, cfg.heads_per))](
-        q, k, v, k_cache, v_cache, cache_position, o_part, lse_part,
+        q, k, v, k_cache, v_cache, *_rows(cache_start, valid, q), o_part, lse_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_strides(k_cache), *_strides(v_cache),
         hkv, groups, splits, log2_scale(scale), sink, recent, *_rope_tables(q, rope)[:3],
@@ -197,7 +210,7 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, sc
     return out
 
 
-def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cfg,
+def _launch_streaming(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, chunk_mode, cfg,
                       split_decode=None, out=None, rope=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
@@ -208,8 +221,8 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     has_cache = k_cache is not None
     split_decode = tuning.STREAMING_DECODE != "one" if split_decode is None else split_decode
     if has_cache and t == 1 and not chunk_mode and split_decode:
-        return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, cfg,
-                                              out, rope)
+        return _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent,
+                                              cfg, out, rope)
     q, k = _rotate_first(q, k, rope)
     decode = t <= DECODE_MAX_TOKENS
     cfg = cfg or (decode_config(q, groups) if decode else prefill_config(q, "streaming"))
@@ -217,13 +230,13 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
     _check_prefill_config(cfg, t)
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
-    pos = cache_position if has_cache else q
+    pos, n_valid = _rows(cache_start, valid, q) if has_cache else (q, q)
     programs = grid_groups(b, hkv, groups, cfg.heads_per)
     blocks = math.ceil(t / cfg.block_t)
     # One program per KV group and a single token: it may write its slot itself once it has read the ring.
     fuse_write = has_cache and t == 1 and blocks == 1 and programs == b * hkv
     streaming_kernel[(programs, blocks)](
-        q, k, v, kc, vc, out, pos,
+        q, k, v, kc, vc, out, pos, n_valid,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
         hkv, groups, t, log2_scale(scale), sink, recent,
         HAS_CACHE=has_cache, CHUNK_MODE=bool(chunk_mode), FUSE_WRITE=fuse_write,
@@ -234,7 +247,7 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
         candidates = sink + min(t, recent)
         block_w = 16 if q.device.type != "cuda" else 64
         streaming_write_kernel[(math.ceil(candidates / block_w), b * hkv)](
-            k, v, k_cache, v_cache, cache_position,
+            k, v, k_cache, v_cache, pos, n_valid,
             *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
             hkv, t, sink, recent, BLOCK_W=block_w, D=d, num_warps=4,
         )
@@ -246,51 +259,53 @@ def _launch_streaming(q, k, v, k_cache, v_cache, cache_position, scale, sink, re
 
 def triton_retrieval_attention(q, k, v, scale: float, config: TileConfig | None = None) -> torch.Tensor:
     """Causal attention over this call's tokens: the retrieval prefill kernel with no cache (start = 0)."""
-    return _launch_retrieval_prefill(q, k, v, None, None, None, scale, config)
+    return _launch_retrieval_prefill(q, k, v, None, None, None, None, scale, config)
 
 
 def triton_streaming_attention(
     q, k, v, scale: float, sink: int, recent: int, config: TileConfig | None = None
 ) -> torch.Tensor:
     """Sink + recent-window attention over this call's tokens: the streaming kernel with no cache (start = 0)."""
-    return _launch_streaming(q, k, v, None, None, None, scale, sink, recent, False, config)
+    return _launch_streaming(q, k, v, None, None, None, None, scale, sink, recent, False, config)
 
 
 def triton_retrieval_attention_cached(
-    q, k, v, k_cache, v_cache, cache_position, scale: float,
+    q, k, v, k_cache, v_cache, cache_start, valid, scale: float,
     config: TileConfig | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Append k/v at ``cache_position`` and attend causally to the cache: split-K for decode, FlashAttention else.
+    """Append each row's real k/v (the first ``valid[b]``) at ``cache_start[b]`` and attend causally to the row's
+    cache: split-K for decode, FlashAttention else.
 
     ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor. ``cos``,
     ``sin``: q and k are pre-RoPE (reference.py); decode rotates them in the kernel, prefill in torch first."""
     rope = reference.rope_pair(cos, sin)
     if q.shape[2] <= DECODE_MAX_TOKENS:
-        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_position, scale, config, num_splits, out,
-                                        rope)
+        return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scale, config, num_splits,
+                                        out, rope)
     q, k = _rotate_first(q, k, rope)
-    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_position, scale, config, out)
+    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, scale, config, out)
 
 
 def triton_streaming_attention_cached(
-    q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int, chunk_mode: bool,
+    q, k, v, k_cache, v_cache, cache_start, valid, scale: float, sink: int, recent: int, chunk_mode: bool,
     config: TileConfig | None = None, split_decode: bool | None = None, out: torch.Tensor | None = None,
     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attend to [sink | recent ring | chunk] under the streaming rule, then write the chunk into the cache.
+    """Attend to [sink | recent ring | chunk] under the streaming rule, then write each row's real chunk tokens
+    into its cache.
 
     ``split_decode`` picks the kernel of a one-token window-mode step: True the tiled one, False the one-program
     one, None ``STREAMING_DECODE`` != "one" (both are exact; the choice is for timing them side by side). ``out``
     and ``cos``/``sin`` as for ``triton_retrieval_attention_cached`` (the tiled decode rotates in the kernel).
     """
     return _launch_streaming(
-        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, config, split_decode, out,
+        q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, chunk_mode, config, split_decode, out,
         reference.rope_pair(cos, sin),
     )
 
 
-def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_position, scale, sink, recent,
+def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_start, valid, scale, sink, recent,
                          out, cfg=None, num_splits=None, rope=None):
     """One token, window mode, both head groups: one grid of streaming tiles then retrieval splits, writing one
     partial buffer, then one combine (triton_mixed_decode.py). ``cfg`` / ``num_splits`` override the retrieval
@@ -309,7 +324,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     part = max(splits_r, tiles_s)
     o_part, lse_part = _empty_partials(b, hq, 1, part, d, out.device)
     mixed_decode_kernel[(tiles_s * programs_s + splits_r * programs_r,)](
-        qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, cache_position, o_part, lse_part,
+        qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, *_rows(cache_start, valid, qr), o_part, lse_part,
         *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),
         hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
         *_rope_tables(qr, rope)[:3],
@@ -322,7 +337,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
 
 
 def triton_attention_cached(
-    q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
+    q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale: float,
     retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool,
     config: TileConfig | None = None, num_splits: int | None = None,
     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
@@ -338,10 +353,10 @@ def triton_attention_cached(
     if (tuning.STREAMING_DECODE == "mixed" and q.shape[2] == 1 and not chunk_mode and 0 < split < q.shape[1]
             and out.numel() > 0):
         return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
-                                    v_streaming, cache_position, scale, sink, recent, out, config, num_splits,
+                                    v_streaming, cache_start, valid, scale, sink, recent, out, config, num_splits,
                                     reference.rope_pair(cos, sin))
-    triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale,
+    triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_start, valid, scale,
                                       config=config, num_splits=num_splits, out=out[:, :split], cos=cos, sin=sin)
-    triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink, recent,
+    triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_start, valid, scale, sink, recent,
                                       chunk_mode, out=out[:, split:], cos=cos, sin=sin)
     return out

@@ -9,7 +9,10 @@ keep it as one node) with
   * a fake implementation for tracing and export,
   * on CUDA, the Triton kernels registered by ``kernels.triton_ops`` when Triton is usable there.
 
-The cached ops mutate their cache arguments in place (``mutates_args``) and return a fresh output.
+The cached ops mutate their cache arguments in place (``mutates_args``) and return a fresh output. They take
+the positions per batch row: ``cache_start`` int64 ``[B]`` (the position of this call's first token in each row)
+and ``valid`` int64 ``[B]`` (how many of the row's T tokens are real; the rest are padding, never written to a
+cache, their outputs don't-care). See reference.py.
 """
 from __future__ import annotations
 
@@ -45,14 +48,15 @@ def retrieval_attention_cached(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_position: torch.Tensor,
+    cache_start: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Append this chunk to the full retrieval cache, then attend causally to all cached tokens (``cos``/``sin``:
-    q and k are pre-RoPE, rotate them first; reference.py)."""
-    return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale, cos,
+    """Append each row's real tokens to the full retrieval cache, then attend causally to all of that row's cached
+    tokens (``cos``/``sin``: q and k are pre-RoPE, rotate them first; reference.py)."""
+    return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
                                                 sin).contiguous()
 
 
@@ -63,7 +67,8 @@ def streaming_attention_cached(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_position: torch.Tensor,
+    cache_start: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
     sink: int,
     recent: int,
@@ -73,7 +78,7 @@ def streaming_attention_cached(
 ) -> torch.Tensor:
     """Attend to sink + recent ring + this chunk, then write the chunk into the constant-size streaming cache."""
     return reference.streaming_attention_cached(
-        q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cos, sin
+        q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, chunk_mode, cos, sin
     ).contiguous()
 
 
@@ -88,7 +93,8 @@ def attention_cached(
     v_retrieval: torch.Tensor,
     k_streaming: torch.Tensor,
     v_streaming: torch.Tensor,
-    cache_position: torch.Tensor,
+    cache_start: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
     retrieval_kv_heads: int,
     sink: int,
@@ -100,7 +106,7 @@ def attention_cached(
     """A whole layer with both head groups (``merge_head_groups``): the two cached ops above on the head slices,
     one output, so the graph needs neither the slices nor the concatenation."""
     return reference.attention_cached(
-        q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale, retrieval_kv_heads,
+        q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale, retrieval_kv_heads,
         sink, recent, chunk_mode, cos, sin,
     ).contiguous()
 

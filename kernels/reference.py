@@ -6,8 +6,12 @@ Shapes (all ops but ``attention_cached``, which takes a whole layer and splits i
   output   [B, Hq, T, D]
 Query head h reads KV head h // groups.
 
-Positions. The T new tokens sit at absolute positions ``cache_position`` (a 1-D int64 tensor
-``start, start + 1, ..., start + T - 1``, shared by the batch), so ``start`` tokens are already cached.
+Positions, per batch row. ``cache_start`` and ``valid`` are int64 ``[B]``: token t of row b sits at absolute
+position ``cache_start[b] + t``, so that row has ``cache_start[b]`` tokens cached already; only its first
+``valid[b]`` tokens are real (``0 <= valid[b] <= T``), the rest are padding. Padding tokens are never written to a
+cache, and their outputs are don't-care (finite: a padding query sees at least itself). Rows may differ in both:
+a padded batch (equal starts, different ``valid``) or a continuous batch (different starts). Padding sits at the
+end of a row's chunk, after every real token, so causal attention never shows a padding key to a real query.
 
 Retrieval cache ``[B, Hkv, max_seq_len, D]``: the token at position p lives in slot p.
 
@@ -21,10 +25,11 @@ as Hugging Face's rotary embedding makes them, unsqueezed over heads); then q an
 embedding and the op applies it first, exactly as ``apply_rotary_pos_emb`` does (``fuse_rope`` emits this, so
 the GPU kernels can rotate q and the new keys as they load them instead of a separate pass over both).
 
-Streaming rule for a query at position p:
+Streaming rule for a query at position p (of row b; every key is of the same row):
   window mode: keys at ``[0, sink) ∪ [p - recent + 1, p]``
   chunk mode:  keys at ``[0, sink) ∪ [start - recent, p]``: the cached window plus the whole current chunk
-               up to p (the authors' chunked prefill). A one-token decode step sees sink + recent + itself.
+               up to p (the authors' chunked prefill; ``start`` is the row's ``cache_start``). A one-token decode
+               step sees sink + recent + itself.
 """
 from __future__ import annotations
 
@@ -32,22 +37,33 @@ import torch
 
 
 def streaming_visible(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int, chunk_start: int | None = None
+    q_pos: torch.Tensor, k_pos: torch.Tensor, sink: int, recent: int, chunk_start=None
 ) -> torch.Tensor:
-    """Boolean ``[len(q_pos), len(k_pos)]``: may a streaming query at q_pos see a key at k_pos.
+    """Boolean ``[..., len(q_pos), len(k_pos)]``: may a streaming query at q_pos see a key at k_pos.
 
-    ``chunk_start=None`` is window mode; otherwise chunk mode for a chunk starting at that position.
-    Negative key positions mark empty cache slots and are never visible.
+    ``q_pos`` ``[T]`` or ``[B, T]``, ``k_pos`` ``[S]`` or ``[B, S]`` (per-row positions broadcast over the batch).
+    ``chunk_start=None`` is window mode; otherwise chunk mode for a chunk starting at that position (an int, or a
+    ``[B]`` tensor: one per row). Negative key positions mark empty cache slots and are never visible.
     """
-    qp, kp = q_pos[:, None], k_pos[None, :]
-    lower = qp - recent + 1 if chunk_start is None else torch.full_like(qp, chunk_start - recent)
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
+    if chunk_start is None:
+        lower = qp - recent + 1
+    elif isinstance(chunk_start, torch.Tensor) and chunk_start.dim() > 0:
+        lower = (chunk_start.reshape(-1, 1, 1) - recent).to(qp.device)
+    else:
+        lower = torch.full_like(qp, int(chunk_start) - recent)
     return (kp >= 0) & (kp <= qp) & ((kp < sink) | (kp >= lower))
 
 
-def streaming_slot_positions(start: int, sink: int, recent: int, device=None) -> torch.Tensor:
-    """Absolute position held by each streaming-cache slot once ``start`` tokens were written (-1: empty)."""
+def streaming_slot_positions(start, sink: int, recent: int, device=None) -> torch.Tensor:
+    """Absolute position held by each streaming-cache slot once ``start`` tokens were written (-1: empty):
+    ``[sink + recent]`` for an int ``start``, ``[B, sink + recent]`` for a ``[B]`` tensor of per-row starts."""
     slots = torch.arange(sink + recent, device=device)
-    sink_pos = torch.where(slots < min(sink, start), slots, -1)
+    if isinstance(start, torch.Tensor):
+        start = start.to(device=slots.device, dtype=torch.long).reshape(-1, 1)
+        sink_pos = torch.where(slots < torch.clamp(start, max=sink), slots, -1)
+    else:
+        sink_pos = torch.where(slots < min(sink, start), slots, -1)
     j = slots - sink
     ring_pos = start - 1 - torch.remainder(start - 1 - sink - j, recent)
     ring_pos = torch.where(ring_pos >= sink, ring_pos, -1)
@@ -68,7 +84,10 @@ def streaming_write_plan(start: int, length: int, sink: int, recent: int) -> tup
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """Masked attention in fp32 with GQA: q [B,Hq,T,D], k/v [B,Hkv,S,D], visible [T,S] -> [B,Hq,T,D] (q's dtype)."""
+    """Masked attention in fp32 with GQA: q [B,Hq,T,D], k/v [B,Hkv,S,D], visible [T,S] or per row [B,T,S]
+    -> [B,Hq,T,D] (q's dtype)."""
+    if visible.dim() == 3:
+        visible = visible[:, None]
     groups = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(groups, dim=1)
     v = v.float().repeat_interleave(groups, dim=1)
@@ -100,8 +119,25 @@ def _rotated(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor | None, sin: to
     return rope(q, *tables), rope(k, *tables)
 
 
-def _start(cache_position: torch.Tensor) -> int:
-    return int(cache_position[0].item())
+def row_positions(cache_start: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ops' ``cache_start`` and ``valid`` as int64 ``[B]`` tensors on q's device, checked against q
+    ``[B, H, T, D]``: one of each per row, ``cache_start >= 0``, ``0 <= valid <= T``."""
+    batch, length = q.shape[0], q.shape[2]
+    start, valid = (x.to(device=q.device, dtype=torch.long).reshape(-1) for x in (cache_start, valid))
+    if start.numel() != batch or valid.numel() != batch:
+        raise ValueError(f"cache_start and valid need one entry per batch row ({batch}), got shapes "
+                         f"{tuple(cache_start.shape)} and {tuple(valid.shape)}")
+    if batch and (int(start.min()) < 0 or int(valid.min()) < 0 or int(valid.max()) > length):
+        raise ValueError(f"need cache_start >= 0 and 0 <= valid <= {length} (the chunk length), got cache_start "
+                         f"{start.tolist()}, valid {valid.tolist()}")
+    return start, valid
+
+
+def check_retrieval_fits(start: torch.Tensor, valid: torch.Tensor, k_cache: torch.Tensor) -> None:
+    """Refuse a call whose real tokens would reach past the retrieval cache's slots."""
+    end = start + valid
+    if end.numel() and int(end.max()) > k_cache.shape[2]:
+        raise ValueError(f"positions up to {int(end.max()) - 1} exceed the retrieval cache's {k_cache.shape[2]} slots")
 
 
 def retrieval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -124,19 +160,30 @@ def retrieval_attention_cached(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_position: torch.Tensor,
+    cache_start: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Append k/v at cache_position to the retrieval cache, then attend causally to every cached token."""
+    """Attend causally to each row's cached tokens and this chunk, then append the row's real tokens to its cache
+    (token t of row b into slot ``cache_start[b] + t`` for ``t < valid[b]``)."""
     q, k = _rotated(q, k, cos, sin)
-    start, length = _start(cache_position), q.shape[2]
-    k_cache[:, :, start : start + length] = k
-    v_cache[:, :, start : start + length] = v
-    k_pos = torch.arange(start + length, device=q.device)
-    visible = k_pos[None, :] <= cache_position.to(q.device)[:, None]
-    return _attend(q, k_cache[:, :, : start + length], v_cache[:, :, : start + length], visible, scale)
+    start, valid = row_positions(cache_start, valid, q)
+    length = q.shape[2]
+    check_retrieval_fits(start, valid, k_cache)
+    cached = int(start.max()) if q.shape[0] else 0  # slots [0, cached) hold some row's tokens
+    slots = torch.arange(cached, device=q.device)
+    idx = torch.arange(length, device=q.device)
+    visible = torch.cat([(slots[None, :] < start[:, None])[:, None, :].expand(-1, length, -1),
+                         (idx[None, :] <= idx[:, None]).expand(q.shape[0], -1, -1)], dim=-1)
+    keys = torch.cat([k_cache[:, :, :cached], k.to(k_cache.dtype)], dim=2)
+    values = torch.cat([v_cache[:, :, :cached], v.to(v_cache.dtype)], dim=2)
+    out = _attend(q, keys, values, visible, scale)
+    for b, (s, n) in enumerate(zip(start.tolist(), valid.tolist())):
+        k_cache[b, :, s : s + n] = k[b, :, :n]
+        v_cache[b, :, s : s + n] = v[b, :, :n]
+    return out
 
 
 def streaming_attention_cached(
@@ -145,7 +192,8 @@ def streaming_attention_cached(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    cache_position: torch.Tensor,
+    cache_start: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
     sink: int,
     recent: int,
@@ -153,23 +201,27 @@ def streaming_attention_cached(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attend to [sink | recent ring | this chunk] under the streaming rule, then write the chunk into the cache.
+    """Attend to [sink | recent ring | this chunk] under the streaming rule, then write each row's real chunk
+    tokens into its cache (``streaming_write_plan`` of its ``valid[b]`` tokens: padding never reaches the ring).
 
     Reading happens before writing: a chunk longer than the ring would otherwise overwrite keys its own
     first queries still need.
     """
     q, k = _rotated(q, k, cos, sin)
-    start, length = _start(cache_position), q.shape[2]
+    start, valid = row_positions(cache_start, valid, q)
+    length = q.shape[2]
     device = q.device
-    slot_pos = streaming_slot_positions(start, sink, recent, device)
-    chunk_pos = cache_position.to(device)
-    keys = torch.cat([k_cache, k], dim=2)
-    values = torch.cat([v_cache, v], dim=2)
-    visible = streaming_visible(chunk_pos, torch.cat([slot_pos, chunk_pos]), sink, recent, start if chunk_mode else None)
+    slot_pos = streaming_slot_positions(start, sink, recent, device)  # [B, sink + recent]
+    chunk_pos = start[:, None] + torch.arange(length, device=device)  # [B, T]
+    keys = torch.cat([k_cache, k.to(k_cache.dtype)], dim=2)
+    values = torch.cat([v_cache, v.to(v_cache.dtype)], dim=2)
+    visible = streaming_visible(chunk_pos, torch.cat([slot_pos, chunk_pos], dim=1), sink, recent,
+                                start if chunk_mode else None)
     out = _attend(q, keys, values, visible, scale)
-    token_idx, slot_idx = streaming_write_plan(start, length, sink, recent)
-    k_cache[:, :, slot_idx.to(device)] = k[:, :, token_idx.to(device)]
-    v_cache[:, :, slot_idx.to(device)] = v[:, :, token_idx.to(device)]
+    for b, (s, n) in enumerate(zip(start.tolist(), valid.tolist())):
+        token_idx, slot_idx = streaming_write_plan(s, n, sink, recent)
+        k_cache[b, :, slot_idx.to(device)] = k[b, :, token_idx.to(device)]
+        v_cache[b, :, slot_idx.to(device)] = v[b, :, token_idx.to(device)]
     return out
 
 
@@ -193,7 +245,8 @@ def attention_cached(
     v_retrieval: torch.Tensor,
     k_streaming: torch.Tensor,
     v_streaming: torch.Tensor,
-    cache_position: torch.Tensor,
+    cache_start: torch.Tensor,
+    valid: torch.Tensor,
     scale: float,
     retrieval_kv_heads: int,
     sink: int,
@@ -206,7 +259,7 @@ def attention_cached(
     retrieval cache, the rest on the streaming cache; the two outputs side by side in head order."""
     q, k = _rotated(q, k, cos, sin)
     retrieval_qkv, streaming_qkv = head_groups(q, k, v, retrieval_kv_heads)
-    retrieval = retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale)
-    streaming = streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink,
+    retrieval = retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_start, valid, scale)
+    streaming = streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_start, valid, scale, sink,
                                            recent, chunk_mode)
     return torch.cat([retrieval, streaming], dim=1)

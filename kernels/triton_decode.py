@@ -7,8 +7,9 @@ form the M dimension of the tile, so each K/V tile is loaded once for all query 
 The split length is derived in the kernel from ``start`` (read on the device), so the grid depends on shapes only
 and the launch can be captured in a CUDA graph; splits past the end exit after writing an empty partial.
 
-The new tokens' keys come from ``k``/``v`` (never from the cache) and the split that owns them appends them to
-the cache; the cache part of every split ends below ``start``, so reads and the append never touch one slot.
+The new tokens' keys come from ``k``/``v`` (never from the cache) and the split that owns them appends the row's
+real ones (its first ``valid``) to the cache; the cache part of every split ends below ``start``, so reads and the
+append never touch one slot. ``start`` and ``valid`` are the program's row's (``cache_start[b]``, ``valid[b]``).
 
 ``combine_kernel`` merges the partials by their log-sum-exp in a second launch: two launches per layer for the
 retrieval half (why not one: benchmarks/DECISIONS.md#decode-one-launch-combine).
@@ -23,7 +24,7 @@ from .triton_common import empty_state, load_rope, program_rows, store_partial, 
 
 @triton.jit
 def retrieval_split(
-    Q, K, V, KC, VC, POS, OP, LP,
+    Q, K, V, KC, VC, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, T, num_splits, qk_scale, split, pid_g, part_hq, part_head0, part_splits,
@@ -42,7 +43,8 @@ def retrieval_split(
     b64 = b.to(tl.int64)
     kv64 = kv.to(tl.int64)
 
-    start = tl.load(POS).to(tl.int32)
+    start = tl.load(POS + b).to(tl.int32)
+    n_valid = tl.load(VALID + b).to(tl.int32)
     total = start + T
     split_len = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
     lo = split * split_len
@@ -74,7 +76,7 @@ def retrieval_split(
         vv = tl.load(v_base + i[:, None] * sv_t + offs_d[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & (i[None, :] <= t[:, None])
         acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
-        w = tl.where(chunk == 0, ok, False)[:, None]
+        w = tl.where(chunk == 0, ok & (i < n_valid), False)[:, None]
         slot = start + i
         tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
         tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
@@ -85,14 +87,14 @@ def retrieval_split(
 
 @triton.jit
 def retrieval_split_kernel(
-    Q, K, V, KC, VC, POS, OP, LP,
+    Q, K, V, KC, VC, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, T, num_splits, qk_scale, COS, SIN, sc_b, sc_t,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
-    retrieval_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+    retrieval_split(Q, K, V, KC, VC, POS, VALID, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, T, num_splits, qk_scale,
                     tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits, COS, SIN, sc_b, sc_t,
                     HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)

@@ -26,7 +26,7 @@ from .triton_streaming_decode import streaming_split
 
 @triton.jit
 def mixed_decode_kernel(
-    QR, KR, VR, KCR, VCR, QS, KS, VS, KCS, VCS, POS, OP, LP,
+    QR, KR, VR, KCR, VCR, QS, KS, VS, KCS, VCS, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, sks_b, sks_h, sks_t, svs_b, svs_h, svs_t,
     hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent, COS, SIN, sc_b,
@@ -37,13 +37,13 @@ def mixed_decode_kernel(
     hq = (hkv_r + hkv_s) * groups
     streaming_programs = tiles_s * programs_s
     if pid < streaming_programs:
-        streaming_split(QS, KS, VS, KCS, VCS, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
+        streaming_split(QS, KS, VS, KCS, VCS, POS, VALID, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
                         sks_b, sks_h, sks_t, svs_b, svs_h, svs_t, hkv_s, groups, qk_scale, sink, recent,
                         pid % tiles_s, pid // tiles_s, hq, hkv_r * groups, part_splits, COS, SIN, sc_b,
                         HEADS_PER, BLOCK_T, STREAMING_BLOCK_N, D, DOT_PRECISION, ROPE)
     else:
         p = pid - streaming_programs
-        retrieval_split(QR, KR, VR, KCR, VCR, POS, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+        retrieval_split(QR, KR, VR, KCR, VCR, POS, VALID, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, hkv_r, groups, 1, splits_r, qk_scale,
                         p % splits_r, p // splits_r, hq, 0, part_splits, COS, SIN, sc_b, 0,
                         HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)

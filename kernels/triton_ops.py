@@ -35,34 +35,32 @@ def _streaming_attention_cuda(q, k, v, scale, sink, recent):
     return triton_streaming_attention(q, k, v, scale, sink, recent)
 
 
-def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale, cos=None, sin=None):
+def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None):
     if not _kernel_ok(q):
-        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position, scale, cos,
+        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
                                                     sin).contiguous()
-    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_position.to(q.device), scale,
-                                             cos=cos, sin=sin)
+    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=cos, sin=sin)
 
 
-def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode,
-                                     cos=None, sin=None):
+def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent,
+                                     chunk_mode, cos=None, sin=None):
     if not _kernel_ok(q):
         return reference.streaming_attention_cached(
-            q, k, v, k_cache, v_cache, cache_position, scale, sink, recent, chunk_mode, cos, sin
+            q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, chunk_mode, cos, sin
         ).contiguous()
     return triton_streaming_attention_cached(
-        q, k, v, k_cache, v_cache, cache_position.to(q.device), scale, sink, recent, chunk_mode, cos=cos, sin=sin
+        q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent, chunk_mode, cos=cos, sin=sin
     )
 
 
-def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode,
+def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode,
                            cos=None, sin=None):
     if not _kernel_ok(q):
         return reference.attention_cached(
-            q, k, v, k_r, v_r, k_s, v_s, cache_position, scale, n, sink, recent, chunk_mode, cos, sin
+            q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos, sin
         ).contiguous()
     return triton_attention_cached(
-        q, k, v, k_r, v_r, k_s, v_s, cache_position.to(q.device), scale, n, sink, recent, chunk_mode, cos=cos,
-        sin=sin,
+        q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos=cos, sin=sin,
     )
 
 

@@ -4,12 +4,13 @@ Grid ``(B * Hq, cdiv(T, BLOCK_T))``, or with ``BLOCKS_FIRST`` (``TileConfig.bloc
 so that the programs running at once are one head's query blocks rather than every head's few longest ones; the
 query-block axis runs the longest blocks first (causal work grows with the block index, so the last blocks to
 start are the cheap ones). Each program walks three key ranges:
-  1. the cache prefix ``[0, start)`` (``start`` read from ``cache_position`` on the device: no host sync),
+  1. the cache prefix ``[0, start)`` (``start``, the row's ``cache_start``, read on the device: no host sync),
      full tiles unmasked, one masked tail tile;
   2. chunk tiles left of the diagonal, unmasked;
   3. the diagonal tiles, causally masked. These are the only tiles each chunk key owns exactly once across the
-     query blocks, so the program of the group's first query head stores them into the cache right there: the
-     append costs no extra read of k/v and no extra launch. Nothing else in the launch reads cache slots
+     query blocks, so the program of the group's first query head stores them into the cache right there (the
+     row's first ``valid`` tokens only: padding is never written): the append costs no extra read of k/v and no
+     extra launch. Nothing else in the launch reads cache slots
      ``>= start``, so the writes cannot race with the reads.
 With ``HAS_CACHE=False`` (the cacheless op) ``start`` is 0 and range 1 and the stores vanish at compile time.
 Range 3 is never software-pipelined: pipelined with its cache stores, it gave the cached op's outputs errors
@@ -42,7 +43,7 @@ def key_tile(base, desc, b, kv, n, offs_n, offs_d, s_t, TMA: tl.constexpr, BLOCK
 
 @triton.jit
 def retrieval_prefill_kernel(
-    Q, K, V, KC, VC, O, POS, DK, DV, DKC, DVC,
+    Q, K, V, KC, VC, O, POS, VALID, DK, DV, DKC, DVC,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, so_b, so_h, so_t,
     Hkv, groups, T, qk_scale,
@@ -68,7 +69,8 @@ def retrieval_prefill_kernel(
     v_base = V + b64 * sv_b + kv64 * sv_h
 
     if HAS_CACHE:
-        start = tl.load(POS).to(tl.int32)
+        start = tl.load(POS + b).to(tl.int32)
+        n_valid = tl.load(VALID + b).to(tl.int32)
         kc_base = KC + b64 * skc_b + kv64 * skc_h
         vc_base = VC + b64 * svc_b + kv64 * svc_h
         full = (start // BLOCK_N) * BLOCK_N
@@ -99,7 +101,7 @@ def retrieval_prefill_kernel(
         visible = (j[None, :] <= t[:, None]) & ok[None, :]
         acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
         if HAS_CACHE:
-            w = tl.where(chunk == 0, ok, False)[:, None]
+            w = tl.where(chunk == 0, ok & (j < n_valid), False)[:, None]
             slot = start + j
             tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
             tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)

@@ -1,8 +1,9 @@
 """Streaming heads: token-exact sink + recent-window attention of a chunk against [sink | recent ring | chunk].
 
 Grid ``(B * Hkv * cdiv(groups, HEADS_PER), cdiv(T, BLOCK_T))``. A program's query rows sit at positions
-``start + t``. Key tiles it walks (and only these: a key block wholly outside every row's window is never
-loaded, so the cost is chunk x (sink + recent + BLOCK_T), independent of the context length):
+``start + t``, ``start`` its batch row's ``cache_start`` (read on the device). Key tiles it walks (and only
+these: a key block wholly outside every row's window is never loaded, so the cost is chunk x (sink + recent +
+BLOCK_T), independent of the context length):
   1. occupied sink slots of the cache ``[0, min(sink, start))``: visible to every row;
   2. occupied ring slots (``min(recent, start - sink)`` of them, in slot order). Slot ``sink + j`` holds
      position ``start - 1 - ((start - 1 - sink - j) mod recent)``. In window mode a block whose first query is
@@ -14,7 +15,8 @@ Chunk mode (the authors' chunked prefill) widens range 4 to the whole chunk up t
 row see the whole ring (it holds exactly positions ``>= start - recent``).
 
 The cache is only read here. Writing the surviving chunk tokens (``streaming_write_kernel``) must wait until
-every program has read the old ring, so for prefill it is a second, small launch. A decode step (one program per
+every program has read the old ring, so for prefill it is a second, small launch; it writes the row's real
+tokens only (the first ``valid``), so padding never overwrites a real key in the ring. A decode step (one program per
 KV group, ``FUSE_WRITE``) writes its single token into its slot after a barrier, inside the same launch. That is
 how chunk mode decodes; window mode's one-token step runs the tiled kernel of triton_streaming_decode.py instead.
 """
@@ -28,7 +30,7 @@ from .triton_common import empty_state, finish_rows, load_rows, program_rows, ti
 
 @triton.jit
 def streaming_kernel(
-    Q, K, V, KC, VC, O, POS,
+    Q, K, V, KC, VC, O, POS, VALID,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, so_b, so_h, so_t,
     Hkv, groups, T, qk_scale, sink, recent,
@@ -50,7 +52,7 @@ def streaming_kernel(
     v_base = V + b64 * sv_b + kv64 * sv_h
 
     if HAS_CACHE:
-        start = tl.load(POS).to(tl.int32)
+        start = tl.load(POS + b).to(tl.int32)
     else:
         start = tl.full([], 0, tl.int32)
     # Lowest visible position of each row (window), or of the whole chunk (chunk mode).
@@ -126,36 +128,40 @@ def streaming_kernel(
     if FUSE_WRITE:
         # Decode: this program is the only reader of its KV head's cache, and it has read all of it.
         tl.debug_barrier()
+        # A padding token (valid 0) is not written.
         slot = tl.where(start < sink, start, sink + (tl.maximum(start - sink, 0) % recent))
+        real = offs_d < tl.where(tl.load(VALID + b) > 0, D, 0)
         kk = tl.load(k_base + offs_d)
         vv = tl.load(v_base + offs_d)
-        tl.store(kc_base + slot * skc_t + offs_d, kk)
-        tl.store(vc_base + slot * svc_t + offs_d, vv)
+        tl.store(kc_base + slot * skc_t + offs_d, kk, mask=real)
+        tl.store(vc_base + slot * svc_t + offs_d, vv, mask=real)
 
 
 @triton.jit
 def streaming_write_kernel(
-    K, V, KC, VC, POS,
+    K, V, KC, VC, POS, VALID,
     sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, T, sink, recent,
     BLOCK_W: tl.constexpr, D: tl.constexpr,
 ):
-    """Write the chunk tokens that survive into the streaming cache (``reference.streaming_write_plan``).
+    """Write the real chunk tokens that survive into the streaming cache (``reference.streaming_write_plan`` of the
+    row's ``n = valid[b]`` real tokens; padding is never written).
 
     Candidates ``c < sink`` are chunk tokens ``j = c`` that land in the sink; candidates ``c >= sink`` are the last
-    ``min(T, recent)`` chunk tokens, kept when they are not sink tokens. Each slot is written at most once, so
+    ``min(n, recent)`` real chunk tokens, kept when they are not sink tokens. Each slot is written at most once, so
     the launch needs no ordering. Grid: ``(cdiv(sink + min(T, recent), BLOCK_W), B * Hkv)``.
     """
     c = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     pid = tl.program_id(1)
     kv = (pid % Hkv).to(tl.int64)
     b = (pid // Hkv).to(tl.int64)
-    start = tl.load(POS).to(tl.int32)
-    tail = tl.minimum(T, recent)
+    start = tl.load(POS + b).to(tl.int32)
+    n = tl.minimum(tl.load(VALID + b).to(tl.int32), T)
+    tail = tl.minimum(n, recent)
     is_sink = c < sink
-    j = tl.where(is_sink, c, T - tail + (c - sink))
+    j = tl.where(is_sink, c, n - tail + (c - sink))
     pos = start + j
-    keep = tl.where(is_sink, (pos < sink) & (j < T), (c < sink + tail) & (pos >= sink))
+    keep = tl.where(is_sink, (pos < sink) & (j < n), (c < sink + tail) & (pos >= sink))
     slot = tl.where(pos < sink, pos, sink + (tl.maximum(pos - sink, 0) % recent))
     offs_d = tl.arange(0, D)
     kk = tl.load(K + b * sk_b + kv * sk_h + j[:, None] * sk_t + offs_d[None, :], mask=keep[:, None])

@@ -7,11 +7,13 @@ multiprocessor can pull (benchmarks/DECISIONS.md#streaming-decode-tiles). Here e
 B * Hkv * cdiv(groups, HEADS_PER))``), all loads are in flight at once, and ``combine_kernel`` merges the tile
 partials by their log-sum-exp, as for retrieval decode.
 
-Visibility for the query at position ``start``: sink slot ``u`` if ``u < min(sink, start)``; ring slot
-``sink + i`` if it is filled (``i < min(recent, start - sink)``) and holds a position in the window
-``[start - recent + 1, start]``; the new token always. Loads are masked by visibility, so the slot the new token
-goes into (an unfilled slot, or the ring slot of position ``start - recent``, just outside the window) is never
-read, and the program of tile 0 can write it in the same launch without ordering against the other programs.
+Visibility for the query at position ``start`` (its batch row's ``cache_start``, read on the device): sink slot
+``u`` if ``u < min(sink, start)``; ring slot ``sink + i`` if it is filled (``i < min(recent, start - sink)``)
+and holds a position in the window ``[start - recent + 1, start]``; the new token always. Loads are masked by
+visibility, so the slot the new token goes into (an unfilled slot, or the ring slot of position
+``start - recent``, just outside the window) is never read, and the program of tile 0 can write it in the same
+launch without ordering against the other programs (unless the row's token is padding, ``valid`` 0: then nothing
+is written).
 Chunk mode sees that slot's old key, so it keeps the one-program kernel of triton_streaming.py.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .triton_common import empty_state, load_rope, program_rows, store_partial, 
 
 @triton.jit
 def streaming_split(
-    Q, K, V, KC, VC, POS, OP, LP,
+    Q, K, V, KC, VC, POS, VALID, OP, LP,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, qk_scale, sink, recent, split, pid_g, part_hq, part_head0, part_splits, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -36,7 +38,7 @@ def streaming_split(
     offs_d = tl.arange(0, D)
     b64 = b.to(tl.int64)
     kv64 = kv.to(tl.int64)
-    start = tl.load(POS).to(tl.int32)
+    start = tl.load(POS + b).to(tl.int32)
 
     # This program's tile of the virtual key sequence [sink slots | ring slots | new token].
     u = split * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,7 +67,7 @@ def streaming_split(
     row = b64 * part_hq + part_head0 + head
     store_partial(OP, LP, acc, m_i, l_i, row, split, part_splits, row_ok, D)
 
-    if (split == 0) & (chunk == 0):
+    if (split == 0) & (chunk == 0) & (tl.load(VALID + b) > 0):
         slot = tl.where(start < sink, start, sink + (tl.maximum(start - sink, 0) % recent))
         tl.store(kc_base + slot * skc_t + offs_d, k_new)
         tl.store(vc_base + slot * svc_t + offs_d, v_new)
@@ -73,13 +75,13 @@ def streaming_split(
 
 @triton.jit
 def streaming_decode_split_kernel(
-    Q, K, V, KC, VC, POS, OP, LP,
+    Q, K, V, KC, VC, POS, VALID, OP, LP,
     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     Hkv, groups, num_splits, qk_scale, sink, recent, COS, SIN, sc_b,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
-    streaming_split(Q, K, V, KC, VC, POS, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
+    streaming_split(Q, K, V, KC, VC, POS, VALID, OP, LP, sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, Hkv, groups, qk_scale, sink, recent,
                     tl.program_id(0), tl.program_id(1), Hkv * groups, 0, num_splits, COS, SIN, sc_b,
                     HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)

@@ -1,17 +1,24 @@
 """Pass 4: make the KV cache explicit state of the graph.
 
 Matches the cacheless ``duo::retrieval_attention`` / ``duo::streaming_attention`` nodes emitted by
-``split_attention``. Emits new graph inputs, ``cache_position`` (the absolute positions of this call's tokens)
-and one K and one V cache per layer and head group, and replaces each op with its cached form, which writes
-this call's keys/values into its cache and attends to everything cached:
+``split_attention``. Emits new graph inputs, the positions per batch row, ``cache_start`` int64 ``[B]`` (the
+position of this call's first token in each row) and ``valid`` int64 ``[B]`` (how many of the row's T tokens are
+real; the rest are padding), and one K and one V cache per layer and head group, and replaces each op with its
+cached form, which writes each row's real keys/values into its cache and attends to that row's cached tokens:
   retrieval cache ``[B, n_l, max_seq_len, D]``: token p in slot p;
   streaming cache ``[B, H_kv - n_l, sink + recent, D]``: sink slots, then a ring of the recent tokens.
 Keys are cached after RoPE at their true positions, so nothing is re-rotated. The graph becomes
-``forward(input_ids, position_ids, cache_position, *caches) -> logits``; ``ctx.cache_specs`` lists the caches
+``forward(input_ids, position_ids, cache_start, valid, *caches) -> logits``; ``ctx.cache_specs`` lists the caches
 in argument order, for the runtime to allocate.
+
+Also matches the last-position slice in front of the LM head (``hidden[:, -1:]``, what capture's
+``logits_to_keep=1`` leaves) and emits ``last_real_token(hidden, valid)`` instead, so the logits are each row's at
+its own last real token (index ``valid[b] - 1``), still one row per sequence through the LM head. A graph that
+returns every position's logits has no such slice and is left as it is (the runtime gathers then).
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from duo_compile.kernels.ops import OPS
@@ -24,14 +31,38 @@ _CACHED = {
 }
 
 
+def last_real_token(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``hidden`` ``[B, T, H]`` -> ``[B, 1, H]``: each row at its last real token, index ``valid[b] - 1`` (0 for a
+    row with no real token, whose logits are don't-care)."""
+    index = (valid - 1).clamp(min=0)
+    return hidden.gather(1, index[:, None, None].expand(-1, 1, hidden.shape[-1]))
+
+
+def _last_position_slice(graph: fx.Graph) -> fx.Node | None:
+    """The ``aten.slice(hidden, 1, -1, end)`` feeding the graph's output through the LM head, or None."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    node = output.args[0]
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target is torch.ops.aten.slice.Tensor:
+            dim, start, end = (list(node.args[1:]) + [0, None, None])[:3]
+            return node if dim == 1 and start == -1 and (end is None or end >= 2**62) else None
+        if node.target not in (torch.ops.aten.linear.default, torch.ops.aten.to.dtype,
+                               torch.ops.aten._to_copy.default):
+            return None
+        node = node.args[0]
+    return None
+
+
 def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     attention = [n for n in graph.nodes if n.op == "call_function" and n.target in _CACHED]
     sites = {site.layer: site for site in ctx.sites}
     with graph.inserting_after(placeholders[-1]):
-        cache_position = graph.placeholder("cache_position")
-    last_input = cache_position
+        cache_start = graph.placeholder("cache_start")
+    with graph.inserting_after(cache_start):
+        valid = graph.placeholder("valid")
+    last_input = valid
     ctx.cache_specs = []
     for node in attention:
         kind, cached_op = _CACHED[node.target]
@@ -48,7 +79,7 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 last_input = graph.placeholder(spec.name)
             caches.append(last_input)
         q, k, v, scale, *window = node.args
-        args = (q, k, v, *caches, cache_position, scale, *window)
+        args = (q, k, v, *caches, cache_start, valid, scale, *window)
         if kind == "streaming":
             args += (ctx.streaming_mode == "chunk",)
         with graph.inserting_before(node):
@@ -56,5 +87,12 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    last = _last_position_slice(graph)
+    if last is not None:
+        with graph.inserting_before(last):
+            gathered = graph.call_function(last_real_token, (last.args[0], valid))
+        gathered.meta = dict(last.meta)
+        last.replace_all_uses_with(gathered)
+        graph.erase_node(last)
     ctx.record("kv_layout", len(attention))
     return gm

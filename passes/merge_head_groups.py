@@ -49,9 +49,9 @@ def merge_head_groups(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             raise ValueError(f"layer {layer}: expected cat([{retrieval.name}, {streaming.name}], 1) after kv_layout, "
                              f"found users {[u.name for u in users]}")
         site = sites[layer]
-        _, _, _, k_r, v_r, cache_position, scale = retrieval.args
-        _, _, _, k_s, v_s, _, _, sink, recent, chunk_mode = streaming.args
-        args = (site.q, site.k, site.v, k_r, v_r, k_s, v_s, cache_position, scale, ctx.retrieval_counts[layer],
+        _, _, _, k_r, v_r, cache_start, valid, scale = retrieval.args
+        _, _, _, k_s, v_s, _, _, _, sink, recent, chunk_mode = streaming.args
+        args = (site.q, site.k, site.v, k_r, v_r, k_s, v_s, cache_start, valid, scale, ctx.retrieval_counts[layer],
                 sink, recent, chunk_mode)
         with graph.inserting_before(cat):
             node = graph.call_function(OPS["attention_cached"], args)

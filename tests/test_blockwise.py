@@ -61,6 +61,11 @@ def _calls(c) -> list[tuple[int, int]]:
     return calls + [(p, p + 1) for p in range(end, end + c["decode"])]
 
 
+def _rows(batch: int, begin: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cache_start`` and ``valid`` of a call whose rows all hold positions ``begin .. end - 1``, no padding."""
+    return torch.full((batch,), begin), torch.full((batch,), end - begin)
+
+
 def _blockwise_fn(name: str, c):
     if c["use_op"]:
         return OPS[name]
@@ -106,21 +111,21 @@ def _check_cached_ops(c):
     ours = [x.clone() for x in caches]
     for begin, end in calls:
         args = (q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end])
-        pos = torch.arange(begin, end)
+        pos = _rows(b, begin, end)
         rope_kw = dict(cos=tables[0][:, :, begin:end], sin=tables[1][:, :, begin:end]) if c["rope"] else {}
         if merged:
-            tail = (pos, c["scale"], n, sink, recent, chunk_mode)
+            tail = (*pos, c["scale"], n, sink, recent, chunk_mode)
             want = reference.attention_cached(*args, *caches, *tail, **rope_kw)
             got = _blockwise_fn("attention_cached", c)(*args, *ours, *tail, **rope_kw)
         else:
             want = torch.cat([
-                reference.retrieval_attention_cached(*args, *caches[:2], pos, c["scale"], **rope_kw),
-                reference.streaming_attention_cached(*args, *caches[2:], pos, c["scale"], sink, recent, chunk_mode,
+                reference.retrieval_attention_cached(*args, *caches[:2], *pos, c["scale"], **rope_kw),
+                reference.streaming_attention_cached(*args, *caches[2:], *pos, c["scale"], sink, recent, chunk_mode,
                                                      **rope_kw),
             ], dim=1)
             got = torch.cat([
-                _blockwise_fn("retrieval_attention_cached", c)(*args, *ours[:2], pos, c["scale"], **rope_kw),
-                _blockwise_fn("streaming_attention_cached", c)(*args, *ours[2:], pos, c["scale"], sink, recent,
+                _blockwise_fn("retrieval_attention_cached", c)(*args, *ours[:2], *pos, c["scale"], **rope_kw),
+                _blockwise_fn("streaming_attention_cached", c)(*args, *ours[2:], *pos, c["scale"], sink, recent,
                                                               chunk_mode, **rope_kw),
             ], dim=1)
         assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
@@ -163,7 +168,7 @@ def test_default_blocks_at_a_longer_context(mode, flash, monkeypatch):
     ours = [x.clone() for x in caches]
     for begin, end in [(0, 450), (450, 695)] + [(p, p + 1) for p in range(695, 700)]:
         args = (q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end])
-        tail = (torch.arange(begin, end), 0.25, n, sink, recent, mode == "chunk")
+        tail = (*_rows(1, begin, end), 0.25, n, sink, recent, mode == "chunk")
         want = reference.attention_cached(*args, *caches, *tail)
         got = OPS["attention_cached"](*args, *ours, *tail)
         torch.testing.assert_close(got, want, **TOL)
@@ -180,12 +185,12 @@ def test_half_precision_computes_in_fp32_like_the_reference(dtype, flash, monkey
     kc, vc = torch.zeros(2, 1, 2, 64, 16, dtype=dtype)
     ks, vs = torch.zeros(2, 1, 2, 2 + 5, 16, dtype=dtype)
     for begin, end in ((0, 20), (20, 36), (36, 37)):
-        pos, args = torch.arange(begin, end), (q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end])
+        pos, args = _rows(1, begin, end), (q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end])
         kc_ref, vc_ref, ks_ref, vs_ref = kc.clone(), vc.clone(), ks.clone(), vs.clone()
-        want_r = reference.retrieval_attention_cached(*args, kc_ref, vc_ref, pos, 0.25)
-        want_s = reference.streaming_attention_cached(*args, ks_ref, vs_ref, pos, 0.25, 2, 5, False)
-        got_r = OPS["retrieval_attention_cached"](*args, kc, vc, pos, 0.25)
-        got_s = OPS["streaming_attention_cached"](*args, ks, vs, pos, 0.25, 2, 5, False)
+        want_r = reference.retrieval_attention_cached(*args, kc_ref, vc_ref, *pos, 0.25)
+        want_s = reference.streaming_attention_cached(*args, ks_ref, vs_ref, *pos, 0.25, 2, 5, False)
+        got_r = OPS["retrieval_attention_cached"](*args, kc, vc, *pos, 0.25)
+        got_s = OPS["streaming_attention_cached"](*args, ks, vs, *pos, 0.25, 2, 5, False)
         assert got_r.dtype == got_s.dtype == dtype
         torch.testing.assert_close(got_r, want_r)
         torch.testing.assert_close(got_s, want_s)
@@ -201,12 +206,12 @@ def test_ops_dispatch_to_the_blockwise_kernels_on_cpu(monkeypatch):
     kc, vc = torch.zeros(2, 1, 2, 16, 8)
     ks, vs = torch.zeros(2, 1, 2, 5, 8)
     kr, vr, ks1, vs1 = kc[:, :1].clone(), vc[:, :1].clone(), ks[:, 1:].clone(), vs[:, 1:].clone()
-    pos = torch.arange(9)
+    pos = _rows(1, 0, 9)
     OPS["retrieval_attention"](q, k, v, 0.3)
     OPS["streaming_attention"](q, k, v, 0.3, 1, 2)
-    OPS["retrieval_attention_cached"](q, k, v, kc, vc, pos, 0.3)
-    OPS["streaming_attention_cached"](q, k, v, ks, vs, pos, 0.3, 1, 4, True)
-    OPS["attention_cached"](q, k, v, kr, vr, ks1, vs1, pos, 0.3, 1, 1, 4, False)
+    OPS["retrieval_attention_cached"](q, k, v, kc, vc, *pos, 0.3)
+    OPS["streaming_attention_cached"](q, k, v, ks, vs, *pos, 0.3, 1, 4, True)
+    OPS["attention_cached"](q, k, v, kr, vr, ks1, vs1, *pos, 0.3, 1, 1, 4, False)
     assert len(seen) >= 6
 
 
@@ -235,15 +240,15 @@ def test_streaming_heads_score_only_sink_and_window(flash, monkeypatch):
     ks, vs = torch.zeros(2, 1, 2, sink + recent, 8)
     parts = _record_parts(monkeypatch)
     blockwise.streaming_attention_cached(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], ks, vs,
-                                         torch.arange(prefix), 1.0, sink, recent, False)
+                                         *_rows(1, 0, prefix), 1.0, sink, recent, False)
     blockwise.streaming_attention_cached(q[:, :, prefix:-1], k[:, :, prefix:-1], v[:, :, prefix:-1], ks, vs,
-                                         torch.arange(prefix, length - 1), 1.0, sink, recent, False)
+                                         *_rows(1, prefix, length - 1), 1.0, sink, recent, False)
     block = blockwise.STREAMING_BLOCK
     assert len(parts) > 2 and all(keys <= 2 * (sink + recent) + block for _, keys in parts), parts
     # (query, key) pairs scored: linear in the length, far from the (length^2 / 2) of causal attention
     assert sum(rows * keys for rows, keys in parts) <= (length - 1) * (2 * (sink + recent) + block)
     parts.clear()
-    blockwise.streaming_attention_cached(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], ks, vs, torch.tensor([length - 1]),
+    blockwise.streaming_attention_cached(q[:, :, -1:], k[:, :, -1:], v[:, :, -1:], ks, vs, *_rows(1, length - 1, length),
                                          1.0, sink, recent, False)
     assert parts and all(rows == 1 and keys <= sink + recent + 1 for rows, keys in parts), parts
 

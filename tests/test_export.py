@@ -50,6 +50,15 @@ def _prompt(arch: str) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, PROMPT), generator=torch.Generator().manual_seed(len(arch)))
 
 
+def _padded_prompt(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts cut to 40, 9 and 25 tokens, left-padded (Hugging Face's padding_side="left"): (ids, mask)."""
+    ids, mask = _prompt(arch).clone(), torch.ones(BATCH, PROMPT, dtype=torch.long)
+    for row, length in enumerate((PROMPT, 9, 25)):
+        mask[row, : PROMPT - length] = 0
+        ids[row, : PROMPT - length] = 0
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def engine_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engines")
@@ -77,6 +86,10 @@ _CHILD = textwrap.dedent(
             out = engine.generate(prompt, max_new_tokens=job["new"], prefill_chunk_size=chunk, output_scores=True,
                                   return_dict_in_generate=True)
             results[f"{key}/{chunk}"] = (out.sequences, torch.stack(out.scores))
+            ids, mask = job["padded"][key.split("/")[0]]
+            out = engine.generate(ids, attention_mask=mask, max_new_tokens=job["new"], prefill_chunk_size=chunk,
+                                  output_scores=True, return_dict_in_generate=True)
+            results[f"{key}/{chunk}/padded"] = (out.sequences, torch.stack(out.scores))
     results["imported"] = sorted(m for m in sys.modules if m.startswith(("transformers.models", "tests")))
     torch.save(results, sys.argv[2])
     """
@@ -90,12 +103,15 @@ def fresh_process_results(engine_files, tmp_path_factory):
     job = {
         "files": {f"{arch}/{backend}": str(path) for (arch, backend), path in engine_files.items()},
         "prompts": {arch: _prompt(arch) for arch in MODES},
+        "padded": {arch: _padded_prompt(arch) for arch in MODES},
         "new": NEW,
         "chunk": CHUNK,
     }
     torch.save(job, work / "job.pt")
     (work / "child.py").write_text(_CHILD)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # The duo_compile under test (a checkout may differ from the installed one), nothing else of the checkout.
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(duo_compile.__file__)))
     proc = subprocess.run([sys.executable, "child.py", "job.pt", "results.pt"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -112,6 +128,21 @@ def test_loaded_engine_matches_compiled_engine(fresh_process_results, arch, back
                                   return_dict_in_generate=True)
     tokens, scores = fresh_process_results[f"{arch}/{backend}/{chunk}"]
     assert tokens.shape == (BATCH, PROMPT + NEW)
+    assert torch.equal(tokens, want.sequences)
+    for step, (got, ref) in enumerate(zip(scores, want.scores)):
+        rel = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 1e-4, f"step {step}: relative score error {rel:.2e}"
+
+
+@pytest.mark.parametrize("arch,backend,chunk", CASES,
+                         ids=[f"{a}-{b}-{'chunked' if c else 'whole'}" for a, b, c in CASES])
+def test_loaded_engine_runs_padded_batches_like_the_compiled_engine(fresh_process_results, arch, backend, chunk):
+    """A left-padded batch (rows of 40, 9 and 25 tokens) through the loaded engine: the graphs' per-row positions
+    (cache_start, valid) and the runners' per-row cache writes equal the compiled engine's."""
+    ids, mask = _padded_prompt(arch)
+    want = _engine(arch).generate(ids, attention_mask=mask, max_new_tokens=NEW, prefill_chunk_size=chunk,
+                                  output_scores=True, return_dict_in_generate=True)
+    tokens, scores = fresh_process_results[f"{arch}/{backend}/{chunk}/padded"]
     assert torch.equal(tokens, want.sequences)
     for step, (got, ref) in enumerate(zip(scores, want.scores)):
         rel = ((got - ref).abs().max() / ref.abs().max()).item()
@@ -163,7 +194,8 @@ def test_onnx_model_is_standard_ops_with_documented_shapes(engine_files):
 
     inputs = {v.name: dims(v) for v in model.graph.input}
     outputs = {v.name: dims(v) for v in model.graph.output}
-    assert inputs["input_ids"] == ["batch", "chunk"] and inputs["cache_position"] == ["chunk"]
+    assert inputs["input_ids"] == ["batch", "chunk"]
+    assert inputs["cache_start"] == ["batch"] and inputs["valid"] == ["batch"]  # per-row positions
     engine = _engine("qwen2")
     for spec in engine.cache_specs:
         slots = MAX_LEN if spec.slots is None else SINK + RECENT
@@ -312,11 +344,12 @@ def test_load_refuses_another_format_version(engine_files, tmp_path, backend):
     src, dst = engine_files["qwen2", backend], tmp_path / f"v99{SUFFIX[backend]}"
     rewrite = _rewrite_pt2 if backend == "aoti" else _rewrite_onnx
     rewrite(src, dst, lambda meta: meta.update(format_version=99))
-    with pytest.raises(EngineFileError, match="format version 99.*reads version 2.*newer"):
+    with pytest.raises(EngineFileError, match=f"format version 99.*reads version {engine_file.FORMAT_VERSION}.*newer"):
         duo_compile.load(dst)
-    # Files of the first format (metadata outside the digest) are refused as older, not half-trusted.
+    # Files of the first format (metadata outside the digest; one cache_position for the whole batch, before
+    # per-row positions) are refused as older, not half-trusted.
     rewrite(src, tmp_path / f"v1{SUFFIX[backend]}", lambda meta: meta.update(format_version=1))
-    with pytest.raises(EngineFileError, match="format version 1, but this duo_compile reads version 2.*older"):
+    with pytest.raises(EngineFileError, match="format version 1, but this duo_compile reads version 2.*older.*re-export"):
         duo_compile.load(tmp_path / f"v1{SUFFIX[backend]}")
     # The rewrite itself is faithful: the unedited copy loads.
     rewrite(src, tmp_path / f"same{SUFFIX[backend]}", lambda meta: None)

@@ -293,7 +293,8 @@ REFUSED = {
                          rf"max_length {PROMPT - 1} is shorter than the prompt"),
     "max-length-long": (dict(max_new_tokens=None, max_length=MAX_LEN + 1),
                         rf"= {MAX_LEN + 1} exceeds max_seq_len={MAX_LEN}"),
-    "padded-mask": (dict(attention_mask=torch.tensor([[0] + [1] * (PROMPT - 1)] * 2)), r"a padded batch"),
+    "holed-mask": (dict(attention_mask=torch.tensor([[1, 0] + [1] * (PROMPT - 2)] * 2)),
+                   r"attention_mask row 0 is not left or right padding"),
 }
 
 

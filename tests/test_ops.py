@@ -4,13 +4,20 @@ import torch
 
 from duo_compile.kernels import reference
 from duo_compile.kernels.ops import OPS
+from tests.ragged import KINDS, check_rows_alone
+
+
+def _rows(start, length, batch=2):
+    """The cached ops' per-row positions for a batch whose rows all sit at ``start`` with ``length`` real tokens:
+    (cache_start [B], valid [B])."""
+    return torch.full((batch,), start), torch.full((batch,), length)
 
 
 def _inputs(batch=2, heads=4, kv_heads=2, length=5, dim=8, slots=32, start=7):
     q = torch.randn(batch, heads, length, dim)
     k, v = torch.randn(2, batch, kv_heads, length, dim)
     k_cache, v_cache = torch.randn(2, batch, kv_heads, slots, dim)
-    return q, k, v, k_cache, v_cache, torch.arange(start, start + length)
+    return q, k, v, k_cache, v_cache, _rows(start, length, batch)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
@@ -21,15 +28,15 @@ def test_opcheck_all_ops(kv_heads):
     cases = [
         (OPS["retrieval_attention"], (q, k, v, 0.3)),
         (OPS["streaming_attention"], (q, k, v, 0.3, sink, recent)),
-        (OPS["retrieval_attention_cached"], (q, k, v, kc, vc, pos, 0.3)),
-        (OPS["streaming_attention_cached"], (q, k, v, ks, vs, pos, 0.3, sink, recent, False)),
-        (OPS["streaming_attention_cached"], (q, k, v, ks, vs, pos, 0.3, sink, recent, True)),
+        (OPS["retrieval_attention_cached"], (q, k, v, kc, vc, *pos, 0.3)),
+        (OPS["streaming_attention_cached"], (q, k, v, ks, vs, *pos, 0.3, sink, recent, False)),
+        (OPS["streaming_attention_cached"], (q, k, v, ks, vs, *pos, 0.3, sink, recent, True)),
     ]
     if kv_heads > 1:  # the merged layer op needs both head groups: KV heads [0, 1) retrieval, the rest streaming
         kr, vr = kc[:, :1].clone(), vc[:, :1].clone()
         ks2, vs2 = ks[:, 1:].clone(), vs[:, 1:].clone()
         for chunk_mode in (False, True):
-            cases.append((OPS["attention_cached"], (q, k, v, kr, vr, ks2, vs2, pos, 0.3, 1, sink, recent, chunk_mode)))
+            cases.append((OPS["attention_cached"], (q, k, v, kr, vr, ks2, vs2, *pos, 0.3, 1, sink, recent, chunk_mode)))
     for op, args in cases:
         torch.library.opcheck(op, args)
 
@@ -38,7 +45,7 @@ def test_retrieval_cached_in_chunks_equals_whole_sequence():
     q, k, v, kc, vc, _ = _inputs(length=11, slots=16)
     whole = reference.retrieval_attention(q, k, v, 0.5)
     parts = [
-        OPS["retrieval_attention_cached"](q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], kc, vc, torch.arange(s, e), 0.5)
+        OPS["retrieval_attention_cached"](q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], kc, vc, *_rows(s, e - s), 0.5)
         for s, e in ((0, 4), (4, 5), (5, 11))
     ]
     torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=1e-5, atol=1e-6)
@@ -54,7 +61,7 @@ def test_streaming_cached_window_mode_equals_whole_sequence(chunks):
     whole = reference.streaming_attention(q, k, v, 0.5, sink, recent)
     parts = [
         OPS["streaming_attention_cached"](
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], kc, vc, torch.arange(s, e), 0.5, sink, recent, False
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], kc, vc, *_rows(s, e - s), 0.5, sink, recent, False
         )
         for s, e in chunks
     ]
@@ -70,8 +77,8 @@ def test_streaming_chunk_mode_sees_whole_chunk():
     sink, recent = 1, 2
     q, k, v, _, _, _ = _inputs(length=8, kv_heads=4)
     kc, vc = torch.zeros(2, 2, 4, sink + recent, 8)
-    OPS["streaming_attention_cached"](q[:, :, :4], k[:, :, :4], v[:, :, :4], kc, vc, torch.arange(4), 1.0, sink, recent, True)
-    out = OPS["streaming_attention_cached"](q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], kc, vc, torch.arange(4, 8), 1.0, sink, recent, True)
+    OPS["streaming_attention_cached"](q[:, :, :4], k[:, :, :4], v[:, :, :4], kc, vc, *_rows(0, 4), 1.0, sink, recent, True)
+    out = OPS["streaming_attention_cached"](q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], kc, vc, *_rows(4, 4), 1.0, sink, recent, True)
     # Query 7 sees 0 (sink), 2, 3 (cached recent window before the chunk at 4) and 4..7 (its chunk).
     keys = [0, 2, 3, 4, 5, 6, 7]
     scores = (q[:, :, 7:8] @ k[:, :, keys].transpose(-1, -2)).softmax(-1)
@@ -88,11 +95,62 @@ def test_streaming_slot_positions_track_the_ring():
 
 def test_fake_kernels_give_output_shapes_under_export():
     class M(torch.nn.Module):
-        def forward(self, q, k, v, kc, vc, pos):
-            return OPS["retrieval_attention_cached"](q, k, v, kc, vc, pos, 0.5)
+        def forward(self, q, k, v, kc, vc, start, valid):
+            return OPS["retrieval_attention_cached"](q, k, v, kc, vc, start, valid, 0.5)
 
     q, k, v, kc, vc, pos = _inputs()
-    program = torch.export.export(M(), (q, k, v, kc, vc, pos))
+    program = torch.export.export(M(), (q, k, v, kc, vc, *pos))
     assert any(n.target is OPS["retrieval_attention_cached"] for n in program.graph.nodes)
     out = [n for n in program.graph.nodes if n.op == "output"][0]
     assert tuple(out.args[0][-1].meta["val"].shape) == tuple(q.shape)
+
+
+# ---------------------------------------------------------------------- per-row positions (padded / continuous batches)
+# (starts, valid, T): rows at different positions and with different numbers of real tokens. Streaming sink 3 +
+# recent 10: rows inside the sink, inside the ring, past a wrapped ring; a chunk longer than the ring whose padding
+# would land in the ring; a row with no real token at all.
+RAGGED = [
+    ((0, 0, 0), (12, 5, 1), 12),  # a padded prefill from position 0 (right padding)
+    ((0, 4, 30), (20, 20, 3), 20),  # rows at other positions; chunk longer than sink + recent
+    ((7, 25, 2), (1, 1, 0), 1),  # a decode step: rows at their own positions, one row idle
+    ((13, 0, 40), (2, 6, 6), 6),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_mode", [False, True])
+@pytest.mark.parametrize("starts,valid,length", RAGGED)
+def test_cached_ops_treat_every_row_as_if_alone(kind, chunk_mode, starts, valid, length):
+    """Each row of one call (the registered op) equals that row alone with only its real tokens; caches too: padding
+    is never written (so it cannot overwrite a real key in the streaming ring)."""
+    if kind == "retrieval" and chunk_mode:
+        pytest.skip("chunk mode is a streaming rule")
+    check_rows_alone(OPS[f"{'attention' if kind == 'mixed' else kind + '_attention'}_cached"], kind, starts, valid,
+                     length, chunk_mode=chunk_mode, hkv=3 if kind == "mixed" else 2)
+
+
+def test_rope_tables_per_row_positions():
+    # cos/sin [B, 1, T, D] of each row's own positions: the op rotates each row at its positions.
+    check_rows_alone(OPS["attention_cached"], "mixed", (5, 0, 21), (4, 6, 2), 6, hkv=3, rope=True)
+
+
+def test_opcheck_per_row_positions():
+    q, k, v, kc, vc, _ = _inputs(batch=3)
+    pos = torch.tensor([0, 9, 3]), torch.tensor([5, 2, 0])
+    ks, vs = kc[:, :, :5].clone(), vc[:, :, :5].clone()
+    for op, args in ((OPS["retrieval_attention_cached"], (q, k, v, kc, vc, *pos, 0.3)),
+                     (OPS["streaming_attention_cached"], (q, k, v, ks, vs, *pos, 0.3, 2, 3, False))):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("start,valid,match", [
+    ([0, -1], [5, 5], "cache_start >= 0"),
+    ([0, 0], [6, 5], "valid <= 5"),
+    ([0, 0], [-1, 5], "valid <= 5"),
+    ([0], [5], "one entry per batch row"),
+    ([0, 30], [5, 5], "exceed the retrieval cache"),
+])
+def test_bad_row_positions_are_refused(start, valid, match):
+    q, k, v, kc, vc, _ = _inputs()
+    with pytest.raises(ValueError, match=match):
+        OPS["retrieval_attention_cached"](q, k, v, kc, vc, torch.tensor(start), torch.tensor(valid), 0.3)

@@ -32,6 +32,11 @@ def _inputs(vocab=96, batch=2, length=LENGTH):
     return ids, torch.arange(length).expand(batch, -1)
 
 
+def _rows(batch=2, length=LENGTH):
+    """The cached graph's per-row positions for ``_inputs``: every row from position 0, all tokens real."""
+    return torch.zeros(batch, dtype=torch.long), torch.full((batch,), length)
+
+
 @pytest.fixture(params=[("llama", True), ("qwen2", True), ("mistral", False)], ids=lambda p: f"{p[0]}-{'gqa' if p[1] else 'mha'}")
 def model(request):
     return tiny_model(*request.param)
@@ -140,16 +145,34 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     assert_ops_changed(before, gm, removed={OPS["retrieval_attention"]: 2, OPS["streaming_attention"]: 2},
                        added={OPS["retrieval_attention_cached"]: 2, OPS["streaming_attention_cached"]: 2})
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    assert placeholders[:3] == ["input_ids", "position_ids", "cache_position"]
-    assert placeholders[3:] == [spec.name for spec in ctx.cache_specs]
+    assert placeholders[:4] == ["input_ids", "position_ids", "cache_start", "valid"]
+    assert placeholders[4:] == [spec.name for spec in ctx.cache_specs]
     assert len(ctx.cache_specs) == 2 * 4 and ctx.changed["kv_layout"] == 4
     assert _count(gm, OPS["retrieval_attention"]) == 0 and _count(gm, OPS["retrieval_attention_cached"]) == 2
     assert _count(gm, OPS["streaming_attention_cached"]) == 2
     caches = [torch.zeros(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
-    torch.testing.assert_close(gm(ids, pos, torch.arange(LENGTH), *caches), cacheless, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gm(ids, pos, *_rows(), *caches), cacheless, rtol=1e-5, atol=1e-6)
     streaming = [c for s, c in zip(ctx.cache_specs, caches) if s.kind == "streaming"]
     assert all(s.slots == 12 for s in ctx.cache_specs if s.kind == "streaming")
     assert all(bool(c.abs().sum() > 0) for c in streaming)  # the pass really wired the caches in
+
+
+@torch.no_grad()
+def test_kv_layout_takes_each_rows_logits_at_its_last_real_token(model):
+    """With capture's last-position slice (logits_to_keep=1), kv_layout gathers each row's hidden state at index
+    valid[b] - 1 instead: the logits of a row's last real token, the rest of the row being padding."""
+    ids, pos = _inputs()
+    gates = mixed_gates(3, _kv_heads(model))
+    every = run_passes(capture(model, last_logits_only=False), _ctx(gates), until="kv_layout")
+    ctx = _ctx(gates)
+    last = run_passes(capture(model), ctx, until="kv_layout")
+    assert _count(last, torch.ops.aten.slice.Tensor) < _count(every, torch.ops.aten.slice.Tensor) + 1
+    valid = torch.tensor([LENGTH, 17])
+    caches = [torch.zeros(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
+    full = every(ids, pos, *_rows(), *[torch.zeros_like(c) for c in caches])
+    out = last(ids, pos, torch.zeros(2, dtype=torch.long), valid, *caches)
+    assert out.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(out[:, 0], full[torch.arange(2), valid - 1], rtol=1e-5, atol=1e-5)
 
 
 class _BeforePass:
@@ -168,7 +191,7 @@ class _BeforePass:
         self.output = self.run(self.gm, self.written)
 
     def run(self, gm, caches=None):
-        return gm(self.ids, self.pos, torch.arange(LENGTH), *(self.caches if caches is None else caches))
+        return gm(self.ids, self.pos, *_rows(), *(self.caches if caches is None else caches))
 
 
 @torch.no_grad()

@@ -93,6 +93,12 @@ def _calls(prompt: int, chunk: int, decode: int) -> list[tuple[int, int]]:
     return calls + [(p, p + 1) for p in range(prompt, prompt + decode)]
 
 
+def _rows(begin: int, end: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached ops' per-row positions for a call of tokens ``begin .. end - 1`` in every row: (cache_start,
+    valid), each ``[batch]``."""
+    return torch.full((batch,), begin), torch.full((batch,), end - begin)
+
+
 def _qkv(c, length):
     gen = torch.Generator().manual_seed(c["seed"])
     q = 2 * torch.randn(c["batch"], c["heads"], length, c["head_dim"], generator=gen)
@@ -118,9 +124,9 @@ def test_cached_ops_chunk_by_chunk_equal_one_dense_masked_attention(c):
     r_out, s_out = [], []
     for begin, end in calls:
         args = (q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end])
-        position = torch.arange(begin, end)
-        r_out.append(retrieval(*args, r_k, r_v, position, c["scale"]))
-        s_out.append(streaming(*args, s_k, s_v, position, c["scale"], sink, recent, c["mode"] == "chunk"))
+        position = _rows(begin, end, c["batch"])
+        r_out.append(retrieval(*args, r_k, r_v, *position, c["scale"]))
+        s_out.append(streaming(*args, s_k, s_v, *position, c["scale"], sink, recent, c["mode"] == "chunk"))
 
     for kind, outs in (("retrieval", r_out), ("streaming", s_out)):
         want = dense_attention(q, k, v, dense_visible(kind, chunk_starts, sink, recent, c["mode"]), c["scale"])
@@ -190,7 +196,7 @@ def test_triton_tiled_streaming_decode_follows_the_dense_rule(kv_heads, groups, 
     outs = []
     for begin, end in [(0, prompt)] + [(p, p + 1) for p in range(prompt, length)]:
         outs.append(triton_streaming_attention_cached(
-            q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end], s_k, s_v, torch.arange(begin, end), 0.25,
+            q[:, :, begin:end], k[:, :, begin:end], v[:, :, begin:end], s_k, s_v, *_rows(begin, end, 1), 0.25,
             sink, recent, False, config=None if end - begin > 1 else tiles, split_decode=True))
     want = dense_attention(q, k, v, dense_visible("streaming", torch.zeros(length, dtype=torch.long), sink, recent,
                                                   "window"), 0.25)
@@ -228,7 +234,7 @@ def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_fr
         cos, sin = (t[:, :, begin:end] for t in tables) if rope else (None, None)
         outs.append(launchers.triton_attention_cached(
             q_in[:, :, begin:end], k_in[:, :, begin:end], v[:, :, begin:end], r_k, r_v, s_k, s_v,
-            torch.arange(begin, end), 0.25, n, sink, recent, False, cos=cos, sin=sin))
+            *_rows(begin, end, 1), 0.25, n, sink, recent, False, cos=cos, sin=sin))
     out = torch.cat(outs, dim=2).double()
     starts = torch.zeros(length, dtype=torch.long)
     a = n * groups
@@ -239,6 +245,28 @@ def test_triton_mixed_layer_decode_follows_the_dense_rule(kv_heads, retrieval_fr
     torch.testing.assert_close(out[:, a:], want_s, rtol=1e-4, atol=1e-5)
     assert torch.equal(r_k[:, :, :length], k[:, :n]) and bool((r_k[:, :, length:] == GARBAGE).all())
     _assert_streaming_layout(s_k, s_v, k[:, n:], v[:, n:], sink, recent)
+
+
+@examples(ci=40, long=400)
+@given(
+    kind=st.sampled_from(["retrieval", "streaming", "mixed"]), rows=st.lists(
+        st.tuples(st.integers(0, 30), st.integers(0, 12)), min_size=1, max_size=4),
+    length=st.integers(1, 12), groups=st.integers(1, 3), sink=st.integers(0, 5), recent=st.integers(1, 9),
+    chunk_mode=st.booleans(), rope=st.booleans(), use_op=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_cached_ops_rows_at_their_own_positions_equal_each_row_alone(kind, rows, length, groups, sink, recent,
+                                                                     chunk_mode, rope, use_op, seed):
+    """A batch whose rows sit at any positions with any number of real tokens (the rest padding): every row's
+    outputs and caches equal that row alone with only its real tokens (tests/ragged.py); the reference alone
+    follows the dense rule (the tests above)."""
+    from tests.ragged import REFERENCE, check_rows_alone
+
+    starts = [s for s, _ in rows]
+    valid = [min(n, length) for _, n in rows]
+    name = "attention_cached" if kind == "mixed" else f"{kind}_attention_cached"
+    check_rows_alone(OPS[name] if use_op else REFERENCE[kind], kind, starts, valid, length, hkv=3 if kind == "mixed"
+                     else 2, groups=groups, n_retrieval=1 + seed % 2, sink=sink, recent=recent,
+                     chunk_mode=chunk_mode and kind != "retrieval", d=8, rope=rope, seed=seed)
 
 
 def test_dense_rule_sanity():

@@ -48,6 +48,12 @@ def _pos(start, t):
     return torch.arange(start, start + t)
 
 
+def _rows(start, t, b=1):
+    """The cached ops' per-row positions of ``b`` rows all at ``start`` with ``t`` real tokens: (cache_start,
+    valid)."""
+    return torch.full((b,), start), torch.full((b,), t)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,hkv,groups,t", [(1, 1, 1, 37), (2, 2, 2, 33), (1, 1, 4, 20)])
 def test_retrieval_attention(dtype, b, hkv, groups, t):
@@ -74,9 +80,9 @@ def _run_retrieval_chunks(chunks, b, hkv, groups, dtype, max_len=96, **kw):
     start = 0
     for t in chunks:
         q, k, v = _qkv(b, hkv, groups, t, dtype)
-        pos = _pos(start, t)
-        out = triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, pos, SCALE, **kw)
-        ref = reference.retrieval_attention_cached(q, k, v, k_ref, v_ref, pos, SCALE)
+        pos = _rows(start, t, b)
+        out = triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, *pos, SCALE, **kw)
+        ref = reference.retrieval_attention_cached(q, k, v, k_ref, v_ref, *pos, SCALE)
         _close(out, ref, dtype)
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
         start += t
@@ -152,7 +158,7 @@ def test_hopper_options_only_for_retrieval_prefill():
     q, k, v = _qkv(1, 1, 2, 1)
     cache = torch.zeros(1, 1, 8, D)
     with pytest.raises(ValueError, match="tma=True.*retrieval decode"):
-        triton_retrieval_attention_cached(q, k, v, cache, cache.clone(), _pos(0, 1), SCALE, config=TMA)
+        triton_retrieval_attention_cached(q, k, v, cache, cache.clone(), *_rows(0, 1), SCALE, config=TMA)
     blocks_first = TileConfig(block_t=16, block_n=16, blocks_first=True)
     with pytest.raises(ValueError, match="blocks_first=True.*streaming"):
         triton_streaming_attention(*_qkv(1, 1, 2, 20), SCALE, 2, 4, config=blocks_first)
@@ -166,11 +172,11 @@ def _run_streaming_chunks(chunks, b, hkv, groups, sink, recent, chunk_mode, dtyp
     start = 0
     for t in chunks:
         q, k, v = _qkv(b, hkv, groups, t, dtype)
-        pos = _pos(start, t)
+        pos = _rows(start, t, b)
         out = triton_streaming_attention_cached(
-            q, k, v, k_cache, v_cache, pos, SCALE, sink, recent, chunk_mode, config=config, split_decode=split_decode
+            q, k, v, k_cache, v_cache, *pos, SCALE, sink, recent, chunk_mode, config=config, split_decode=split_decode
         )
-        ref = reference.streaming_attention_cached(q, k, v, k_ref, v_ref, pos, SCALE, sink, recent, chunk_mode)
+        ref = reference.streaming_attention_cached(q, k, v, k_ref, v_ref, *pos, SCALE, sink, recent, chunk_mode)
         _close(out, ref, dtype)
         assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), f"cache differs after chunk at {start}"
         start += t
@@ -238,13 +244,14 @@ def test_zero_heads(cached):
         assert triton_retrieval_attention(q, k, v, SCALE).shape == q.shape
         assert triton_streaming_attention(q, k, v, SCALE, 2, 4).shape == q.shape
         return
-    pos = _pos(3, 5)
+    pos = _rows(3, 5, 2)
     kc, vc = torch.randn(2, 0, 16, D), torch.randn(2, 0, 16, D)
-    assert triton_retrieval_attention_cached(q, k, v, kc, vc, pos, SCALE).shape == q.shape
-    assert triton_streaming_attention_cached(q, k, v, kc, vc, pos, SCALE, 2, 4, False).shape == q.shape
+    assert triton_retrieval_attention_cached(q, k, v, kc, vc, *pos, SCALE).shape == q.shape
+    assert triton_streaming_attention_cached(q, k, v, kc, vc, *pos, SCALE, 2, 4, False).shape == q.shape
     q1, k1, v1 = (x[:, :, :1] for x in (q, k, v))
-    assert triton_retrieval_attention_cached(q1, k1, v1, kc, vc, pos[:1], SCALE).shape == q1.shape
-    assert triton_streaming_attention_cached(q1, k1, v1, kc, vc, pos[:1], SCALE, 2, 4, True).shape == q1.shape
+    pos1 = _rows(3, 1, 2)
+    assert triton_retrieval_attention_cached(q1, k1, v1, kc, vc, *pos1, SCALE).shape == q1.shape
+    assert triton_streaming_attention_cached(q1, k1, v1, kc, vc, *pos1, SCALE, 2, 4, True).shape == q1.shape
 
 
 def test_registered_for_cuda():
@@ -345,9 +352,9 @@ def test_attention_cached_writes_both_groups_into_one_output(chunk_mode, streami
     start = 0
     for t in (20, 1, 7, 1, 1):
         q, k, v = _qkv(b, hkv, groups, t)
-        pos = _pos(start, t)
-        out = triton_attention_cached(q, k, v, *caches, pos, SCALE, retrieval_kv_heads, sink, recent, chunk_mode)
-        ref = reference.attention_cached(q, k, v, *ref_caches, pos, SCALE, retrieval_kv_heads, sink, recent,
+        pos = _rows(start, t, b)
+        out = triton_attention_cached(q, k, v, *caches, *pos, SCALE, retrieval_kv_heads, sink, recent, chunk_mode)
+        ref = reference.attention_cached(q, k, v, *ref_caches, *pos, SCALE, retrieval_kv_heads, sink, recent,
                                          chunk_mode)
         _close(out, ref, torch.float32)
         assert all(torch.equal(c, r) for c, r in zip(caches, ref_caches)), f"caches differ after chunk at {start}"
@@ -358,7 +365,7 @@ def test_attention_cached_writes_both_groups_into_one_output(chunk_mode, streami
 def test_attention_cached_needs_both_groups(retrieval_kv_heads):
     q, k, v = _qkv(1, 2, 1, 1)
     with pytest.raises(ValueError, match=f"retrieval_kv_heads={retrieval_kv_heads} must leave both"):
-        reference.attention_cached(q, k, v, *(torch.zeros(1, 1, 8, D) for _ in range(4)), _pos(0, 1), SCALE,
+        reference.attention_cached(q, k, v, *(torch.zeros(1, 1, 8, D) for _ in range(4)), *_rows(0, 1), SCALE,
                                    retrieval_kv_heads, 2, 4, False)
 
 
@@ -393,17 +400,17 @@ def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, 
     start = 0
     for t in (20, 1, 7, 1, 1):
         q, k, v = _qkv(b, hkv, groups, t)
-        pos = _pos(start, t)
-        cos, sin = _rope_tables(b, pos, per_row)
+        pos = _rows(start, t, b)
+        cos, sin = _rope_tables(b, _pos(start, t), per_row)
         if layer == "retrieval":
             run, ref_run = triton_retrieval_attention_cached, reference.retrieval_attention_cached
-            args = (pos, SCALE)
+            args = (*pos, SCALE)
         elif layer == "streaming":
             run, ref_run = triton_streaming_attention_cached, reference.streaming_attention_cached
-            args = (pos, SCALE, sink, recent, False)
+            args = (*pos, SCALE, sink, recent, False)
         else:
             run, ref_run = launchers.triton_attention_cached, reference.attention_cached
-            args = (pos, SCALE, n, sink, recent, layer == "mixed-chunk")
+            args = (*pos, SCALE, n, sink, recent, layer == "mixed-chunk")
         out = run(q, k, v, *caches, *args, cos=cos, sin=sin)
         ref = ref_run(q, k, v, *ref_caches, *args, cos, sin)
         _close(out, ref, torch.float32)
@@ -416,11 +423,11 @@ def test_rope_tables_come_in_pairs():
     q, k, v = _qkv(1, 1, 1, 1)
     cos, _ = _rope_tables(1, _pos(0, 1), False)
     with pytest.raises(ValueError, match="cos and sin must be given together"):
-        triton_retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D), _pos(0, 1),
+        triton_retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D), *_rows(0, 1),
                                           SCALE, cos=cos)
     with pytest.raises(ValueError, match="cos and sin must be given together"):
-        reference.retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D), _pos(0, 1),
-                                             SCALE, cos=cos)
+        reference.retrieval_attention_cached(q, k, v, torch.zeros(1, 1, 8, D), torch.zeros(1, 1, 8, D),
+                                             *_rows(0, 1), SCALE, cos=cos)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -432,3 +439,54 @@ def test_triton_rope_matches_the_reference(dtype, b, h, t, per_row):
     x = torch.randn(b, t, h, D).transpose(1, 2).to(dtype)
     cos, sin = (c.to(dtype) for c in _rope_tables(b, _pos(40, t), per_row))
     _close(triton_rope(x, cos, sin), reference.rope(x, cos, sin), dtype)
+
+
+# ---------------------------------------------------------------------- per-row positions: padded / continuous batches
+
+
+# (starts, valid, T) per launch path: T = 1 decode (retrieval split-K, streaming tiles / one program / the mixed
+# grid), T <= DECODE_MAX_TOKENS (decode tiles, several tokens), T > it (prefill kernels, the separate ring write).
+# Rows at different positions (inside the sink, filling the ring, past a wrapped ring), with different numbers of
+# real tokens, one row with none; sink 3 + recent 10, so padding of a long chunk would land in the ring.
+RAGGED = [
+    ((7, 25, 0, 40), (1, 1, 0, 1), 1),
+    ((3, 20, 0), (5, 2, 0), 5),
+    ((0, 0, 0), (37, 20, 9), 37),  # a right-padded prefill from position 0
+    ((40, 3, 17), (24, 11, 1), 24),
+]
+
+
+@pytest.mark.parametrize("kind,chunk_mode,streaming_decode", [
+    ("retrieval", False, "mixed"), ("streaming", False, "tiles"), ("streaming", False, "one"),
+    ("streaming", True, "mixed"), ("mixed", False, "mixed"), ("mixed", False, "tiles"), ("mixed", True, "mixed"),
+])
+@pytest.mark.parametrize("starts,valid,length", RAGGED, ids=["decode", "short", "prefill", "continuous"])
+def test_kernels_treat_every_row_as_if_alone(kind, chunk_mode, streaming_decode, starts, valid, length, monkeypatch):
+    """One launch over rows at their own positions with their own counts of real tokens equals each row alone
+    (reference), outputs and caches: every kernel reads its row's start and count on the device, and never writes
+    a padding token (tests/ragged.py)."""
+    from duo_compile.kernels import launchers, tuning
+    from tests.ragged import check_rows_alone
+
+    monkeypatch.setattr(tuning, "STREAMING_DECODE", streaming_decode)
+    run = {"retrieval": triton_retrieval_attention_cached, "streaming": triton_streaming_attention_cached,
+           "mixed": launchers.triton_attention_cached}[kind]
+    check_rows_alone(run, kind, starts, valid, length, chunk_mode=chunk_mode, hkv=3 if kind == "mixed" else 2)
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "mixed"])
+@pytest.mark.parametrize("starts,valid,length", [RAGGED[0], RAGGED[3]], ids=["decode", "continuous"])
+def test_kernels_rotate_each_row_at_its_own_positions(kind, starts, valid, length):
+    """RoPE fused into the decode kernels (and the rotation kernel of the other paths) with per-row tables."""
+    from duo_compile.kernels import launchers
+    from tests.ragged import check_rows_alone
+
+    run = triton_retrieval_attention_cached if kind == "retrieval" else launchers.triton_attention_cached
+    check_rows_alone(run, kind, starts, valid, length, hkv=3 if kind == "mixed" else 2, rope=True)
+
+
+def test_kernels_fp16_rows():
+    from tests.ragged import check_rows_alone
+
+    check_rows_alone(triton_streaming_attention_cached, "streaming", (0, 30, 4), (20, 3, 0), 20,
+                     dtype=torch.float16, tol=TOL[torch.float16])

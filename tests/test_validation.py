@@ -199,9 +199,10 @@ def _ids_with(value, at=(1, 5)):
     return ids
 
 
-def _padded_mask():
+def _holed_mask():
+    """Padding in the middle of row 0 (neither left nor right padding; left padding itself is accepted)."""
     mask = torch.ones(2, 20, dtype=torch.long)
-    mask[0, :3] = 0
+    mask[0, 5:8] = 0
     return mask
 
 
@@ -225,7 +226,7 @@ GENERATE_CASES = {
     "too-long": (dict(input_ids=_ids(2, 60), max_new_tokens=10),
                  r"prompt length 60 \+ max_new_tokens 10 = 70 exceeds max_seq_len=64"),
     "prompt-too-long": (dict(input_ids=_ids(1, 65), max_new_tokens=0), r"= 65 exceeds max_seq_len=64"),
-    "mask-padded": (dict(attention_mask=_padded_mask()), r"attention_mask has zeros \(a padded batch\)"),
+    "mask-holed": (dict(attention_mask=_holed_mask()), r"attention_mask row 0 is not left or right padding"),
     "mask-shape": (dict(attention_mask=torch.ones(2, 21)),
                    r"attention_mask must match input_ids \(2, 20\), got \(2, 21\)"),
     "mask-list": (dict(attention_mask=[[1] * 20] * 2), r"attention_mask must match input_ids \(2, 20\), got \[\[1"),

@@ -1,6 +1,7 @@
 """AOTInductor backend: the rewritten graph compiled ahead of time into a PT2 archive of one or two native models.
 
-* ``prefill``: ``forward(input_ids [B, T], position_ids [B, T], cache_position [T], *caches) -> logits [B, 1, V]``
+* ``prefill``: ``forward(input_ids [B, T], position_ids [B, T], cache_start [B], valid [B], *caches) -> logits
+  [B, 1, V]`` (each row's at its last real token; the rows' positions and padding as in runtime/engine.py)
   for chunks of 1 .. ``max_seq_len`` tokens, so it also runs decode steps. With ``separate_decode=True`` it takes
   chunks of 2 .. ``max_seq_len`` and a second model, ``decode``, is the same graph compiled for T = 1 (Inductor
   specialises the one-token step instead of running the chunk code with a symbolic length). That doubles the
@@ -51,8 +52,9 @@ def export_programs(engine, separate_decode: bool = False) -> dict[str, torch.ex
         raise ValueError(f"AOTI export needs max_seq_len >= 2, got {max_len}")
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     length = torch.export.Dim("chunk", min=2 if separate_decode else 1, max=max_len)
-    prefill_shapes = ({0: batch, 1: length}, {0: batch, 1: length}, {0: length}, *[{0: batch} for _ in specs])
-    decode_shapes = ({0: batch}, {0: batch}, None, *[{0: batch} for _ in specs])
+    prefill_shapes = ({0: batch, 1: length}, {0: batch, 1: length}, {0: batch}, {0: batch},
+                      *[{0: batch} for _ in specs])
+    decode_shapes = ({0: batch}, {0: batch}, {0: batch}, {0: batch}, *[{0: batch} for _ in specs])
     plan = [(PREFILL, min(3, max_len), prefill_shapes)]
     if separate_decode:
         plan.append((DECODE, 1, decode_shapes))
@@ -177,7 +179,7 @@ class AOTIRunner:
         }
         self.models = {role: loaded[names[role]] for role in (PREFILL, DECODE)}
 
-    def __call__(self, input_ids, position_ids, cache_position, *caches):
+    def __call__(self, input_ids, position_ids, cache_start, valid, *caches):
         batch, length = input_ids.shape
         if batch > self.max_batch:
             raise ValueError(f"batch {batch} exceeds the exported engine's maximum batch {self.max_batch}")
@@ -188,7 +190,8 @@ class AOTIRunner:
         return model(
             input_ids.to(torch.int64).contiguous(),
             position_ids.to(torch.int64).contiguous(),
-            cache_position.to(torch.int64).contiguous(),
+            cache_start.to(torch.int64).contiguous(),
+            valid.to(torch.int64).contiguous(),
             *caches,
         )
 

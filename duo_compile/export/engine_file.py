@@ -28,6 +28,7 @@ Metadata (JSON object):
   ops                                  ``{"duo::name": schema}`` of every custom op the graphs call (AOTI calls
                                        them through the dispatcher, so they must be registered, same schema)
   graphs                               backend specifics (AOTI model names and shape bounds; ONNX names, opset)
+  graph_inputs                         the graphs' calling convention (per-row ``cache_start [B]``, ``valid [B]``)
   generation_config, tokenizer         optional: generate's defaults and the tokenizer (generation_files.py)
   payload                              ``{"sha256": graph bytes digest}`` (+ ``"bytes"``: ONNX model length;
                                        ``"members"``: AOTI archive member count)
@@ -57,12 +58,17 @@ from duo_compile.models.hf import ModelInfo
 from duo_compile.passes import CacheSpec
 
 FORMAT = "duo_compile.runtime.engine"
-FORMAT_VERSION = 2  # 2: the digest covers the whole metadata record and the graph bytes
+# 2: the digest covers the whole metadata record and the graph bytes, and the graphs take per-row positions
+# (input_ids, position_ids, cache_start [B], valid [B], *caches), returning each row's logits at its last real
+# token. Version 1 had no digest over the metadata and took one cache_position [T] for the whole batch.
+FORMAT_VERSION = 2
 BACKENDS = ("aoti", "onnx")
 PT2_META_NAME = "duo_engine.json"  # in the PT2 archive as <archive>/extra/duo_engine.json
 ONNX_META_KEY = "duo_compile.runtime.engine"
 ZIP_MAGIC = b"PK\x03\x04"
 DIGEST_KEY = "digest"
+# The graphs' calling convention, recorded in the metadata (so the digest covers it) and checked at load.
+GRAPH_INPUTS = ["input_ids [B, T]", "position_ids [B, T]", "cache_start [B]", "valid [B]", "*caches"]
 
 
 class EngineFileError(ValueError):
@@ -99,6 +105,7 @@ def engine_metadata(engine, backend: str, graphs: dict[str, Any], ops: dict[str,
         "pass_counts": dict(engine.pass_counts),
         "ops": ops,
         "graphs": graphs,
+        "graph_inputs": list(GRAPH_INPUTS),
         **generation_metadata(engine),
     }
 
@@ -151,6 +158,8 @@ def parse_metadata(meta: Any, path: str) -> EngineParts:
         backend = meta["backend"]
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
+        if meta["graph_inputs"] != GRAPH_INPUTS:
+            raise ValueError(f"graph inputs {meta['graph_inputs']!r}, this duo_compile runs {GRAPH_INPUTS!r}")
         dtype = getattr(torch, meta["dtype"], None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {meta['dtype']!r}")
@@ -191,17 +200,20 @@ def _check_consistent(parts: EngineParts, path: str) -> None:
 
 
 def example_inputs(specs, max_seq_len: int, dtype: torch.dtype, device, batch: int, length: int) -> tuple:
-    """Inputs in the rewritten graph's calling convention (``input_ids, position_ids, cache_position, *caches``)
-    for tracing it at export: ``length`` tokens from position 0, zero caches laid out as ``specs`` say."""
+    """Inputs in the rewritten graph's calling convention (``input_ids, position_ids, cache_start, valid,
+    *caches``) for tracing it at export: ``length`` tokens from position 0 in every row, the last row's last token
+    padding (so no value of ``valid`` is specialised on), zero caches laid out as ``specs`` say."""
     ids = torch.zeros(batch, length, dtype=torch.int64, device=device)
-    cache_position = torch.arange(length, device=device)
-    position_ids = cache_position[None].expand(batch, length).contiguous()
+    cache_start = torch.zeros(batch, dtype=torch.int64, device=device)
+    valid = torch.full((batch,), length, dtype=torch.int64, device=device)
+    valid[-1] = length - 1
+    position_ids = (cache_start[:, None] + torch.arange(length, device=device)).contiguous()
     caches = [
         torch.zeros(batch, s.num_kv_heads, max_seq_len if s.slots is None else s.slots, s.head_dim, dtype=dtype,
                     device=device)
         for s in specs
     ]
-    return (ids, position_ids, cache_position, *caches)
+    return (ids, position_ids, cache_start, valid, *caches)
 
 
 # ------------------------------------------------------------------------------------------------------- ops

@@ -3,22 +3,23 @@
 ONNX has no in-place update, so the cached ops cannot keep their meaning of "write this chunk into the cache,
 then attend". The ONNX graph is pure instead:
 
-    forward(input_ids [B, T], position_ids [B, T], cache_position [T], *caches)
+    forward(input_ids [B, T], position_ids [B, T], cache_start [B], valid [B], *caches)
         -> (logits [B, 1, V], *rows)          rows[i]: this chunk's keys/values for cache i, [B, H_i, T, D]
 
-Each cached op becomes plain attention over ``[cache slots ; this chunk]`` with a visibility mask computed from
-``cache_position`` (``onnx_retrieval_attention`` / ``onnx_streaming_attention`` below: the reference math of
+Each cached op becomes plain attention over ``[cache slots ; this chunk]`` with a per-row visibility mask computed
+from ``cache_start`` (``onnx_retrieval_attention`` / ``onnx_streaming_attention`` below: the reference math of
 ``kernels/reference.py`` written with shape-static tensor ops, no ``.item()``), and the chunk's K/V rows become
 graph outputs. The caches are read-only inputs; ``OnnxRunner`` binds them with IO binding (no copy) and appends
-the returned rows in place: retrieval rows at slots ``start .. start+T-1``, streaming rows by the ring write plan
-of ``reference.streaming_write_plan``. So the KV cache is never copied or duplicated; each step moves only its own
-T rows. (Returning whole updated caches instead would need a second set of caches to ping-pong, 2x the KV memory,
-plus a full cache copy inside the graph every step.)
+each row's real returned rows (its first ``valid[b]``; padding is never written) in place: retrieval rows at slots
+``start[b] ..``, streaming rows by the ring write plan of ``reference.streaming_write_plan``. So the KV cache is
+never copied or duplicated; each step moves only its own T rows. (Returning whole updated caches instead would
+need a second set of caches to ping-pong, 2x the KV memory, plus a full cache copy inside the graph every step.)
 
 Shapes, for TensorRT's ONNX parser (optimization profile):
   dynamic: batch ``B`` (1 .. ``MAX_BATCH``) and chunk length ``T`` (1 .. ``max_seq_len``);
   static:  every cache's slot dimension (``max_seq_len`` for retrieval caches, ``sink + recent`` for streaming
-           caches), heads, head_dim, vocab. ``cache_position`` holds int64 positions ``start .. start+T-1``.
+           caches), heads, head_dim, vocab. ``cache_start`` / ``valid`` hold int64 ``[B]``: each row's first
+           position and number of real tokens.
   Ops: standard ai.onnx opset ``OPSET`` (MatMul, Softmax, Where, Concat, Range, Mod, ... ; no custom domain and
   no ``Attention`` node, which needs opset 23). Attention over a retrieval cache spans all ``max_seq_len`` slots
   (masked), so its cost does not shrink with the context actually used, and a prefill chunk of T tokens builds
@@ -45,34 +46,35 @@ OUTPUT_PREFIX = "new_"  # output "new_<cache name>": the chunk's rows for that c
 # ------------------------------------------------------------------------------------------------ the lowering
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scale: float):
     """Masked fp32 attention with GQA (as ``reference._attend``): q [B,Hq,T,D], keys/values [B,Hkv,S,D], visible
-    [T,S]. Query heads are viewed as [B, Hkv, groups, T, D] and broadcast against their KV head, so K/V are never
-    expanded to the query head count."""
+    [B,T,S] (per row). Query heads are viewed as [B, Hkv, groups, T, D] and broadcast against their KV head, so K/V
+    are never expanded to the query head count."""
     batch, q_heads, length, dim = q.shape
     kv_heads = keys.shape[1]
     q5 = q.reshape(batch, kv_heads, q_heads // kv_heads, length, dim).float()
     scores = torch.matmul(q5, keys[:, :, None].float().transpose(-1, -2)) * scale
-    scores = torch.where(visible, scores, torch.full_like(scores, float("-inf")))
+    scores = torch.where(visible[:, None, None], scores, torch.full_like(scores, float("-inf")))
     out = torch.matmul(torch.softmax(scores, dim=-1), values[:, :, None].float())
     return out.reshape(batch, q_heads, length, dim).to(q.dtype)
 
 
-def onnx_retrieval_attention(q, k, v, k_cache, v_cache, cache_position, scale: float):
+def onnx_retrieval_attention(q, k, v, k_cache, v_cache, cache_start, valid, scale: float):
     """Causal attention over ``[retrieval cache ; chunk]`` without writing: cache slot s (position s) is visible
-    iff ``s < start``; chunk token j is visible to chunk query i iff ``j <= i``."""
-    start = cache_position[:1]
-    length = q.shape[2]
+    to row b iff ``s < cache_start[b]``; chunk token j is visible to chunk query i iff ``j <= i``."""
+    batch, length = q.shape[0], q.shape[2]
     slot = torch.arange(k_cache.shape[2], device=q.device)
     idx = torch.arange(length, device=q.device)
-    cached = (slot[None, :] < start[:, None]).expand(length, k_cache.shape[2])
-    visible = torch.cat([cached, idx[None, :] <= idx[:, None]], dim=1)
+    cached = (slot[None, None, :] < cache_start[:, None, None]).expand(batch, length, k_cache.shape[2])
+    causal = (idx[None, :] <= idx[:, None])[None].expand(batch, length, length)
+    visible = torch.cat([cached, causal], dim=2)
     keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
     return _attend(q, keys, values, visible, scale)
 
 
 def _streaming_slot_positions(start: torch.Tensor, sink: int, recent: int, device) -> torch.Tensor:
-    """``reference.streaming_slot_positions`` with ``start`` a 1-element tensor: position held by each slot, -1 if
-    empty. The ring's modulus is taken of a non-negative number (ONNX Mod and torch agree there)."""
-    slots = torch.arange(sink + recent, device=device)
+    """``reference.streaming_slot_positions`` with ``start`` ``[B, 1]`` (each row's): position held by each slot,
+    ``[B, sink + recent]``, -1 if empty. The ring's modulus is taken of a non-negative number (ONNX Mod and torch
+    agree there)."""
+    slots = torch.arange(sink + recent, device=device)[None, :]
     sink_pos = torch.where(slots < start, slots, torch.full_like(slots, -1))
     j = slots - sink
     # start - 1 - sink - j >= -(sink + recent): shift by a multiple of recent to stay non-negative.
@@ -82,27 +84,28 @@ def _streaming_slot_positions(start: torch.Tensor, sink: int, recent: int, devic
     return torch.where(slots < sink, sink_pos, ring_pos)
 
 
-def onnx_streaming_attention(q, k, v, k_cache, v_cache, cache_position, scale: float, sink: int, recent: int,
+def onnx_streaming_attention(q, k, v, k_cache, v_cache, cache_start, valid, scale: float, sink: int, recent: int,
                              chunk_mode: bool):
     """Sink + recent attention over ``[streaming cache ; chunk]`` without writing (``reference`` reads before it
-    writes too, so this is its read half). Window mode: key p' visible to query p iff ``p' <= p`` and
+    writes too, so this is its read half), per row. Window mode: key p' visible to query p iff ``p' <= p`` and
     (``p' < sink`` or ``p' > p - recent``); chunk mode replaces ``p - recent + 1`` by ``start - recent``."""
-    start = cache_position[:1]
+    start = cache_start[:, None]  # [B, 1]
     slot_pos = _streaming_slot_positions(start, sink, recent, q.device)
-    key_pos = torch.cat([slot_pos, cache_position], dim=0)
-    qp, kp = cache_position[:, None], key_pos[None, :]
-    lower = (start - recent)[:, None] if chunk_mode else qp - recent + 1
+    chunk_pos = start + torch.arange(q.shape[2], device=q.device)[None, :]  # [B, T]
+    key_pos = torch.cat([slot_pos, chunk_pos], dim=1)
+    qp, kp = chunk_pos[:, :, None], key_pos[:, None, :]
+    lower = (start - recent)[:, :, None] if chunk_mode else qp - recent + 1
     visible = (kp >= 0) & (kp <= qp) & ((kp < sink) | (kp >= lower))
     keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
     return _attend(q, keys, values, visible, scale)
 
 
-def onnx_attention(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_position, scale: float,
+def onnx_attention(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale: float,
                    retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool):
     """``duo::attention_cached`` (a mixed layer) as the two lowerings above on its head groups, side by side."""
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
-    retrieval = onnx_retrieval_attention(*retrieval_qkv, k_retrieval, v_retrieval, cache_position, scale)
-    streaming = onnx_streaming_attention(*streaming_qkv, k_streaming, v_streaming, cache_position, scale, sink,
+    retrieval = onnx_retrieval_attention(*retrieval_qkv, k_retrieval, v_retrieval, cache_start, valid, scale)
+    streaming = onnx_streaming_attention(*streaming_qkv, k_streaming, v_streaming, cache_start, valid, scale, sink,
                                          recent, chunk_mode)
     return torch.cat([retrieval, streaming], dim=1)
 
@@ -123,7 +126,7 @@ def _cache_rows(graph: fx.Graph, node: fx.Node) -> dict[str, fx.Node]:
     """The chunk's K/V rows each cache of a lowered duo op receives, by cache placeholder name (slices of k/v for
     the merged op, inserted before ``node``)."""
     if node.target is OPS["attention_cached"]:
-        _, k, v, k_r, v_r, k_s, v_s, _, _, n, *_ = node.args
+        _, k, v, k_r, v_r, k_s, v_s, _, _, _, n, *_ = node.args
         rows = {}
         with graph.inserting_before(node):
             for cache, value, lo, hi in ((k_r, k, 0, n), (v_r, v, 0, n), (k_s, k, n, None), (v_s, v, n, None)):
@@ -141,7 +144,7 @@ def onnx_graph(graph: fx.GraphModule) -> fx.GraphModule:
     """
     new_graph = copy.deepcopy(graph.graph)
     placeholders = [n for n in new_graph.nodes if n.op == "placeholder"]
-    cache_names = [n.name for n in placeholders[3:]]
+    cache_names = [n.name for n in placeholders[4:]]
     rows: dict[str, fx.Node] = {}
     lowered = {
         OPS["retrieval_attention_cached"]: onnx_retrieval_attention,
@@ -180,10 +183,10 @@ def export_onnx_bytes(engine) -> tuple[bytes, dict]:
     args = example_inputs(specs, max_len, engine.dtype, engine.device, batch=2, length=min(3, max_len))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     length = torch.export.Dim("chunk", min=1, max=max_len)
-    dynamic = ({0: batch, 1: length}, {0: batch, 1: length}, {0: length}, *[{0: batch} for _ in specs])
+    dynamic = ({0: batch, 1: length}, {0: batch, 1: length}, {0: batch}, {0: batch}, *[{0: batch} for _ in specs])
     with torch.no_grad():
         program = torch.export.export(gm, args, dynamic_shapes=dynamic)
-    input_names = ["input_ids", "position_ids", "cache_position", *[s.name for s in specs]]
+    input_names = ["input_ids", "position_ids", "cache_start", "valid", *[s.name for s in specs]]
     output_names = ["logits", *[OUTPUT_PREFIX + s.name for s in specs]]
     with _quiet_exporter():
         onnx_program = torch.onnx.export(
@@ -255,7 +258,14 @@ def graph_mismatches(session, description: dict, specs: Sequence[CacheSpec], voc
     logits = declared_out[outputs[0]]
     if list(logits[1:]) != [1, vocab_size]:
         problems.append(f"logits are {logits} in the graph, metadata vocab_size {vocab_size}")
-    names = inputs[3:]
+    # forward(input_ids, position_ids, cache_start [B], valid [B], *caches): per-row positions
+    head = ["input_ids", "position_ids", "cache_start", "valid"]
+    if inputs[:4] != head:
+        problems.append(f"graph inputs begin {inputs[:4]}, expected {head}")
+    for name in ("cache_start", "valid"):
+        if name in declared_in and len(declared_in[name]) != 1:
+            problems.append(f"{name} is {declared_in[name]} in the graph, expected [batch]")
+    names = inputs[4:]
     if len(names) != len(specs):
         problems.append(f"{len(names)} cache inputs in the graph, {len(specs)} cache specs in the metadata")
     for spec, name in zip(specs, names):
@@ -274,8 +284,8 @@ class OnnxRunner:
 
     Every input is bound by address (IO binding): the engine's caches are read in place, never copied into
     onnxruntime. Outputs are bound to scratch tensors reused across steps of the same shape (decode steps reuse
-    one set), then the chunk's K/V rows are written into the caches in place: retrieval rows at slots
-    ``start .. start + T - 1``, streaming rows by ``reference.streaming_write_plan`` (the ring).
+    one set), then each row's real K/V rows (its first ``valid[b]``) are written into its caches in place:
+    retrieval rows at slots ``start[b] ..``, streaming rows by ``reference.streaming_write_plan`` (the ring).
     """
 
     def __init__(self, path: str, specs: Sequence[CacheSpec], sink: int, recent: int, vocab_size: int,
@@ -327,7 +337,7 @@ class OnnxRunner:
             self._scratch[key] = [logits, *rows]
         return self._scratch[key]
 
-    def __call__(self, input_ids, position_ids, cache_position, *caches):
+    def __call__(self, input_ids, position_ids, cache_start, valid, *caches):
         batch, length = input_ids.shape
         if batch > self.max_batch:
             raise ValueError(f"batch {batch} exceeds the exported engine's maximum batch {self.max_batch}")
@@ -336,7 +346,8 @@ class OnnxRunner:
         feeds = [
             input_ids.to(torch.int64).contiguous(),
             position_ids.to(torch.int64).contiguous(),
-            cache_position.to(torch.int64).contiguous(),
+            cache_start.to(torch.int64).contiguous(),
+            valid.to(torch.int64).contiguous(),
         ]
         for cache in caches:
             if not cache.is_contiguous() or cache.shape[0] != batch:
@@ -351,14 +362,19 @@ class OnnxRunner:
             torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch must be ready
         self.session.run_with_iobinding(binding)
         logits, rows = outputs[0], outputs[1:]
-        start = int(cache_position[0])
-        plan = None
-        for spec, cache, new in zip(self.specs, caches, rows):
-            if spec.slots is None:
-                cache[:, :, start : start + length].copy_(new)
-            else:
-                if plan is None:
-                    tokens, slots = reference.streaming_write_plan(start, length, self.sink, self.recent)
-                    plan = tokens.to(cache.device), slots.to(cache.device)
-                cache[:, :, plan[1]] = new[:, :, plan[0]]
+        starts, counts = cache_start.tolist(), valid.tolist()
+        if len(set(starts)) == 1 and set(counts) == {length}:  # every row at one position, no padding
+            starts, counts, row_slices = starts[:1], counts[:1], [slice(None)]
+        else:
+            row_slices = [slice(b, b + 1) for b in range(batch)]
+        for rows_b, start, count in zip(row_slices, starts, counts):
+            plan = None
+            for spec, cache, new in zip(self.specs, caches, rows):
+                if spec.slots is None:
+                    cache[rows_b, :, start : start + count].copy_(new[rows_b, :, :count])
+                else:
+                    if plan is None:
+                        tokens, slots = reference.streaming_write_plan(start, count, self.sink, self.recent)
+                        plan = tokens.to(cache.device), slots.to(cache.device)
+                    cache[rows_b, :, plan[1]] = new[rows_b][:, :, plan[0]]
         return logits.clone()  # the scratch logits are overwritten by the next step of this shape

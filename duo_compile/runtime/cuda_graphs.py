@@ -1,8 +1,9 @@
 """Decode steps replayed from a captured CUDA graph.
 
 A decode step of a 7B model is a few hundred small kernels; launched one by one from Python their overhead is of
-the same order as the step itself. The duo kernels read the chunk's start position from device memory, so one
-captured graph serves every position: each step only copies the new token and position into static buffers.
+the same order as the step itself. The duo kernels read each row's position (and whether its token is real) from
+device memory, so one captured graph serves every position, and rows at different positions: each step only
+copies the new tokens, the rows' positions and their real-token counts into static buffers.
 """
 from __future__ import annotations
 
@@ -14,21 +15,31 @@ from duo_compile.passes import CacheSpec
 
 
 class GraphedDecode:
-    """Capture ``run(input_ids [B,1], position_ids, cache_position, *caches)`` once, then replay it per step."""
+    """Capture ``run(input_ids [B,1], position_ids [B,1], cache_start [B], valid [B], *caches)`` once, then replay
+    it per step."""
 
     def __init__(self, run: Callable[..., torch.Tensor], caches: Sequence[torch.Tensor],
                  specs: Sequence[CacheSpec], batch_size: int, device: torch.device):
         self.run, self.caches, self.specs = run, list(caches), list(specs)
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.valid = torch.ones(batch_size, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def _load(self, input_ids: torch.Tensor, start: int) -> None:
+    def _load(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None) -> None:
+        """``start``: one int for every row, or int64 ``[B]``; ``valid``: int64 ``[B]`` of 0/1 (default all 1)."""
         self.input_ids.copy_(input_ids)
-        self.position_ids.fill_(start)
-        self.cache_position.fill_(start)
+        if isinstance(start, torch.Tensor):
+            self.cache_start.copy_(start)
+        else:
+            self.cache_start.fill_(start)
+        self.position_ids.copy_(self.cache_start[:, None])
+        if valid is None:
+            self.valid.fill_(1)
+        else:
+            self.valid.copy_(valid)
 
     def _capture(self) -> None:
         """Warm up on a side stream (kernel compilation, library handles), then capture.
@@ -38,7 +49,7 @@ class GraphedDecode:
         because in chunk mode the step must still read the slot its own write replaces.
         """
         snapshot = [(c, c.clone()) for c, s in zip(self.caches, self.specs) if s.kind == "streaming"]
-        args = (self.input_ids, self.position_ids, self.cache_position, *self.caches)
+        args = (self.input_ids, self.position_ids, self.cache_start, self.valid, *self.caches)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -50,8 +61,8 @@ class GraphedDecode:
         for cache, saved in snapshot:
             cache.copy_(saved)
 
-    def __call__(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        self._load(input_ids, start)
+    def __call__(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
+        self._load(input_ids, start, valid)
         if self.graph is None:
             self._capture()
         self.graph.replay()

@@ -1,10 +1,12 @@
 """The runtime: owns the static KV cache and drives chunked prefill; ``generate`` runs ``generation.py``'s loop.
 
-The rewritten graph is ``forward(input_ids, position_ids, cache_position, *caches) -> last logits``; every
-call appends its tokens to the caches. The engine allocates the caches once per batch size (sized by
-``max_seq_len`` for retrieval heads and ``sink + recent`` for streaming heads), so nothing grows or is copied
-while decoding. An engine owns one cache, so its entry points take one lock: calls from several threads run one
-after the other, never interleaved.
+The rewritten graph is ``forward(input_ids [B, T], position_ids [B, T], cache_start [B], valid [B], *caches) ->
+logits [B, 1, V]``: token t of row b sits at position ``cache_start[b] + t`` and is real for ``t < valid[b]`` (the
+rest of the row is padding, never cached); the logits are each row's at its last real token. Every call appends
+each row's real tokens to its caches. Padded batches (``generate(attention_mask=...)``): see padding.py. The
+engine allocates the caches once per batch size (sized by ``max_seq_len`` for retrieval heads and ``sink +
+recent`` for streaming heads), so nothing grows or is copied while decoding. An engine owns one cache, so its
+entry points take one lock: calls from several threads run one after the other, never interleaved.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch import fx
 
 from duo_compile.checks import check_int
+from duo_compile.runtime import padding
 from duo_compile.runtime.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
@@ -87,6 +90,25 @@ def free_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cpu":
         return _available_ram()
     return None
+
+
+def _host_rows(name: str, value, batch: int) -> torch.Tensor:
+    """A per-row int argument of ``step`` (tensor or list) as an int64 CPU tensor ``[batch]``."""
+    rows = torch.as_tensor(value).reshape(-1)
+    if rows.numel() != batch or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+        raise ValueError(f"{name} needs one integer per row ({batch}), got {value!r}")
+    return rows.to(device="cpu", dtype=torch.long)
+
+
+def _last_real(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, vocab]``: each row's logits at its last real token. The graph gives them as ``[B, 1, V]`` (kv_layout
+    gathers the last real token's hidden state); a graph that returns every position's (``[B, T, V]``) is
+    gathered here."""
+    if logits.shape[1] == 1:
+        return logits[:, 0, :]
+    index = (valid - 1).clamp(min=0).to(logits.device)
+    return logits[torch.arange(logits.shape[0], device=logits.device), index]
+
 
 
 class Engine:
@@ -234,41 +256,69 @@ class Engine:
         return KVCacheBytes(sizes["retrieval"], sizes["streaming"], sizes["retrieval"] + sizes["streaming"], full)
 
     # ----------------------------------------------------------------------------------------------- steps
-    def step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Run tokens at positions ``start .. start + T - 1`` through the graph, appending them to the caches.
+    def step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Run tokens through the graph, appending them to the caches: row b's tokens sit at positions
+        ``start[b] .. start[b] + T - 1`` (``start`` an int for every row, or int64 ``[B]``), of which the first
+        ``valid[b]`` are real (default: all T); the rest are padding, neither cached nor used.
 
-        Returns the logits of the last position, ``[B, vocab]``. The caches must hold positions ``< start``.
-        Holds the engine's lock.
+        Returns each row's logits at its last real token, ``[B, vocab]`` (a row with no real token: don't-care). The
+        caches of row b must hold its positions ``< start[b]``. Holds the engine's lock.
         """
         with self._lock:
-            return self._step(input_ids, start)
+            return self._step(input_ids, start, valid)
 
     @torch.no_grad()
-    def _step(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        start = check_int("start", start, 0)  # a negative start would write into the ring's last slots
+    def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
         if self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
-        if start + length > self.cache_len:
+        # Per-row positions are checked on the host: pass them as CPU tensors (or lists) to keep a decode step
+        # free of a device sync; a device tensor is copied to the host for the check.
+        if isinstance(start, (torch.Tensor, list, tuple)):
+            cache_start = _host_rows("start", start, batch)
+            first, last = int(cache_start.min()), int(cache_start.max())
+            if first < 0:  # a negative start would write into the ring's last slots
+                raise ValueError(f"start must be >= 0 in every row, got {cache_start.tolist()}")
+        else:
+            first = last = check_int("start", start, 0)  # a negative start would write into the ring's last slots
+            cache_start = None
+        if valid is None:
+            end = last + length
+        else:
+            valid = _host_rows("valid", valid, batch)
+            if bool(((valid < 0) | (valid > length)).any()):
+                raise ValueError(f"valid must hold one count in 0..{length} per row, got {valid.tolist()}")
+            end = int(((first if cache_start is None else cache_start) + valid).max())
+        if end > self.cache_len:
             raise ValueError(
-                f"positions {start}..{start + length - 1} exceed the allocated cache length {self.cache_len}"
+                f"positions {last}..{end - 1} exceed the allocated cache length {self.cache_len}"
             )
         if length == 1 and self.cuda_graphs and self.device.type == "cuda":
             if self._graphed is None:
                 self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device)
-            return self._graphed(input_ids, start)[:, -1, :]
-        cache_position = torch.arange(start, start + length, device=self.device)
-        position_ids = cache_position.unsqueeze(0).expand(batch, length)
-        logits = self._run(input_ids, position_ids, cache_position, *self.caches)
-        return logits[:, -1, :]
+            return self._graphed(input_ids, first if cache_start is None else cache_start, valid)[:, -1, :]
+        if cache_start is None:
+            cache_start = torch.full((batch,), first, dtype=torch.long, device=self.device)
+        else:
+            cache_start = cache_start.to(self.device)
+        valid = (torch.full((batch,), length, dtype=torch.long, device=self.device) if valid is None
+                 else valid.to(self.device))
+        position_ids = cache_start[:, None] + torch.arange(length, device=self.device)
+        logits = self._run(input_ids, position_ids, cache_start, valid, *self.caches)
+        return _last_real(logits, valid)
 
-    def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Process a prompt from position 0 in chunks of ``chunk_size`` tokens; returns the last logits. Holds the
-        engine's lock (all chunks in one go)."""
-        with self._lock:
-            return self._prefill(input_ids, chunk_size)
+        engine's lock (all chunks in one go).
 
-    def _prefill(self, input_ids: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+        ``lengths`` (int64 ``[B]``): a right-padded batch, row b's real tokens are its first ``lengths[b]`` (the
+        rest padding, never cached); the logits returned are each row's at its own last real token."""
+        with self._lock:
+            return self._prefill(input_ids, chunk_size, lengths)
+
+    def _prefill(self, input_ids: torch.Tensor, chunk_size: int | None,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         if chunk_size is not None:
             chunk_size = check_int("chunk_size", chunk_size, 1)
         # Checked before the first chunk is written: a prompt past max_seq_len would otherwise fill the caches
@@ -279,9 +329,15 @@ class Engine:
                 f"prefill needs input_ids [batch, 1..{limit}] (the cache length), got shape {tuple(input_ids.shape)}"
             )
         chunk = chunk_size or input_ids.shape[1]
+        last = padding.LastLogits()
         for begin in range(0, input_ids.shape[1], chunk):
-            logits = self._step(input_ids[:, begin : begin + chunk], begin)
-        return logits
+            ids = input_ids[:, begin : begin + chunk]
+            if lengths is None:
+                last.update(self._step(ids, begin), None)
+            else:
+                valid = padding.chunk_valid(lengths, begin, ids.shape[1])
+                last.update(self._step(ids, begin, valid), valid)
+        return last.logits
 
     # -------------------------------------------------------------------------------------------- generate
     def generate(
@@ -306,10 +362,14 @@ class Engine:
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
         ``no_repeat_ngram_size``, ``eos_token_id``, ``pad_token_id``, ``stop_strings``, ``output_scores``,
         ``output_logits``, ``return_dict_in_generate``, ...), ``logits_processor``, ``stopping_criteria``,
-        ``streamer``, ``tokenizer`` (for ``stop_strings``; default ``self.tokenizer``) and ``attention_mask`` (all
-        ones: padded batches are refused). Also ``generator`` (a ``torch.Generator`` for sampling; default the
-        global RNG, as Hugging Face) and ``prefill_chunk_size`` (overrides the engine's). Anything it cannot honour
-        is a ValueError naming it, raised before any work. The loop is in ``runtime/generation.py``.
+        ``streamer``, ``tokenizer`` (for ``stop_strings``; default ``self.tokenizer``) and ``attention_mask``. Also
+        ``generator`` (a ``torch.Generator`` for sampling; default the global RNG, as Hugging Face) and
+        ``prefill_chunk_size`` (overrides the engine's). Anything it cannot honour is a ValueError naming it, raised
+        before any work. The loop is in ``runtime/generation.py``.
+
+        ``attention_mask`` may pad the batch on the left (Hugging Face's ``padding_side="left"``) or on the right:
+        every row then runs as if alone (its real tokens from position 0) and the result keeps Hugging Face's layout,
+        the input rows as given, then the new tokens (padding.py).
 
         Holds the engine's lock from the argument checks to the last token: concurrent calls (from other threads)
         of any entry point wait, and each call gives exactly what it gives alone.

@@ -48,6 +48,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from duo_compile.checks import check_int
+from duo_compile.runtime import padding
 
 __all__ = ["Plan", "plan", "decode"]
 
@@ -103,7 +104,8 @@ class _Host:
 class Plan:
     """A checked request: everything ``decode`` needs, decided before any work."""
 
-    input_ids: torch.Tensor  # [batch * num_return_sequences, prompt], the caller's dtype
+    input_ids: torch.Tensor  # [batch * num_return_sequences, prompt], the caller's dtype (padding included)
+    rows: padding.Rows  # where each row's real tokens are (padded: left or right padding, padding.py)
     new_tokens: int  # steps to run unless every row finishes first
     chunk: int | None  # prefill chunk size
     config: GenerationConfig  # the merged configuration, special tokens prepared
@@ -128,7 +130,9 @@ def token_ids(name: str, value) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _check_input_ids(engine, input_ids) -> None:
+def _check_input_ids(engine, input_ids, attention_mask) -> padding.Rows:
+    """Check ``input_ids`` and ``attention_mask`` (left or right padding, padding.py); return where each row's real
+    tokens are. Only real tokens must be in the vocabulary: padding ids are never fed to the model."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a 2-D tensor [batch, length], got {shape}")
@@ -138,23 +142,9 @@ def _check_input_ids(engine, input_ids) -> None:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
     if input_ids.device != engine.device:
         raise ValueError(f"input_ids are on {input_ids.device} but the engine runs on {engine.device}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= engine.info.vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {engine.info.vocab_size})")
-
-
-def _check_attention_mask(attention_mask, input_ids) -> None:
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-        raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {shape}")
-    if not bool((attention_mask == 1).all()):
-        raise ValueError(
-            "attention_mask has zeros (a padded batch); duo_compile supports batches of equal-length "
-            "prompts only: run unequal prompts as separate calls"
-        )
+    rows = padding.check_attention_mask(attention_mask, input_ids)
+    padding.check_real_tokens(input_ids, rows, engine.info.vocab_size)
+    return rows
 
 
 def _refuse_unsupported(config: GenerationConfig, unused: dict[str, Any]) -> None:
@@ -209,8 +199,7 @@ def plan(
 ) -> Plan:
     """Check a ``generate`` request and resolve it the way ``model.generate`` does; ValueError naming the argument
     for anything wrong or unsupported. Touches neither the caches nor any RNG."""
-    _check_input_ids(engine, input_ids)
-    _check_attention_mask(attention_mask, input_ids)
+    rows = _check_input_ids(engine, input_ids, attention_mask)
     chunk = prefill_chunk_size if prefill_chunk_size is not None else engine.config.prefill_chunk_size
     if chunk is not None:
         chunk = check_int("prefill_chunk_size", chunk, 1)
@@ -293,7 +282,9 @@ def plan(
         prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
         logits_processor=logits_processor,
         device=engine.device,
-        model_kwargs={},
+        # As model.generate: the repetition penalty ignores each row's left padding (the mask as given, before
+        # num_return_sequences repeats rows, which Hugging Face's processor then refuses as it does there).
+        model_kwargs={} if attention_mask is None else {"attention_mask": attention_mask.to(engine.device)},
     )
     criteria = host._get_stopping_criteria(
         generation_config=config,
@@ -304,10 +295,12 @@ def plan(
     # after at least one token.
     limit = min((c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)), default=config.max_length)
     new_tokens = limit - prompt if limit > prompt else (0 if config.max_length == prompt else 1)
-    total = prompt + new_tokens
+    # The caches hold each row's real tokens only: a padded row's longest real prompt counts, not its padding.
+    real_prompt = rows.longest if rows.padded else prompt
+    total = real_prompt + new_tokens
     if total > engine.config.max_seq_len:
         raise ValueError(
-            f"prompt length {prompt} + max_new_tokens {new_tokens} = {total} exceeds "
+            f"prompt length {real_prompt} + max_new_tokens {new_tokens} = {total} exceeds "
             f"max_seq_len={engine.config.max_seq_len}"
         )
     has_eos_criterion = any(hasattr(c, "eos_token_id") for c in criteria)
@@ -315,8 +308,11 @@ def plan(
         raise ValueError("stopping_criteria has an eos criterion but there is no pad_token_id for finished rows")
     if repeats > 1:
         input_ids = input_ids.repeat_interleave(repeats, dim=0)
+        rows = padding.Rows(rows.lengths.repeat_interleave(repeats), rows.offsets.repeat_interleave(repeats),
+                            rows.padded)
     return Plan(
         input_ids=input_ids,
+        rows=rows,
         new_tokens=new_tokens,
         chunk=chunk,
         config=config,
@@ -350,7 +346,12 @@ def decode(engine, plan: Plan):
         streamer.put(sequences.cpu())
     if plan.new_tokens > 0:
         engine.allocate(ids.shape[0])
-        logits = engine.prefill(ids, plan.chunk)
+        rows = plan.rows
+        if rows.padded:  # each row from position 0, right-padded; decode steps at each row's own position
+            lengths = rows.lengths.cpu()  # per-row positions stay on the host (no device sync per step)
+            logits = engine.prefill(padding.right_aligned(ids, rows), plan.chunk, lengths)
+        else:
+            logits = engine.prefill(ids, plan.chunk)
         unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
         for step in range(plan.new_tokens):
             next_token_logits = logits.to(copy=True, dtype=torch.float32)
@@ -372,7 +373,10 @@ def decode(engine, plan: Plan):
                 streamer.put(next_tokens.cpu())
             if step == plan.new_tokens - 1 or (plan.check_stop and bool(unfinished.max() == 0)):
                 break
-            logits = engine.step(next_tokens[:, None].to(ids.dtype), sequences.shape[1] - 1)
+            if rows.padded:
+                logits = engine.step(next_tokens[:, None].to(ids.dtype), lengths + step)
+            else:
+                logits = engine.step(next_tokens[:, None].to(ids.dtype), sequences.shape[1] - 1)
     if streamer is not None:
         streamer.end()
     sequences = sequences.to(ids.dtype)
