@@ -5,9 +5,18 @@ streaming heads (see ``mixed_gates``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 ARCHS = ("llama", "mistral", "qwen2")
 _CLASSES = {
@@ -63,6 +72,29 @@ def mixed_gates(num_layers: int, num_kv_heads: int) -> np.ndarray:
     for layer in range(1, num_layers - 1):
         gates[layer, 1::2] = 1.0
     return gates
+
+
+@functools.lru_cache(maxsize=None)
+def cached_tiny_model(arch: str, gqa: bool):
+    """``tiny_model(arch, gqa)``, built once per test process (tests must not modify it)."""
+    return tiny_model(arch, gqa)
+
+
+def mixed_masks(model):
+    """The ``mixed_gates`` pattern of a 3-layer tiny model as HeadMasks."""
+    import duo_compile
+
+    return duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
+
+
+@functools.lru_cache(maxsize=None)
+def cached_engine(arch: str, gqa: bool, mode: str, backend: str, sink: int, recent: int, max_len: int):
+    """An engine of ``cached_tiny_model(arch, gqa)`` with ``mixed_masks``, compiled once per test process."""
+    import duo_compile
+
+    model = cached_tiny_model(arch, gqa)
+    return duo_compile.compile(model, mixed_masks(model), sink_size=sink, recent_size=recent, max_seq_len=max_len,
+                               streaming_mode=mode, backend=backend)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
