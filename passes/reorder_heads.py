@@ -5,6 +5,9 @@ projection weights (and biases) with permuted copies. A stable partition puts th
 each with its GQA group of query heads, so later passes split a layer with one contiguous slice instead of a
 gather. q rows move in blocks of ``groups * head_dim``, k/v rows in blocks of ``head_dim``, o_proj input columns
 in blocks of ``groups * head_dim``. RoPE acts inside each head, so it is unaffected.
+
+Under tensor parallelism (``ctx.tensor_parallel``) the order is instead the ranks' blocks of the head placement one
+after the other, each block retrieval first: pass 3 then keeps this rank's block (and makes the counts its own).
 """
 from __future__ import annotations
 
@@ -35,13 +38,17 @@ def _reorder_site(gm: fx.GraphModule, site: AttentionSite, order: list[int]) -> 
 
 
 def reorder_heads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Permute projections so that in layer l the KV heads ``[0, retrieval_counts[l])`` are the retrieval heads."""
+    """Permute projections so that in layer l the KV heads ``[0, retrieval_counts[l])`` are the retrieval heads
+    (under tensor parallelism: so that each rank's block of heads is contiguous, retrieval first)."""
     ctx.retrieval_counts, ctx.head_order = [], []
     changed = 0
     for site in ctx.sites:
         is_retrieval = [bool(x) for x in ctx.retrieval[site.layer]]
-        order = [h for h in range(site.num_kv_heads) if is_retrieval[h]]
-        order += [h for h in range(site.num_kv_heads) if not is_retrieval[h]]
+        if ctx.tensor_parallel:  # the ranks' blocks one after the other, each retrieval first
+            order = [h for heads in ctx.tensor_parallel.placement[site.layer] for h in heads]
+        else:
+            order = [h for h in range(site.num_kv_heads) if is_retrieval[h]]
+            order += [h for h in range(site.num_kv_heads) if not is_retrieval[h]]
         ctx.retrieval_counts.append(sum(is_retrieval))
         ctx.head_order.append(order)
         if order != sorted(order):
