@@ -127,6 +127,7 @@ def compile(
     check_memory: bool = True,
     tokenizer=None,
     tensor_parallel_size: int = 1,
+    tensor_parallel_placement: str = "balanced",
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
@@ -165,7 +166,8 @@ def compile(
     down_proj sums the shares. ``engine.info`` and ``engine.masks`` are this rank's (its head counts, its heads'
     masks in the model's order); ``engine.tensor_parallel`` says which heads each rank holds. ``generate`` is
     called on every rank and runs on rank 0's ``input_ids`` / ``attention_mask``, returning the same tokens
-    everywhere.
+    everywhere. ``tensor_parallel_placement="natural"`` splits the heads in the model's order instead (the split
+    of implementations that do not place heads; for comparisons).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -181,7 +183,8 @@ def compile(
     requested = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
     info = check_supported(model, requested.max_seq_len)
     masks.check_shape(info.num_layers, info.num_kv_heads)
-    parallel = _check_tensor_parallel(tensor_parallel_size, model, masks, info, requested, fuse_projections)
+    parallel = _check_tensor_parallel(tensor_parallel_size, tensor_parallel_placement, model, masks, info, requested,
+                                      fuse_projections)
     params = list(model.parameters())
     devices = {p.device for p in params}
     if len(devices) != 1:
@@ -232,14 +235,17 @@ def compile(
     return engine
 
 
-def _check_tensor_parallel(size, model, masks: HeadMasks, info, requested: EngineConfig, fuse_projections):
+def _check_tensor_parallel(size, placement, model, masks: HeadMasks, info, requested: EngineConfig,
+                           fuse_projections):
     """``tensor_parallel_size`` against the process group, the ranks' inputs against each other (one all-gather),
     then the model's shapes against the size; None for 1."""
+    if placement not in group.PLACEMENTS:
+        raise ValueError(f"tensor_parallel_placement must be one of {tuple(group.PLACEMENTS)}, got {placement!r}")
     size = group.check_group(size)
     if size == 1:
         return None
     group.check_same(model=group.model_digest(model), masks=masks.gates.tobytes().hex(),
-                     arguments=repr((requested, fuse_projections)))
+                     arguments=repr((requested, fuse_projections, placement)))
     group.check_divisible(size, num_attention_heads=info.num_heads, num_key_value_heads=info.num_kv_heads,
                           intermediate_size=getattr(text_config(model), "intermediate_size", 0) or 0)
-    return group.TensorParallel.create(size, masks.retrieval)
+    return group.TensorParallel.create(size, masks.retrieval, placement)

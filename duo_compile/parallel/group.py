@@ -20,7 +20,9 @@ import torch.distributed as dist
 from duo_compile.checks import check_int
 from duo_compile.masks import HeadMasks
 from duo_compile.models.hf import ModelInfo
-from duo_compile.parallel.placement import Placement, balanced_placement
+from duo_compile.parallel.placement import Placement, balanced_placement, natural_placement
+
+PLACEMENTS = {"balanced": balanced_placement, "natural": natural_placement}
 
 __all__ = ["TensorParallel", "check_group", "check_divisible", "model_digest", "check_same", "from_rank0",
            "broadcast_tokens"]
@@ -37,11 +39,11 @@ class TensorParallel:
     placement: Placement
 
     @classmethod
-    def create(cls, size: int, retrieval: np.ndarray) -> TensorParallel:
-        """This rank of the default process group (of ``size`` ranks), with the balanced placement of the
-        binary masks ``retrieval`` (bool ``[layers, kv_heads]``)."""
+    def create(cls, size: int, retrieval: np.ndarray, placement: str = "balanced") -> TensorParallel:
+        """This rank of the default process group (of ``size`` ranks), with the ``placement`` (a key of
+        ``PLACEMENTS``) of the binary masks ``retrieval`` (bool ``[layers, kv_heads]``)."""
         group = dist.distributed_c10d._get_default_group()
-        return cls(size, dist.get_rank(), group.group_name, balanced_placement(retrieval, size))
+        return cls(size, dist.get_rank(), group.group_name, PLACEMENTS[placement](retrieval, size))
 
     def heads(self, layer: int) -> list[int]:
         """This rank's KV heads in ``layer`` (model indices, retrieval first)."""
