@@ -59,7 +59,7 @@ def measure(engine, contexts: list[int], prefill: int, chunk: int, vocab: int) -
                 cache.normal_()
             engine.step(token, context)  # compiles (inductor) and captures the decode graph
             bench.sync(device)
-            trials = bench.device_trials_ms(lambda: engine.step(token, context), device, repeat=5, inner=20)
+            trials = bench.device_trials_ms(lambda at=context: engine.step(token, at), device, repeat=5, inner=20)
             row["ms_trials"] = trials
             row["kv_GB"] = engine.kv_cache_bytes().total / 1e9
         except torch.OutOfMemoryError:
@@ -163,7 +163,7 @@ def main() -> int:
         dist.init_process_group("gloo")
     else:
         shape = SHAPES[args.shape]
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     size, rank = dist.get_world_size(), dist.get_rank()
     masks = bench.shape_masks(shape, str(PATTERNS_DIR))

@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from duo_compile.masks import PATTERNS_DIR, HeadMasks
-from duo_compile.parallel.placement import balanced_placement, imbalance, natural_placement, rank_counts
+from duo_compile.parallel.placement import (
+    balanced_placement,
+    imbalance,
+    natural_placement,
+    rank_counts,
+)
 
 
 def rows(sparsity: float, sizes: list[int]) -> list[dict]:
@@ -42,10 +47,10 @@ def rows(sparsity: float, sizes: list[int]) -> list[dict]:
 
 
 def table(results: list[dict], sparsity: float) -> str:
-    lines = [f"Retrieval KV heads per rank, max / mean (1.00 = even); authors' patterns binarised at sparsity "
-             f"{sparsity}.", "",
-             "| pattern | ranks | worst layer natural / balanced | step natural / balanced (bound) | "
-             "memory natural / balanced |", "|---|---|---|---|---|"]
+    title = f"Retrieval KV heads per rank, max / mean (1.00 = even); authors' patterns binarised at sparsity {sparsity}."
+    header = ("| pattern | ranks | worst layer natural / balanced | step natural / balanced (bound) | "
+              "memory natural / balanced |")
+    lines = [title, "", header, "|---|---|---|---|---|"]
     for r in results:
         n, b = r["natural"], r["balanced"]
         lines.append(f"| {r['pattern']} ({r['layers']}x{r['kv_heads']}) | {r['ranks']} | "

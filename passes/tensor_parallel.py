@@ -27,7 +27,14 @@ import torch
 from torch import fx
 
 from .context import PassContext
-from .graph_utils import drop_param, find_producers, get_param, is_linear, linear_bias, set_param
+from .graph_utils import (
+    drop_param,
+    find_producers,
+    get_param,
+    is_linear,
+    linear_bias,
+    set_param,
+)
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default

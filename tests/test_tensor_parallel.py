@@ -17,7 +17,12 @@ import pytest
 
 import duo_compile
 from duo_compile.masks import PATTERNS_DIR, HeadMasks
-from duo_compile.parallel.placement import balanced_placement, imbalance, natural_placement, rank_counts
+from duo_compile.parallel.placement import (
+    balanced_placement,
+    imbalance,
+    natural_placement,
+    rank_counts,
+)
 from tests.tiny_models import mixed_gates, tiny_model
 from tests.tp_worker import ENGINES
 
@@ -148,8 +153,9 @@ def test_each_rank_holds_its_heads_caches_with_retrieval_heads_balanced(ranks, e
 
 def test_process_group_errors(ranks):
     """A process group of another size; a rank given another model or other masks (every rank raises, before any
-    capture); KV heads that do not split over the ranks."""
-    for result in ranks:
+    capture); KV heads that do not split over the ranks; exporting one rank's share."""
+    for rank, result in enumerate(ranks):
+        assert result["export_refused"].startswith(f"this engine is rank {rank}'s share of a tensor-parallel engine")
         errors = result["errors"]
         assert errors["wrong_size"] == "tensor_parallel_size=4 but the default process group has 2 ranks; they must be equal"
         assert "differing from rank 0: rank 1: model)" in errors["models_differ"]

@@ -64,6 +64,12 @@ def _check_engine(engine) -> None:
             "this engine has no graph (it was loaded from an engine file): export the engine returned by "
             "duo_compile.compile, or copy the engine file"
         )
+    if engine.tensor_parallel is not None:
+        raise ValueError(
+            f"this engine is rank {engine.tensor_parallel.rank}'s share of a tensor-parallel engine (tensor_parallel_size="
+            f"{engine.tensor_parallel.size}); engine files hold whole engines: export an engine compiled without "
+            f"tensor_parallel_size"
+        )
 
 
 def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, separate_decode: bool = False) -> str:

@@ -20,12 +20,23 @@ import torch.distributed as dist
 from duo_compile.checks import check_int
 from duo_compile.masks import HeadMasks
 from duo_compile.models.hf import ModelInfo
-from duo_compile.parallel.placement import Placement, balanced_placement, natural_placement
+from duo_compile.parallel.placement import (
+    Placement,
+    balanced_placement,
+    natural_placement,
+)
 
 PLACEMENTS = {"balanced": balanced_placement, "natural": natural_placement}
 
-__all__ = ["TensorParallel", "check_group", "check_divisible", "model_digest", "check_same", "from_rank0",
-           "broadcast_tokens"]
+__all__ = [
+    "TensorParallel",
+    "broadcast_tokens",
+    "check_divisible",
+    "check_group",
+    "check_same",
+    "from_rank0",
+    "model_digest",
+]
 
 
 @dataclass(frozen=True)

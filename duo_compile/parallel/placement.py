@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["natural_placement", "balanced_placement", "Imbalance", "imbalance", "rank_counts"]
+__all__ = ["Imbalance", "balanced_placement", "imbalance", "natural_placement", "rank_counts"]
 
 # Per layer, per rank, the model's indices of the rank's KV heads (retrieval first).
 Placement = list[list[list[int]]]
