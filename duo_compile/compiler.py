@@ -183,13 +183,13 @@ def compile(
     requested = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
     info = check_supported(model, requested.max_seq_len)
     masks.check_shape(info.num_layers, info.num_kv_heads)
-    parallel = _check_tensor_parallel(tensor_parallel_size, tensor_parallel_placement, model, masks, info, requested,
-                                      fuse_projections)
     params = list(model.parameters())
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"model parameters are spread over devices {sorted(map(str, devices))}; use one device")
     _check_weights_present(model)
+    parallel = _check_tensor_parallel(tensor_parallel_size, tensor_parallel_placement, model, masks, info, requested,
+                                      fuse_projections)
     device, dtype = devices.pop(), params[0].dtype
     sink, recent = capped_window(requested.sink_size, requested.recent_size, requested.max_seq_len)
     config = dataclasses.replace(requested, sink_size=sink, recent_size=recent)
