@@ -17,8 +17,8 @@ After every pass ``run_pass`` cleans the graph up (``graph_utils.clean_up``: dea
 regenerated), so a pass only rewrites what it matches and leaves the nodes it made dead for the clean-up; call a
 pass through ``run_pass`` (or ``clean_up`` after it) to get a graph module that runs.
 
-The passes in ``OPTIONAL`` have a switch in the context, a bool field of the pass's name; one switched off does not
-run and is recorded as ``SKIPPED`` in ``ctx.changed`` (equal to 0, printed ``skipped``), not as a pass that matched
+The passes in ``OPTIONAL`` have a switch in the context, a field of the pass's name (a bool; for tensor_parallel
+the rank's share, None when off); one switched off does not run and is recorded as ``SKIPPED`` in ``ctx.changed`` (equal to 0, printed ``skipped``), not as a pass that matched
 nothing.
 
 Debugging: set ``DUO_COMPILE_DUMP_GRAPHS`` to a folder and every pass that runs writes the graph before and after
@@ -58,7 +58,7 @@ PIPELINE: list[tuple[str, Pass]] = [
 ]
 
 
-# Passes a PassContext can switch off, each by its bool field of the pass's name.
+# Passes a PassContext can switch off, each by its field of the pass's name (off when false or None).
 OPTIONAL = ("tensor_parallel", "fuse_projections", "fuse_rope")
 DUMP_GRAPHS = "DUO_COMPILE_DUMP_GRAPHS"
 

@@ -65,10 +65,10 @@ def _check_engine(engine) -> None:
             "duo_compile.compile, or copy the engine file"
         )
     if engine.tensor_parallel is not None:
+        share = engine.tensor_parallel
         raise ValueError(
-            f"this engine is rank {engine.tensor_parallel.rank}'s share of a tensor-parallel engine (tensor_parallel_size="
-            f"{engine.tensor_parallel.size}); engine files hold whole engines: export an engine compiled without "
-            f"tensor_parallel_size"
+            f"this engine is rank {share.rank}'s share of a tensor-parallel engine (tensor_parallel_size={share.size}); "
+            f"engine files hold whole engines: export an engine compiled without tensor_parallel_size"
         )
 
 
