@@ -18,8 +18,8 @@ regenerated), so a pass only rewrites what it matches and leaves the nodes it ma
 pass through ``run_pass`` (or ``clean_up`` after it) to get a graph module that runs.
 
 The passes in ``OPTIONAL`` have a switch in the context, a field of the pass's name (a bool; for tensor_parallel
-the rank's share, None when off); one switched off does not run and is recorded as ``SKIPPED`` in ``ctx.changed`` (equal to 0, printed ``skipped``), not as a pass that matched
-nothing.
+the rank's share, None when off); one switched off does not run and is recorded as ``SKIPPED`` in ``ctx.changed``
+(equal to 0, printed ``skipped``), not as a pass that matched nothing.
 
 Debugging: set ``DUO_COMPILE_DUMP_GRAPHS`` to a folder and every pass that runs writes the graph before and after
 it there, ``NN_<pass>_before.txt`` and ``NN_<pass>_after.txt`` (NN its number above; the graph's nodes, then the
