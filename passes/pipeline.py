@@ -1,10 +1,10 @@
 """The pass pipeline, as data: the order the passes run in and why.
 
 1. find_attention  - everything else needs to know where attention is and what feeds it.
-2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice.
-3. tensor_parallel - only with tensor_parallel_size > 1: keeps this rank's heads (contiguous after pass 2) and
-   MLP share, with an all-reduce after o_proj and down_proj; before splitting, so every later pass sees only this
-   rank's heads.
+2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice (under tensor
+   parallelism it keeps only this rank's heads, so every later pass sees only those).
+3. tensor_parallel - only with tensor_parallel_size > 1: this rank's share of each MLP, and an all-reduce after
+   o_proj and down_proj; before fuse_projections, which would merge gate/up before they are split.
 4. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
 5. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
 6. merge_head_groups - a mixed layer's two cached ops and their concatenation become one op again.

@@ -1,20 +1,18 @@
-"""Pass 3 (tensor parallelism only): keep this rank's share of every layer and sum the shares with all-reduces.
+"""Pass 3 (tensor parallelism only): the rank's share of the MLP, and all-reduces that sum the ranks' shares.
 
 Runs when ``compile(..., tensor_parallel_size=N)`` gives the context a ``TensorParallel`` (else it is recorded as
-skipped). ``reorder_heads`` has laid every layer's KV heads out as the ranks' blocks one after the other (the
-balanced placement of ``parallel/placement.py``, each block retrieval first), so rank r's heads are the r-th
-contiguous block. Matches, per layer, the attention site's projections and the MLP (the linear layer fed by exactly
-two linear layers that read one input: gate/up -> down). Emits the Megatron layout:
+skipped). ``reorder_heads`` has already kept this rank's KV heads (with their query heads) in q/k/v and the
+matching input columns of o_proj, and made the site's head counts this rank's, so the later passes (and the
+caches they add) see only the rank's heads. Matches, per layer, the attention site's o_proj and the MLP (the
+linear layer fed by exactly two linear layers that read one input: gate/up -> down). Emits the Megatron layout:
 
-- column parallel: q/k/v rows (and biases) of this rank's heads, gate/up rows of its ``1/N`` of the MLP width;
-- row parallel: the matching input columns of o_proj and down_proj, whose outputs are partial sums, followed by
-  ``_c10d_functional.all_reduce`` + ``wait_tensor`` (the ops ``torch.distributed._functional_collectives`` is
-  made of), so the collectives are graph nodes that Inductor schedules and CUDA graphs capture. A row-parallel
-  bias is kept on rank 0 only (added once to the sum).
+- column parallel: gate/up rows (and biases) of this rank's ``1/N`` of the MLP width (copies);
+- row parallel: the matching input columns of down_proj (a copy); o_proj and down_proj outputs are then partial
+  sums, each followed by ``_c10d_functional.all_reduce`` + ``wait_tensor`` (the ops
+  ``torch.distributed._functional_collectives`` is made of), so the collectives are graph nodes that Inductor
+  schedules and CUDA graphs capture. A row-parallel bias is kept on rank 0 only (added once to the sum).
 
-Every weight kept is a copy of its slice, so a rank holds only its share. The views in the captured graph size
-heads with -1, so they follow the narrower projections; the site's head counts and ``retrieval_counts`` become
-this rank's, which is what the later passes read (so each rank's caches hold only its heads).
+The views in the captured graph size heads and widths with -1, so they follow the narrower projections.
 
 Why a pass over the captured graph rather than ``torch.distributed.tensor.parallel.parallelize_module``: that API
 shards ``nn.Linear`` modules through DTensor, while the engine runs an ATen graph of duo ops that have no DTensor
@@ -94,16 +92,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     rank, size = tp.rank, tp.size
     blocks = mlp_blocks(gm, ctx)
     for site in ctx.sites:
-        for linear in (site.q_proj, site.k_proj, site.v_proj):
-            _keep(gm, linear.args[1], 0, rank, size)
-            _keep(gm, linear_bias(linear), 0, rank, size)
-        _keep(gm, site.o_proj.args[1], 1, rank, size)
         _all_reduce_after(gm, site.o_proj, rank, tp.group_name)
-        site.num_heads //= size
-        site.num_kv_heads //= size
-        heads = tp.heads(site.layer)
-        ctx.head_order[site.layer] = heads
-        ctx.retrieval_counts[site.layer] = int(sum(bool(ctx.retrieval[site.layer][h]) for h in heads))
     for columns, down in blocks:
         for linear in columns:
             _keep(gm, linear.args[1], 0, rank, size)
