@@ -188,9 +188,9 @@ def compile(
     if len(devices) != 1:
         raise ValueError(f"model parameters are spread over devices {sorted(map(str, devices))}; use one device")
     _check_weights_present(model)
-    parallel = _check_tensor_parallel(tensor_parallel_size, tensor_parallel_placement, model, masks, info, requested,
-                                      fuse_projections)
     device, dtype = devices.pop(), params[0].dtype
+    parallel = _check_tensor_parallel(tensor_parallel_size, tensor_parallel_placement, model, masks, info, requested,
+                                      fuse_projections, device)
     sink, recent = capped_window(requested.sink_size, requested.recent_size, requested.max_seq_len)
     config = dataclasses.replace(requested, sink_size=sink, recent_size=recent)
     full_masks = masks
@@ -236,12 +236,12 @@ def compile(
 
 
 def _check_tensor_parallel(size, placement, model, masks: HeadMasks, info, requested: EngineConfig,
-                           fuse_projections):
+                           fuse_projections, device):
     """``tensor_parallel_size`` against the process group, the ranks' inputs against each other (one all-gather),
     then the model's shapes against the size; None for 1."""
     if placement not in group.PLACEMENTS:
         raise ValueError(f"tensor_parallel_placement must be one of {tuple(group.PLACEMENTS)}, got {placement!r}")
-    size = group.check_group(size)
+    size = group.check_group(size, device)
     if size == 1:
         return None
     group.check_same(model=group.model_digest(model), masks=masks.gates.tobytes().hex(),

@@ -53,8 +53,7 @@ class TensorParallel:
     def create(cls, size: int, retrieval: np.ndarray, placement: str = "balanced") -> TensorParallel:
         """This rank of the default process group (of ``size`` ranks), with the ``placement`` (a key of
         ``PLACEMENTS``) of the binary masks ``retrieval`` (bool ``[layers, kv_heads]``)."""
-        group = dist.distributed_c10d._get_default_group()
-        return cls(size, dist.get_rank(), group.group_name, PLACEMENTS[placement](retrieval, size))
+        return cls(size, dist.get_rank(), dist.group.WORLD.group_name, PLACEMENTS[placement](retrieval, size))
 
     def heads(self, layer: int) -> list[int]:
         """This rank's KV heads in ``layer`` (model indices, retrieval first)."""
@@ -71,8 +70,9 @@ class TensorParallel:
                                    for layer in range(masks.num_layers)]))
 
 
-def check_group(size) -> int:
-    """Check ``tensor_parallel_size`` against the default process group and return it (1 needs no group)."""
+def check_group(size, device: torch.device | None = None) -> int:
+    """Check ``tensor_parallel_size`` against the default process group and return it (1 needs no group); on CUDA
+    the model must be on the rank's current device (what NCCL's object collectives use)."""
     size = check_int("tensor_parallel_size", size, 1)
     if size == 1:
         return 1
@@ -85,6 +85,10 @@ def check_group(size) -> int:
     if world != size:
         raise ValueError(f"tensor_parallel_size={size} but the default process group has {world} ranks; they must "
                          f"be equal")
+    if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+        raise ValueError(f"rank {dist.get_rank()}'s model is on {device} but its current CUDA device is "
+                         f"cuda:{torch.cuda.current_device()}: call torch.cuda.set_device(LOCAL_RANK) and put the "
+                         f"model there")
     return size
 
 
@@ -135,7 +139,7 @@ def check_same(**digests: str) -> None:
 def from_rank0(*tensors: torch.Tensor | None, device: torch.device) -> list[torch.Tensor | None]:
     """Rank 0's tensors (or Nones) on every rank, moved to ``device``; what other ranks passed is ignored."""
     payload = [[None if t is None else t.detach().cpu() for t in tensors] if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(payload, src=0)
+    dist.broadcast_object_list(payload, src=0, device=device if device.type == "cuda" else None)
     return [None if t is None else t.to(device) for t in payload[0]]
 
 
