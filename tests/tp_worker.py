@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import duo_compile
 from duo_compile.parallel.placement import natural_placement, rank_counts
-from tests.tiny_models import mixed_gates, tiny_config, tiny_model
+from tests.tiny_models import mixed_gates, tiny_model
 
 # (name, arch, gqa, streaming mode): Llama and Qwen2 (q/k/v biases), MHA and GQA, both streaming modes, in two
 # engines (each costs two captures per rank). MHA: each rank holds a mixed layer (one op over both head groups);
@@ -104,30 +104,10 @@ def _seeded(kwargs: dict) -> dict:
     return {"generator": torch.Generator().manual_seed(7)} if kwargs.get("do_sample") else {}
 
 
-def _model(arch: str, gqa: bool):
-    """The tiny model; for Llama with a bias on every projection (random, like tiny_model's q/k/v biases)."""
-    if arch != "llama":
-        return tiny_model(arch, gqa=gqa)
-    from transformers import LlamaForCausalLM
-
-    config = tiny_config(arch, gqa)
-    config.attention_bias = config.mlp_bias = True
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-    model.generation_config.eos_token_id = None
-    return model
-
-
 def _engine_cases(rank: int) -> dict:
     out = {}
     for name, arch, gqa, mode in ENGINES:
-        model = _model(arch, gqa)
+        model = tiny_model(arch, gqa=gqa, biases=arch == "llama")
         masks = _masks(model.config.num_key_value_heads)
         single = duo_compile.compile(model, masks, streaming_mode=mode, **SIZES)
         sharded = duo_compile.compile(model, masks, streaming_mode=mode, tensor_parallel_size=2, **SIZES)
