@@ -18,6 +18,9 @@
 #               (E2E_ARGS adds arguments, e.g. "--streaming-decode one,tiles": both streaming decode kernels)
 #   e2e-prefill the same, --sections prefill --skip-hf, for E2E_MODELS (default "llama3 llama2")  ~4.5 min
 #               per model (two engine compiles, a warm-up per length): one model per call fits 10 minutes
+#   tp-bench    benchmarks/tp_bench.py under torchrun on TP_NPROC GPUs (default: every GPU; needs 2 or more):
+#               Llama-3-8B shape at 512K, TP=1 vs TP=N balanced vs natural head placement; TP_ARGS adds arguments
+#               (e.g. "--contexts 131072 524288" or "--engines balanced,natural")         (not yet run; 3 compiles)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
@@ -61,8 +64,12 @@ for step in "$@"; do
                     --backend inductor --sections prefill --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_prefill.log"
             done ;;
+        tp-bench)
+            nproc="${TP_NPROC:-$(nvidia-smi -L | wc -l)}"
+            timeout 570 python3 -m torch.distributed.run --nproc-per-node "$nproc" -m benchmarks.tp_bench --out "$OUT" \
+                --commit "$COMMIT" ${TP_ARGS:-} 2>&1 | tee "$OUT/tp_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, mixed-decode, passkey, kernels," \
-                "e2e-decode, e2e-prefill)" >&2
+                "e2e-decode, e2e-prefill, tp-bench)" >&2
            exit 2 ;;
     esac
 done

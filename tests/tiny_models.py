@@ -47,11 +47,16 @@ def tiny_config(arch: str = "llama", gqa: bool = True, num_layers: int = 3, voca
     return config
 
 
-def tiny_model(arch: str = "llama", gqa: bool = True, num_layers: int = 3, seed: int = 0, dtype=torch.float32):
-    """A tiny random model in eval mode. Weights are scaled up so attention is far from uniform (masks matter)."""
+def tiny_model(arch: str = "llama", gqa: bool = True, num_layers: int = 3, seed: int = 0, dtype=torch.float32,
+               biases: bool = False):
+    """A tiny random model in eval mode. Weights are scaled up so attention is far from uniform (masks matter).
+    ``biases`` (Llama): a bias on every projection (``attention_bias`` and ``mlp_bias``), random like Qwen2's."""
     torch.manual_seed(seed)
     _, model_cls = _CLASSES[arch]
-    model = model_cls(tiny_config(arch, gqa, num_layers)).eval().to(dtype)
+    config = tiny_config(arch, gqa, num_layers)
+    if biases:
+        config.attention_bias = config.mlp_bias = True
+    model = model_cls(config).eval().to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -23,6 +23,7 @@ from duo_compile.runtime import padding
 from duo_compile.runtime.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
+from duo_compile.parallel import group as parallel_group
 from duo_compile.passes import CacheSpec
 
 BACKENDS = ("inductor", "eager")
@@ -128,6 +129,8 @@ class Engine:
     # given; engine files carry both. None: transformers' global defaults, no tokenizer.
     generation_config = None
     tokenizer = None
+    # Under tensor parallelism (compile's tensor_parallel_size > 1): this rank's share (parallel.group.TensorParallel).
+    tensor_parallel = None
 
     def __init__(
         self,
@@ -373,14 +376,23 @@ class Engine:
 
         Holds the engine's lock from the argument checks to the last token: concurrent calls (from other threads)
         of any entry point wait, and each call gives exactly what it gives alone.
+
+        Tensor parallel (``self.tensor_parallel``): every rank calls ``generate`` with the same arguments; it runs
+        on rank 0's ``input_ids`` and ``attention_mask`` (other ranks may pass anything, e.g. None) and each token
+        is rank 0's (sampled with rank 0's generator or RNG), so every rank returns the same tokens.
         """
         from duo_compile.runtime import generation
 
         with self._lock:
+            if self.tensor_parallel is not None:
+                input_ids, attention_mask = parallel_group.from_rank0(input_ids, attention_mask, device=self.device)
             request = generation.plan(
                 self, input_ids, generation_config, logits_processor, stopping_criteria, streamer, generator,
                 tokenizer, attention_mask, prefill_chunk_size, **kwargs,
             )
+            if self.tensor_parallel is not None:  # ranks that would run different steps would wait forever
+                parallel_group.check_same(generate=repr((request.new_tokens, request.chunk, request.check_stop,
+                                                         request.config.do_sample, tuple(request.input_ids.shape))))
             return generation.decode(self, request)
 
     def __repr__(self) -> str:
