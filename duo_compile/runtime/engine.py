@@ -259,21 +259,35 @@ class Engine:
         return KVCacheBytes(sizes["retrieval"], sizes["streaming"], sizes["retrieval"] + sizes["streaming"], full)
 
     # ----------------------------------------------------------------------------------------------- steps
-    def step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
+             rows: slice | None = None) -> torch.Tensor:
         """Run tokens through the graph, appending them to the caches: row b's tokens sit at positions
         ``start[b] .. start[b] + T - 1`` (``start`` an int for every row, or int64 ``[B]``), of which the first
         ``valid[b]`` are real (default: all T); the rest are padding, neither cached nor used.
+
+        ``rows`` (a slice of the allocated batch, step 1): run only those cache rows, ``input_ids`` having one row
+        each; the other rows are neither read nor written. A server prefills one request's chunk this way without
+        running the padding of every other row through the model (serve/scheduler.py).
 
         Returns each row's logits at its last real token, ``[B, vocab]`` (a row with no real token: don't-care). The
         caches of row b must hold its positions ``< start[b]``. Holds the engine's lock.
         """
         with self._lock:
-            return self._step(input_ids, start, valid)
+            return self._step(input_ids, start, valid, rows)
 
     @torch.no_grad()
-    def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
+              rows: slice | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
-        if self.batch_size != batch:
+        caches = self.caches
+        if rows is not None:
+            if self.batch_size is None or not isinstance(rows, slice) or rows.step not in (None, 1):
+                raise ValueError(f"rows must be a slice (step 1) of the allocated batch, got {rows!r}")
+            first_row, stop, _ = rows.indices(self.batch_size)
+            if stop - first_row != batch:
+                raise ValueError(f"rows {rows!r} select {max(stop - first_row, 0)} cache rows, got input batch {batch}")
+            caches = [cache[first_row:stop] for cache in self.caches]  # views: the step writes into the caches
+        elif self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
         # Per-row positions are checked on the host: pass them as CPU tensors (or lists) to keep a decode step
         # free of a device sync; a device tensor is copied to the host for the check.
@@ -296,7 +310,7 @@ class Engine:
             raise ValueError(
                 f"positions {last}..{end - 1} exceed the allocated cache length {self.cache_len}"
             )
-        if length == 1 and self.cuda_graphs and self.device.type == "cuda":
+        if length == 1 and rows is None and self.cuda_graphs and self.device.type == "cuda":
             if self._graphed is None:
                 self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device)
             return self._graphed(input_ids, first if cache_start is None else cache_start, valid)[:, -1, :]
@@ -307,7 +321,7 @@ class Engine:
         valid = (torch.full((batch,), length, dtype=torch.long, device=self.device) if valid is None
                  else valid.to(self.device))
         position_ids = cache_start[:, None] + torch.arange(length, device=self.device)
-        logits = self._run(input_ids, position_ids, cache_start, valid, *self.caches)
+        logits = self._run(input_ids, position_ids, cache_start, valid, *caches)
         return _last_real(logits, valid)
 
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None,
