@@ -33,7 +33,7 @@ from duo_compile.serve.metrics import Metrics
 from duo_compile.serve.protocol import BadRequest, ChatRequest, CompletionRequest
 from duo_compile.serve.scheduler import QueueFull, Scheduler
 from duo_compile.serve.sequence import ERROR, Sequence, Update
-from duo_compile.serve.text import TextStream
+from duo_compile.serve.text import StopOnText, TextStream
 
 _DISCONNECT_POLL = 0.25  # seconds between checks for a vanished client while a non-streamed request runs
 
@@ -158,6 +158,8 @@ def create_app(engine, slots: SlotPlan, *, model_name: str, token_budget: int | 
                              "max_completion_tokens" if getattr(body, "max_completion_tokens", None)
                              else "max_tokens")
         kwargs = body.generate_kwargs(tokenizer)
+        if body.stop:
+            kwargs["stopping_criteria"] = [StopOnText(tokenizer, body.stop, len(prompt))]
         if kwargs.get("do_sample"):
             seed = body.seed if body.seed is not None else secrets.randbits(63)
             kwargs["generator"] = torch.Generator(engine.device).manual_seed(seed)

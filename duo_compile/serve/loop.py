@@ -88,8 +88,9 @@ class EngineLoop:
                     self._count()
                     return
                 if kind == "add":
-                    with self._lock:
+                    with self._lock:  # moved from the inbox to the waiting queue: counted once all along
                         self._queued -= 1
+                        self._waiting += 1
                     self._add(seq)
                 else:
                     update = scheduler.cancel(seq)
@@ -113,7 +114,7 @@ class EngineLoop:
     def _add(self, seq: Sequence) -> None:
         try:
             self.scheduler.add(seq)
-        except (QueueFull, ValueError) as err:  # raced past submit's check: end it with the reason
+        except (QueueFull, ValueError) as err:  # (submit counts exactly, so only a direct caller gets here)
             seq.finish_reason = "error"
             self._deliver([Update(seq, None, "error", str(err))])
 

@@ -4,7 +4,7 @@ Unknown fields are refused (``extra="forbid"``), as are values the server cannot
 ``logprobs``, ``echo``, ``logit_bias``, ...): a 400 naming the field rather than a silently different answer.
 Sampling follows OpenAI's defaults (temperature 1, top_p 1): ``temperature`` 0 is greedy. ``top_k``, ``min_p``
 and ``repetition_penalty`` are taken too, as vLLM takes them; each becomes the transformers warper or processor
-``model.generate`` builds for it (runtime/generation.py), and ``stop`` becomes transformers' stop strings.
+``model.generate`` builds for it (runtime/generation.py), and ``stop`` a stopping criterion on the decoded text (text.py).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class _Sampling(BaseModel):
         return stops or None
 
     def generate_kwargs(self, tokenizer) -> dict:
-        """``generate`` arguments for these settings (the token count is set by the caller)."""
+        """``generate`` arguments for the sampling settings (the caller adds the token count and ``stop``)."""
         kwargs: dict = {}
         if self.temperature == 0:
             kwargs["do_sample"] = False
@@ -70,10 +70,8 @@ class _Sampling(BaseModel):
                 kwargs["min_p"] = self.min_p
         if self.repetition_penalty is not None and self.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = self.repetition_penalty
-        if self.stop:
-            if tokenizer is None:
-                raise BadRequest("stop needs the model's tokenizer, and this model has none", "stop")
-            kwargs.update(stop_strings=list(self.stop), tokenizer=tokenizer)
+        if self.stop and tokenizer is None:
+            raise BadRequest("stop needs the model's tokenizer, and this model has none", "stop")
         return kwargs
 
 

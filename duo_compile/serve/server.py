@@ -5,9 +5,12 @@ command starts a working server. That model is no chat model; it gets a chat tem
 texts one after the other, so a chat request with one user message is the same prompt as a completion request.
 
 Shutdown: on SIGTERM or Ctrl-C uvicorn stops accepting connections and waits up to ``graceful_seconds`` for the
-open requests to finish; then the engine thread cancels what still runs, and the process exits with status 0.
+open requests to finish; then the engine thread cancels what still runs. SIGTERM then exits with status 0 (a
+requested shutdown), Ctrl-C as every command does (status 130, cli.py).
 """
 from __future__ import annotations
+
+import signal
 
 import torch
 
@@ -57,5 +60,21 @@ def run(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, m
     print(f"serving {model_name!r}: {describe(engine, slots)}", flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_seconds)
-    uvicorn.Server(config).run()
+    _server_class()(config).run()
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM, once the shutdown is done, is not raised again (uvicorn re-raises
+        the signals it caught, which would end the process with SIGTERM's status instead of 0)."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured:
+                captured.remove(sig)
+
+    return Server

@@ -8,8 +8,33 @@ spaces, multi-byte characters split over tokens), and only what is settled is ha
   a stop string) and so is a trailing U+FFFD (a character whose bytes are not all generated yet).
 
 Without a tokenizer the text stays empty (the token ids are still returned).
+
+``StopOnText`` ends a request when its text holds a stop string. It is a transformers ``StoppingCriteria`` (so
+it runs where ``generate``'s criteria run, runtime/generation.py) that looks at the decoded text, as the text
+above is made; transformers' own ``StopStringCriteria`` works from the vocabulary's token strings instead, which
+some tokenizers (the bundled model's word-level one) cannot give it.
 """
 from __future__ import annotations
+
+import torch
+from transformers.generation import StoppingCriteria
+
+
+class StopOnText(StoppingCriteria):
+    """True once the text of the tokens after the first ``prompt_length`` holds one of ``stops``. It decodes the
+    last ``2 * longest stop + 16`` tokens only (every token but a special one has at least one character)."""
+
+    def __init__(self, tokenizer, stops: list[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+        self.window = 2 * max(len(s) for s in self.stops) + 16
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = []
+        for row in input_ids:
+            tail = row[self.prompt_length:][-self.window:].tolist()
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            done.append(any(stop in text for stop in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class TextStream:
