@@ -21,6 +21,9 @@
 #   tp-bench    benchmarks/tp_bench.py under torchrun on TP_NPROC GPUs (default: every GPU; needs 2 or more):
 #               Llama-3-8B shape at 512K, TP=1 vs TP=N balanced vs natural head placement; TP_ARGS adds arguments
 #               (e.g. "--contexts 131072 524288" or "--engines balanced,natural")         (not yet run; 3 compiles)
+#   serve-bench benchmarks/serve_bench.py: a request stream through the serving scheduler, DuoAttention vs all
+#               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
+#               e.g. "--requests 32 --max-prompt 65536")                                       (not yet run; ~8 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
@@ -68,8 +71,11 @@ for step in "$@"; do
             nproc="${TP_NPROC:-$(nvidia-smi -L | wc -l)}"
             timeout 570 python3 -m torch.distributed.run --nproc-per-node "$nproc" -m benchmarks.tp_bench --out "$OUT" \
                 --commit "$COMMIT" ${TP_ARGS:-} 2>&1 | tee "$OUT/tp_bench.log" ;;
+        serve-bench)
+            timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
+                | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, mixed-decode, passkey, kernels," \
-                "e2e-decode, e2e-prefill, tp-bench)" >&2
+                "e2e-decode, e2e-prefill, tp-bench, serve-bench)" >&2
            exit 2 ;;
     esac
 done
