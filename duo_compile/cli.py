@@ -363,6 +363,11 @@ def _cmd_serve(args) -> int:
         _at_least("--chunk", args.chunk, 1)
     _fraction("--sparsity", args.sparsity)
     device = _device(args.device)
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"duo-compile serve needs {', '.join(missing)}: pip install 'duo_compile[serve]'")
     from duo_compile.serve import server
 
     if args.model is None:

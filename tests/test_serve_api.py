@@ -4,7 +4,8 @@ backend, CPU) driven by the official ``openai`` client and, where a status or he
 One server for the module (4 slots, 6 waiting at most): completions and chat, streamed and not, give the tokens
 ``engine.generate`` gives (an engine built here the same way); a passkey prompt is answered; 16 clients at once are
 each answered or refused with 429; a stream closed early frees its slot; every bad input is a 400 naming the
-field; SIGTERM ends the process with status 0. Chat without a chat template runs on an in-process app.
+field; SIGTERM ends the process with status 0. Chat without a chat template runs on an in-process app; the
+command's flags are checked before any work.
 """
 from __future__ import annotations
 
@@ -237,21 +238,21 @@ def test_malformed_requests(server):
     assert other.status_code == 404 and other.json()["error"]["param"] == "model"
 
 
-def test_chat_without_a_template_is_a_400():
-    """In process (the ASGI app itself): an engine whose tokenizer has no chat template."""
-    import duo_compile
+def test_chat_without_a_template_is_a_400(engine):
+    """In process (the ASGI app itself, on the reference engine): a tokenizer without a chat template."""
+    import copy
+
     from duo_compile.serve.api import create_app
     from duo_compile.serve.memory import plan_slots
-    from tests.tiny_models import mixed_gates, tiny_model
 
-    model = tiny_model()
-    engine = duo_compile.compile(model, duo_compile.HeadMasks.from_gates(mixed_gates(3, 2)), sink_size=4,
-                                 recent_size=8, max_seq_len=64, backend="eager")
-    with TestClient(create_app(engine, plan_slots(engine, 2), model_name="tiny")) as http:
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    tokenizer.chat_template = None
+    with TestClient(create_app(engine, plan_slots(engine, 1), model_name="m", tokenizer=tokenizer)) as http:
         response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
-        ids = http.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}).json()
-        assert ids["choices"][0]["token_ids"] == _expected(engine, [1, 2, 3], 4) and ids["choices"][0]["text"] == ""
+        assert response.json()["error"]["param"] == "messages"
+        ids = http.post("/v1/completions", json={"prompt": [1, 5, 6], "max_tokens": 4, "temperature": 0}).json()
+    assert ids["choices"][0]["token_ids"] == _expected(engine, [1, 5, 6], 4)
 
 
 def test_sigterm_finishes_and_exits_zero(server):
@@ -266,3 +267,28 @@ def test_sigterm_finishes_and_exits_zero(server):
         response = running.result()
     assert response.status_code == 200 and len(response.json()["choices"][0]["token_ids"]) == 20
     assert proc.wait(timeout=60) == 0
+
+
+SERVE_ERRORS = {
+    "port": (["--port", "-1"], "--port must be an integer >= 0, got -1"),
+    "port-high": (["--port", "70000"], "--port must be an integer in 0..65535, got 70000"),
+    "slots": (["--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1, got 0"),
+    "budget": (["--token-budget", "4"], "--token-budget must be an integer >= 8 (--max-num-seqs), got 4"),
+    "fraction": (["--kv-cache-fraction", "1.5"], "--kv-cache-fraction must be a number in (0, 1], got 1.5"),
+    "memory": (["--kv-cache-memory", "0"], "--kv-cache-memory must be a number of GiB > 0, got 0.0"),
+    "both": (["--kv-cache-memory", "1", "--kv-cache-fraction", "0.5"], "give --kv-cache-memory or"),
+    "masks-alone": (["--masks", "x.tsv"], "--masks needs a MODEL_DIR"),
+    "no-model-dir": (["/nonexistent/model"], "model directory '/nonexistent/model' does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", SERVE_ERRORS)
+def test_serve_flags_are_checked_before_any_work(case, capsys, monkeypatch):
+    from duo_compile import cli
+    from duo_compile.serve import server
+
+    monkeypatch.setattr(server, "bundled_engine", lambda **kw: pytest.fail("an engine was built"))
+    flags, message = SERVE_ERRORS[case]
+    assert cli.main(["serve", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("duo-compile serve: error: ") and message in err and "\n" not in err
