@@ -34,12 +34,21 @@ import torch
 # The checkout instead of this folder (whose kernels.py would shadow the ``kernels`` package transformers imports).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import duo_compile  # noqa: E402
-from duo_compile.masks import PATTERNS_DIR, HeadMasks  # noqa: E402
-from duo_compile.serve.memory import plan_slots  # noqa: E402
-from duo_compile.serve.scheduler import Scheduler  # noqa: E402
-from duo_compile.serve.sequence import Sequence  # noqa: E402
-from duo_compile.tools.bench import RECENT, SHAPES, SINK, build_model, free_memory, log, shape_masks, sync  # noqa: E402
+import duo_compile
+from duo_compile.masks import PATTERNS_DIR, HeadMasks
+from duo_compile.serve.memory import plan_slots
+from duo_compile.serve.scheduler import Scheduler
+from duo_compile.serve.sequence import Sequence
+from duo_compile.tools.bench import (
+    RECENT,
+    SHAPES,
+    SINK,
+    build_model,
+    free_memory,
+    log,
+    shape_masks,
+    sync,
+)
 
 K = 1024
 

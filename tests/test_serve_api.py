@@ -156,7 +156,7 @@ def test_passkey_is_answered(client, engine):
 
 def test_many_clients_at_once(server, client, engine):
     """16 clients, 4 slots, 6 waiting: each is answered with generate's tokens or refused with 429."""
-    words = "the vault was quiet and the key lay under a stone near the old gate".split()
+    words = ["the", "vault", "was", "quiet", "and", "the", "key", "lay", "under", "a", "stone", "near", "the", "old", "gate"]
     prompts = [" ".join(words[i % 5: i % 5 + 4 + i % 7]) for i in range(16)]
 
     def ask(i):
@@ -202,6 +202,18 @@ def test_overload_is_refused_with_429_and_a_closed_stream_frees_its_slot(server)
     for name in ("duo_requests_running", "duo_time_to_first_token_seconds_bucket", "duo_kv_cache_used_bytes",
                  "duo_inter_token_latency_seconds_bucket", "duo_generation_tokens_per_second"):
         assert name in metrics
+
+
+def test_a_client_that_goes_away_cancels_its_request(server):
+    """A non-streamed request whose client disconnects (here: gives up waiting) is cancelled; its slot is freed."""
+    url = server[1]
+    body = {"model": "duo-passkey", "prompt": "the vault", "max_tokens": 3000, "temperature": 0}
+    before = httpx.get(f"{url}/metrics").text.count("\n")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=2))
+    state = _wait_idle(url)
+    assert (state["running"], state["waiting"]) == (0, 0) and before > 0
+    assert 'duo_requests_finished_total{reason="cancelled"} 11.0' in httpx.get(f"{url}/metrics").text
 
 
 BAD = {

@@ -25,7 +25,7 @@ LENGTHS = (5, 30, 17, 40, 3, 21, 12)
 NEW = (6, 9, 4, 14, 10, 3, 5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _engine(mode: str = "window", chunk: int | None = None):
     model = tiny_model("llama", gqa=True)
     masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
@@ -38,7 +38,7 @@ def _prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(1, 96, (n,), generator=gen).tolist() for n in LENGTHS]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _alone(mode: str = "window", chunk: int | None = None, seed: int = 0) -> tuple[tuple[int, ...], ...]:
     """Each prompt's new tokens from ``engine.generate`` of that prompt alone (greedy)."""
     engine = _engine(mode, chunk)
@@ -128,11 +128,11 @@ def test_eos_and_sampling_settings_per_request_equal_generate():
     greedy = _alone(seed=1)
     eos = greedy[3][4]  # request 3 stops at its 5th token (or earlier, if that token came before)
     settings = [
-        dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.7),
-        dict(repetition_penalty=1.3),
-        dict(no_repeat_ngram_size=2),
-        dict(eos_token_id=eos, pad_token_id=0),
-        dict(do_sample=True, temperature=1.5, min_p=0.05),
+        {"do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7},
+        {"repetition_penalty": 1.3},
+        {"no_repeat_ngram_size": 2},
+        {"eos_token_id": eos, "pad_token_id": 0},
+        {"do_sample": True, "temperature": 1.5, "min_p": 0.05},
     ]
     expected = []
     for i, (prompt, new, kwargs) in enumerate(zip(prompts, NEW, settings)):

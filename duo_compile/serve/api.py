@@ -203,16 +203,18 @@ def create_app(engine, slots: SlotPlan, *, model_name: str, token_budget: int | 
 
     async def _whole(request: Request, seq: Sequence, tracker: _Tracker, stream: TextStream, meta, chat: bool):
         reason, error = None, None
+        check = time.monotonic() + _DISCONNECT_POLL
         try:
             while reason is None:
                 try:
                     update = await asyncio.wait_for(tracker.queue.get(), _DISCONNECT_POLL)
+                    reason, error = update.finish_reason, update.error
                 except asyncio.TimeoutError:
+                    pass
+                if reason is None and time.monotonic() >= check:  # (tokens may come faster than the poll)
+                    check = time.monotonic() + _DISCONNECT_POLL
                     if await request.is_disconnected():
-                        engine_loop.cancel(seq)
-                        return PlainTextResponse("", status_code=499)
-                    continue
-                reason, error = update.finish_reason, update.error
+                        return PlainTextResponse("", status_code=499)  # (the finally cancels the request)
         finally:
             if reason is None:
                 engine_loop.cancel(seq)
