@@ -175,3 +175,28 @@ def test_slots_from_a_kv_memory_budget():
     with pytest.raises(ValueError, match="holds no request"):
         plan_slots(engine, 4, kv_cache_memory=row - 1)
     assert 1 <= plan_slots(engine, 3, memory_fraction=0.5).slots <= 3
+
+
+def test_step_on_some_rows_touches_only_those_rows():
+    """``Engine.step(rows=slice)``: the chosen cache rows get what a batch of those rows alone gets, bitwise; the
+    other rows are not written; a slice that does not match the input is refused before anything runs."""
+    engine = _engine()
+    prompt = torch.tensor([_prompts()[1]])
+    engine.release()
+    engine.allocate(1)  # zeros: the slots the prompt writes are the non-zero ones
+    alone = engine.step(prompt, 0)
+    alone_caches = [c.clone() for c in engine.caches]
+    engine.allocate(3)
+    for cache in engine.caches:
+        cache.normal_()
+    before = [c.clone() for c in engine.caches]
+    logits = engine.step(prompt, 0, rows=slice(1, 2))
+    torch.testing.assert_close(logits, alone, rtol=0, atol=0)
+    for cache, old, ref in zip(engine.caches, before, alone_caches):
+        assert torch.equal(cache[0], old[0]) and torch.equal(cache[2], old[2])
+        written = ref[0] != 0  # the slots the prompt wrote (the rest of the row keeps its old values)
+        assert torch.equal(cache[1][written], ref[0][written])
+    with pytest.raises(ValueError, match="select 2 cache rows, got input batch 1"):
+        engine.step(prompt, 0, rows=slice(0, 2))
+    with pytest.raises(ValueError, match="rows must be a slice"):
+        engine.step(prompt, 0, rows=1)
