@@ -11,8 +11,8 @@ greedy, no eos) run through ``Scheduler`` on one thread, the loop ``duo-compile 
   online    requests arriving at a fixed ``--rate`` per second (the same prompts); time to first token (TTFT)
             p50/p99 and inter-token latency (ITL) p50 from each request's arrival, tokens/s as offline
 
-Also, for scale, one request at a time: ``Engine.generate`` of the first request alone (the DuoAttention engine),
-its output tokens/s. The bound on the throughput ratio is the ratio of slots (decode-bound: the tokens per step
+Also, for scale, one request at a time: the first request alone through the DuoAttention engine's ``generate``
+and through the Hugging Face model's own ``model.generate`` (sdpa, dynamic cache), their output tokens/s. The bound on the throughput ratio is the ratio of slots (decode-bound: the tokens per step
 scale with the rows; prefill, the same work for both, dilutes it). Writes ``serve_bench.json`` and
 ``serve_bench.png`` under ``--out``.
 
@@ -106,14 +106,17 @@ def run_stream(engine, slots: int, prompts: list[list[int]], output_tokens: int,
     }
 
 
-def one_at_a_time(engine, prompt: list[int], output_tokens: int) -> dict:
-    ids = torch.tensor([prompt], device=engine.device)
-    sync(engine.device)
+def one_at_a_time(generate, device, prompt: list[int], output_tokens: int) -> dict:
+    """One request alone through ``generate`` (an engine's, or the Hugging Face model's): its output tokens/s."""
+    ids = torch.tensor([prompt], device=device)
+    sync(device)
     t0 = time.perf_counter()
-    engine.generate(ids, max_new_tokens=output_tokens, eos_token_id=None)
-    sync(engine.device)
+    with torch.no_grad():
+        out = generate(ids, max_new_tokens=output_tokens, do_sample=False)
+    sync(device)
     seconds = time.perf_counter() - t0
-    return {"prompt_tokens": len(prompt), "seconds": seconds, "output_tokens_per_s": output_tokens / seconds}
+    new = out.shape[1] - len(prompt)
+    return {"prompt_tokens": len(prompt), "output_tokens": new, "seconds": seconds, "output_tokens_per_s": new / seconds}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -212,14 +215,17 @@ def main(argv=None) -> int:
         for mode, mode_rate in (("offline", None), ("online", rate)):
             runs[mode] = run_stream(engine, slots, prompts, output_tokens, mode_rate, chunk + slots, deadline)
             log(f"{name} {mode}: {json.dumps(runs[mode])}")
-        if name == "duo":
+        if name == "duo" and time.perf_counter() < deadline:
             engine.release()
-            runs["one_at_a_time"] = one_at_a_time(engine, prompts[0], output_tokens)
+            runs["one_at_a_time"] = one_at_a_time(engine.generate, device, prompts[0], output_tokens)
             log(f"{name} one at a time: {json.dumps(runs['one_at_a_time'])}")
         result["engines"][name] = runs
         engine.release()
         del engine, warm
         free_memory()
+    if time.perf_counter() < deadline:  # the Hugging Face model itself, one request at a time
+        result["hf_generate_one_at_a_time"] = one_at_a_time(model.generate, device, prompts[0], output_tokens)
+        log(f"model.generate one at a time: {json.dumps(result['hf_generate_one_at_a_time'])}")
     if {"duo", "full"} <= result["engines"].keys():
         duo, full = result["engines"]["duo"], result["engines"]["full"]
         result["ratios"] = {

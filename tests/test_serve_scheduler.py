@@ -3,7 +3,7 @@ every request exactly what ``Engine.generate`` gives its prompt alone (tiny rand
 
 Prompts of 3..40 tokens with 3..14 new tokens against sink 4 + recent 8: most sequences are longer than the
 streaming window, so rings wrap while other rows still fill their sinks. Schedules vary the number of slots,
-the per-step token budget (down to the number of slots, so long prompts are prefilled a few tokens per step
+the per-step token budget (down to 4 tokens for 2 slots, so long prompts are prefilled a few tokens per step
 while other rows decode), the arrival order and times, and cancellations that free slots mid-stream.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _sequences(engine, prompts, **kwargs):
 SCHEDULES = {
     # slots, token budget, arrival step of each request
     "one-slot": (1, 16, [0] * 7),
-    "two-slots-budget-equals-slots": (2, 2, [0, 0, 0, 3, 3, 9, 9]),
+    "two-slots-budget-4": (2, 4, [0, 0, 0, 3, 3, 9, 9]),
     "three-slots-staggered": (3, 7, [0, 1, 1, 5, 9, 9, 30]),
     "reversed-arrivals-wide": (8, 64, [12, 10, 8, 6, 4, 2, 0]),
 }
