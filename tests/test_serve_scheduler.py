@@ -200,3 +200,42 @@ def test_step_on_some_rows_touches_only_those_rows():
         engine.step(prompt, 0, rows=slice(0, 2))
     with pytest.raises(ValueError, match="rows must be a slice"):
         engine.step(prompt, 0, rows=1)
+
+
+def test_engine_thread_survives_a_failed_step(monkeypatch):
+    """serve/loop.py: a step that raises ends the running request with an error; the thread serves the next one
+    exactly, and stop() cancels what waits."""
+    import queue
+
+    from duo_compile.serve.loop import EngineLoop
+
+    engine = _engine()
+    loop = EngineLoop(Scheduler(engine, 1, max_waiting=4))
+    real_step, calls = engine.step, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", failing_once)
+    done: queue.Queue = queue.Queue()
+    prompt = _prompts()[0]
+    first = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=NEW[0])
+    second = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=NEW[0])
+    loop.start()
+    loop.submit(first)
+    loop.submit(second)
+    ends = {}
+    while len(ends) < 2:
+        update = done.get(timeout=60)
+        if update.finish_reason is not None:
+            ends[update.sequence.id] = update
+    assert ends[first.id].finish_reason == "error" and "boom" in ends[first.id].error
+    assert ends[second.id].finish_reason == LENGTH and tuple(second.tokens) == _alone()[0]
+    assert loop.alive and loop.counts == (0, 0)
+    third = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=50)
+    loop.submit(third)
+    loop.stop(timeout=30)
+    assert third.finish_reason == CANCELLED and not loop.alive

@@ -4,8 +4,8 @@
 The thread sleeps on the inbox while nothing runs, and otherwise drains it between steps, so a request joins
 (and a cancelled one leaves, freeing its slot) at the next step. Each ``Update`` goes to its sequence's
 ``on_update`` callback, called on this thread (the server's callback hands it to its event loop). An exception
-from a step ends the requests it concerned with an error (``finish_reason`` "error") and the thread goes on:
-one bad step never stops the server. ``stop`` ends the thread; requests still running are cancelled.
+from a step ends the running requests with an error (``finish_reason`` "error"; their rows may be half written)
+and the thread goes on with the waiting ones: one bad step never stops the server. ``stop`` ends the thread; requests still running are cancelled.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class EngineLoop:
                 updates = scheduler.step()
             except Exception as err:  # the engine failed: end what ran, keep serving
                 log.exception("engine step failed")
-                updates = scheduler.fail_all(f"the engine failed: {type(err).__name__}: {err}")
+                updates = scheduler.fail_running(f"the engine failed: {type(err).__name__}: {err}")
             self._count()
             self._deliver(updates)
             if self.on_step is not None:

@@ -89,13 +89,11 @@ class Scheduler:
                 return None
         return self._end(seq, None, CANCELLED)
 
-    def fail_all(self, message: str) -> list[Update]:
-        """End every request with an error (the engine raised): the slots are free and the server goes on."""
-        updates = []
-        for seq in [*filter(None, self.running), *self.waiting]:
-            updates.append(self._end(seq, None, ERROR, message))
+    def fail_running(self, message: str) -> list[Update]:
+        """End every running request with an error (a step raised, so their rows may be half written): the slots
+        are free, the waiting requests keep their places."""
+        updates = [self._end(seq, None, ERROR, message) for seq in self.running if seq is not None]
         self.running = [None] * self.slots
-        self.waiting.clear()
         return updates
 
     # ---------------------------------------------------------------------------------------------- steps
