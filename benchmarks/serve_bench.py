@@ -199,8 +199,12 @@ def main(argv=None) -> int:
               "requests": requests, "prompt_range": [low, high], "output_tokens": output_tokens, "rate": rate,
               "kv_budget_gib": budget / 2**30, "sparsity": shape["sparsity"], "sink": sink, "recent": recent,
               "chunk": chunk, "max_seq_len": max_seq_len, "engines": {}}
-    deadline = began + args.deadline
-    for name in args.engines.split(","):
+    # The Hugging Face model itself, one request at a time (first: the engines' runs then share what is left).
+    result["hf_generate_one_at_a_time"] = one_at_a_time(model.generate, device, prompts[0], output_tokens)
+    log(f"model.generate one at a time: {json.dumps(result['hf_generate_one_at_a_time'])}")
+    names = args.engines.split(",")
+    for index, name in enumerate(names):
+        share = began + args.deadline * (index + 1) / len(names)  # each engine its share of the time
         log(f"compiling {name} ...")
         engine = duo_compile.compile(model, masks[name], sink_size=sink, recent_size=recent, max_seq_len=max_seq_len,
                                      prefill_chunk_size=chunk, backend="eager" if tiny else "inductor")
@@ -213,9 +217,11 @@ def main(argv=None) -> int:
         while warm.has_work():
             warm.step()
         for mode, mode_rate in (("offline", None), ("online", rate)):
-            runs[mode] = run_stream(engine, slots, prompts, output_tokens, mode_rate, chunk + slots, deadline)
+            now = time.perf_counter()
+            until = now + (share - now) / 2 if mode == "offline" else share  # each run half of what is left
+            runs[mode] = run_stream(engine, slots, prompts, output_tokens, mode_rate, chunk + slots, until)
             log(f"{name} {mode}: {json.dumps(runs[mode])}")
-        if name == "duo" and time.perf_counter() < deadline:
+        if name == "duo" and time.perf_counter() < share:
             engine.release()
             runs["one_at_a_time"] = one_at_a_time(engine.generate, device, prompts[0], output_tokens)
             log(f"{name} one at a time: {json.dumps(runs['one_at_a_time'])}")
@@ -223,9 +229,6 @@ def main(argv=None) -> int:
         engine.release()
         del engine, warm
         free_memory()
-    if time.perf_counter() < deadline:  # the Hugging Face model itself, one request at a time
-        result["hf_generate_one_at_a_time"] = one_at_a_time(model.generate, device, prompts[0], output_tokens)
-        log(f"model.generate one at a time: {json.dumps(result['hf_generate_one_at_a_time'])}")
     if {"duo", "full"} <= result["engines"].keys():
         duo, full = result["engines"]["duo"], result["engines"]["full"]
         result["ratios"] = {
