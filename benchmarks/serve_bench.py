@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The checkout instead of this folder (whose kernels.py would shadow the ``kernels`` package transformers imports).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duo_compile
 from duo_compile.masks import PATTERNS_DIR, HeadMasks

@@ -18,7 +18,7 @@ from duo_compile.masks import kv_cache_bytes
 from duo_compile.serve.memory import plan_slots
 from duo_compile.serve.scheduler import QueueFull, Scheduler
 from duo_compile.serve.sequence import CANCELLED, LENGTH, STOP, Sequence
-from tests.tiny_models import mixed_gates, tiny_model
+from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
 
 SINK, RECENT, MAX_LEN = 4, 8, 96
 LENGTHS = (5, 30, 17, 40, 3, 21, 12)
@@ -27,9 +27,10 @@ NEW = (6, 9, 4, 14, 10, 3, 5)
 
 @functools.cache
 def _engine(mode: str = "window", chunk: int | None = None):
-    model = tiny_model("llama", gqa=True)
-    masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
-    return duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+    if chunk is None:
+        return cached_engine("llama", True, mode, "eager", SINK, RECENT, MAX_LEN)
+    model = cached_tiny_model("llama", True)
+    return duo_compile.compile(model, mixed_masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
                                streaming_mode=mode, prefill_chunk_size=chunk, backend="eager")
 
 
