@@ -78,7 +78,6 @@ def _sequences(engine, prompts, **kwargs):
 
 SCHEDULES = {
     # slots, token budget, arrival step of each request
-    "one-slot": (1, 16, [0] * 7),
     "two-slots-budget-4": (2, 4, [0, 0, 0, 3, 3, 9, 9]),
     "three-slots-staggered": (3, 7, [0, 1, 1, 5, 9, 9, 30]),
     "reversed-arrivals-wide": (8, 64, [12, 10, 8, 6, 4, 2, 0]),
