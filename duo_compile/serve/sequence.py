@@ -21,7 +21,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 
 from duo_compile.runtime import generation
 
-_ids = itertools.count()
+_next_id = itertools.count()
 
 # Why a sequence ended (OpenAI's finish_reason words, plus the server's own two).
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -48,7 +48,7 @@ class Sequence:
     prompt: list[int]
     plan: generation.Plan
     on_update: Callable[[Update], None] | None = None
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = field(default_factory=lambda: next(_next_id))
     arrival: float = field(default_factory=time.monotonic)
     slot: int | None = None
     cached: int = 0
