@@ -213,6 +213,8 @@ def compile(
         recent_size=config.recent_size,
         streaming_mode=config.streaming_mode,
         expected_layers=info.num_layers,
+        max_seq_len=config.max_seq_len,
+        declared_windows=info.layer_windows,
         fuse_projections=fuse_projections,
         tensor_parallel=parallel,
     )

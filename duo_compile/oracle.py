@@ -17,6 +17,12 @@ Rule, for a query at absolute position ``p`` and a key at ``j <= p``:
 
 Under GQA, query head ``h`` uses KV head ``h // (H_q / H_kv)`` and takes its mask.
 
+Sliding-window layers (read from the config here again: ``layer_types`` entries ``"sliding_attention"`` with
+``sliding_window = W``, or, without ``layer_types``, every layer when ``sliding_window`` is set and
+``use_sliding_window`` is not off: Mistral, Qwen2/3, Ministral, Gemma 3's local layers) keep the model's own rule for
+every head, whatever the masks say: key ``j`` is visible to query ``p`` iff ``p - W < j <= p``. The masks apply to
+the other layers. A layer whose module passes a different ``sliding_window`` to the attention function is an error.
+
 The model is switched to the oracle's attention only inside a context manager that always restores every
 config's attention implementation (``try``/``finally``); the oracle checks that every decoder layer actually
 went through it, so a model that bypasses the attention interface is an error, not a silent full-attention run.
@@ -169,6 +175,7 @@ def layer_visibility(
 @dataclasses.dataclass
 class _OracleState:
     masks: torch.Tensor  # [layers, kv_heads, T, T] bool
+    windows: list[int]  # per layer, the config's sliding window (0: full attention)
     calls: list[int]  # attention calls seen per layer in the current forward
 
 
@@ -199,11 +206,6 @@ def oracle_attention(
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise RuntimeError(f"{type(module).__name__} has no layer_idx; the oracle cannot tell which layer's masks to use")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(
-            f"layer {layer}: the model uses sliding-window attention (sliding_window={kwargs['sliding_window']}); "
-            "the oracle assumes full-attention layers"
-        )
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError(f"layer {layer}: attention logit softcapping / sink logits are not supported")
     masks = state.masks
@@ -223,6 +225,10 @@ def oracle_attention(
         )
     groups = num_q_heads // num_kv_heads
     visible = masks[layer].to(query.device).repeat_interleave(groups, dim=0)  # [H_q, T, S]
+    passed = kwargs.get("sliding_window")
+    if passed is not None and int(passed) != state.windows[layer]:
+        raise RuntimeError(f"layer {layer}: the module passes sliding_window={passed} but the config declares "
+                           f"{state.windows[layer] or 'full attention'} for this layer")
     scale = head_dim**-0.5 if scaling is None else scaling
     q = query.float()
     k = key.float().repeat_interleave(groups, dim=1)
@@ -277,14 +283,15 @@ def _set_impl(cfg: Any, value: Any) -> None:
 
 
 @contextlib.contextmanager
-def _oracle_attention_installed(model: torch.nn.Module, masks: torch.Tensor) -> Iterator[_OracleState]:
+def _oracle_attention_installed(model: torch.nn.Module, masks: torch.Tensor,
+                                windows: list[int]) -> Iterator[_OracleState]:
     """Route the model's attention through ``oracle_attention`` with ``masks``; always restore the model."""
     _register()
     configs = _configs(model)
     if not configs:
         raise TypeError(f"{type(model).__name__} has no transformers config; the oracle needs a Hugging Face model")
     saved = [(cfg, _get_impl(cfg)) for cfg in configs]
-    state = _OracleState(masks=masks, calls=[0] * masks.shape[0])
+    state = _OracleState(masks=masks, windows=windows, calls=[0] * masks.shape[0])
     token = _ACTIVE.set(state)
     try:
         for cfg in configs:
@@ -309,6 +316,24 @@ def _model_shape(model: torch.nn.Module) -> tuple[int, int]:
         config = config.get_text_config()
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return int(config.num_hidden_layers), int(num_kv_heads)
+
+
+def _windows(model: torch.nn.Module) -> list[int]:
+    """Per layer, the sliding window the model's config declares (0: full attention), read here again."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return [0] * layers
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * layers
+    return [int(window) if kind == "sliding_attention" else 0 for kind in kinds]
+
+
+def _window_visibility(seq_len: int, window: int, device) -> torch.Tensor:
+    """``[seq_len, seq_len]`` bool: the model's sliding window, ``p - window < j <= p``."""
+    pos = torch.arange(seq_len, device=device)
+    p, j = pos[:, None], pos[None, :]
+    return (j <= p) & (p - j < window)
 
 
 def _check_retrieval(model: torch.nn.Module, retrieval: Any) -> np.ndarray:
@@ -367,7 +392,11 @@ def oracle_logits(
             for row in retrieval_arr
         ]
     )
-    with _oracle_attention_installed(model, masks) as state:
+    windows = _windows(model)
+    for layer, window in enumerate(windows):
+        if window:
+            masks[layer] = _window_visibility(seq_len, window, input_ids.device)
+    with _oracle_attention_installed(model, masks, windows) as state:
         out = model(input_ids=input_ids, use_cache=False)
     if state.calls != [1] * len(state.calls):
         raise RuntimeError(

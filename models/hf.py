@@ -1,7 +1,10 @@
 """What the compiler needs to know about Hugging Face causal LMs, and nothing more.
 
-The passes work on any graph with SDPA attention; this file only declares which model families are known to
-lower correctly, how to read their shapes from the config, and how to call them for capture.
+There is no list of accepted families: a model is accepted when its captured graph's attention is what the passes
+can prove they lower exactly (``passes/find_attention.py``: SDPA with a causal or sliding-window mask, q/k/v from
+linear layers through head-wise ops). This file reads the shapes the compiler needs from the config, refuses the
+attention variants a config declares and SDPA cannot express (before any work), and says how to call a model
+for capture. The families that are tested are listed in README.md.
 """
 from __future__ import annotations
 
@@ -10,19 +13,20 @@ from typing import Any
 
 import torch
 
-# Families whose attention is plain causal SDPA over RoPE'd q/k with separate q/k/v/o projections. The passes
-# would find attention in other families too, but extras (soft-capping, per-layer sliding windows, shared KV)
-# would change the semantics silently, so only these are accepted.
-SUPPORTED_FAMILIES = {
-    "llama": "Llama 2/3 (MHA and GQA)",
-    "mistral": "Mistral (sliding_window must be None or >= max_seq_len)",
-    "qwen2": "Qwen2 (q/k/v biases)",
+# Config fields that declare attention SDPA cannot express (or the passes do not lower); each with its reason.
+UNSUPPORTED_ATTENTION = {
+    "attn_logit_softcapping": "attention logit soft-capping (tanh of the scores) is not expressible with SDPA",
+    "attention_chunk_size": "chunked (block-local) attention layers are not lowered",
 }
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Shapes of a decoder-only transformer, as its config declares them (0 where the config has no value)."""
+    """Shapes of a decoder-only transformer, as its config declares them (0 where the config has no value).
+
+    ``layer_windows``: per layer, the sliding window its config declares (tokens a query sees, itself included),
+    0 for a full-attention layer; empty when every layer is full attention.
+    """
 
     family: str
     num_layers: int
@@ -31,6 +35,15 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
+    layer_windows: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_windows", tuple(int(w) for w in self.layer_windows))  # lists from JSON
+
+    def window_layers(self, max_seq_len: int) -> list[int]:
+        """The layers whose window is shorter than ``max_seq_len``: they run as window layers (sink 0, recent =
+        window) whatever the masks say; a window of ``max_seq_len`` or more is full attention for the engine."""
+        return [layer for layer, w in enumerate(self.layer_windows) if 0 < w < max_seq_len]
 
 
 def text_config(model_or_config: Any) -> Any:
@@ -43,11 +56,26 @@ def text_config(model_or_config: Any) -> Any:
     return config
 
 
-def read_shape(model_or_config: Any) -> ModelInfo:
-    """The one reader of a Hugging Face config: layers, heads, KV heads, head dim, vocabulary and positions.
+def _layer_windows(config: Any, num_layers: int) -> tuple[int, ...]:
+    """Per layer, the declared sliding window (0 = full attention). ``layer_types`` names each layer's kind where
+    the config has it (Gemma 2/3, Qwen2/3, Ministral, Mistral); without it, a ``sliding_window`` (switched on by
+    ``use_sliding_window``, default on) applies to every layer."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return ()
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return (int(window),) * num_layers
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in types)
+    return windows if any(windows) else ()
 
-    Takes a model, its config, or a ModelInfo (returned as is), whatever the family; ``model_info`` adds the
-    check that the family is one the compiler lowers. ValueError when the config has no attention shape.
+
+def read_shape(model_or_config: Any) -> ModelInfo:
+    """The one reader of a Hugging Face config: layers, heads, KV heads, head dim, vocabulary, positions and
+    per-layer sliding windows.
+
+    Takes a model, its config, or a ModelInfo (returned as is), whatever the family. ValueError when the config
+    has no attention shape.
     """
     if isinstance(model_or_config, ModelInfo):
         return model_or_config
@@ -66,26 +94,20 @@ def read_shape(model_or_config: Any) -> ModelInfo:
         head_dim=int(head_dim),
         vocab_size=int(getattr(config, "vocab_size", None) or 0),
         max_position_embeddings=int(getattr(config, "max_position_embeddings", None) or 0),
+        layer_windows=_layer_windows(config, num_layers),
     )
 
 
-def model_info(model: torch.nn.Module) -> ModelInfo:
-    """Read the shapes of a supported Hugging Face causal LM; a clear error for anything else."""
-    config = getattr(model, "config", None)
-    family = getattr(config, "model_type", None)
-    if config is None or family not in SUPPORTED_FAMILIES:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
-        raise ValueError(
-            f"unsupported model {type(model).__name__} (model_type={family!r}); duo_compile lowers Hugging Face "
-            f"causal LMs of these families: {supported}"
-        )
-    return read_shape(config)
-
-
 def check_supported(model: torch.nn.Module, max_seq_len: int) -> ModelInfo:
-    """Reject configurations whose attention is not plain causal attention up to ``max_seq_len``."""
-    info = model_info(model)
-    check_config(model.config, max_seq_len, type(model).__name__)
+    """The checks a model's config allows before capture (``check_config``), plus the rotary modules' own types;
+    the graph's attention is checked by the passes after capture."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(text_config(config), "num_attention_heads"):
+        raise ValueError(
+            f"unsupported model {type(model).__name__}: duo_compile lowers Hugging Face causal LMs (a model with a "
+            f"config declaring its attention heads)"
+        )
+    info = check_config(config, max_seq_len, type(model).__name__)
     # The rotary module's own type too: it is what runs, whatever the config was edited to afterwards.
     for module in model.modules():
         _check_rope(getattr(module, "rope_type", None), f"{type(module).__name__}.rope_type", type(model).__name__)
@@ -94,28 +116,19 @@ def check_supported(model: torch.nn.Module, max_seq_len: int) -> ModelInfo:
 
 def check_config(config: Any, max_seq_len: int, name: str | None = None) -> ModelInfo:
     """``check_supported`` for a config alone (the CLI checks a model directory's config.json before it loads
-    the weights): the family, sliding windows shorter than ``max_seq_len``, and dynamic RoPE scaling.
+    the weights): attention variants SDPA cannot express (``UNSUPPORTED_ATTENTION``) and dynamic RoPE scaling.
     ``name`` (default: the config's class) names the model in the errors."""
     name = name or type(config).__name__
-    family = getattr(config, "model_type", None)
-    if family not in SUPPORTED_FAMILIES:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_FAMILIES.items())
-        raise ValueError(
-            f"unsupported model {name} (model_type={family!r}); duo_compile lowers Hugging Face causal LMs of "
-            f"these families: {supported}"
-        )
     info = read_shape(config)
-    window = getattr(config, "sliding_window", None)
-    uses_window = window is not None and getattr(config, "use_sliding_window", True)
-    if uses_window and window < max_seq_len:
-        raise ValueError(
-            f"{info.family} model uses sliding-window attention of {window} tokens, shorter than "
-            f"max_seq_len={max_seq_len}; duo_compile only lowers full causal attention"
-        )
+    text = text_config(config)
+    for field, reason in UNSUPPORTED_ATTENTION.items():
+        value = getattr(text, field, None)
+        if value is not None:
+            raise ValueError(f"unsupported: {name} has {field}={value!r}: {reason}")
     # transformers 5 names the RoPE dict rope_parameters and keeps rope_scaling as an alias; 4.x and old
     # config.json files have rope_scaling only, sometimes with "type" for "rope_type".
     for attr in ("rope_parameters", "rope_scaling"):
-        value = getattr(config, attr, None)
+        value = getattr(text, attr, None)
         if isinstance(value, dict):
             for params in _rope_dicts(value):
                 rope_type = params.get("rope_type", params.get("type"))

@@ -14,7 +14,8 @@ class AttentionSite:
 
     ``q`` is ``[B, num_heads, T, head_dim]`` after RoPE; ``k``/``v`` are the per-KV-head tensors
     ``[B, num_kv_heads, T, head_dim]`` (looked through repeat_kv); the ``*_proj`` nodes are the linear layers
-    that produce them and consume the attention output.
+    that produce them and consume the attention output (one node for q, k and v when the model projects them
+    with one linear layer, ``segments`` then saying which columns are which).
     """
 
     layer: int
@@ -30,6 +31,13 @@ class AttentionSite:
     num_kv_heads: int
     head_dim: int
     scale: float
+    # Sliding window of this layer's mask (keys a query sees, itself included), 0 for causal attention.
+    window: int = 0
+    # Per value ("q", "k", "v"): parameters between its projection and SDPA that hold one block per head (a norm
+    # over the whole projection), permuted with the heads by reorder_heads.
+    head_params: dict = field(default_factory=dict)
+    # Per value, its (start, end) columns of a projection shared by q, k and v (Phi-3's qkv_proj), else None.
+    segments: dict | None = None
 
     @property
     def groups(self) -> int:
@@ -83,6 +91,11 @@ class PassContext:
     recent_size: int
     streaming_mode: str = "window"  # or "chunk"
     expected_layers: int | None = None
+    # The engine's longest sequence: a mask's window at least this long is causal attention for the engine.
+    max_seq_len: int | None = None
+    # Per layer, the sliding window the model's config declares (0: full attention; empty: none), which the
+    # masks found in the graph must match (models.hf.ModelInfo.layer_windows).
+    declared_windows: tuple = ()
     # Switches of the optional passes (see pipeline.OPTIONAL); a pass switched off is recorded as SKIPPED.
     # Pass 3 (tensor_parallel): this rank's share under tensor parallelism (parallel.group.TensorParallel), or None.
     tensor_parallel: Any = None

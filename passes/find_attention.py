@@ -5,6 +5,12 @@ looks through Hugging Face's ``repeat_kv`` (unsqueeze -> expand -> reshape) to t
 and finds the linear layers that produce q, k, v and consume the output. Emits nothing: it fills
 ``ctx.sites`` and sets ``node.meta["duo_attention"]``. Anything it cannot recognise is an error that names the
 node, never a silent skip.
+
+It is also where a model is accepted: each SDPA node must be attention the later passes lower exactly, or the
+compile stops with an error naming the node and the reason. Its mask must be causal or a causal sliding window
+(``attention_mask.read_window``, matching the window the config declares for that layer); q, k and v must come
+from their projections head by head (``head_paths.head_wise_params``), from separate linear layers or from
+column slices of one shared layer; no dropout, a 4-D head layout.
 """
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ from collections import Counter
 import torch
 from torch import fx
 
+from .attention_mask import read_window
 from .context import AttentionSite, PassContext
 from .graph_utils import VIEW_OPS, find_producers, is_linear, shape_of
+from .head_paths import head_wise_params
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -67,12 +75,13 @@ def _describe_attention_like(gm: fx.GraphModule) -> str:
     return ", ".join(f"{name} x{c}" for name, c in sorted(counts.items())) or "no attention-like ops at all"
 
 
-def _site(node: fx.Node, layer: int) -> AttentionSite:
+def _site(gm: fx.GraphModule, node: fx.Node, layer: int, ctx: PassContext, masks_seen: dict) -> AttentionSite:
     q, k_rep, v_rep = node.args[:3]
     kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"), node.args[3:]), **node.kwargs)
     if kwargs.get("dropout_p", 0.0) not in (0, 0.0):
         raise ValueError(f"attention node {node.name} uses dropout_p={kwargs['dropout_p']}; capture in eval mode")
-    if kwargs.get("attn_mask") is None and not kwargs.get("is_causal", False):
+    mask = kwargs.get("attn_mask")
+    if mask is None and not kwargs.get("is_causal", False):
         raise ValueError(f"attention node {node.name} is neither causal nor masked: not a decoder's attention")
     k, v = _through_repeat_kv(k_rep), _through_repeat_kv(v_rep)
     q_shape, k_shape, v_shape = shape_of(q), shape_of(k), shape_of(v)
@@ -100,8 +109,46 @@ def _site(node: fx.Node, layer: int) -> AttentionSite:
         head_dim=head_dim,
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
     )
+    site.segments = _segments(site)
     _check_projection_shapes(site)
+    for what, heads in (("q", num_heads), ("k", num_kv_heads), ("v", num_kv_heads)):
+        site.head_params[what] = head_wise_params(
+            node.name, getattr(site, f"{what}_proj"), getattr(site, what), heads, head_dim,
+            {"q": "query", "k": "key", "v": "value"}[what], None if site.segments is None else site.segments[what])
+    site.window = _window(gm, site, mask, ctx, masks_seen)
     return site
+
+
+def _segments(site: AttentionSite) -> dict | None:
+    """The columns of q, k and v in a projection the three share, or None for three separate projections."""
+    projs = (site.q_proj, site.k_proj, site.v_proj)
+    if len(set(projs)) == 3:
+        return None
+    if len(set(projs)) != 1:
+        raise ValueError(f"attention node {site.node.name}: two of q, k, v share a linear layer and one does not "
+                         f"({', '.join(p.name for p in projs)}); duo_compile splits one shared q/k/v projection only")
+    q_width, kv_width = site.num_heads * site.head_dim, site.num_kv_heads * site.head_dim
+    return {"q": (0, q_width), "k": (q_width, q_width + kv_width),
+            "v": (q_width + kv_width, q_width + 2 * kv_width)}
+
+
+def _window(gm: fx.GraphModule, site: AttentionSite, mask: fx.Node | None, ctx: PassContext, seen: dict) -> int:
+    """The layer's sliding window as its mask computes it (0: causal), checked against the config's; a window of
+    ``max_seq_len`` or more counts as causal (no query of the engine sees it hide a key)."""
+    declared = ctx.declared_windows[site.layer] if site.layer < len(ctx.declared_windows) else 0
+    limit = ctx.max_seq_len or (1 << 62)
+    if mask is None:
+        window = 0
+    else:
+        longest = max(ctx.declared_windows, default=0)
+        window = read_window(gm, site.node, mask, min(limit, max(longest, 64) + 8), seen)
+    expected = declared if 0 < declared < limit else 0
+    if window != expected:
+        said = f"a sliding window of {declared} tokens" if declared else "full attention"
+        found = f"a sliding window of {window} tokens" if window else "causal"
+        raise ValueError(f"attention node {site.node.name} (layer {site.layer}): its mask is {found}, but the "
+                         f"model's config declares {said} for this layer")
+    return window
 
 
 def _check_projection_shapes(site: AttentionSite) -> None:
@@ -112,6 +159,8 @@ def _check_projection_shapes(site: AttentionSite) -> None:
         "v_proj": (site.v_proj, 0, site.num_kv_heads * site.head_dim),
         "o_proj": (site.o_proj, 1, site.num_heads * site.head_dim),
     }
+    if site.segments is not None:
+        expected = {"qkv_proj": (site.q_proj, 0, site.segments["v"][1]), "o_proj": expected["o_proj"]}
     for name, (linear, dim, size) in expected.items():
         weight_shape = shape_of(linear.args[1])
         if weight_shape[dim] != size:
@@ -131,7 +180,8 @@ def find_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         )
     if ctx.expected_layers is not None and len(nodes) != ctx.expected_layers:
         raise ValueError(f"found {len(nodes)} attention nodes but the model declares {ctx.expected_layers} layers")
-    ctx.sites = [_site(node, layer) for layer, node in enumerate(nodes)]
+    masks_seen: dict = {}
+    ctx.sites = [_site(gm, node, layer, ctx, masks_seen) for layer, node in enumerate(nodes)]
     for site in ctx.sites:
         site.node.meta["duo_attention"] = site
     expected_shape = (len(ctx.sites), ctx.sites[0].num_kv_heads)

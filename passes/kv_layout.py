@@ -6,7 +6,8 @@ position of this call's first token in each row) and ``valid`` int64 ``[B]`` (ho
 real; the rest are padding), and one K and one V cache per layer and head group, and replaces each op with its
 cached form, which writes each row's real keys/values into its cache and attends to that row's cached tokens:
   retrieval cache ``[B, n_l, max_seq_len, D]``: token p in slot p;
-  streaming cache ``[B, H_kv - n_l, sink + recent, D]``: sink slots, then a ring of the recent tokens.
+  streaming cache ``[B, H_kv - n_l, sink + recent, D]``: sink slots, then a ring of the recent tokens (a
+  sliding-window layer's: ``[B, H_kv, window, D]``, a ring only, always in window mode: the model's own rule).
 Keys are cached after RoPE at their true positions, so nothing is re-rotated. The graph becomes
 ``forward(input_ids, position_ids, cache_start, valid, *caches) -> logits``; ``ctx.cache_specs`` lists the caches
 in argument order, for the runtime to allocate.
@@ -70,7 +71,8 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         site = sites[layer]
         n_r = ctx.retrieval_counts[layer]
         num_heads = n_r if kind == "retrieval" else site.num_kv_heads - n_r
-        slots = None if kind == "retrieval" else ctx.sink_size + ctx.recent_size
+        q, k, v, scale, *window = node.args
+        slots = None if kind == "retrieval" else sum(window)  # sink + recent of this op
         caches = []
         for tensor in ("k", "v"):
             spec = CacheSpec(f"{tensor}_{kind}_{layer}", layer, kind, tensor, num_heads, site.head_dim, slots)
@@ -78,10 +80,9 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             with graph.inserting_after(last_input):
                 last_input = graph.placeholder(spec.name)
             caches.append(last_input)
-        q, k, v, scale, *window = node.args
         args = (q, k, v, *caches, cache_start, valid, scale, *window)
         if kind == "streaming":
-            args += (ctx.streaming_mode == "chunk",)
+            args += (ctx.streaming_mode == "chunk" and not node.meta.get("duo_window"),)
         with graph.inserting_before(node):
             new = graph.call_function(cached_op, args)
         new.meta = dict(node.meta)

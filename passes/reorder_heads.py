@@ -4,12 +4,18 @@ Matches the q/k/v/o projections of every site found by ``find_attention``. Emits
 projection weights (and biases) with permuted copies. A stable partition puts the retrieval KV heads first,
 each with its GQA group of query heads, so later passes split a layer with one contiguous slice instead of a
 gather. q rows move in blocks of ``groups * head_dim``, k/v rows in blocks of ``head_dim``, o_proj input columns
-in blocks of ``groups * head_dim``. RoPE acts inside each head, so it is unaffected.
+in blocks of ``groups * head_dim``. RoPE acts inside each head, so it is unaffected; parameters that hold a block
+per head between a projection and attention (``AttentionSite.head_params``: a norm over the whole projection)
+move with the rows; a projection shared by q, k and v is permuted within each one's columns.
+
+A sliding-window layer (``AttentionSite.window``) has no retrieval heads whatever the masks say: all its heads
+are window heads, so it is left in its order with ``retrieval_counts[l] == 0``.
 
 Under tensor parallelism (``ctx.tensor_parallel``) the order is this rank's heads of the head placement
 (``parallel/placement.py``, retrieval first) and the blocks of the other ranks' heads are left out: the rank's
 projections hold only its heads (never a copy of the others'), the site's head counts and ``retrieval_counts``
-become this rank's, and pass 3 sums the ranks' o_proj outputs.
+become this rank's, and pass 3 sums the ranks' o_proj outputs. A projection shared by q, k and v, or a norm over
+the whole projection (which needs every head), cannot be split so and is refused there.
 """
 from __future__ import annotations
 
@@ -20,24 +26,54 @@ from .context import AttentionSite, PassContext
 from .graph_utils import get_param, linear_bias, set_param
 
 
-def _permute_blocks(gm: fx.GraphModule, param_node: fx.Node | None, order: list[int], dim: int, count: int) -> None:
-    """Take the blocks ``order`` (all of them permuted, or some) of a parameter's ``count`` equal blocks along
-    ``dim`` (a new tensor; the old one is untouched)."""
+def _taken(tensor: torch.Tensor, order: list[int], dim: int, count: int) -> torch.Tensor:
+    """The blocks ``order`` (all of them permuted, or some) of ``tensor``'s ``count`` equal blocks along ``dim``."""
+    blocks = tensor.unflatten(dim, (count, -1))
+    index = torch.tensor(order, device=tensor.device)
+    return blocks.index_select(dim, index).flatten(dim, dim + 1).contiguous()
+
+
+def _permute_blocks(gm: fx.GraphModule, param_node: fx.Node | None, order: list[int], dim: int, count: int,
+                    segments: list[tuple[int, int]] | None = None) -> None:
+    """Take the blocks ``order`` of a parameter's ``count`` equal blocks along ``dim``, or of each of its
+    ``segments`` (start, end) along dim 0 (a new tensor; the old one is untouched)."""
     if param_node is None:
         return
     if len(param_node.users) != 1:
         raise ValueError(f"parameter {param_node.target} is shared by {len(param_node.users)} nodes; cannot reorder")
     tensor = get_param(gm, param_node)
-    blocks = tensor.unflatten(dim, (count, -1))
-    index = torch.tensor(order, device=tensor.device)
-    set_param(gm, param_node.target, blocks.index_select(dim, index).flatten(dim, dim + 1).contiguous())
+    if segments is None:
+        new = _taken(tensor, order, dim, count)
+    else:
+        new = torch.cat([_taken(tensor[start:end], order, 0, count) for start, end in segments])
+    set_param(gm, param_node.target, new)
 
 
 def _reorder_site(gm: fx.GraphModule, site: AttentionSite, order: list[int]) -> None:
-    for linear in (site.q_proj, site.k_proj, site.v_proj):
-        _permute_blocks(gm, linear.args[1], order, 0, site.num_kv_heads)
-        _permute_blocks(gm, linear_bias(linear), order, 0, site.num_kv_heads)
-    _permute_blocks(gm, site.o_proj.args[1], order, 1, site.num_kv_heads)
+    count = site.num_kv_heads
+    if site.segments is None:
+        for linear in (site.q_proj, site.k_proj, site.v_proj):
+            _permute_blocks(gm, linear.args[1], order, 0, count)
+            _permute_blocks(gm, linear_bias(linear), order, 0, count)
+    else:
+        segments = [site.segments[what] for what in ("q", "k", "v")]
+        _permute_blocks(gm, site.q_proj.args[1], order, 0, count, segments)
+        _permute_blocks(gm, linear_bias(site.q_proj), order, 0, count, segments)
+    for params in site.head_params.values():
+        for param in params:
+            _permute_blocks(gm, param, order, 0, count)
+    _permute_blocks(gm, site.o_proj.args[1], order, 1, count)
+
+
+def _check_splittable(site: AttentionSite) -> None:
+    """Tensor parallelism keeps a subset of the heads per rank: refuse what needs all of them."""
+    if site.segments is not None:
+        raise ValueError(f"attention node {site.node.name}: tensor parallelism does not split a projection shared "
+                         f"by q, k and v ({site.q_proj.name})")
+    params = [p.name for ps in site.head_params.values() for p in ps]
+    if params:
+        raise ValueError(f"attention node {site.node.name}: tensor parallelism does not split a norm over the whole "
+                         f"projection ({', '.join(params)}): it reads every head")
 
 
 def reorder_heads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -46,8 +82,9 @@ def reorder_heads(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     ctx.retrieval_counts, ctx.head_order = [], []
     changed = 0
     for site in ctx.sites:
-        is_retrieval = [bool(x) for x in ctx.retrieval[site.layer]]
+        is_retrieval = [bool(x) and not site.window for x in ctx.retrieval[site.layer]]
         if ctx.tensor_parallel:
+            _check_splittable(site)
             order = ctx.tensor_parallel.heads(site.layer)
         else:
             order = [h for h in range(site.num_kv_heads) if is_retrieval[h]]

@@ -4,7 +4,9 @@ Matches every SDPA node tagged by ``find_attention`` (after ``reorder_heads``, s
 are ``[0, n_l)``). Emits, per layer: slices of q (``n_l * groups`` query heads) and of the per-KV-head k/v,
 ``duo::retrieval_attention`` on the first slice, ``duo::streaming_attention`` (sink + recent window) on the
 rest, and a ``cat`` of the two head outputs in place of the SDPA output. A layer with no heads of one kind gets
-only the other op. The graph stays cacheless (whole sequence from position 0); the causal mask and the
+only the other op. A sliding-window layer (``site.window``) has only window heads: its one streaming op has
+sink 0 and recent = the window, which is exactly the model's sliding-window attention (``streaming_window``
+reads the window sizes of a layer). The graph stays cacheless (whole sequence from position 0); the causal mask and the
 repeat_kv expansion feeding SDPA become dead; the pipeline's clean-up removes them.
 """
 from __future__ import annotations
@@ -23,6 +25,11 @@ def _heads(graph: fx.Graph, value: fx.Node, start: int, end: int) -> fx.Node:
     return graph.call_function(aten.slice.Tensor, (value, 1, start, end))
 
 
+def streaming_window(site, ctx: PassContext) -> tuple[int, int]:
+    """(sink, recent) of a layer's streaming heads: the engine's, or (0, window) for a sliding-window layer."""
+    return (0, site.window) if site.window else (ctx.sink_size, ctx.recent_size)
+
+
 def split_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     for site in ctx.sites:
@@ -38,13 +45,14 @@ def split_attention(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 k, v = _heads(graph, site.k, n_r, n_kv), _heads(graph, site.v, n_r, n_kv)
                 outputs.append(
                     graph.call_function(
-                        OPS["streaming_attention"], (q, k, v, site.scale, ctx.sink_size, ctx.recent_size)
+                        OPS["streaming_attention"], (q, k, v, site.scale, *streaming_window(site, ctx))
                     )
                 )
             out = outputs[0] if len(outputs) == 1 else graph.call_function(aten.cat.default, (outputs, 1))
         out.meta = dict(site.node.meta)
         for op in outputs:
             op.meta["duo_layer"] = site.layer
+            op.meta["duo_window"] = site.window
         site.node.replace_all_uses_with(out)
         graph.erase_node(site.node)
     ctx.record("split_attention", len(ctx.sites))

@@ -1,7 +1,8 @@
-"""Tiny random-weight Hugging Face causal LMs for tests: Llama, Mistral and Qwen2 (q/k/v biases), MHA or GQA.
+"""Tiny random-weight Hugging Face causal LMs for tests: Llama, Mistral and Qwen2 (q/k/v biases), MHA or GQA, and
+the families of ``FAMILIES`` (``family_model``).
 
 Three layers so that one mask can hold a layer of only retrieval heads, a mixed layer and a layer of only
-streaming heads (see ``mixed_gates``).
+streaming heads (see ``mixed_gates``); four for Gemma 3, whose local layers alternate with global ones.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import functools
 
 import numpy as np
 import torch
+import transformers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -19,6 +21,7 @@ from transformers import (
 )
 
 ARCHS = ("llama", "mistral", "qwen2")
+WINDOW = 8  # sliding window of the families with window layers (shorter than the tests' prompts)
 _CLASSES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -109,3 +112,49 @@ def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, t
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos(), emb.sin()
+
+
+#: Families beyond ``ARCHS``: name -> (config class, model class, config arguments beyond the common shape). Each
+#: exercises what its attention adds: per-head q/k RMS norms (Qwen3, Gemma 3), MoE MLPs (Qwen3-MoE, Mixtral), one
+#: fused qkv_proj (Phi-3), q/k norms over the whole projection (OLMo-2), partial interleaved RoPE (GLM-4), query
+#: scaling by a config value and local layers (Gemma 3), sliding-window layers (Mistral, Qwen3).
+FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                             sliding_window=None)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(pad_token_id=0)),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16, pad_token_id=0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24, num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
+    "qwen3_window": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, use_sliding_window=True,
+                                                               sliding_window=WINDOW, max_window_layers=2)),
+}
+
+
+def family_model(name: str, gqa: bool = True, seed: int = 0, **overrides):
+    """A tiny random model of ``FAMILIES[name]`` in eval mode (SDPA), weights scaled as ``tiny_model`` scales
+    them and norm weights made non-trivial, so that a norm weight left unpermuted changes the outputs."""
+    config_name, model_name, extra = FAMILIES[name]
+    kwargs = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2 if gqa else 4, max_position_embeddings=512, tie_word_embeddings=False)
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    config = getattr(transformers, config_name)(**kwargs)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(4.0)
+            if pname.endswith("bias"):
+                p.normal_(0, 0.5)
+            if "norm" in pname and pname.endswith("weight"):
+                p.add_(torch.randn_like(p) * 0.3)
+    model.generation_config.eos_token_id = None
+    return model
