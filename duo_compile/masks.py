@@ -375,6 +375,8 @@ def kv_cache_bytes(
 
     Retrieval heads hold ``seq_len`` tokens; streaming heads hold ``sink_size + recent_size`` tokens whatever the
     sequence length (a static buffer), so at short ``seq_len`` DuoAttention can take more than full attention.
+    A sliding-window layer whose window is shorter than ``seq_len`` (``ModelInfo.window_layers``) holds its window
+    for every head, whatever its row of the masks says, counted as streaming (and so in ``full_attention``).
     """
     shape = read_shape(model_or_config)
     num_layers, num_kv_heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
@@ -392,10 +394,13 @@ def kv_cache_bytes(
         raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
 
     per_token_head = 2 * batch_size * head_dim * dtype.itemsize  # keys and values
-    num_retrieval = int(masks.retrieval.sum())
-    num_streaming = num_layers * num_kv_heads - num_retrieval
+    windows = shape.window_layers(seq_len)
+    full_layers = [layer for layer in range(num_layers) if layer not in windows]
+    num_retrieval = int(masks.retrieval[full_layers].sum())
+    num_streaming = len(full_layers) * num_kv_heads - num_retrieval
+    window_slots = num_kv_heads * sum(shape.layer_windows[layer] for layer in windows)
     retrieval = per_token_head * num_retrieval * seq_len
-    streaming = per_token_head * num_streaming * (sink_size + recent_size)
-    full_attention = per_token_head * num_layers * num_kv_heads * seq_len
+    streaming = per_token_head * (num_streaming * (sink_size + recent_size) + window_slots)
+    full_attention = per_token_head * (len(full_layers) * num_kv_heads * seq_len + window_slots)
     return KVCacheBytes(retrieval=retrieval, streaming=streaming, total=retrieval + streaming,
                         full_attention=full_attention)

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import duo_compile
 from duo_compile.runtime.engine import Engine
@@ -90,16 +90,10 @@ def _linear():
     return torch.nn.Linear(4, 4)
 
 
-def _gpt2():
-    config = GPT2Config(n_layer=3, n_head=2, n_embd=16, vocab_size=50, n_positions=64, bos_token_id=None,
-                        eos_token_id=None)
-    return GPT2LMHeadModel(config)
-
-
-def _mistral_with_window(window):
-    model = tiny_model("mistral", gqa=True)
-    model.config.sliding_window = window
-    return model
+def _gemma2():
+    config = Gemma2Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          hidden_size=64, intermediate_size=96, vocab_size=96, max_position_embeddings=512)
+    return Gemma2ForCausalLM(config)
 
 
 def _split_over_devices():
@@ -143,10 +137,9 @@ COMPILE_CASES = {
     "fuse-int": (dict(fuse_projections=1), r"fuse_projections must be True or False, got 1"),
     # models
     "model-not-a-module": (dict(model="llama"), r"model must be a torch\.nn\.Module, got str"),
-    "model-not-hf": (dict(model=_linear), r"unsupported model Linear \(model_type=None\).*llama"),
-    "model-unsupported-family": (dict(model=_gpt2), r"unsupported model GPT2LMHeadModel \(model_type='gpt2'\)"),
-    "model-sliding-window": (dict(model=lambda: _mistral_with_window(16)),
-                             r"sliding-window attention of 16 tokens, shorter than max_seq_len=64"),
+    "model-not-hf": (dict(model=_linear), r"unsupported model Linear: duo_compile lowers Hugging Face causal LMs"),
+    "model-soft-capping": (dict(model=_gemma2), r"unsupported: Gemma2ForCausalLM has attn_logit_softcapping=50\.0: "
+                                                r"attention logit soft-capping"),
     "model-on-two-devices": (dict(model=_split_over_devices), r"spread over devices \['cpu', 'meta'\]"),
 }
 

@@ -1,0 +1,182 @@
+"""The families beyond Llama/Mistral/Qwen2 (tests/tiny_models.py FAMILIES), end to end, and the graph refusals.
+
+Per family (tiny random weights, fp32, CPU, eager backend): mixed masks against the eager oracle (dense per-head
+masks; sliding-window layers by the model's own rule), both streaming modes, whole and chunked prefill, batch 2;
+an all-retrieval engine token-identical to ``model.generate``. Window layers: the compiled graph gives them one
+streaming op with sink 0 and recent = the window, whatever the masks say. Attention the passes cannot lower
+exactly is refused with an error naming the node and the reason.
+"""
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from torch import fx
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import duo_compile
+from duo_compile.capture import capture
+from duo_compile.masks import kv_cache_bytes
+from duo_compile.oracle import oracle_generate, oracle_logits
+from duo_compile.passes.attention_mask import read_window
+from duo_compile.passes.context import PassContext
+from duo_compile.passes.find_attention import find_attention
+from tests.tiny_models import WINDOW, family_model, mixed_gates
+
+SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
+
+# (family, gqa, streaming mode, prefill chunk, all-retrieval engine too): every family once with GQA, MHA where
+# the head blocks differ from GQA's (fused qkv columns, whole-projection norms); modes and prefill kinds alternate.
+# Capture dominates the time, so the all-retrieval engine runs for the families that each bring a new kind of
+# attention code (per-head norms, fused qkv, partial interleaved RoPE, window layers with query scaling).
+CASES = [
+    ("qwen3", True, "window", CHUNK, True),
+    ("qwen3_moe", True, "chunk", None, False),
+    ("mixtral", True, "window", None, False),
+    ("phi3", True, "chunk", CHUNK, True),
+    ("phi3", False, "window", None, False),
+    ("olmo2", True, "window", CHUNK, False),
+    ("olmo2", False, "chunk", CHUNK, True),
+    ("glm4", True, "chunk", CHUNK, True),
+    ("gemma3", True, "chunk", CHUNK, True),
+    ("mistral_window", True, "window", CHUNK, False),
+    ("qwen3_window", True, "chunk", None, False),
+]
+WINDOW_LAYERS = {"gemma3": [0, 2], "mistral_window": [0, 1, 2], "qwen3_window": [2]}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name, gqa):
+    return family_model(name, gqa)
+
+
+def _masks(model):
+    config = model.config
+    return duo_compile.HeadMasks.from_gates(mixed_gates(config.num_hidden_layers, config.num_key_value_heads))
+
+
+def _id(name, gqa, mode, chunk, full):
+    return f"{name}-{'gqa' if gqa else 'mha'}-{mode}-{'chunked' if chunk else 'whole'}{'-full' if full else ''}"
+
+
+@pytest.mark.parametrize("name,gqa,mode,chunk,full", CASES, ids=[_id(*c) for c in CASES])
+def test_family_matches_oracle_and_hf_generate(name, gqa, mode, chunk, full):
+    model = _model(name, gqa)
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    masks = _masks(model)
+    engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                                 streaming_mode=mode, backend="eager")
+    out = engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=chunk, output_scores=True,
+                          return_dict_in_generate=True)
+    tokens, scores = oracle_generate(model, masks, ids, NEW, sink_size=SINK, recent_size=RECENT,
+                                     streaming_mode=mode, prefill_chunk_size=chunk)
+    assert torch.equal(out.sequences, tokens)
+    for step, (got, want) in enumerate(zip(out.scores, scores)):
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        assert rel < 1e-5, f"step {step}: relative score error {rel:.2e}"
+    # Window layers: one streaming cache of the window for all KV heads, whatever the masks say for the layer.
+    windows = WINDOW_LAYERS.get(name, [])
+    for spec in engine.cache_specs:
+        if spec.layer in windows:
+            assert (spec.kind, spec.num_kv_heads, spec.slots) == ("streaming", model.config.num_key_value_heads,
+                                                                  WINDOW)
+    assert engine.kv_cache_bytes() == kv_cache_bytes(model, masks, seq_len=MAX_LEN, batch_size=2,
+                                                     sink_size=SINK, recent_size=RECENT)
+    if not full:
+        return
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    engine = duo_compile.compile(model, duo_compile.HeadMasks.all_retrieval(layers, kv_heads), max_seq_len=MAX_LEN,
+                                 backend="eager")
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                              pad_token_id=0)
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=chunk), expected)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "mistral_window", "qwen3_window", "olmo2"])
+def test_oracle_with_all_retrieval_is_the_model(name):
+    """For the families without an all-retrieval engine above: the oracle's rule with every head retrieval (and
+    the model's windows) is the model's own SDPA forward, so the oracle match above is a match with the model."""
+    model = _model(name, True)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(2))
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = oracle_logits(model, np.ones((layers, kv_heads), bool), ids, sink_size=SINK, recent_size=RECENT)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def _mask_module(make):
+    """A traced ``forward(input_ids, position_ids) -> mask`` from ``make(positions)`` (q rows, k columns)."""
+    def forward(input_ids, position_ids):
+        pos = torch.arange(input_ids.shape[1])
+        return make(pos[:, None], pos[None, :])
+    gm = fx.symbolic_trace(forward)
+    return gm, next(n for n in gm.graph.nodes if n.op == "output").args[0]
+
+
+MASKS = {
+    "causal": (lambda p, j: (j <= p)[None, None], 0),
+    "window": (lambda p, j: ((j <= p) & (p - j < 5))[None, None], 5),
+    "float-causal": (lambda p, j: torch.where(j <= p, 0.0, float("-inf"))[None, None], 0),
+}
+BAD_MASKS = {
+    "bidirectional": (lambda p, j: ((j >= 0) & (p >= 0))[None, None], "neither causal nor a causal sliding"),
+    "bias": (lambda p, j: (-(p - j).abs().float() * 0.5)[None, None], "adds a bias to the scores"),
+    "per-head": (lambda p, j: (j <= p)[None, None].expand(1, 2, -1, -1), r"not \[B, 1, T, T\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(MASKS))
+def test_mask_is_read_from_the_graph(case):
+    make, window = MASKS[case]
+    gm, mask = _mask_module(make)
+    assert read_window(gm, mask, mask, 16, {}) == window
+
+
+@pytest.mark.parametrize("case", list(BAD_MASKS))
+def test_a_mask_that_is_not_causal_is_refused_naming_the_node(case):
+    make, message = BAD_MASKS[case]
+    gm, mask = _mask_module(make)
+    with pytest.raises(ValueError, match=f"attention node {mask.name}: .*{message}"):
+        read_window(gm, mask, mask, 16, {})
+
+
+def test_config_and_graph_windows_must_agree():
+    """The window read from the graph is checked against the config's; one of max_seq_len or more is causal."""
+    graph = capture(_model("mistral_window", True))
+    retrieval = np.ones((3, 2), bool)
+    with pytest.raises(ValueError, match=r"\(layer 0\): its mask is a sliding window of 8 tokens, but the model's "
+                                         r"config declares full attention"):
+        find_attention(graph, PassContext(retrieval=retrieval, sink_size=SINK, recent_size=RECENT, max_seq_len=64))
+    ctx = PassContext(retrieval=retrieval, sink_size=SINK, recent_size=RECENT, max_seq_len=64,
+                      declared_windows=(WINDOW,) * 3)
+    assert [site.window for site in find_attention(graph, ctx) and ctx.sites] == [WINDOW] * 3
+    ctx = PassContext(retrieval=retrieval, sink_size=SINK, recent_size=RECENT, max_seq_len=WINDOW,
+                      declared_windows=(WINDOW,) * 3)
+    assert [site.window for site in find_attention(graph, ctx) and ctx.sites] == [0] * 3
+
+
+class _HeadFlip(torch.nn.Module):
+    """Reverses the heads of ``[B, T, heads, head_dim]``: an op that mixes heads, put where Qwen3's q norm is."""
+
+    def forward(self, x):
+        return x.flip(-2)
+
+
+def test_an_op_mixing_heads_before_attention_is_refused():
+    model = family_model("qwen3")
+    model.model.layers[1].self_attn.q_norm = _HeadFlip()
+    with pytest.raises(ValueError, match=r"attention node scaled_dot_product_attention_1: node flip between linear_\d+ "
+                                         r"and the query: aten.flip.default is not known to act on each head alone"):
+        duo_compile.compile(model, _masks(model), max_seq_len=MAX_LEN, backend="eager")
+
+
+def test_attention_without_linear_projections_is_refused():
+    """GPT-2 projects with Conv1D (addmm): the passes cannot find q/k/v projections to reorder."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=64,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(ValueError, match=r"attention node scaled_dot_product_attention: expected exactly one linear "
+                                         r"layer with a weight parameter producing the query, found none"):
+        duo_compile.compile(model, duo_compile.HeadMasks.all_retrieval(2, 2), max_seq_len=64, backend="eager")
