@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import duo_compile
 from duo_compile.capture import capture
+from duo_compile.identify.gated_attention import gated_attention
 from duo_compile.masks import kv_cache_bytes
 from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
@@ -104,6 +105,19 @@ def test_oracle_with_all_retrieval_is_the_model(name):
         expected = model(ids).logits
     got = oracle_logits(model, np.ones((layers, kv_heads), bool), ids, sink_size=SINK, recent_size=RECENT)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral_window"])
+def test_identification_keeps_window_layers(name):
+    """identify()'s gated attention with binary gates is the oracle's rule: window layers keep the model's window
+    whatever their gates, the masks apply to the full-attention layers."""
+    model = _model(name, True)
+    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    masks = _masks(model)
+    with torch.no_grad(), gated_attention(model, masks, sink_size=SINK, recent_size=RECENT):
+        got = model(ids).logits
+    want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ refusals

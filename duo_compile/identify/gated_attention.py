@@ -3,7 +3,8 @@ Hugging Face model.
 
 Every KV head has one gate ``a`` (shared by the query heads of its GQA group); each query head outputs
 ``a * full + (1 - a) * streaming``, where ``streaming`` attends only to the first ``sink_size`` and the last
-``recent_size`` tokens (token-exact window). The function is registered with ``transformers.AttentionInterface``
+``recent_size`` tokens (token-exact window). A sliding-window layer of the model (its config's
+``layer_windows``) keeps its own window for every head and ignores its gates, as the compiled engine does. The function is registered with ``transformers.AttentionInterface``
 (name ``"duo_gated"``) and switched on for the duration of a ``with gated_attention(...)`` block; the model's own
 attention implementation is restored afterwards. Identification trains the gates through it
 (:mod:`duo_compile.identify.optimize`); the accuracy study evaluates binary gates with it and measures attention
@@ -165,6 +166,12 @@ def duo_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
     if base is None and not causal:
         base = _causal_mask(q_len, k_len, query.device)[None, None]
 
+    window = _layer_window(module, layer)
+    if window:  # a sliding-window layer keeps the model's own window for every head: its gates play no part
+        seen = streaming_attention_mask(q_len, k_len, 0, window, query.device)[None, None]
+        base = seen if base is None else base & seen
+        causal = False
+
     if state.probe is not None:
         _measure_mass(state.probe, layer, query, k, scaling, head_dim)
 
@@ -179,7 +186,7 @@ def duo_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
             allowed = allowed & base
         return _attend(qh, kh, vh, allowed, False, scaling)
 
-    if state.gates is None:
+    if state.gates is None or window:
         out = full(None)
     else:
         gate = state.gates[layer].clamp(0.0, 1.0).repeat_interleave(groups)  # [H] fp32
@@ -189,6 +196,14 @@ def duo_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         else:
             out = _mix_without_grad(gate.detach(), full, streaming, query)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _layer_window(module: torch.nn.Module, layer: int) -> int:
+    """The sliding window the model's config declares for ``layer`` (0: full attention), as the compiler reads it
+    (``ModelInfo.layer_windows``): such a layer is a window layer of the engine, whatever the gates say."""
+    config = getattr(module, "config", None)
+    windows = read_shape(config).layer_windows if config is not None else ()
+    return windows[layer] if layer < len(windows) else 0
 
 
 def _mix_without_grad(gate: torch.Tensor, full, streaming, query: torch.Tensor) -> torch.Tensor:
