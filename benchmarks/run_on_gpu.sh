@@ -12,6 +12,10 @@
 #               vs each row alone; padded engines, bf16/fp32, both backends, vs the oracle per row)  ~8 min (H100)
 #   mixed-decode  benchmarks/mixed_decode.py: decode of 8 rows at 4K..64K vs equal-length batches,
 #               Llama-3 shape, inductor                                                         ~2 min (H100)
+#   check-families  benchmarks/family_check.py: Qwen3-8B and Gemma-3-4B shapes (4 layers, random bf16) vs the
+#               oracle, both backends and modes, prompts past Gemma 3's 1024-token window         (not yet run)
+#   e2e-qwen3   benchmarks/e2e.py --models qwen3 --sections decode: Qwen3-8B shape, seeded random gates at
+#               sparsity 0.5, DuoAttention vs all-retrieval (prefill: E2E_MODELS=qwen3 ... e2e-prefill)  (not yet run)
 #   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
 #   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
 #   e2e-decode  benchmarks/e2e.py --backend inductor --sections decode, Llama-3 then Llama-2      ~6 min
@@ -45,6 +49,11 @@ for step in "$@"; do
         mixed-decode)
             timeout 420 python3 benchmarks/mixed_decode.py --out "$OUT" --commit "$COMMIT" ${MIXED_ARGS:-} 2>&1 \
                 | tee "$OUT/mixed_decode.log" ;;
+        check-families)
+            timeout 420 python3 benchmarks/family_check.py 2>&1 | tee "$OUT/family_check.log" ;;
+        e2e-qwen3)
+            timeout 280 python3 benchmarks/e2e.py --out "$OUT" --models qwen3 --backend inductor --sections decode \
+                --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e_qwen3_inductor.log" ;;
         passkey)
             rm -rf /tmp/pk
             timeout 470 python3 scripts/train_passkey_model.py --out /tmp/pk --device cuda --time-budget 300 \
@@ -74,8 +83,8 @@ for step in "$@"; do
         serve-bench)
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
-        *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, mixed-decode, passkey, kernels," \
-                "e2e-decode, e2e-prefill, tp-bench, serve-bench)" >&2
+        *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
+                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, serve-bench)" >&2
            exit 2 ;;
     esac
 done

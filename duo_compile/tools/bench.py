@@ -2,7 +2,8 @@
 against full attention.
 
 Builds Llama-2-7B (MHA) and Llama-3-8B (GQA) shaped models with random bf16 weights on the GPU, applies the
-authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recent 256) and measures:
+authors' gate patterns (Llama-2 at sparsity 0.75, Llama-3 at 0.5; sink 64, recent 256) and measures (``--models
+qwen3``: a Qwen3-8B shape, seeded random gates at sparsity 0.5, as no authors' pattern exists for it):
   * decode ms/token and peak memory at fixed contexts: the DuoAttention engine, (a) the same engine with every
     head retrieval, (b) Hugging Face's own ``generate`` with SDPA and a static cache where a real prefill is
     affordable. For (a) and DuoAttention the cache holds synthetic K/V (random values, not a real prefill);
@@ -52,6 +53,23 @@ SHAPES = {
         pattern="Llama-3-8B-Instruct-Gradient-1048k", sparsity=0.5,
         contexts=[128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024], hf_contexts=[128 * 1024],
         goal_context=512 * 1024, prefill=[32 * 1024, 128 * 1024], chunk=32 * 1024, device="cuda",
+    ),
+    # No authors' gate file exists for Qwen3: seeded random gates at the stated sparsity (pattern None). The speed of
+    # a decode step depends on how many heads are retrieval, not on which, so the timings hold for any gates.
+    "qwen3": dict(
+        name="Qwen3-8B shape (GQA 32/8, q/k norms)", family="qwen3",
+        config=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0),
+        pattern=None, sparsity=0.5,
+        contexts=[32 * 1024, 128 * 1024, 256 * 1024], hf_contexts=[32 * 1024],
+        goal_context=128 * 1024, prefill=[32 * 1024, 128 * 1024], chunk=32 * 1024, device="cuda",
+    ),
+    "qwen3_tiny": dict(  # the Qwen3 code path on a CPU, for a dry run
+        name="tiny Qwen3 (GQA 4/2, CPU check)", family="qwen3",
+        config=dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0),
+        pattern=None, sparsity=0.5, contexts=[400, 800], hf_contexts=[400], goal_context=800,
+        prefill=[400], chunk=128, device="cpu",
     ),
     "tiny": dict(  # the same code path on a CPU, for CI; pattern None: seeded random gates
         name="tiny Llama (GQA 4/2, CPU check)",
@@ -131,17 +149,23 @@ def measure_ceilings(device) -> dict:
     return {"copy_TBps": 2 * n / copy_ms / 1e9, "matmul_TFLOPs": 2 * size ** 3 / mm_ms / 1e9}
 
 
-def build_model(shape: dict, max_positions: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Config and model classes of each shape's ``family`` (default "llama").
+FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
-    config = LlamaConfig(**shape["config"], max_position_embeddings=max_positions, tie_word_embeddings=False)
+
+def build_model(shape: dict, max_positions: int):
+    import transformers
+
+    config_name, model_name = FAMILY_CLASSES[shape.get("family", "llama")]
+    config = getattr(transformers, config_name)(**shape["config"], max_position_embeddings=max_positions,
+                                                tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(shape["device"]):
-            model = LlamaForCausalLM(config).eval()
+            model = getattr(transformers, model_name)(config).eval()
     finally:
         torch.set_default_dtype(old)
     return model
@@ -171,7 +195,7 @@ def weight_bytes_per_token(model) -> int:
 
 def kv_read_bytes(masks, cfg: dict, context: int) -> int:
     """KV bytes a decode step reads: retrieval heads read ``context`` tokens, streaming heads sink + recent."""
-    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     retrieval = int(masks.retrieval.sum())
     streaming = masks.retrieval.size - retrieval
     return 2 * d * 2 * (retrieval * context + streaming * min(context, SINK + RECENT))
@@ -179,7 +203,7 @@ def kv_read_bytes(masks, cfg: dict, context: int) -> int:
 
 def prefill_flops(masks, cfg: dict, n_params: int, tokens: int) -> float:
     """Linear FLOPs + attention FLOPs (QK^T and PV, causal) with streaming query heads limited to sink + recent."""
-    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     groups = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
     retrieval_q = int(masks.retrieval.sum()) * groups
     streaming_q = (masks.retrieval.size - int(masks.retrieval.sum())) * groups
@@ -410,7 +434,7 @@ def bench_model(key: str, masks, args, ceilings: dict, save_partial) -> dict:
                                    shape["prefill"] if "prefill" in args.sections else [], cfg["vocab_size"])
 
     weights = weight_bytes_per_token(model)
-    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     for label, m in (("full", full_masks), ("duo", masks)):
         if model is None:  # the same seeded weights again
             model = build_model(shape, max_positions)
