@@ -142,7 +142,7 @@ def _masks(args):
 
 def _check_compile(args):
     """Every check that does not need the weights: masks, sizes, backend, output path, then the model's
-    config.json (family, sliding window, RoPE, and the masks' shape). Returns (masks, max_seq_len)."""
+    config.json (attention variants it declares, RoPE, and the masks' shape). Returns (masks, max_seq_len)."""
     from duo_compile.export.engine_file import check_writable
     from duo_compile.models.hf import check_config, text_config
 

@@ -50,7 +50,8 @@ class CacheSpec:
     """One cache tensor the rewritten graph takes as input: ``[batch, num_kv_heads, slots, head_dim]``.
 
     ``slots`` is None for retrieval caches (sized by the runtime's ``max_seq_len``) and ``sink + recent`` for
-    streaming caches.
+    streaming caches; ``window`` is the layer's sliding window for a window layer's cache (a ring of ``window``
+    slots, no sink: ``slots == window``), else 0.
     """
 
     name: str
@@ -60,6 +61,7 @@ class CacheSpec:
     num_kv_heads: int
     head_dim: int
     slots: int | None
+    window: int = 0
 
 
 class Skipped(int):

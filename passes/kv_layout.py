@@ -75,7 +75,8 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         slots = None if kind == "retrieval" else sum(window)  # sink + recent of this op
         caches = []
         for tensor in ("k", "v"):
-            spec = CacheSpec(f"{tensor}_{kind}_{layer}", layer, kind, tensor, num_heads, site.head_dim, slots)
+            spec = CacheSpec(f"{tensor}_{kind}_{layer}", layer, kind, tensor, num_heads, site.head_dim, slots,
+                             site.window)
             ctx.cache_specs.append(spec)
             with graph.inserting_after(last_input):
                 last_input = graph.placeholder(spec.name)

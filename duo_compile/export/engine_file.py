@@ -191,10 +191,15 @@ def _check_consistent(parts: EngineParts, path: str) -> None:
     except ValueError as err:
         raise EngineFileError(f"{path}: masks do not fit the model: {err}") from None
     counts = masks.retrieval_counts
+    windows = info.window_layers(parts.config.max_seq_len)  # every head of a window layer: its window, no sink
     for spec in parts.cache_specs:
         retrieval = counts[spec.layer] if 0 <= spec.layer < len(counts) else -1
+        if spec.layer in windows:
+            retrieval = 0
         want = retrieval if spec.kind == "retrieval" else info.num_kv_heads - retrieval
         slots = None if spec.kind == "retrieval" else parts.config.sink_size + parts.config.recent_size
+        if spec.layer in windows and spec.kind == "streaming":
+            slots = info.layer_windows[spec.layer]
         if spec.num_kv_heads != want or spec.slots != slots or spec.head_dim != info.head_dim:
             raise EngineFileError(f"{path}: cache spec {spec} does not match the masks and model shapes")
 

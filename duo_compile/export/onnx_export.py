@@ -368,13 +368,15 @@ class OnnxRunner:
         else:
             row_slices = [slice(b, b + 1) for b in range(batch)]
         for rows_b, start, count in zip(row_slices, starts, counts):
-            plan = None
+            plans = {}  # per (sink, recent): the engine's streaming heads, and each window layer's ring
             for spec, cache, new in zip(self.specs, caches, rows):
                 if spec.slots is None:
                     cache[rows_b, :, start : start + count].copy_(new[rows_b, :, :count])
                 else:
-                    if plan is None:
-                        tokens, slots = reference.streaming_write_plan(start, count, self.sink, self.recent)
-                        plan = tokens.to(cache.device), slots.to(cache.device)
+                    window = (0, spec.window) if spec.window else (self.sink, self.recent)
+                    if window not in plans:
+                        tokens, slots = reference.streaming_write_plan(start, count, *window)
+                        plans[window] = tokens.to(cache.device), slots.to(cache.device)
+                    plan = plans[window]
                     cache[rows_b, :, plan[1]] = new[rows_b][:, :, plan[0]]
         return logits.clone()  # the scratch logits are overwritten by the next step of this shape
