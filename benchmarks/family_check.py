@@ -23,8 +23,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for tests.tiny_models
 
-import duo_compile  # noqa: E402  (before transformers: the checkout's kernels must not shadow its kernels package)
-import transformers  # noqa: E402
+import duo_compile  # noqa: E402
 from duo_compile.oracle import oracle_generate  # noqa: E402
 from tests.tiny_models import mixed_gates  # noqa: E402
 
@@ -45,6 +44,8 @@ SINK, RECENT, NEW = 16, 64, 16
 
 
 def build(name: str, dry_run: bool, dtype: torch.dtype, device: str):
+    import transformers
+
     config_name, model_name, kwargs = SHAPES[name]
     kwargs = dict(kwargs, tie_word_embeddings=False)
     if dry_run:
@@ -85,6 +86,8 @@ def check(model, name, backend, mode, chunk, prompt, tol, device) -> bool:
 
 
 def main() -> int:
+    import transformers
+
     dry_run = "--dry-run" in sys.argv
     device = "cpu" if dry_run else "cuda"
     dtype = torch.float32 if dry_run else torch.bfloat16

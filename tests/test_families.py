@@ -11,7 +11,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-
 from torch import fx
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -23,7 +22,7 @@ from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
 from duo_compile.passes.context import PassContext
 from duo_compile.passes.find_attention import find_attention
-from tests.tiny_models import WINDOW, family_model, mixed_gates
+from tests.tiny_models import WINDOW, family_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
 
@@ -51,11 +50,6 @@ def _model(name, gqa):
     return family_model(name, gqa)
 
 
-def _masks(model):
-    config = model.config
-    return duo_compile.HeadMasks.from_gates(mixed_gates(config.num_hidden_layers, config.num_key_value_heads))
-
-
 def _id(name, gqa, mode, chunk, full):
     return f"{name}-{'gqa' if gqa else 'mha'}-{mode}-{'chunked' if chunk else 'whole'}{'-full' if full else ''}"
 
@@ -64,7 +58,7 @@ def _id(name, gqa, mode, chunk, full):
 def test_family_matches_oracle_and_hf_generate(name, gqa, mode, chunk, full):
     model = _model(name, gqa)
     ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(1))
-    masks = _masks(model)
+    masks = mixed_masks(model)
     engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
                                  streaming_mode=mode, backend="eager")
     out = engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=chunk, output_scores=True,
@@ -112,7 +106,7 @@ def test_identification_keeps_window_layers(name):
     whatever their gates, the masks apply to the full-attention layers."""
     model = _model(name, True)
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
-    masks = _masks(model)
+    masks = mixed_masks(model)
     with torch.no_grad(), gated_attention(model, masks, sink_size=SINK, recent_size=RECENT):
         got = model(ids).logits
     want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT)
@@ -183,7 +177,7 @@ def test_an_op_mixing_heads_before_attention_is_refused():
     model.model.layers[1].self_attn.q_norm = _HeadFlip()
     with pytest.raises(ValueError, match=r"attention node scaled_dot_product_attention_1: node flip between linear_\d+ "
                                          r"and the query: aten.flip.default is not known to act on each head alone"):
-        duo_compile.compile(model, _masks(model), max_seq_len=MAX_LEN, backend="eager")
+        duo_compile.compile(model, mixed_masks(model), max_seq_len=MAX_LEN, backend="eager")
 
 
 def test_attention_without_linear_projections_is_refused():

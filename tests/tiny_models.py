@@ -89,10 +89,11 @@ def cached_tiny_model(arch: str, gqa: bool):
 
 
 def mixed_masks(model):
-    """The ``mixed_gates`` pattern of a 3-layer tiny model as HeadMasks."""
+    """The ``mixed_gates`` pattern of a tiny model as HeadMasks."""
     import duo_compile
 
-    return duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
+    config = model.config
+    return duo_compile.HeadMasks.from_gates(mixed_gates(config.num_hidden_layers, config.num_key_value_heads))
 
 
 @functools.lru_cache(maxsize=None)
