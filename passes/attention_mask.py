@@ -70,15 +70,14 @@ def read_window(gm: fx.GraphModule, sdpa: fx.Node, mask: fx.Node, check_len: int
     device = mask.meta["val"].device if "val" in mask.meta else "cpu"
     try:
         module = mask_subgraph(gm, mask)
-        window = None
-        for length in sorted({1, 2, check_len}):
+        window = 0
+        for length in sorted({1, 2, check_len}):  # the last one, check_len, decides the window
             visible = visible_keys(module, length, device)
             pos = torch.arange(length, device=visible.device)
             last_row = visible[-1]
             seen = int(last_row.sum())
             w = 0 if seen == length else seen
-            if window is None or length == check_len:
-                window = w
+            window = w
             expected = pos[None, :] <= pos[:, None]
             if w:
                 expected &= pos[:, None] - pos[None, :] < w
