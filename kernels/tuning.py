@@ -63,15 +63,15 @@ def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
     Retrieval (long causal loops): 128 queries x 128 keys, 8 warps, 3 stages, and at head dim 128 in 16-bit the
     unmasked key tiles loaded through TMA with the grid run query blocks first; head dim 64: 128 x 64, 4 warps,
     neither option. Streaming (each query block walks only sink + window tiles): 64 x 64, 4 warps, 3 stages:
-    smaller blocks put more programs in flight and mask fewer keys per tile. 32-bit inputs with a head dim above
-    64 (correctness checks, not a serving dtype): 64 x 64, 2 stages, whose buffers fit a Hopper multiprocessor's
+    smaller blocks put more programs in flight and mask fewer keys per tile. Rows wider than 256 bytes (fp32 at head
+    dim 128, Gemma's head dim 256 in 16-bit): 64 x 64, 2 stages, whose buffers fit a Hopper multiprocessor's
     shared memory. See
     benchmarks/DECISIONS.md#prefill-tiles, benchmarks/DECISIONS.md#prefill-tma-blocks-first and
     benchmarks/DECISIONS.md#prefill-head-dim-64.
     """
     if q.device.type != "cuda":
         return TileConfig(block_t=16, block_n=16)
-    if q.dtype.itemsize > 2 and q.shape[-1] > 64:  # 32-bit tiles of a wide head: halve what shared memory holds
+    if q.dtype.itemsize * q.shape[-1] > 256:  # rows wider than 16-bit x 128 (fp32, head dim 256): smaller tiles
         return TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=2)
     if kind == "streaming":
         return TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=3)
@@ -87,7 +87,7 @@ def decode_config(q: torch.Tensor, groups: int, capacity: int = 0) -> TileConfig
 
     64 keys per tile, 4 warps. Pipeline stages by the cache's ``capacity`` in keys (0: the short streaming
     cache): 4 for one-head programs (MHA) from LONG_CACHE, 4 for GQA-packed programs from HUGE_CACHE (see
-    decode_programs_per_sm), else 3; 2 for 32-bit inputs with a head dim above 64 (shared memory). See benchmarks/DECISIONS.md#decode-programs-per-sm.
+    decode_programs_per_sm), else 3; 2 for rows wider than 256 bytes (shared memory). See benchmarks/DECISIONS.md#decode-programs-per-sm.
     """
     t = q.shape[2]
     heads_per = min(next_pow2(groups), 16)
@@ -99,7 +99,7 @@ def decode_config(q: torch.Tensor, groups: int, capacity: int = 0) -> TileConfig
         return TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
     deep = capacity >= (HUGE_CACHE if heads_per >= PACKED_HEADS else LONG_CACHE)
     stages = 4 if deep else 3
-    if q.dtype.itemsize > 2 and q.shape[-1] > 64:  # 32-bit K/V tiles of a wide head: fewer buffers fit
+    if q.dtype.itemsize * q.shape[-1] > 256:  # K/V rows wider than 16-bit x 128: fewer buffers fit
         stages = 2
     return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=stages)
 
