@@ -13,7 +13,7 @@
 #   mixed-decode  benchmarks/mixed_decode.py: decode of 8 rows at 4K..64K vs equal-length batches,
 #               Llama-3 shape, inductor                                                         ~2 min (H100)
 #   check-families  benchmarks/family_check.py: Qwen3-8B and Gemma-3-4B shapes (4 layers, random bf16) vs the
-#               oracle, both backends and modes, prompts past Gemma 3's 1024-token window         (not yet run)
+#               oracle, both backends and modes, prompts past Gemma 3's 1024-token window         ~3 min (H100)
 #   e2e-qwen3   benchmarks/e2e.py --models qwen3 --sections decode: Qwen3-8B shape, seeded random gates at
 #               sparsity 0.5, DuoAttention vs all-retrieval (prefill: E2E_MODELS=qwen3 ... e2e-prefill)  (not yet run)
 #   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
@@ -27,7 +27,8 @@
 #               (e.g. "--contexts 131072 524288" or "--engines balanced,natural")         (not yet run; 3 compiles)
 #   serve-bench benchmarks/serve_bench.py: a request stream through the serving scheduler, DuoAttention vs all
 #               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
-#               e.g. "--requests 32 --max-prompt 65536")                                       (not yet run; ~8 min)
+#               e.g. "--requests 32 --max-prompt 65536")          ~8 min; first run: DuoAttention's warm-up took
+#               its whole half of the deadline (see benchmarks/README.md, Serving)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
