@@ -28,7 +28,7 @@ from tests.tiny_models import mixed_gates, tiny_model
 SINK, RECENT, MAX_LEN, PROMPT, NEW, CHUNK = 4, 8, 128, 70, 6, 30
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _engine(backend: str):
     model = tiny_model("llama", gqa=True)
     masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
@@ -96,7 +96,7 @@ def fresh_process(packages, tmp_path_factory):
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(duo_compile.__file__)))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor_cache")  # nothing but what the package brings
     proc = subprocess.run([sys.executable, "child.py", "job.pt", "out.pt"], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(work / "out.pt")
 
