@@ -18,6 +18,9 @@
 #               (E2E_ARGS adds arguments, e.g. "--streaming-decode one,tiles": both streaming decode kernels)
 #   e2e-prefill the same, --sections prefill --skip-hf, for E2E_MODELS (default "llama3 llama2")  ~4.5 min
 #               per model (two engine compiles, a warm-up per length): one model per call fits 10 minutes
+#   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
+#               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
+#               budget ~8 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
@@ -39,6 +42,8 @@ for step in "$@"; do
         mixed-decode)
             timeout 420 python3 benchmarks/mixed_decode.py --out "$OUT" --commit "$COMMIT" ${MIXED_ARGS:-} 2>&1 \
                 | tee "$OUT/mixed_decode.log" ;;
+        start-bench)
+            timeout 560 python3 benchmarks/start_bench.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/start_bench.log" ;;
         passkey)
             rm -rf /tmp/pk
             timeout 470 python3 scripts/train_passkey_model.py --out /tmp/pk --device cuda --time-budget 300 \
