@@ -9,8 +9,8 @@ Processes (each a new Python process, timed from its first line):
   cold   compile() (capture + passes); generate's first token with an empty Inductor cache folder; steady
          prefill / decode; export(backend="package") with its precompile
   warm   the same model and compile() again, Inductor finding the cold process's on-disk caches
-  load   load(package) to the first token with an empty Inductor cache folder (the package brings its caches);
-         steady prefill / decode
+  load   load(package) to the first token with empty Inductor and Triton cache folders (the package brings
+         Inductor's caches; the duo ops' own Triton kernels compile on first use); steady prefill / decode
 Disk: the package file read once after dropping it from the page cache where the OS allows (posix_fadvise),
 its bytes / seconds reported as the read bandwidth and the time a load cannot beat.
 Writes ``start_<device>.json`` under ``--out``.
@@ -164,13 +164,16 @@ def main() -> None:
     work = os.path.join(args.out, "start_work") if args.dry_run else "/tmp/duo_start_bench"
     os.makedirs(work, exist_ok=True)
     package = os.path.join(work, "engine.pt2")
-    caches = {"cold": os.path.join(work, "inductor_cold"), "load": os.path.join(work, "inductor_load")}
+    caches = {"cold": os.path.join(work, "cache_cold"), "load": os.path.join(work, "cache_load")}
     caches["warm"] = caches["cold"]  # the second process finds the first one's caches
     for folder in set(caches.values()):
         subprocess.run(["rm", "-rf", folder], check=False)
-    results = {"commit": args.commit, "dry_run": args.dry_run, "prompt": PROMPT}
+    results = {"commit": args.commit, "dry_run": args.dry_run, "prompt": PROMPT,
+               "caches": "Inductor and Triton cache folders: cold and load empty, warm the cold one's"}
     for role in ROLES:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=caches[role])
+        # Triton's own folder too: the duo ops' Triton kernels are compiled by Triton, outside Inductor's caches.
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches[role], "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(caches[role], "triton"))
         out = os.path.join(work, f"{role}.json")
         cmd = [sys.executable, __file__, "--out", args.out, "--role", role, "--package", package, "--result", out]
         if args.dry_run:
