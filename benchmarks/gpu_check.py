@@ -17,6 +17,7 @@ tokens (shorter than, around and far beyond sink + recent), each row against the
 """
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 import time
@@ -232,22 +233,13 @@ def main() -> int:
         ]
         if "--skip-inductor" in sys.argv:
             padded = [c for c in padded if c[3] != "inductor"]
+    checks = [functools.partial(check, *case) for case in cases]
+    checks += [check_ragged_kernels] if padded else []
+    checks += [functools.partial(check_padded, *case) for case in padded]
     ok = True
-    for case in cases:
+    for run_check in checks:
         try:
-            ok &= check(*case)
-        except Exception:
-            traceback.print_exc()
-            ok = False
-    if padded:
-        try:
-            ok &= check_ragged_kernels()
-        except Exception:
-            traceback.print_exc()
-            ok = False
-    for case in padded:
-        try:
-            ok &= check_padded(*case)
+            ok &= run_check()
         except Exception:
             traceback.print_exc()
             ok = False

@@ -19,7 +19,7 @@ steps, each row's retrieval cache slot at its own position holds the key of the 
 other row's position. ``--full`` adds the same four batches on the all-retrieval engine (full attention; ~2x the
 run time).
 
-    python benchmarks/mixed_decode.py --out DIR [--full] [--commit SHA]     (one H200: ~3-4 minutes; run_on_gpu.sh
+    python benchmarks/mixed_decode.py --out DIR [--full] [--commit SHA]     (one GPU: ~2 minutes; run_on_gpu.sh
                                                                              step mixed-decode)
 Writes ``mixed_decode.json``.
 """

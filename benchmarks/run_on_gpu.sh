@@ -9,15 +9,21 @@
 #   check-engines  the same without the AOTI round trips                                            ~1.5 min
 #   aoti        only the AOTI round trips of gpu_check.py                                              ~1.5 min
 #   check-padded  gpu_check.py --only-padded: mixed-length batches (Triton kernels with per-row positions
-#               vs each row alone; padded engines, bf16/fp32, both backends, vs the oracle per row)  (not yet run)
+#               vs each row alone; padded engines, bf16/fp32, both backends, vs the oracle per row)  ~8 min (H100)
 #   mixed-decode  benchmarks/mixed_decode.py: decode of 8 rows at 4K..64K vs equal-length batches,
-#               Llama-3 shape, inductor                                                    (not yet run; < 5 min)
+#               Llama-3 shape, inductor                                                         ~2 min (H100)
 #   passkey     train the bundled passkey model, identify its heads, run the needle study           ~6 min
 #   kernels     benchmarks/kernels.py, every section (sweeps, FlexAttention, fp16 / head dim 64)    ~6 min
 #   e2e-decode  benchmarks/e2e.py --backend inductor --sections decode, Llama-3 then Llama-2      ~6 min
 #               (E2E_ARGS adds arguments, e.g. "--streaming-decode one,tiles": both streaming decode kernels)
 #   e2e-prefill the same, --sections prefill --skip-hf, for E2E_MODELS (default "llama3 llama2")  ~4.5 min
 #               per model (two engine compiles, a warm-up per length): one model per call fits 10 minutes
+#   tp-bench    benchmarks/tp_bench.py under torchrun on TP_NPROC GPUs (default: every GPU; needs 2 or more):
+#               Llama-3-8B shape at 512K, TP=1 vs TP=N balanced vs natural head placement; TP_ARGS adds arguments
+#               (e.g. "--contexts 131072 524288" or "--engines balanced,natural")         (not yet run; 3 compiles)
+#   serve-bench benchmarks/serve_bench.py: a request stream through the serving scheduler, DuoAttention vs all
+#               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
+#               e.g. "--requests 32 --max-prompt 65536")                                       (not yet run; ~8 min)
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
 #               budget ~8 min)
@@ -38,7 +44,7 @@ for step in "$@"; do
         check) timeout 420 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" ;;
         check-engines) timeout 300 python3 benchmarks/gpu_check.py --skip-aoti 2>&1 | tee "$OUT/gpu_check.log" ;;
         aoti) timeout 300 python3 benchmarks/gpu_check.py --only-aoti 2>&1 | tee "$OUT/gpu_check_aoti.log" ;;
-        check-padded) timeout 420 python3 benchmarks/gpu_check.py --only-padded 2>&1 | tee "$OUT/gpu_check_padded.log" ;;
+        check-padded) timeout 560 python3 benchmarks/gpu_check.py --only-padded 2>&1 | tee "$OUT/gpu_check_padded.log" ;;
         mixed-decode)
             timeout 420 python3 benchmarks/mixed_decode.py --out "$OUT" --commit "$COMMIT" ${MIXED_ARGS:-} 2>&1 \
                 | tee "$OUT/mixed_decode.log" ;;
@@ -66,8 +72,15 @@ for step in "$@"; do
                     --backend inductor --sections prefill --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 \
                     | tee "$OUT/e2e_${model}_prefill.log"
             done ;;
+        tp-bench)
+            nproc="${TP_NPROC:-$(nvidia-smi -L | wc -l)}"
+            timeout 570 python3 -m torch.distributed.run --nproc-per-node "$nproc" -m benchmarks.tp_bench --out "$OUT" \
+                --commit "$COMMIT" ${TP_ARGS:-} 2>&1 | tee "$OUT/tp_bench.log" ;;
+        serve-bench)
+            timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
+                | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, mixed-decode, passkey, kernels," \
-                "e2e-decode, e2e-prefill)" >&2
+                "e2e-decode, e2e-prefill, tp-bench, serve-bench, start-bench)" >&2
            exit 2 ;;
     esac
 done

@@ -7,6 +7,7 @@
     duo-compile identify MODEL_DIR -o gates/          head identification (the paper's gate optimisation)
     duo-compile needle                                passkey accuracy study of the bundled model
     duo-compile bench --patterns DIR --out DIR        end-to-end benchmark at Llama-2/Llama-3 shapes (GPU)
+    duo-compile serve [MODEL_DIR | ENGINE_FILE] --port 8000   OpenAI-compatible server (default: the bundled model)
 
 Errors. Every command checks all of its arguments (and, for ``compile``, the model directory's config.json and
 the masks against it) before it loads a model or an engine. A user error (a bad argument or file, a full disk,
@@ -337,6 +338,73 @@ def _cmd_bench(args) -> int:
     return run(args)
 
 
+# --------------------------------------------------------------------------------------------------- serve
+def _cmd_serve(args) -> int:
+    """Checks every flag, then builds the engine: the bundled model (no MODEL), a model directory with --masks,
+    or an engine file; then serves it (duo_compile/serve/server.py)."""
+    _at_least("--port", args.port, 0)
+    if args.port > 65535:
+        raise ValueError(f"--port must be an integer in 0..65535, got {args.port}")
+    _at_least("--max-num-seqs", args.max_num_seqs, 1)
+    _at_least("--max-waiting", args.max_waiting, 0)
+    if args.token_budget is not None:
+        _at_least("--token-budget", args.token_budget, args.max_num_seqs, " (--max-num-seqs)")
+    if args.kv_cache_memory is not None and not (math.isfinite(args.kv_cache_memory) and args.kv_cache_memory > 0):
+        raise ValueError(f"--kv-cache-memory must be a number of GiB > 0, got {args.kv_cache_memory}")
+    if args.kv_cache_fraction is not None and not 0 < args.kv_cache_fraction <= 1:
+        raise ValueError(f"--kv-cache-fraction must be a number in (0, 1], got {args.kv_cache_fraction}")
+    if args.kv_cache_memory is not None and args.kv_cache_fraction is not None:
+        raise ValueError("give --kv-cache-memory or --kv-cache-fraction, not both")
+    _at_least("--sink", args.sink, 0)
+    _at_least("--recent", args.recent, 1)
+    if args.max_seq_len is not None:
+        _at_least("--max-seq-len", args.max_seq_len, 2)
+    if args.chunk is not None:
+        _at_least("--chunk", args.chunk, 1)
+    _fraction("--sparsity", args.sparsity)
+    device = _device(args.device)
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"duo-compile serve needs {', '.join(missing)}: pip install 'duo_compile[serve]'")
+    from duo_compile.serve import server
+
+    if args.model is None:
+        if args.masks is not None:
+            raise ValueError("--masks needs a MODEL_DIR (without one the bundled model serves with its own gates)")
+        engine = server.bundled_engine(sparsity=0.5 if args.sparsity is None else args.sparsity,
+                                       sink_size=args.sink, recent_size=args.recent, max_seq_len=args.max_seq_len,
+                                       backend=args.backend, device=device, prefill_chunk_size=args.chunk)
+        name = server.BUNDLED_MODEL_NAME
+    elif os.path.isfile(args.model):
+        if args.masks is not None or args.sparsity is not None or args.threshold is not None:
+            raise ValueError(f"{args.model!r} is an engine file: its masks are compiled in (drop --masks/--sparsity)")
+        import duo_compile
+
+        engine = duo_compile.load(args.model)
+        name = os.path.splitext(os.path.basename(args.model))[0]
+    else:
+        _model_dir(args.model)
+        if args.masks is None:
+            raise ValueError("a MODEL_DIR needs --masks (full_attention_heads.tsv, as identify writes it)")
+        import duo_compile
+
+        masks = _masks(args)
+        model = _load_model(args.model, args.dtype)
+        if device is not None:
+            model = model.to(device)
+        engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
+                                     max_seq_len=args.max_seq_len, prefill_chunk_size=args.chunk,
+                                     backend=args.backend, tokenizer=_load_tokenizer(args.model, False))
+        name = os.path.basename(os.path.normpath(args.model))
+    gib = args.kv_cache_memory
+    return server.run(engine, model_name=args.served_model_name or name, host=args.host, port=args.port,
+                      max_slots=args.max_num_seqs, kv_cache_memory=None if gib is None else int(gib * 2**30),
+                      memory_fraction=args.kv_cache_fraction, token_budget=args.token_budget,
+                      max_waiting=args.max_waiting)
+
+
 # Help for the benchmark's options that tools/bench.py declares without one.
 _BENCH_HELP = {
     "backend": "how the engines run: eager (op by op) or inductor (torch.compile) (default: %(default)s)",
@@ -475,6 +543,42 @@ def build_parser() -> argparse.ArgumentParser:
                                          "--models tiny checks it on a CPU)")
     add_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (default: the "
+                                         "bundled passkey model)")
+    serve.add_argument("model", nargs="?", default=None,
+                       help="a local model directory (with --masks) or an engine file (default: the bundled model)")
+    serve.add_argument("--masks", default=None, help="full_attention_heads.tsv for a MODEL_DIR (default: none)")
+    serve.add_argument("--sparsity", type=float, default=None,
+                       help="binarise the gates: this fraction of heads made streaming (default: 0.5 for the "
+                            "bundled model; a MODEL_DIR's gates must be binary or take --sparsity/--threshold)")
+    serve.add_argument("--threshold", type=float, default=None,
+                       help="binarise the gates: gates above this are retrieval heads (default: none)")
+    _sizes(serve, 64, 256)
+    serve.add_argument("--max-seq-len", type=int, default=None,
+                       help="positions per request, prompt + output (default: the model's max_position_embeddings)")
+    serve.add_argument("--chunk", type=int, default=None,
+                       help="longest prefill chunk of one request per step (default: the token budget)")
+    serve.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
+                       help="how a model is compiled: inductor (torch.compile) or eager (default: %(default)s)")
+    serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                       help="weights and cache dtype of a MODEL_DIR (default: %(default)s)")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--max-num-seqs", type=int, default=8,
+                       help="most requests running at once: the slots, one cache row each (default: %(default)s)")
+    serve.add_argument("--kv-cache-memory", type=float, default=None,
+                       help="KV cache budget in GiB: slots = what it holds, at most --max-num-seqs (default: none)")
+    serve.add_argument("--kv-cache-fraction", type=float, default=None,
+                       help="KV cache budget as a fraction of the device's free memory (default: none)")
+    serve.add_argument("--token-budget", type=int, default=None,
+                       help="tokens per step, decode plus prefill chunks, >= --max-num-seqs (default: the chunk, "
+                            "else 2048)")
+    serve.add_argument("--max-waiting", type=int, default=64,
+                       help="requests queued for a slot; more get 429 (default: %(default)s)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id of the API (default: the model's folder or file name, or duo-passkey)")
+    serve.set_defaults(func=_cmd_serve)
     for p in sub.choices.values():
         _state_defaults(p)
     return parser

@@ -13,7 +13,8 @@ from duo_compile.capture import capture
 from duo_compile.runtime import engine as runtime
 from duo_compile.runtime.engine import Engine, EngineConfig
 from duo_compile.masks import HeadMasks, kv_cache_bytes
-from duo_compile.models.hf import check_supported
+from duo_compile.models.hf import check_supported, text_config
+from duo_compile.parallel import group
 from duo_compile.passes import PassContext, run_passes
 
 
@@ -125,6 +126,8 @@ def compile(
     fuse_projections: bool = True,
     check_memory: bool = True,
     tokenizer=None,
+    tensor_parallel_size: int = 1,
+    tensor_parallel_placement: str = "balanced",
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
@@ -149,11 +152,22 @@ def compile(
     the model can be dropped (and its memory freed), and an in-place edit of the model never reaches the engine
     (compile again to take it). Compiling needs memory for the copies while the model is held (up to the
     model's size again: the passes' reordered and fused weights are copies already and are not copied twice).
-    ``fuse_projections`` (pass 6): the engine holds each layer's q/k/v and gate/up weights concatenated, one
+    ``fuse_projections`` (pass 7): the engine holds each layer's q/k/v and gate/up weights concatenated, one
     matrix multiply each (faster decode); False keeps them as separate (copied) matrices.
     ``tokenizer``: kept as ``engine.tokenizer`` (for text, streamers and ``stop_strings``; engine files carry a
     transformers tokenizer). The model's ``generation_config`` is kept (a copy) as ``engine.generation_config``:
     ``generate``'s defaults, as for ``model.generate``.
+
+    ``tensor_parallel_size=N`` (N > 1): call on every rank of an initialised default process group of N ranks
+    (``torchrun --nproc-per-node N``; NCCL on GPUs, gloo on CPU), each with the same model, masks and arguments
+    (checked by a digest of each, all-gathered before any work). Each rank's engine holds its share: the KV heads
+    (with their query heads) of the balanced placement (``parallel/placement.py``: per layer, retrieval heads
+    spread evenly over the ranks), their caches, and ``1/N`` of every MLP; an all-reduce after o_proj and
+    down_proj sums the shares. ``engine.info`` and ``engine.masks`` are this rank's (its head counts, its heads'
+    masks in the model's order); ``engine.tensor_parallel`` says which heads each rank holds. ``generate`` is
+    called on every rank and runs on rank 0's ``input_ids`` / ``attention_mask``, returning the same tokens
+    everywhere. ``tensor_parallel_placement="natural"`` splits the heads in the model's order instead (the split
+    of implementations that do not place heads; for comparisons).
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -175,8 +189,13 @@ def compile(
         raise ValueError(f"model parameters are spread over devices {sorted(map(str, devices))}; use one device")
     _check_weights_present(model)
     device, dtype = devices.pop(), params[0].dtype
+    parallel = _check_tensor_parallel(tensor_parallel_size, tensor_parallel_placement, model, masks, info, requested,
+                                      fuse_projections, device)
     sink, recent = capped_window(requested.sink_size, requested.recent_size, requested.max_seq_len)
     config = dataclasses.replace(requested, sink_size=sink, recent_size=recent)
+    full_masks = masks
+    if parallel is not None:  # from here on: this rank's heads
+        info, masks = parallel.local_info(info), parallel.local_masks(masks)
     if check_memory:
         _check_cache_fits(info, masks, config, dtype, device)
     if 0 < info.max_position_embeddings < config.max_seq_len:
@@ -189,12 +208,13 @@ def compile(
         )
 
     ctx = PassContext(
-        retrieval=masks.retrieval,
+        retrieval=full_masks.retrieval,
         sink_size=config.sink_size,
         recent_size=config.recent_size,
         streaming_mode=config.streaming_mode,
         expected_layers=info.num_layers,
         fuse_projections=fuse_projections,
+        tensor_parallel=parallel,
     )
     graph = run_passes(capture(model), ctx)
     _take_ownership(graph, model, device)
@@ -211,4 +231,21 @@ def compile(
     )
     engine.generation_config = copy.deepcopy(getattr(model, "generation_config", None))
     engine.tokenizer = tokenizer
+    engine.tensor_parallel = parallel
     return engine
+
+
+def _check_tensor_parallel(size, placement, model, masks: HeadMasks, info, requested: EngineConfig,
+                           fuse_projections, device):
+    """``tensor_parallel_size`` against the process group, the ranks' inputs against each other (one all-gather),
+    then the model's shapes against the size; None for 1."""
+    if placement not in group.PLACEMENTS:
+        raise ValueError(f"tensor_parallel_placement must be one of {tuple(group.PLACEMENTS)}, got {placement!r}")
+    size = group.check_group(size, device)
+    if size == 1:
+        return None
+    group.check_same(model=group.model_digest(model), masks=masks.gates.tobytes().hex(),
+                     arguments=repr((requested, fuse_projections, placement)))
+    group.check_divisible(size, num_attention_heads=info.num_heads, num_key_value_heads=info.num_kv_heads,
+                          intermediate_size=getattr(text_config(model), "intermediate_size", 0) or 0)
+    return group.TensorParallel.create(size, masks.retrieval, placement)

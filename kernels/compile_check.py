@@ -99,18 +99,18 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     for heads_per_kv, capacity in ((groups, 65536), (1, 131072)):  # GQA-packed and one-head (MHA) programs
         cfg = decode_config(_cuda_q(heads_per_kv * 8, 1, head_dim), heads_per_kv, capacity)
         cases.append((f"retrieval decode split-K heads_per={cfg.heads_per}", retrieval_split_kernel, split,
-                      dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, D=head_dim,
+                      dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=8, D=head_dim,
                            DOT_PRECISION=dot, ROPE=True), cfg))
     mixed = decode_config(_cuda_q(32, 1, head_dim), groups, 65536)
     cases.append(("mixed layer decode (streaming tiles + retrieval split-K)", mixed_decode_kernel,
                   dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,
                        VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr),
-                  dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, STREAMING_BLOCK_N=32,
+                  dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, BLOCK_B=8, STREAMING_BLOCK_N=32,
                        D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
     cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr),
                   dict(BLOCK_T=32, D=head_dim), None))
-    cases.append(("combine (256 splits: 512K keys)", combine_kernel, dict(OP=f32, LP=f32, O=ptr),
-                  dict(SPLITS=256, D=head_dim, BLOCK_D=min(head_dim, COMBINE_BLOCK_D)), None))
+    cases.append(("combine (256 splits: 512K keys)", combine_kernel, dict(OP=f32, LP=f32, O=ptr, POS=i64, VALID=i64),
+                  dict(SPLITS=256, D=head_dim, BLOCK_D=min(head_dim, COMBINE_BLOCK_D), BLOCK_N=64, BLOCK_B=8), None))
     gemv = gemv_config(SimpleNamespace(device=torch.device("cuda")), 4096)
     for has_bias in (False, True):
         cases.append((f"decode linear (GEMV) bias={has_bias}", gemv_kernel, dict(X=ptr, W=ptr, Bias=ptr, Y=ptr),

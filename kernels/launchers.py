@@ -39,7 +39,7 @@ from .triton_retrieval import retrieval_prefill_kernel
 from .triton_rope import rope_strides, triton_rope
 from .triton_streaming import streaming_kernel, streaming_write_kernel
 from .triton_streaming_decode import streaming_decode_split_kernel
-from .tuning import DECODE_MAX_TOKENS, TileConfig, decode_config, decode_splits, prefill_config
+from .tuning import DECODE_MAX_TOKENS, MAX_SPLIT_SLOTS, TileConfig, decode_config, decode_splits, prefill_config
 
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (blocks_first puts batch x heads there)
 
@@ -147,20 +147,28 @@ def _empty_partials(b: int, hq: int, t: int, splits: int, d: int, device) -> tup
             torch.empty((b, hq, t, splits), dtype=torch.float32, device=device))
 
 
-def _combine(o_part, lse_part, out, h_first: int | None = None, splits_first: int | None = None,
-             splits_rest: int | None = None):
-    """Merge split partials ``[B, Hq, T, splits, D]`` by their log-sum-exp into ``out`` (a program per row and
-    ``tuning.COMBINE_BLOCK_D`` columns); heads from ``h_first`` on filled only ``splits_rest`` slots, those before
-    it ``splits_first`` (default: every head all slots). An ordinary launch after the splits' (see
-    benchmarks/DECISIONS.md#decode-combine-pdl)."""
-    b, hq, t, splits, d = o_part.shape
+def _combine(o_part, lse_part, out, rows, h_first: int = 0, splits_rest: int | None = None,
+             num_splits: int = 1, block_n: int = 1):
+    """Merge split partials ``[B, Hq, T, slots, D]`` by their log-sum-exp into ``out`` (a program per row and
+    ``tuning.COMBINE_BLOCK_D`` columns): heads below ``h_first`` hold a retrieval decode's splits (as many as
+    ``split_plan`` gave their batch row under ``num_splits`` / ``block_n``, computed from ``rows`` = the device's
+    cache_start and valid), the others ``splits_rest`` (default: all slots). An ordinary launch after the splits'
+    (see benchmarks/DECISIONS.md#decode-combine-pdl)."""
+    b, hq, t, slots, d = o_part.shape
     # Under the interpreter (CPU tests) at least two column blocks, so the split is exercised.
     block_d = min(d if o_part.device.type == "cuda" else d // 2, tuning.COMBINE_BLOCK_D)
     combine_kernel[(b * hq * t, d // block_d)](
-        o_part, lse_part, out, *_strides(out), hq, t, splits,
-        hq if h_first is None else h_first, splits_first or splits, splits_rest or splits,
-        SPLITS=next_pow2(splits), D=d, BLOCK_D=block_d, num_warps=4 if d >= 128 else 2,
+        o_part, lse_part, out, *_strides(out), hq, t, slots, h_first, splits_rest or slots, *rows, b, num_splits,
+        SPLITS=next_pow2(slots), D=d, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_B=next_pow2(b),
+        num_warps=4 if d >= 128 else 2,
     )
+
+
+def _split_slots(b: int, splits: int, capacity: int, block_n: int) -> int:
+    """Partial slots per row of a retrieval decode: ``split_plan`` gives a row at most ``b * splits`` splits (all
+    the batch's, when the other rows are idle), at most one per key tile, and never more than the combine takes
+    (``MAX_SPLIT_SLOTS``)."""
+    return max(1, min(b * splits, math.ceil(capacity / block_n), MAX_SPLIT_SLOTS))
 
 
 def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scale, cfg, num_splits=None, out=None,
@@ -176,16 +184,18 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scal
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     programs = grid_groups(b, hkv, groups, cfg.heads_per)
     splits = num_splits or decode_splits(q, k_cache, programs, cfg)
-    o_part, lse_part = _empty_partials(b, hq, t, splits, d, q.device)
-    retrieval_split_kernel[(splits, programs)](
-        q, k, v, k_cache, v_cache, *_rows(cache_start, valid, q), o_part, lse_part,
+    slots = _split_slots(b, splits, k_cache.shape[2] + t, cfg.block_n)
+    rows = _rows(cache_start, valid, q)
+    o_part, lse_part = _empty_partials(b, hq, t, slots, d, q.device)
+    retrieval_split_kernel[(splits + 1, programs)](
+        q, k, v, k_cache, v_cache, *rows, o_part, lse_part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
-        hkv, groups, t, splits, log2_scale(scale), *_rope_tables(q, rope),
-        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
+        b, hkv, groups, t, splits, slots, log2_scale(scale), *_rope_tables(q, rope),
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=next_pow2(b),
         D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    _combine(o_part, lse_part, out)
+    _combine(o_part, lse_part, out, rows, h_first=hq, num_splits=splits, block_n=cfg.block_n)
     return out
 
 
@@ -198,15 +208,16 @@ def _launch_streaming_decode_split(q, k, v, k_cache, v_cache, cache_start, valid
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     splits = math.ceil((sink + recent + 1) / cfg.block_n)
     o_part, lse_part = _empty_partials(b, hq, 1, splits, d, q.device)
+    rows = _rows(cache_start, valid, q)
     streaming_decode_split_kernel[(splits, grid_groups(b, hkv, groups, cfg.heads_per))](
-        q, k, v, k_cache, v_cache, *_rows(cache_start, valid, q), o_part, lse_part,
+        q, k, v, k_cache, v_cache, *rows, o_part, lse_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *_strides(k_cache), *_strides(v_cache),
         hkv, groups, splits, log2_scale(scale), sink, recent, *_rope_tables(q, rope)[:3],
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
         D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps, num_stages=1,
     )
-    _combine(o_part, lse_part, out)
+    _combine(o_part, lse_part, out, rows)
     return out
 
 
@@ -321,18 +332,21 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     splits_r = num_splits or decode_splits(qr, k_r, programs_r, cfg)
     streaming_block_n = min(cfg.block_n, 32)  # see triton_mixed_decode.py
     tiles_s = math.ceil((sink + recent + 1) / streaming_block_n)
-    part = max(splits_r, tiles_s)
+    part = max(_split_slots(b, splits_r, k_r.shape[2] + 1, cfg.block_n), tiles_s)
+    rows = _rows(cache_start, valid, qr)
     o_part, lse_part = _empty_partials(b, hq, 1, part, d, out.device)
-    mixed_decode_kernel[(tiles_s * programs_s + splits_r * programs_r,)](
-        qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, *_rows(cache_start, valid, qr), o_part, lse_part,
+    mixed_decode_kernel[(tiles_s * programs_s + (splits_r + 1) * programs_r,)](
+        qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, *rows, o_part, lse_part,
         *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),
-        hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
+        b, hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
         *_rope_tables(qr, rope)[:3],
-        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, STREAMING_BLOCK_N=streaming_block_n,
+        HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=next_pow2(b),
+        STREAMING_BLOCK_N=streaming_block_n,
         D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    _combine(o_part, lse_part, out, h_first=hkv_r * groups, splits_first=splits_r, splits_rest=tiles_s)
+    _combine(o_part, lse_part, out, rows, h_first=hkv_r * groups, splits_rest=tiles_s, num_splits=splits_r,
+             block_n=cfg.block_n)
     return out
 
 

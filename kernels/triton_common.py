@@ -140,6 +140,31 @@ def empty_state(BLOCK_M: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def split_plan(POS, VALID, B, T, num_splits, slots, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """How a batch's retrieval decode spreads ``B * num_splits`` split-K programs over its rows in proportion to
+    the keys each row reads (``cache_start[b] + T``; none for a row with no real token), so a batch of mixed
+    lengths costs what its keys cost and not ``B`` times its longest row.
+
+    Every split has one length (a multiple of ``BLOCK_N``): the batch's keys over ``B * num_splits``, and at least
+    a row's keys over ``slots`` (the partial slots a row has). Row b takes ``n[b] = cdiv(keys[b], split_len)``
+    splits; ``first[b]`` is its first in the batch's order. Rounding up gives at most ``B`` splits past
+    ``B * num_splits``, so the grid has ``B * (num_splits + 1)`` split programs. Every program of a launch and
+    the combine compute the same plan from the device's positions: no host sync, CUDA graphs can hold it.
+    Returns (rows index vector, n, first, keys, split_len)."""
+    rows = tl.arange(0, BLOCK_B)
+    in_batch = rows < B
+    starts = tl.load(POS + rows, mask=in_batch, other=0).to(tl.int32)
+    valid = tl.load(VALID + rows, mask=in_batch, other=0).to(tl.int32)
+    keys = tl.where(in_batch & (valid > 0), starts + T, 0)
+    even = tl.cdiv(tl.sum(keys, 0), B * num_splits)
+    split_len = tl.maximum(tl.maximum(even, tl.cdiv(tl.max(keys, 0), slots)), 1)
+    split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
+    n = tl.cdiv(keys, split_len)
+    first = tl.cumsum(n, 0) - n
+    return rows, n, first, keys, split_len
+
+
+@triton.jit
 def store_partial(OP, LP, acc, m_i, l_i, row, split, num_splits, row_ok, D: tl.constexpr):
     """Split-K partial of each tile row ``row`` (flat b, head, t index): the normalised output into
     ``OP[row, split, :]`` and its log2-sum-exp into ``LP[row, split]`` (-inf for a split that saw no key), for

@@ -3,7 +3,8 @@
 A layer with both kinds of heads (``duo::attention_cached``) would otherwise decode in four launches: retrieval
 split-K, its combine, the streaming tiles, their combine; the short streaming kernels and the second combine run
 after the retrieval read, which does not hide them. Here one 1-D grid holds every streaming tile program first,
-then every retrieval split program: the short streaming programs run in the retrieval read's shadow, both write
+then every retrieval split program (``splits_r + 1`` per program group, shared out over the rows by
+``split_plan``): the short streaming programs run in the retrieval read's shadow, both write
 their partials into one buffer (query heads in the layer's order: retrieval then streaming), and one
 ``combine_kernel`` launch merges each head's own number of partials. Two launches per mixed layer
 (benchmarks/DECISIONS.md#mixed-decode-one-grid).
@@ -29,8 +30,9 @@ def mixed_decode_kernel(
     QR, KR, VR, KCR, VCR, QS, KS, VS, KCS, VCS, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, sks_b, sks_h, sks_t, svs_b, svs_h, svs_t,
-    hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent, COS, SIN, sc_b,
-    HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, STREAMING_BLOCK_N: tl.constexpr,
+    B, hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent, COS, SIN, sc_b,
+    HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    STREAMING_BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -44,6 +46,6 @@ def mixed_decode_kernel(
     else:
         p = pid - streaming_programs
         retrieval_split(QR, KR, VR, KCR, VCR, POS, VALID, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-                        skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, hkv_r, groups, 1, splits_r, qk_scale,
-                        p % splits_r, p // splits_r, hq, 0, part_splits, COS, SIN, sc_b, 0,
-                        HEADS_PER, BLOCK_T, BLOCK_N, D, DOT_PRECISION, ROPE)
+                        skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, B, hkv_r, groups, 1, splits_r, qk_scale,
+                        p % (splits_r + 1), p // (splits_r + 1), hq, 0, part_splits, COS, SIN, sc_b, 0,
+                        HEADS_PER, BLOCK_T, BLOCK_N, BLOCK_B, D, DOT_PRECISION, ROPE)

@@ -40,6 +40,8 @@ DECODE_MAX_TOKENS = 16
 LONG_CACHE = 32768  # one-head (MHA) programs: 8 per SM and 4 pipeline stages
 VERY_LONG_CACHE = 131072  # one-head programs: 16 per SM
 HUGE_CACHE = 524288  # GQA-packed programs: 8 per SM and 4 stages (else 2 per SM and 3 stages)
+# Partial slots a retrieval decode keeps per row (the combine's SPLITS tile; split_plan never gives a row more).
+MAX_SPLIT_SLOTS = 256
 PACKED_HEADS = 4  # decode programs packing this many query heads of a GQA group follow their own rules
 # How a window-mode one-token step decodes streaming heads (chunk mode always uses "one"):
 #   "one"    one program per KV group walks its cache (triton_streaming.py), slot write fused: 1 launch;
@@ -61,12 +63,16 @@ def prefill_config(q: torch.Tensor, kind: str = "retrieval") -> TileConfig:
     Retrieval (long causal loops): 128 queries x 128 keys, 8 warps, 3 stages, and at head dim 128 in 16-bit the
     unmasked key tiles loaded through TMA with the grid run query blocks first; head dim 64: 128 x 64, 4 warps,
     neither option. Streaming (each query block walks only sink + window tiles): 64 x 64, 4 warps, 3 stages:
-    smaller blocks put more programs in flight and mask fewer keys per tile. See
+    smaller blocks put more programs in flight and mask fewer keys per tile. 32-bit inputs with a head dim above
+    64 (correctness checks, not a serving dtype): 64 x 64, 2 stages, whose buffers fit a Hopper multiprocessor's
+    shared memory. See
     benchmarks/DECISIONS.md#prefill-tiles, benchmarks/DECISIONS.md#prefill-tma-blocks-first and
     benchmarks/DECISIONS.md#prefill-head-dim-64.
     """
     if q.device.type != "cuda":
         return TileConfig(block_t=16, block_n=16)
+    if q.dtype.itemsize > 2 and q.shape[-1] > 64:  # 32-bit tiles of a wide head: halve what shared memory holds
+        return TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=2)
     if kind == "streaming":
         return TileConfig(block_t=64, block_n=64, num_warps=4, num_stages=3)
     if q.shape[-1] <= 64:
@@ -81,7 +87,7 @@ def decode_config(q: torch.Tensor, groups: int, capacity: int = 0) -> TileConfig
 
     64 keys per tile, 4 warps. Pipeline stages by the cache's ``capacity`` in keys (0: the short streaming
     cache): 4 for one-head programs (MHA) from LONG_CACHE, 4 for GQA-packed programs from HUGE_CACHE (see
-    decode_programs_per_sm), else 3. See benchmarks/DECISIONS.md#decode-programs-per-sm.
+    decode_programs_per_sm), else 3; 2 for 32-bit inputs with a head dim above 64 (shared memory). See benchmarks/DECISIONS.md#decode-programs-per-sm.
     """
     t = q.shape[2]
     heads_per = min(next_pow2(groups), 16)
@@ -93,6 +99,8 @@ def decode_config(q: torch.Tensor, groups: int, capacity: int = 0) -> TileConfig
         return TileConfig(block_t=block_t, block_n=16, heads_per=heads_per)
     deep = capacity >= (HUGE_CACHE if heads_per >= PACKED_HEADS else LONG_CACHE)
     stages = 4 if deep else 3
+    if q.dtype.itemsize > 2 and q.shape[-1] > 64:  # 32-bit K/V tiles of a wide head: fewer buffers fit
+        stages = 2
     return TileConfig(block_t=block_t, block_n=64, heads_per=heads_per, num_warps=4, num_stages=stages)
 
 
@@ -116,8 +124,9 @@ def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: in
     """Splits of the key range so that the grid holds at most ``decode_programs_per_sm`` programs per
     multiprocessor (rounded down: one program past a full wave runs alone, a wave's length after the others).
 
-    At most one split per key tile. The grid depends on the cache's capacity, not on the current length (which
-    only the device knows), so a long-capacity cache read at a short length gets short splits.
+    This is the batch's splits per row: the kernel shares ``B x splits`` programs out over the rows in proportion
+    to their lengths (``triton_common.split_plan``). At most one split per key tile of the capacity; the grid
+    depends on the capacity, not on the current lengths (which only the device knows).
     """
     per_sm = decode_programs_per_sm(cfg.heads_per, k_cache.shape[2])
     target = per_sm * num_sms(q.device)

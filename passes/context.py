@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import fx
@@ -83,8 +84,10 @@ class PassContext:
     streaming_mode: str = "window"  # or "chunk"
     expected_layers: int | None = None
     # Switches of the optional passes (see pipeline.OPTIONAL); a pass switched off is recorded as SKIPPED.
-    fuse_projections: bool = True  # pass 6 (costs a second copy of q/k/v and gate/up while the model lives)
-    fuse_rope: bool = True  # pass 7
+    # Pass 3 (tensor_parallel): this rank's share under tensor parallelism (parallel.group.TensorParallel), or None.
+    tensor_parallel: Any = None
+    fuse_projections: bool = True  # pass 7 (costs a second copy of q/k/v and gate/up while the model lives)
+    fuse_rope: bool = True  # pass 8
     sites: list[AttentionSite] = field(default_factory=list)
     # After reorder_heads: per layer, the KV heads [0, n) are retrieval and [n, num_kv_heads) streaming.
     retrieval_counts: list[int] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""Pass 6: linear layers that read the same input become one matrix multiply (q/k/v; gate/up).
+"""Pass 7: linear layers that read the same input become one matrix multiply (q/k/v; gate/up).
 
 Matches groups of two or more ``aten.linear(x, W_i[, b_i])`` on the same ``x`` whose weights are parameters
 read by nothing else, of one dtype, device and input width, all with a bias or all without. Emits one

@@ -1,4 +1,4 @@
-"""Pass 7: the rotary embedding moves into the attention ops: they take q and k before RoPE, plus cos/sin.
+"""Pass 8: the rotary embedding moves into the attention ops: they take q and k before RoPE, plus cos/sin.
 
 Matches, for each cached ``duo::`` op, q and k arguments that are (a head slice ``aten.slice(x, 1, a, b)`` of)
 Hugging Face's ``apply_rotary_pos_emb`` as capture writes it in ATen:

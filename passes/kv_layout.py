@@ -1,4 +1,4 @@
-"""Pass 4: make the KV cache explicit state of the graph.
+"""Pass 5: make the KV cache explicit state of the graph.
 
 Matches the cacheless ``duo::retrieval_attention`` / ``duo::streaming_attention`` nodes emitted by
 ``split_attention``. Emits new graph inputs, the positions per batch row, ``cache_start`` int64 ``[B]`` (the

@@ -1,4 +1,4 @@
-"""Pass 5: one attention op per layer again: merge a mixed layer's two head groups into ``duo::attention_cached``.
+"""Pass 6: one attention op per layer again: merge a mixed layer's two head groups into ``duo::attention_cached``.
 
 Matches, in every layer that has both kinds of heads, what ``split_attention`` and ``kv_layout`` leave:
 ``cat([retrieval_attention_cached(q[:, :a], k[:, :n], v[:, :n], ...), streaming_attention_cached(q[:, a:],
@@ -6,7 +6,7 @@ k[:, n:], v[:, n:], ...)], dim=1)``. Emits ``duo::attention_cached(q, k, v, <its
 retrieval_kv_heads=n)`` on the unsliced q/k/v, whose kernels write both groups' heads into one output; the head
 slices become dead code, which the pipeline's clean-up removes.
 
-Why a separate pass rather than emitting the merged op from the start: passes 3 and 4 stay one idea each (split
+Why a separate pass rather than emitting the merged op from the start: passes 4 and 5 stay one idea each (split
 the heads; give each group its cache), and every step in between is a graph the tests can run. What merging
 buys is in the compiled graph: with the slices and the ``cat`` gone, Inductor produces q/k/v once per layer
 and never copies the two outputs into a third tensor (what that measured: see

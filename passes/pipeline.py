@@ -1,13 +1,16 @@
 """The pass pipeline, as data: the order the passes run in and why.
 
 1. find_attention  - everything else needs to know where attention is and what feeds it.
-2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice.
-3. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
-4. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
-5. merge_head_groups - a mixed layer's two cached ops and their concatenation become one op again.
-6. fuse_projections - linears on one input become one (q/k/v, gate/up); the passes before it find
+2. reorder_heads   - must run before splitting, so each head group becomes one contiguous slice (under tensor
+   parallelism it keeps only this rank's heads, so every later pass sees only those).
+3. tensor_parallel - only with tensor_parallel_size > 1: this rank's share of each MLP, and an all-reduce after
+   o_proj and down_proj; before fuse_projections, which would merge gate/up before they are split.
+4. split_attention - rewrites attention into duo ops over the whole sequence (no cache yet).
+5. kv_layout       - turns the cacheless ops into cached ones and adds the caches as graph inputs.
+6. merge_head_groups - a mixed layer's two cached ops and their concatenation become one op again.
+7. fuse_projections - linears on one input become one (q/k/v, gate/up); the passes before it find
    attention through the separate q/k/v projections.
-7. fuse_rope       - last: the cached ops take q/k before RoPE and rotate them themselves; it needs the final
+8. fuse_rope       - last: the cached ops take q/k before RoPE and rotate them themselves; it needs the final
    attention ops (merged) and finds the rotation right in front of them.
 
 After every pass ``run_pass`` cleans the graph up (``graph_utils.clean_up``: dead code removed, graph linted, code
@@ -16,9 +19,9 @@ pass through ``run_pass`` (or ``clean_up`` after it) to get a graph module that 
 the code once, after its last pass: no pass runs the module, and generating Python code for a graph of a
 many-layer model is most of what the passes cost (benchmarks/DECISIONS.md#capture-repeats-layers).
 
-The passes in ``OPTIONAL`` have a switch in the context, a bool field of the pass's name; one switched off does not
-run and is recorded as ``SKIPPED`` in ``ctx.changed`` (equal to 0, printed ``skipped``), not as a pass that matched
-nothing.
+The passes in ``OPTIONAL`` have a switch in the context, a field of the pass's name (a bool; for tensor_parallel
+the rank's share, None when off); one switched off does not run and is recorded as ``SKIPPED`` in ``ctx.changed``
+(equal to 0, printed ``skipped``), not as a pass that matched nothing.
 
 Debugging: set ``DUO_COMPILE_DUMP_GRAPHS`` to a folder and every pass that runs writes the graph before and after
 it there, ``NN_<pass>_before.txt`` and ``NN_<pass>_after.txt`` (NN its number above; the graph's nodes, then the
@@ -41,12 +44,14 @@ from .kv_layout import kv_layout
 from .merge_head_groups import merge_head_groups
 from .reorder_heads import reorder_heads
 from .split_attention import split_attention
+from .tensor_parallel import tensor_parallel
 
 Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
 PIPELINE: list[tuple[str, Pass]] = [
     ("find_attention", find_attention),
     ("reorder_heads", reorder_heads),
+    ("tensor_parallel", tensor_parallel),
     ("split_attention", split_attention),
     ("kv_layout", kv_layout),
     ("merge_head_groups", merge_head_groups),
@@ -55,8 +60,8 @@ PIPELINE: list[tuple[str, Pass]] = [
 ]
 
 
-# Passes a PassContext can switch off, each by its bool field of the pass's name.
-OPTIONAL = ("fuse_projections", "fuse_rope")
+# Passes a PassContext can switch off, each by its field of the pass's name (off when false or None).
+OPTIONAL = ("tensor_parallel", "fuse_projections", "fuse_rope")
 DUMP_GRAPHS = "DUO_COMPILE_DUMP_GRAPHS"
 
 

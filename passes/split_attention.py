@@ -1,4 +1,4 @@
-"""Pass 3: split each attention node into a retrieval op and a streaming op over contiguous head slices.
+"""Pass 4: split each attention node into a retrieval op and a streaming op over contiguous head slices.
 
 Matches every SDPA node tagged by ``find_attention`` (after ``reorder_heads``, so layer l's retrieval KV heads
 are ``[0, n_l)``). Emits, per layer: slices of q (``n_l * groups`` query heads) and of the per-KV-head k/v,

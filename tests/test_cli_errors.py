@@ -282,7 +282,7 @@ def _expanded_help(parser, action) -> str:
 def test_every_cli_option_has_help_stating_its_default():
     parser = CLI.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subparsers) == {"demo", "compile", "run", "identify", "needle", "bench"}
+    assert set(subparsers) == {"demo", "compile", "run", "identify", "needle", "bench", "serve"}
     for name, sub in subparsers.items():
         for action in sub._actions:
             if not action.option_strings or action.dest == "help":

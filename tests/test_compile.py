@@ -4,7 +4,6 @@ Eager backend: every family x MHA/GQA x streaming mode x batch 1/3 x whole/chunk
 ~13 s of compile per graph shape on CPU, so it runs a covering subset: every family and attention kind, both
 modes, both batch sizes, both prefill kinds appear, but not every combination.
 """
-import functools
 
 import pytest
 import torch
@@ -12,25 +11,17 @@ import torch
 import duo_compile
 from duo_compile.masks import kv_cache_bytes
 from duo_compile.oracle import oracle_generate
-from tests.tiny_models import mixed_gates, tiny_model
+from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 4, 8, 60, 32, 25, 128
 
 
-@functools.lru_cache(maxsize=None)
-def _model(arch, gqa):
-    return tiny_model(arch, gqa)
+_model = cached_tiny_model
+_masks = mixed_masks
 
 
-def _masks(model):
-    return duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
-
-
-@functools.lru_cache(maxsize=None)
 def _engine(arch, gqa, mode, backend):
-    model = _model(arch, gqa)
-    return duo_compile.compile(model, _masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
-                               streaming_mode=mode, backend=backend)
+    return cached_engine(arch, gqa, mode, backend, SINK, RECENT, MAX_LEN)
 
 
 def _check(arch, gqa, mode, backend, batch, chunk):

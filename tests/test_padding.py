@@ -9,34 +9,28 @@ padding. The returned sequences keep Hugging Face's layout: the input rows as gi
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import duo_compile
 from duo_compile.oracle import oracle_generate
 from duo_compile.runtime import padding
-from tests.tiny_models import mixed_gates, tiny_model
+from tests.tiny_models import (
+    cached_engine,
+    cached_tiny_model,
+    mixed_masks,
+)
 
 SINK, RECENT, NEW, CHUNK, MAX_LEN = 4, 8, 8, 7, 64
 LENGTHS = (5, 12, 30)  # < sink + recent, = sink + recent, > sink + recent
 
 
-@functools.lru_cache(maxsize=None)
-def _model(arch, gqa):
-    return tiny_model(arch, gqa)
+_model = cached_tiny_model
+_masks = mixed_masks
 
 
-def _masks(model):
-    return duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
-
-
-@functools.lru_cache(maxsize=None)
 def _engine(arch, gqa, mode, backend="eager"):
-    model = _model(arch, gqa)
-    return duo_compile.compile(model, _masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
-                               streaming_mode=mode, backend=backend)
+    return cached_engine(arch, gqa, mode, backend, SINK, RECENT, MAX_LEN)
 
 
 def _rows(seed=0, lengths=LENGTHS, vocab=96):

@@ -316,14 +316,14 @@ def test_run_passes_dumps_each_pass_and_records_a_switched_off_pass_as_skipped(t
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
     ctx.fuse_projections = ctx.fuse_rope = False
     gm = run_passes(capture(model, last_logits_only=False), ctx)
-    ran = ["01_find_attention", "02_reorder_heads", "03_split_attention", "04_kv_layout", "05_merge_head_groups"]
+    ran = ["01_find_attention", "02_reorder_heads", "04_split_attention", "05_kv_layout", "06_merge_head_groups"]
     text = {path.name: path.read_text() for path in folder.iterdir()}
     assert sorted(text) == sorted(f"{name}_{when}.txt" for name in ran for when in ("before", "after"))
     for earlier, later in pairwise(ran):
         assert text[f"{earlier}_after.txt"] == text[f"{later}_before.txt"]
-    assert "scaled_dot_product_attention" in text["03_split_attention_before.txt"]
-    assert "scaled_dot_product_attention" not in text["03_split_attention_after.txt"]
-    assert text["05_merge_head_groups_after.txt"] == f"{gm.graph}\n\n{gm.code}"
+    assert "scaled_dot_product_attention" in text["04_split_attention_before.txt"]
+    assert "scaled_dot_product_attention" not in text["04_split_attention_after.txt"]
+    assert text["06_merge_head_groups_after.txt"] == f"{gm.graph}\n\n{gm.code}"
     assert "def forward" in gm.code and "attention_cached" in gm.code
     assert ctx.changed["fuse_projections"] is SKIPPED and ctx.changed["fuse_rope"] is SKIPPED
     assert [str(ctx.changed[name]) for name in ("fuse_projections", "fuse_rope")] == ["skipped", "skipped"]

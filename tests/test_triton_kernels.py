@@ -139,11 +139,12 @@ def test_tma_falls_back_for_unaligned_tensors():
 
 
 @pytest.mark.parametrize("dtype,d,tma,blocks_first", [
-    (torch.bfloat16, 128, True, True), (torch.float16, 128, True, True), (torch.float32, 128, False, True),
+    (torch.bfloat16, 128, True, True), (torch.float16, 128, True, True), (torch.float32, 128, False, False),
     (torch.bfloat16, 64, False, False),
 ])
 def test_prefill_config_uses_the_hopper_options_where_the_h200_measured_them(dtype, d, tma, blocks_first):
-    # TMA at head dim 128 in 16-bit, the grid order at head dim 128; head dim 64 neither (not timed).
+    # TMA at head dim 128 in 16-bit, the grid order at head dim 128; head dim 64 neither (not timed); 32-bit at head
+    # dim 128 the smaller tiles whose buffers fit shared memory.
     from types import SimpleNamespace
 
     from duo_compile.kernels.tuning import prefill_config
@@ -490,3 +491,19 @@ def test_kernels_fp16_rows():
 
     check_rows_alone(triton_streaming_attention_cached, "streaming", (0, 30, 4), (20, 3, 0), 20,
                      dtype=torch.float16, tol=TOL[torch.float16])
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "mixed"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_splits_follow_the_rows_lengths(kind, num_splits):
+    """A decode batch of rows of very different lengths (and an idle one) shares its ``B x num_splits`` split
+    programs out by length (triton_common.split_plan): the long row gets more splits than ``num_splits``, the
+    short one fewer, and every row still equals the row alone."""
+    import functools
+
+    from duo_compile.kernels import launchers
+    from tests.ragged import check_rows_alone
+
+    run = triton_retrieval_attention_cached if kind == "retrieval" else launchers.triton_attention_cached
+    check_rows_alone(functools.partial(run, num_splits=num_splits), kind, (120, 5, 30, 60), (1, 1, 0, 1), 1,
+                     hkv=3 if kind == "mixed" else 2)

@@ -5,9 +5,18 @@ streaming heads (see ``mixed_gates``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 ARCHS = ("llama", "mistral", "qwen2")
 _CLASSES = {
@@ -38,11 +47,16 @@ def tiny_config(arch: str = "llama", gqa: bool = True, num_layers: int = 3, voca
     return config
 
 
-def tiny_model(arch: str = "llama", gqa: bool = True, num_layers: int = 3, seed: int = 0, dtype=torch.float32):
-    """A tiny random model in eval mode. Weights are scaled up so attention is far from uniform (masks matter)."""
+def tiny_model(arch: str = "llama", gqa: bool = True, num_layers: int = 3, seed: int = 0, dtype=torch.float32,
+               biases: bool = False):
+    """A tiny random model in eval mode. Weights are scaled up so attention is far from uniform (masks matter).
+    ``biases`` (Llama): a bias on every projection (``attention_bias`` and ``mlp_bias``), random like Qwen2's."""
     torch.manual_seed(seed)
     _, model_cls = _CLASSES[arch]
-    model = model_cls(tiny_config(arch, gqa, num_layers)).eval().to(dtype)
+    config = tiny_config(arch, gqa, num_layers)
+    if biases:
+        config.attention_bias = config.mlp_bias = True
+    model = model_cls(config).eval().to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -63,6 +77,29 @@ def mixed_gates(num_layers: int, num_kv_heads: int) -> np.ndarray:
     for layer in range(1, num_layers - 1):
         gates[layer, 1::2] = 1.0
     return gates
+
+
+@functools.lru_cache(maxsize=None)
+def cached_tiny_model(arch: str, gqa: bool):
+    """``tiny_model(arch, gqa)``, built once per test process (tests must not modify it)."""
+    return tiny_model(arch, gqa)
+
+
+def mixed_masks(model):
+    """The ``mixed_gates`` pattern of a 3-layer tiny model as HeadMasks."""
+    import duo_compile
+
+    return duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
+
+
+@functools.lru_cache(maxsize=None)
+def cached_engine(arch: str, gqa: bool, mode: str, backend: str, sink: int, recent: int, max_len: int):
+    """An engine of ``cached_tiny_model(arch, gqa)`` with ``mixed_masks``, compiled once per test process."""
+    import duo_compile
+
+    model = cached_tiny_model(arch, gqa)
+    return duo_compile.compile(model, mixed_masks(model), sink_size=sink, recent_size=recent, max_seq_len=max_len,
+                               streaming_mode=mode, backend=backend)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

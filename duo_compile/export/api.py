@@ -65,6 +65,12 @@ def _check_engine(engine) -> None:
             "this engine has no graph (it was loaded from an engine file): export the engine returned by "
             "duo_compile.compile, or copy the engine file"
         )
+    if engine.tensor_parallel is not None:
+        share = engine.tensor_parallel
+        raise ValueError(
+            f"this engine is rank {share.rank}'s share of a tensor-parallel engine (tensor_parallel_size={share.size}); "
+            f"engine files hold whole engines: export an engine compiled without tensor_parallel_size"
+        )
 
 
 def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, separate_decode: bool = False,

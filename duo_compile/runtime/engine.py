@@ -23,6 +23,7 @@ from duo_compile.runtime import padding
 from duo_compile.runtime.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
+from duo_compile.parallel import group as parallel_group
 from duo_compile.passes import CacheSpec
 
 BACKENDS = ("inductor", "eager")
@@ -128,6 +129,8 @@ class Engine:
     # given; engine files carry both. None: transformers' global defaults, no tokenizer.
     generation_config = None
     tokenizer = None
+    # Under tensor parallelism (compile's tensor_parallel_size > 1): this rank's share (parallel.group.TensorParallel).
+    tensor_parallel = None
 
     def __init__(
         self,
@@ -256,21 +259,35 @@ class Engine:
         return KVCacheBytes(sizes["retrieval"], sizes["streaming"], sizes["retrieval"] + sizes["streaming"], full)
 
     # ----------------------------------------------------------------------------------------------- steps
-    def step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
+             rows: slice | None = None) -> torch.Tensor:
         """Run tokens through the graph, appending them to the caches: row b's tokens sit at positions
         ``start[b] .. start[b] + T - 1`` (``start`` an int for every row, or int64 ``[B]``), of which the first
         ``valid[b]`` are real (default: all T); the rest are padding, neither cached nor used.
+
+        ``rows`` (a slice of the allocated batch, step 1): run only those cache rows, ``input_ids`` having one row
+        each; the other rows are neither read nor written. A server prefills one request's chunk this way without
+        running the padding of every other row through the model (serve/scheduler.py).
 
         Returns each row's logits at its last real token, ``[B, vocab]`` (a row with no real token: don't-care). The
         caches of row b must hold its positions ``< start[b]``. Holds the engine's lock.
         """
         with self._lock:
-            return self._step(input_ids, start, valid)
+            return self._step(input_ids, start, valid, rows)
 
     @torch.no_grad()
-    def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
+              rows: slice | None = None) -> torch.Tensor:
         batch, length = input_ids.shape
-        if self.batch_size != batch:
+        caches = self.caches
+        if rows is not None:
+            if self.batch_size is None or not isinstance(rows, slice) or rows.step not in (None, 1):
+                raise ValueError(f"rows must be a slice (step 1) of the allocated batch, got {rows!r}")
+            first_row, stop, _ = rows.indices(self.batch_size)
+            if stop - first_row != batch:
+                raise ValueError(f"rows {rows!r} select {max(stop - first_row, 0)} cache rows, got input batch {batch}")
+            caches = [cache[first_row:stop] for cache in self.caches]  # views: the step writes into the caches
+        elif self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
         # Per-row positions are checked on the host: pass them as CPU tensors (or lists) to keep a decode step
         # free of a device sync; a device tensor is copied to the host for the check.
@@ -293,7 +310,7 @@ class Engine:
             raise ValueError(
                 f"positions {last}..{end - 1} exceed the allocated cache length {self.cache_len}"
             )
-        if length == 1 and self.cuda_graphs and self.device.type == "cuda":
+        if length == 1 and rows is None and self.cuda_graphs and self.device.type == "cuda":
             if self._graphed is None:
                 self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device)
             return self._graphed(input_ids, first if cache_start is None else cache_start, valid)[:, -1, :]
@@ -308,7 +325,7 @@ class Engine:
         # one input layout means one compiled graph (the one an engine package precompiled) whether or not the
         # prompt is cut into chunks.
         input_ids = input_ids.clone(memory_format=torch.contiguous_format)
-        logits = self._run(input_ids, position_ids, cache_start, valid, *self.caches)
+        logits = self._run(input_ids, position_ids, cache_start, valid, *caches)
         return _last_real(logits, valid)
 
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None,
@@ -377,14 +394,23 @@ class Engine:
 
         Holds the engine's lock from the argument checks to the last token: concurrent calls (from other threads)
         of any entry point wait, and each call gives exactly what it gives alone.
+
+        Tensor parallel (``self.tensor_parallel``): every rank calls ``generate`` with the same arguments; it runs
+        on rank 0's ``input_ids`` and ``attention_mask`` (other ranks may pass anything, e.g. None) and each token
+        is rank 0's (sampled with rank 0's generator or RNG), so every rank returns the same tokens.
         """
         from duo_compile.runtime import generation
 
         with self._lock:
+            if self.tensor_parallel is not None:
+                input_ids, attention_mask = parallel_group.from_rank0(input_ids, attention_mask, device=self.device)
             request = generation.plan(
                 self, input_ids, generation_config, logits_processor, stopping_criteria, streamer, generator,
                 tokenizer, attention_mask, prefill_chunk_size, **kwargs,
             )
+            if self.tensor_parallel is not None:  # ranks that would run different steps would wait forever
+                parallel_group.check_same(generate=repr((request.new_tokens, request.chunk, request.check_stop,
+                                                         request.config.do_sample, tuple(request.input_ids.shape))))
             return generation.decode(self, request)
 
     def __repr__(self) -> str:

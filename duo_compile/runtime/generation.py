@@ -48,6 +48,7 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from duo_compile.checks import check_int
+from duo_compile.parallel import group as parallel_group
 from duo_compile.runtime import padding
 
 __all__ = ["Plan", "plan", "decode"]
@@ -365,6 +366,8 @@ def decode(engine, plan: Plan):
                 next_tokens = torch.multinomial(probs, num_samples=1, generator=plan.generator).squeeze(1)
             else:
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
+            if engine.tensor_parallel is not None:  # rank 0's token on every rank
+                next_tokens = parallel_group.broadcast_tokens(next_tokens)
             if plan.pad is not None:  # finished rows continue with the pad id
                 next_tokens = next_tokens * unfinished + plan.pad * (1 - unfinished)
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)

@@ -1,0 +1,2 @@
+"""Tensor parallelism: head placement across ranks (``placement``) and the process group checks and collectives
+the compiler and the runtime use (``group``)."""

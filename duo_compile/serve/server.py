@@ -1,0 +1,80 @@
+"""``duo-compile serve``: an engine behind the OpenAI-compatible API (api.py), run by uvicorn.
+
+With no model the server runs the bundled passkey model with its identified gates (duo_compile/data), so one
+command starts a working server. That model is no chat model; it gets a chat template that writes the messages'
+texts one after the other, so a chat request with one user message is the same prompt as a completion request.
+
+Shutdown: on SIGTERM or Ctrl-C uvicorn stops accepting connections and waits up to ``graceful_seconds`` for the
+open requests to finish; then the engine thread cancels what still runs. SIGTERM then exits with status 0 (a
+requested shutdown), Ctrl-C as every command does (status 130, cli.py).
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from duo_compile.serve.memory import SlotPlan, plan_slots
+
+# The bundled model's chat template: the messages' texts in order (it was trained on plain passkey prompts).
+PLAIN_CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }} {% endfor %}"
+BUNDLED_MODEL_NAME = "duo-passkey"
+
+
+def bundled_engine(sparsity: float = 0.5, sink_size: int = 64, recent_size: int = 256,
+                   max_seq_len: int | None = None, backend: str = "inductor", device=None,
+                   prefill_chunk_size: int | None = None):
+    """The bundled passkey model compiled with its identified gates at ``sparsity``, with a transformers tokenizer
+    carrying ``PLAIN_CHAT_TEMPLATE``."""
+    import duo_compile
+    from duo_compile.identify.passkey import load_passkey_gates, load_passkey_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, word_tokenizer = load_passkey_model(device=device, dtype=dtype)
+    tokenizer = word_tokenizer.to_transformers()
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    masks = load_passkey_gates().binarize(sparsity=sparsity)
+    return duo_compile.compile(model, masks, sink_size=sink_size, recent_size=recent_size, max_seq_len=max_seq_len,
+                               prefill_chunk_size=prefill_chunk_size, backend=backend, tokenizer=tokenizer)
+
+
+def describe(engine, slots: SlotPlan) -> str:
+    """One line for the log: slots, KV bytes per slot and in all, and a slot's bytes with every head retrieval."""
+    info, c = engine.info, engine.config
+    full_row = 2 * engine.dtype.itemsize * info.num_layers * info.num_kv_heads * c.max_seq_len * info.head_dim
+    return (f"{slots.slots} slots of max_seq_len={c.max_seq_len}: {slots.row_bytes / 2**20:.1f} MiB of KV cache "
+            f"each (all heads retrieval: {full_row / 2**20:.1f} MiB), {slots.kv_bytes / 2**30:.3f} GiB in all")
+
+
+def run(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 8,
+        kv_cache_memory: int | None = None, memory_fraction: float | None = None, token_budget: int | None = None,
+        max_waiting: int = 64, graceful_seconds: float = 30.0, log_level: str = "info") -> int:
+    """Serve ``engine`` until SIGTERM/Ctrl-C; returns the exit status (0)."""
+    import uvicorn
+
+    from duo_compile.serve.api import create_app
+
+    slots = plan_slots(engine, max_slots, kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction)
+    app = create_app(engine, slots, model_name=model_name, token_budget=token_budget, max_waiting=max_waiting)
+    print(f"serving {model_name!r}: {describe(engine, slots)}", flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=graceful_seconds)
+    _server_class()(config).run()
+    return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM, once the shutdown is done, is not raised again (uvicorn re-raises
+        the signals it caught, which would end the process with SIGTERM's status instead of 0)."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured:
+                captured.remove(sig)
+
+    return Server

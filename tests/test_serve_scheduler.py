@@ -1,0 +1,241 @@
+"""The serving scheduler (duo_compile/serve/scheduler.py): continuous batching over the engine's cache rows gives
+every request exactly what ``Engine.generate`` gives its prompt alone (tiny random Llama, eager backend, CPU).
+
+Prompts of 3..40 tokens with 3..14 new tokens against sink 4 + recent 8: most sequences are longer than the
+streaming window, so rings wrap while other rows still fill their sinks. Schedules vary the number of slots,
+the per-step token budget (down to 4 tokens for 2 slots, so long prompts are prefilled a few tokens per step
+while other rows decode), the arrival order and times, and cancellations that free slots mid-stream.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import duo_compile
+from duo_compile.masks import kv_cache_bytes
+from duo_compile.serve.memory import plan_slots
+from duo_compile.serve.scheduler import QueueFull, Scheduler
+from duo_compile.serve.sequence import CANCELLED, LENGTH, STOP, Sequence
+from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
+
+SINK, RECENT, MAX_LEN = 4, 8, 96
+LENGTHS = (5, 30, 17, 40, 3, 21, 12)
+NEW = (6, 9, 4, 14, 10, 3, 5)
+
+
+@functools.cache
+def _engine(mode: str = "window", chunk: int | None = None):
+    if chunk is None:
+        return cached_engine("llama", True, mode, "eager", SINK, RECENT, MAX_LEN)
+    model = cached_tiny_model("llama", True)
+    return duo_compile.compile(model, mixed_masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                               streaming_mode=mode, prefill_chunk_size=chunk, backend="eager")
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 96, (n,), generator=gen).tolist() for n in LENGTHS]
+
+
+@functools.cache
+def _alone(mode: str = "window", chunk: int | None = None, seed: int = 0) -> tuple[tuple[int, ...], ...]:
+    """Each prompt's new tokens from ``engine.generate`` of that prompt alone (greedy)."""
+    engine = _engine(mode, chunk)
+    out = []
+    for prompt, new in list(zip(_prompts(seed), NEW))[:4 if mode == "chunk" else None]:
+        ids = engine.generate(torch.tensor([prompt]), max_new_tokens=new)
+        out.append(tuple(ids[0, len(prompt):].tolist()))
+    return tuple(out)
+
+
+def _run(scheduler: Scheduler, sequences, arrivals, cancel_at=None, max_steps: int = 2000):
+    """Step until every request ended; request i joins at step ``arrivals[i]``; ``cancel_at`` {i: step}."""
+    cancel_at = cancel_at or {}
+    ended = {}
+    for step in range(max_steps):
+        for i, seq in enumerate(sequences):
+            if arrivals[i] == step:
+                scheduler.add(seq)
+            if cancel_at.get(i) == step:
+                update = scheduler.cancel(seq)
+                if update is not None:
+                    ended[seq.id] = update.finish_reason
+        for update in scheduler.step():
+            assert scheduler.num_running <= scheduler.slots
+            if update.finish_reason is not None:
+                ended[update.sequence.id] = update.finish_reason
+        if len(ended) == len(sequences):
+            assert not scheduler.has_work() and scheduler.num_free == scheduler.slots
+            return ended
+    raise AssertionError("the scheduler did not finish every request")
+
+
+def _sequences(engine, prompts, **kwargs):
+    return [Sequence.from_generate_args(engine, p, max_new_tokens=n, **kwargs) for p, n in zip(prompts, NEW)]
+
+
+SCHEDULES = {
+    # slots, token budget, arrival step of each request
+    "two-slots-budget-4": (2, 4, [0, 0, 0, 3, 3, 9, 9]),
+    "three-slots-staggered": (3, 7, [0, 1, 1, 5, 9, 9, 30]),
+    "reversed-arrivals-wide": (8, 64, [12, 10, 8, 6, 4, 2, 0]),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_greedy_outputs_equal_generate_alone(name):
+    slots, budget, arrivals = SCHEDULES[name]
+    engine = _engine()
+    expected = _alone()
+    sequences = _sequences(engine, _prompts())
+    ended = _run(Scheduler(engine, slots, token_budget=budget), sequences, arrivals)
+    for seq, want in zip(sequences, expected):
+        assert tuple(seq.tokens) == want
+        assert ended[seq.id] == LENGTH
+
+
+def test_chunk_mode_prefills_in_the_engines_chunks():
+    """Chunk mode: the streaming heads' prefill depends on the chunk boundaries; the scheduler keeps the engine's."""
+    engine = _engine("chunk", 8)
+    sequences = _sequences(engine, _prompts()[:4])
+    _run(Scheduler(engine, 2, token_budget=2), sequences, [0, 0, 2, 2])
+    assert [tuple(s.tokens) for s in sequences] == list(_alone("chunk", 8)[:4])
+
+
+def test_cancelling_frees_the_slot_and_the_others_stay_exact():
+    engine = _engine()
+    expected = _alone()
+    sequences = _sequences(engine, _prompts())
+    scheduler = Scheduler(engine, 2, token_budget=6)
+    # 1 is cancelled while it prefills, 3 while it decodes, 6 while it waits for a slot.
+    ended = _run(scheduler, sequences, [0] * 7, cancel_at={1: 2, 3: 25, 6: 1})
+    for i, (seq, want) in enumerate(zip(sequences, expected)):
+        if i in (1, 3, 6):
+            assert ended[seq.id] == CANCELLED and tuple(seq.tokens) == want[:len(seq.tokens)]
+        else:
+            assert tuple(seq.tokens) == want and ended[seq.id] == LENGTH
+    assert len(sequences[3].tokens) > 0  # it was decoding when cancelled
+    assert scheduler.cancel(sequences[0]) is None  # already ended
+
+
+def test_eos_and_sampling_settings_per_request_equal_generate():
+    """Per-request settings through transformers' processors/criteria: an eos id that stops one request early,
+    sampling with top-k/top-p/temperature and a seeded generator, a repetition penalty: each as generate alone."""
+    engine = _engine()
+    prompts = _prompts(1)
+    greedy = _alone(seed=1)
+    eos = greedy[3][4]  # request 3 stops at its 5th token (or earlier, if that token came before)
+    settings = [
+        {"do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7},
+        {"repetition_penalty": 1.3},
+        {"no_repeat_ngram_size": 2},
+        {"eos_token_id": eos, "pad_token_id": 0},
+        {"do_sample": True, "temperature": 1.5, "min_p": 0.05},
+    ]
+    expected = []
+    for i, (prompt, new, kwargs) in enumerate(zip(prompts, NEW, settings)):
+        gen = torch.Generator().manual_seed(100 + i)
+        ids = engine.generate(torch.tensor([prompt]), max_new_tokens=new, generator=gen, **kwargs)
+        expected.append(ids[0, len(prompt):].tolist())
+    sequences = [
+        Sequence.from_generate_args(engine, p, max_new_tokens=n, generator=torch.Generator().manual_seed(100 + i), **kw)
+        for i, (p, n, kw) in enumerate(zip(prompts, NEW, settings))
+    ]
+    ended = _run(Scheduler(engine, 3, token_budget=5), sequences, [0, 0, 1, 2, 3])
+    assert [s.tokens for s in sequences] == expected
+    assert ended[sequences[3].id] == STOP and sequences[3].tokens[-1] == eos
+    assert len(sequences[3].tokens) <= 5
+
+
+def test_refusals():
+    engine = _engine()
+    scheduler = Scheduler(engine, 2, max_waiting=1)
+    scheduler.add(Sequence.from_generate_args(engine, [1, 2, 3], max_new_tokens=2))
+    with pytest.raises(QueueFull):
+        scheduler.add(Sequence.from_generate_args(engine, [1, 2, 3], max_new_tokens=2))
+    with pytest.raises(ValueError, match="max_seq_len=96"):
+        Sequence.from_generate_args(engine, [1] * 90, max_new_tokens=7)
+    with pytest.raises(ValueError, match="token_budget must be an integer >= 2"):
+        Scheduler(engine, 2, token_budget=1)
+    with pytest.raises(ValueError, match="streamer"):
+        Sequence.from_generate_args(engine, [1], streamer=object())
+
+
+def test_slots_from_a_kv_memory_budget():
+    """The same budget holds more DuoAttention rows than all-retrieval rows (the point of serving DuoAttention)."""
+    engine = _engine()
+    row = engine.planned_cache_bytes(1, MAX_LEN)
+    assert plan_slots(engine, 100, kv_cache_memory=10 * row).slots == 10
+    assert plan_slots(engine, 4, kv_cache_memory=10 * row).slots == 4
+    full_row = kv_cache_bytes(engine.info, engine.masks, seq_len=MAX_LEN, dtype=engine.dtype, sink_size=SINK,
+                              recent_size=RECENT).full_attention
+    assert row < full_row and 10 * row // full_row < 10
+    with pytest.raises(ValueError, match="holds no request"):
+        plan_slots(engine, 4, kv_cache_memory=row - 1)
+    assert 1 <= plan_slots(engine, 3, memory_fraction=0.5).slots <= 3
+
+
+def test_step_on_some_rows_touches_only_those_rows():
+    """``Engine.step(rows=slice)``: the chosen cache rows get what a batch of those rows alone gets, bitwise; the
+    other rows are not written; a slice that does not match the input is refused before anything runs."""
+    engine = _engine()
+    prompt = torch.tensor([_prompts()[1]])
+    engine.release()
+    engine.allocate(1)  # zeros: the slots the prompt writes are the non-zero ones
+    alone = engine.step(prompt, 0)
+    alone_caches = [c.clone() for c in engine.caches]
+    engine.allocate(3)
+    for cache in engine.caches:
+        cache.normal_()
+    before = [c.clone() for c in engine.caches]
+    logits = engine.step(prompt, 0, rows=slice(1, 2))
+    torch.testing.assert_close(logits, alone, rtol=0, atol=0)
+    for cache, old, ref in zip(engine.caches, before, alone_caches):
+        assert torch.equal(cache[0], old[0]) and torch.equal(cache[2], old[2])
+        written = ref[0] != 0  # the slots the prompt wrote (the rest of the row keeps its old values)
+        assert torch.equal(cache[1][written], ref[0][written])
+    with pytest.raises(ValueError, match="select 2 cache rows, got input batch 1"):
+        engine.step(prompt, 0, rows=slice(0, 2))
+    with pytest.raises(ValueError, match="rows must be a slice"):
+        engine.step(prompt, 0, rows=1)
+
+
+def test_engine_thread_survives_a_failed_step(monkeypatch):
+    """serve/loop.py: a step that raises ends the running request with an error; the thread serves the next one
+    exactly, and stop() cancels what waits."""
+    import queue
+
+    from duo_compile.serve.loop import EngineLoop
+
+    engine = _engine()
+    loop = EngineLoop(Scheduler(engine, 1, max_waiting=4))
+    real_step, calls = engine.step, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", failing_once)
+    done: queue.Queue = queue.Queue()
+    prompt = _prompts()[0]
+    first = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=NEW[0])
+    second = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=NEW[0])
+    loop.start()
+    loop.submit(first)
+    loop.submit(second)
+    ends = {}
+    while len(ends) < 2:
+        update = done.get(timeout=60)
+        if update.finish_reason is not None:
+            ends[update.sequence.id] = update
+    assert ends[first.id].finish_reason == "error" and "boom" in ends[first.id].error
+    assert ends[second.id].finish_reason == LENGTH and tuple(second.tokens) == _alone()[0]
+    assert loop.alive and loop.counts == (0, 0)
+    third = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=50)
+    loop.submit(third)
+    loop.stop(timeout=30)
+    assert third.finish_reason == CANCELLED and not loop.alive
