@@ -3,11 +3,12 @@
     engine = duo_compile.compile(model, masks, ...)
     duo_compile.export(engine, "model.pt2")                   # AOTInductor package (default)
     duo_compile.export(engine, "model.onnx", backend="onnx")  # standard-op ONNX, run by onnxruntime
-    duo_compile.export(engine, "model.duo", backend="package")  # program + weights + Inductor caches
+    duo_compile.export(engine, "engine.pt2", backend="package")  # program + weights + Inductor caches
     engine2 = duo_compile.load("model.pt2")                   # no model code or weights needed
     engine2.generate(input_ids, max_new_tokens=64)            # same API as the compiled engine
 
-Backends: ``aoti_export.py``, ``onnx_export.py`` and ``package_export.py``; the file format and its checks: ``engine_file.py``.
+Backends: ``aoti_export.py``, ``onnx_export.py`` and ``package_export.py``; the file format and its checks:
+``engine_file.py``.
 """
 from __future__ import annotations
 
