@@ -11,7 +11,7 @@ The file is a PT2 archive that ``torch.export.save`` writes (``torch.export.load
   one decode step at batch 1;
 * ``extra/duo_engine.json``: the engine file metadata (engine_file.py), its digest covering every other member.
 
-``load`` (``PackageRunner``) rebuilds the engine from the program and compiles it with Inductor as ``compile``
+``load`` (``api._load_package``) rebuilds the engine from the program and compiles it with Inductor as ``compile``
 does. The caches are used only when the package was made by this torch and Triton version on the same device
 kind (GPU architecture): otherwise the package still loads and runs, with a warning that Inductor compiles
 afresh (the caches would only miss). Why not AOTInductor here: benchmarks/DECISIONS.md#engine-package.
