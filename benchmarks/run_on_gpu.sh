@@ -29,6 +29,9 @@
 #               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
 #               e.g. "--requests 32 --max-prompt 65536")          ~8 min; first run: DuoAttention's warm-up took
 #               its whole half of the deadline (see benchmarks/README.md, Serving)
+#   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
+#               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
+#               budget ~8 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
@@ -55,6 +58,8 @@ for step in "$@"; do
         e2e-qwen3)
             timeout 280 python3 benchmarks/e2e.py --out "$OUT" --models qwen3 --backend inductor --sections decode \
                 --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e_qwen3_inductor.log" ;;
+        start-bench)
+            timeout 560 python3 benchmarks/start_bench.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/start_bench.log" ;;
         passkey)
             rm -rf /tmp/pk
             timeout 470 python3 scripts/train_passkey_model.py --out /tmp/pk --device cuda --time-budget 300 \
@@ -85,7 +90,7 @@ for step in "$@"; do
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
-                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, serve-bench)" >&2
+                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, serve-bench, start-bench)" >&2
            exit 2 ;;
     esac
 done

@@ -10,6 +10,7 @@ import warnings
 import torch
 from torch import fx
 
+from duo_compile import repeat_layers as _repeat_layers
 from duo_compile.models.hf import CausalLMForCapture
 
 _EXAMPLE_BATCH, _EXAMPLE_LEN = 2, 8
@@ -91,12 +92,28 @@ def _export(module: torch.nn.Module, args: tuple, dims: dict) -> torch.export.Ex
             return torch.export.export(module, args, dynamic_shapes=loose)
 
 
-def capture(model: torch.nn.Module, *, last_logits_only: bool = True) -> fx.GraphModule:
+def capture(model: torch.nn.Module, *, last_logits_only: bool = True, repeat_layers: bool = True) -> fx.GraphModule:
     """Export ``model`` as ``forward(input_ids [B, T], position_ids [B, T]) -> logits`` with dynamic B and T.
 
     The model itself is left as it was (mode and attention implementation restored); the graph refers to its
-    parameters without copying them.
+    parameters without copying them. ``repeat_layers``: where the decoder layers are interchangeable, export only
+    the first few and repeat the last one (``repeat_layers.py``: same graph, a fraction of the time); False
+    always exports the whole model.
     """
+    layers = _repeat_layers.plan(model) if repeat_layers else None
+    if layers is not None:
+        try:
+            with layers.first_layers(model):
+                short = _capture(model, last_logits_only)
+        except CaptureError:
+            short = None  # the whole model's export below says what fails
+        graph = _repeat_layers.repeat(short, layers) if short is not None else None
+        if graph is not None:
+            return graph
+    return _capture(model, last_logits_only)
+
+
+def _capture(model: torch.nn.Module, last_logits_only: bool) -> fx.GraphModule:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     input_ids = torch.randint(0, vocab, (_EXAMPLE_BATCH, _EXAMPLE_LEN), device=device)

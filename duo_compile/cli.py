@@ -190,7 +190,8 @@ def _cmd_compile(args) -> int:
     tokenizer = None if args.no_tokenizer else _load_tokenizer(args.tokenizer or args.model, args.tokenizer is not None)
     engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
                                  max_seq_len=max_seq_len, prefill_chunk_size=args.chunk,
-                                 streaming_mode=args.mode, backend="eager", tokenizer=tokenizer)
+                                 streaming_mode=args.mode, tokenizer=tokenizer,
+                                 backend="inductor" if args.backend == "package" else "eager")  # what load runs
     print(engine)
     duo_compile.export(engine, args.output, backend=args.backend)
     print(f"wrote {args.output} ({args.backend}{', with its tokenizer' if tokenizer is not None else ''})")
@@ -456,8 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--masks", required=True,
                       help="full_attention_heads.tsv (rows = layers, columns = KV heads), as identify writes it")
     comp.add_argument("-o", "--output", required=True, help="engine file to write")
-    comp.add_argument("--backend", choices=("aoti", "onnx", "tensorrt"), default="aoti",
-                      help="engine file format: aoti (AOTInductor .pt2) or onnx; tensorrt is not available here "
+    comp.add_argument("--backend", choices=("aoti", "onnx", "package", "tensorrt"), default="aoti",
+                      help="engine file format: aoti (AOTInductor .pt2), onnx, or package (the program, weights and "
+                           "Inductor's compile caches, run with Inductor on load); tensorrt is not available here "
                            "(default: %(default)s)")
     comp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="weights and cache dtype (default: %(default)s, the model directory's)")

@@ -91,12 +91,13 @@ def drop_param(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
-def clean_up(gm: fx.GraphModule) -> int:
+def clean_up(gm: fx.GraphModule, recompile: bool = True) -> int:
     """What the pipeline does after every pass (so no pass does it itself): remove the nodes nothing reads any
-    more (pure ones: ops that write a cache stay), check the graph and regenerate the module's code. Returns how
-    many nodes were removed."""
+    more (pure ones: ops that write a cache stay), check the graph and (``recompile``) regenerate the module's
+    code. Returns how many nodes were removed."""
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
     return before - len(gm.graph.nodes)

@@ -15,7 +15,9 @@
 
 After every pass ``run_pass`` cleans the graph up (``graph_utils.clean_up``: dead code removed, graph linted, code
 regenerated), so a pass only rewrites what it matches and leaves the nodes it made dead for the clean-up; call a
-pass through ``run_pass`` (or ``clean_up`` after it) to get a graph module that runs.
+pass through ``run_pass`` (or ``clean_up`` after it) to get a graph module that runs. ``run_passes`` regenerates
+the code once, after its last pass: no pass runs the module, and generating Python code for a graph of a
+many-layer model is most of what the passes cost (benchmarks/DECISIONS.md#capture-repeats-layers).
 
 The passes in ``OPTIONAL`` have a switch in the context, a field of the pass's name (a bool; for tensor_parallel
 the rank's share, None when off); one switched off does not run and is recorded as ``SKIPPED`` in ``ctx.changed``
@@ -74,20 +76,22 @@ def _number(name: str) -> int:
 def _dump(gm: fx.GraphModule, number: int, name: str, when: str) -> None:
     folder = os.environ.get(DUMP_GRAPHS)
     if folder:
+        gm.recompile()  # gm.code is the code generated last
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"{number:02d}_{name}_{when}.txt").write_text(f"{gm.graph}\n\n{gm.code}")
 
 
-def run_pass(name: str, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+def run_pass(name: str, gm: fx.GraphModule, ctx: PassContext, *, recompile: bool = True) -> fx.GraphModule:
     """Run the pass named ``name`` as the pipeline does: recorded as skipped if its switch is off, else run,
-    cleaned up after, and dumped before and after if ``DUO_COMPILE_DUMP_GRAPHS`` names a folder."""
+    cleaned up after (its code regenerated if ``recompile``), and dumped before and after if
+    ``DUO_COMPILE_DUMP_GRAPHS`` names a folder."""
     number = _number(name)
     if name in OPTIONAL and not getattr(ctx, name):
         ctx.record(name, SKIPPED)
         return gm
     _dump(gm, number, name, "before")
     gm = PIPELINE[number - 1][1](gm, ctx)
-    clean_up(gm)
+    clean_up(gm, recompile)
     _dump(gm, number, name, "after")
     return gm
 
@@ -98,7 +102,8 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext, until: str | None = None) -
     if until is not None:
         _number(until)  # an unknown name is an error before any pass runs
     for name, _ in PIPELINE:
-        gm = run_pass(name, gm, ctx)
+        gm = run_pass(name, gm, ctx, recompile=False)
         if name == until:
             break
+    gm.recompile()
     return gm

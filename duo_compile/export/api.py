@@ -3,10 +3,12 @@
     engine = duo_compile.compile(model, masks, ...)
     duo_compile.export(engine, "model.pt2")                   # AOTInductor package (default)
     duo_compile.export(engine, "model.onnx", backend="onnx")  # standard-op ONNX, run by onnxruntime
+    duo_compile.export(engine, "engine.pt2", backend="package")  # program + weights + Inductor caches
     engine2 = duo_compile.load("model.pt2")                   # no model code or weights needed
     engine2.generate(input_ids, max_new_tokens=64)            # same API as the compiled engine
 
-Backends: ``aoti_export.py`` and ``onnx_export.py``; the file format and its checks: ``engine_file.py``.
+Backends: ``aoti_export.py``, ``onnx_export.py`` and ``package_export.py``; the file format and its checks:
+``engine_file.py``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from duo_compile.export.engine_file import (
     seal_pt2,
 )
 
-BACKENDS = ("aoti", "onnx", "tensorrt")
+BACKENDS = ("aoti", "onnx", "package", "tensorrt")
 
 __all__ = ["export", "load", "BACKENDS", "EngineFileError", "BackendUnavailableError", "LoadedEngine"]
 
@@ -72,11 +74,16 @@ def _check_engine(engine) -> None:
         )
 
 
-def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, separate_decode: bool = False) -> str:
+def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, separate_decode: bool = False,
+           precompile: bool = True) -> str:
     """Write ``engine`` to the engine file ``path`` (atomically); returns the path.
 
     ``backend``: ``"aoti"`` (AOTInductor PT2 archive; seconds to minutes of C++ compilation), ``"onnx"``
-    (standard-op ONNX model), or ``"tensorrt"`` (not available here: a clear error that points to ``"onnx"``).
+    (standard-op ONNX model), ``"package"`` (the rewritten program and weights, run with Inductor after ``load``
+    as the compiled engine is, on CPU or CUDA: package_export.py), or ``"tensorrt"`` (not available here: a clear
+    error that points to ``"onnx"``). ``precompile`` (package of an Inductor engine only): compile a prefill chunk
+    and a decode step at batch 1 now and put Inductor's compile caches in the package, so that a ``load`` by the
+    same torch / Triton / GPU architecture skips most of that compilation.
     ``separate_decode`` (AOTI only): compile the one-token decode step as its own model beside the chunk model
     (twice the compile time). The file carries the engine's config, masks, model shapes and cache layout, and a format
     version, which ``load`` checks.
@@ -90,12 +97,37 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
         raise BackendUnavailableError(_TENSORRT_MESSAGE.format(opset=OPSET))
     if separate_decode and backend != "aoti":
         raise ValueError("separate_decode applies to backend='aoti' only")
+    if not isinstance(precompile, bool):
+        raise ValueError(f"precompile must be True or False, got {precompile!r}")
     path = check_writable(path)
     if backend == "aoti":
         _export_aoti(engine, path, separate_decode)
+    elif backend == "package":
+        _export_package(engine, path, precompile)
     else:
         _export_onnx(engine, path)
     return path
+
+
+def _export_package(engine: Engine, path: str, precompile: bool) -> None:
+    from duo_compile.export import aoti_export, package_export
+
+    graphs = package_export.graphs_record(engine)
+    with _writing(path), atomic_named_path(path) as tmp:
+        check_free_space(path, aoti_export.weights_bytes(engine) + aoti_export.PACKAGE_MARGIN, "the engine's weights")
+        package_export.write_program(engine, tmp)
+        cache = None
+        if precompile and engine.config.backend == "inductor":
+            # Compiled from the program as load reads it back, so that load's compilation finds these entries.
+            warm = Engine(package_export.read_program(tmp), engine.cache_specs, engine.config, engine.info,
+                          engine.masks, device=engine.device, dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
+            data = package_export.precompile(warm, None)
+            del warm
+            if data:
+                package_export.add_cache(tmp, data)
+                cache = {**package_export.cache_producer(engine.device), "bytes": len(data)}
+        graphs["inductor_cache"] = cache
+        seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)))
 
 
 def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
@@ -149,17 +181,35 @@ class _writing:
         return False
 
 
+def _load_package(parts, path: str):
+    """(runner, whether the compile caches were loaded) for a package: its program, compiled as ``compile`` does."""
+    from duo_compile.export import package_export
+
+    check_ops(parts, path)
+    try:
+        graph = package_export.read_program(path)
+    except Exception as err:  # the archive passed its checks, so this is torch.export refusing it
+        raise EngineFileError(f"{path}: torch.export could not load the program ({type(err).__name__}: {err})")
+    if parts.config.backend != "inductor":
+        return graph, False
+    cache_loaded = package_export.use_cache(path, parts.graphs.get("inductor_cache"), parts.device)
+    return torch.compile(graph, backend="inductor", dynamic=True), cache_loaded
+
+
 class LoadedEngine(Engine):
     """An engine loaded from an engine file: the compiled engine's API, run by the file's runtime.
 
-    ``backend``: what runs it, ``"aoti"`` (the AOTInductor package) or ``"onnx"`` (onnxruntime); ``config`` is the
-    exported engine's, unchanged (its ``backend`` names the backend it was compiled with). ``path``: the file.
+    ``backend``: what runs it, ``"aoti"`` (the AOTInductor package), ``"onnx"`` (onnxruntime) or ``"package"``
+    (the program, compiled by the backend of ``config``); ``config`` is the exported engine's, unchanged (its
+    ``backend`` names the backend it was compiled with). ``path``: the file. ``compile_cache_loaded``: whether a
+    package's Inductor caches were loaded (False for other backends).
     """
 
-    def __init__(self, *args, backend: str, path: str, **kwargs):
+    def __init__(self, *args, backend: str, path: str, compile_cache_loaded: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
         self.path = path
+        self.compile_cache_loaded = compile_cache_loaded
 
 
 def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> LoadedEngine:
@@ -174,7 +224,10 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
     path = os.fspath(path)
     parts, meta = read_metadata(path)
     check_runtime(parts, path)
-    if parts.backend == "aoti":
+    cache_loaded = False
+    if parts.backend == "package":
+        runner, cache_loaded = _load_package(parts, path)
+    elif parts.backend == "aoti":
         from duo_compile.export.aoti_export import AOTIRunner
 
         check_ops(parts, path)
@@ -214,5 +267,6 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
         runner=runner,
         backend=parts.backend,
         path=path,
+        compile_cache_loaded=cache_loaded,
     )
     return attach_generation_metadata(engine, meta, path)  # generation defaults and tokenizer, when the file has them

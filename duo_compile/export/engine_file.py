@@ -6,6 +6,8 @@ Two containers, each one self-contained file with the same JSON metadata (``FORM
   model ``prefill`` (every chunk length, decode included) and, if exported with ``separate_decode``, ``decode``
   (one token; prefill then takes 2 .. max_seq_len), and the metadata as the extra file ``extra/duo_engine.json``.
   Zip CRCs are checked on load, so a truncated or damaged file is refused.
+* ``"package"``: a PT2 archive that ``torch.export.save`` writes: the rewritten program with its weights, and
+  optionally Inductor's compile caches (``package_export.py``); the metadata is the same extra file.
 * ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
   ``metadata_props`` entry ``duo_compile.runtime.engine`` holds the metadata. That entry is written as the file's last bytes
   (protobuf merges a trailing message into the model), and it records the byte length of everything before it.
@@ -62,7 +64,7 @@ FORMAT = "duo_compile.runtime.engine"
 # (input_ids, position_ids, cache_start [B], valid [B], *caches), returning each row's logits at its last real
 # token. Version 1 had no digest over the metadata and took one cache_position [T] for the whole batch.
 FORMAT_VERSION = 2
-BACKENDS = ("aoti", "onnx")
+BACKENDS = ("aoti", "onnx", "package")
 PT2_META_NAME = "duo_engine.json"  # in the PT2 archive as <archive>/extra/duo_engine.json
 ONNX_META_KEY = "duo_compile.runtime.engine"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -434,9 +436,10 @@ def read_metadata(path: str | os.PathLike) -> tuple[EngineParts, dict[str, Any]]
         raise EngineFileError(f"{path}: empty file, not a duo_compile engine file")
     meta = _read_pt2_metadata(path) if head == ZIP_MAGIC else _read_onnx_metadata(path)
     parts = parse_metadata(meta, path)
-    want = "aoti" if head == ZIP_MAGIC else "onnx"
-    if parts.backend != want:
-        raise EngineFileError(f"{path}: metadata says backend {parts.backend!r} but the file is a {want} container")
+    want = ("aoti", "package") if head == ZIP_MAGIC else ("onnx",)
+    if parts.backend not in want:
+        container = "PT2" if head == ZIP_MAGIC else "ONNX"
+        raise EngineFileError(f"{path}: metadata says backend {parts.backend!r}, but the file is a {container} file")
     return parts, meta
 
 

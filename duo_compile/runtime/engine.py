@@ -321,6 +321,10 @@ class Engine:
         valid = (torch.full((batch,), length, dtype=torch.long, device=self.device) if valid is None
                  else valid.to(self.device))
         position_ids = cache_start[:, None] + torch.arange(length, device=self.device)
+        # Dense strides: a prefill chunk is a view of the prompt (``contiguous`` keeps a view of one row as it is);
+        # one input layout means one compiled graph (the one an engine package precompiled) whether or not the
+        # prompt is cut into chunks.
+        input_ids = input_ids.clone(memory_format=torch.contiguous_format)
         logits = self._run(input_ids, position_ids, cache_start, valid, *caches)
         return _last_real(logits, valid)
 

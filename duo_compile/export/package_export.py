@@ -1,0 +1,118 @@
+"""Package backend: what a restart needs to run the engine with Inductor, so ``load`` skips capture, the passes
+and (with the package's compile caches) most of Inductor.
+
+The file is a PT2 archive that ``torch.export.save`` writes (``torch.export.load`` reads it) holding:
+
+* the rewritten program, ``forward(input_ids, position_ids, cache_start, valid, *caches) -> logits`` (the calling
+  convention of runtime/engine.py) for batch 1 .. ``MAX_BATCH`` and chunks of 1 .. ``max_seq_len`` tokens, with
+  the engine's weights as the passes left them (heads reordered, projections fused);
+* ``duo_compile/inductor_cache.bin`` (optional): Inductor's portable compile caches
+  (``torch.compiler.save_cache_artifacts``) for the shapes ``precompile`` ran at export: one prefill chunk and
+  one decode step at batch 1;
+* ``extra/duo_engine.json``: the engine file metadata (engine_file.py), its digest covering every other member.
+
+``load`` (``api._load_package``) rebuilds the engine from the program and compiles it with Inductor as ``compile``
+does. The caches are used only when the package was made by this torch and Triton version on the same device
+kind (GPU architecture): otherwise the package still loads and runs, with a warning that Inductor compiles
+afresh (the caches would only miss). Why not AOTInductor here: benchmarks/DECISIONS.md#engine-package.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+
+import torch
+
+from duo_compile.export.aoti_export import MAX_BATCH, PREFILL, export_programs
+
+CACHE_NAME = "inductor_cache.bin"
+CACHE_FOLDER = "duo_compile"  # not torch's extra/: torch.export.load reads those as text
+# The prefill chunk compiled at export when the engine has no prefill_chunk_size: a prime, because Dynamo gives
+# sizes that are equal while it traces one symbol (a chunk as long as head_dim would trace another graph).
+PRECOMPILE_CHUNK = 61
+
+
+def cache_producer(device: torch.device) -> dict[str, str]:
+    """What Inductor's compiled code depends on besides the program: torch, Triton and the device kind."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    kind = "cpu"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        kind = f"cuda sm_{major}{minor}"
+    return {"torch": torch.__version__, "triton": triton_version, "device": kind}
+
+
+def write_program(engine, path: str) -> None:
+    """``torch.export.save`` the engine's rewritten graph (dynamic batch and chunk length) to ``path``."""
+    program = export_programs(engine)[PREFILL]
+    try:
+        program.example_inputs = None  # zero caches of the tracing shape: not needed to run, and as large as a KV cache
+    except (AttributeError, TypeError, ValueError):
+        pass
+    torch.export.save(program, path)
+
+
+def read_program(path: str) -> torch.fx.GraphModule:
+    """The rewritten graph from the package at ``path``, as a module ``Engine`` runs."""
+    return torch.export.load(path).module()
+
+
+def graphs_record(engine) -> dict:
+    return {"models": {PREFILL: PREFILL}, "max_batch": MAX_BATCH,
+            "chunk_range": {PREFILL: [1, engine.config.max_seq_len]}, "caches": "explicit inputs, mutated in place"}
+
+
+def precompile(engine, chunk: int | None) -> bytes | None:
+    """Compile and run, at batch 1, one prefill chunk of ``chunk`` tokens (default: the engine's prefill chunk, else
+    ``PRECOMPILE_CHUNK``) and one decode step; return Inductor's cache artifacts (None if it recorded none)."""
+    max_len = engine.config.max_seq_len
+    chunk = min(chunk or engine.config.prefill_chunk_size or PRECOMPILE_CHUNK, max_len - 1)
+    engine.allocate(1)  # the program's caches have the engine's shapes
+    ids = torch.zeros(1, chunk, dtype=torch.long, device=engine.device)
+    engine.step(ids, 0)
+    engine.step(ids[:, :1], chunk)
+    engine.release()
+    saved = torch.compiler.save_cache_artifacts()
+    return None if saved is None else saved[0]
+
+
+def add_cache(path: str, data: bytes) -> None:
+    """Append the cache artifacts to the archive at ``path`` (beside torch's ``extra`` files)."""
+    with zipfile.ZipFile(path) as archive:
+        folder = archive.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(f"{folder}/{CACHE_FOLDER}/{CACHE_NAME}", data)
+
+
+def read_cache(path: str) -> bytes | None:
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f"/{CACHE_FOLDER}/{CACHE_NAME}")]
+        return archive.read(names[0]) if names else None
+
+
+def use_cache(path: str, recorded: dict | None, device: torch.device) -> bool:
+    """Load the package's Inductor caches if they were made for this torch, Triton and device kind; else warn that
+    Inductor compiles afresh. Returns whether they were loaded."""
+    if not recorded:
+        return False
+    here = cache_producer(device)
+    made = {key: recorded.get(key) for key in here}
+    if made != here:
+        differ = ", ".join(f"{key} {made[key]} (here {here[key]})" for key in here if made[key] != here[key])
+        warnings.warn(
+            f"{os.fspath(path)}: the package's compiled code was made for {differ}; Inductor compiles the engine "
+            f"afresh on its first steps (re-export the package here to skip that)",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    data = read_cache(path)
+    if data:
+        torch.compiler.load_cache_artifacts(data)
+    return bool(data)

@@ -1,0 +1,180 @@
+"""Engine packages (export backend "package"): export -> load in a fresh process -> the compiled engine's tokens;
+Inductor's compile caches used by a matching torch and refused, with a warning, otherwise; damaged files refused
+before anything is loaded; atomic writes.
+
+Tiny Llama with mixed masks (one all-retrieval, one mixed, one all-streaming layer), sink 4 / recent 8. Two
+packages: the eager engine's (no Inductor: the program round trip alone), and the Inductor engine's, precompiled
+at export; the fresh process (its own, empty Inductor cache folder) must then find both of its graphs (prefill
+chunk and decode step) in the package's caches.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+import duo_compile
+from duo_compile.export import engine_file, package_export
+from duo_compile.export.engine_file import EngineFileError
+from tests.tiny_models import mixed_gates, tiny_model
+
+SINK, RECENT, MAX_LEN, PROMPT, NEW, CHUNK = 4, 8, 128, 70, 6, 30
+
+
+@functools.cache
+def _engine(backend: str):
+    model = tiny_model("llama", gqa=True)
+    masks = duo_compile.HeadMasks.from_gates(mixed_gates(3, model.config.num_key_value_heads))
+    return duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN, backend=backend)
+
+
+def _prompts():
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, : PROMPT - 21] = 0  # row 1: 21 tokens, left-padded
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packages")
+    eager, inductor = _engine("eager"), _engine("inductor")
+    files = {"eager": folder / "eager.pt2", "inductor": folder / "inductor.pt2"}
+    duo_compile.export(eager, files["eager"], backend="package")
+    duo_compile.export(inductor, files["inductor"], backend="package")
+    assert sorted(os.listdir(folder)) == ["eager.pt2", "inductor.pt2"]  # no temporary files left
+    ids, mask = _prompts()
+    want = {
+        "whole": eager.generate(ids, attention_mask=mask, max_new_tokens=NEW),
+        "chunked": eager.generate(ids, attention_mask=mask, max_new_tokens=NEW, prefill_chunk_size=CHUNK),
+        "single": eager.generate(ids[:1], max_new_tokens=NEW, prefill_chunk_size=CHUNK),
+    }
+    return files, want
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import duo_compile
+    from torch._dynamo.utils import counters
+
+    job = torch.load(sys.argv[1])
+    ids, mask = job["ids"], job["mask"]
+    eager = duo_compile.load(job["eager"])
+    results = {
+        "whole": eager.generate(ids, attention_mask=mask, max_new_tokens=job["new"]),
+        "chunked": eager.generate(ids, attention_mask=mask, max_new_tokens=job["new"], prefill_chunk_size=job["chunk"]),
+        "eager_backend": (eager.backend, eager.config.backend, eager.compile_cache_loaded),
+    }
+    inductor = duo_compile.load(job["inductor"])
+    results["single"] = inductor.generate(ids[:1], max_new_tokens=job["new"], prefill_chunk_size=job["chunk"])
+    results["inductor_backend"] = (inductor.backend, inductor.config.backend, inductor.compile_cache_loaded)
+    results["counters"] = dict(counters["inductor"])
+    results["imported"] = sorted(m for m in sys.modules if m.startswith(("transformers.models", "tests")))
+    torch.save(results, sys.argv[2])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def fresh_process(packages, tmp_path_factory):
+    files, _ = packages
+    work = tmp_path_factory.mktemp("fresh")
+    ids, mask = _prompts()
+    torch.save({"eager": str(files["eager"]), "inductor": str(files["inductor"]), "ids": ids, "mask": mask,
+                "new": NEW, "chunk": CHUNK}, work / "job.pt")
+    (work / "child.py").write_text(_CHILD)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(duo_compile.__file__)))
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor_cache")  # nothing but what the package brings
+    proc = subprocess.run([sys.executable, "child.py", "job.pt", "out.pt"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(work / "out.pt")
+
+
+@pytest.mark.parametrize("case", ["whole", "chunked", "single"])
+def test_package_in_a_fresh_process_generates_the_compiled_engines_tokens(packages, fresh_process, case):
+    _, want = packages
+    assert torch.equal(fresh_process[case], want[case])
+
+
+def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
+    assert fresh_process["eager_backend"] == ("package", "eager", False)
+    assert fresh_process["inductor_backend"] == ("package", "inductor", True)
+    counters = fresh_process["counters"]
+    assert counters.get("fxgraph_cache_hit", 0) == 2 and counters.get("fxgraph_cache_miss", 0) == 0, counters
+    assert fresh_process["imported"] == []  # no model code, no tests
+
+
+def _rewrite(src, dst, edit_meta=None, edit_bytes=None) -> None:
+    """Copy a package, passing its metadata through ``edit_meta`` (then resealed, as a well-formed file of another
+    producer) and the cache member through ``edit_bytes``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith(f"/extra/{engine_file.PT2_META_NAME}") and edit_meta is not None:
+                meta = json.loads(data)
+                edit_meta(meta)
+                data = json.dumps(engine_file.seal(meta, meta["payload"])).encode()
+            if item.filename.endswith(f"/{package_export.CACHE_NAME}") and edit_bytes is not None:
+                data = edit_bytes(data)
+            zout.writestr(item, data)
+
+
+@pytest.mark.parametrize("key,value", [("torch", "2.0.0"), ("triton", "2.0.0"), ("device", "cuda sm_70")])
+def test_caches_of_another_torch_triton_or_gpu_are_not_used(packages, tmp_path, monkeypatch, key, value):
+    files, _ = packages
+    dst = tmp_path / "other.pt2"
+    _rewrite(files["inductor"], dst, edit_meta=lambda meta: meta["graphs"]["inductor_cache"].update({key: value}))
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    with pytest.warns(UserWarning, match=f"made for {key} {value}.*compiles the engine afresh"):
+        engine = duo_compile.load(dst)
+    assert engine.compile_cache_loaded is False and loaded == []
+
+
+def test_damaged_or_truncated_packages_are_refused_before_anything_loads(packages, tmp_path, monkeypatch):
+    files, _ = packages
+    touched = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", touched.append)
+    monkeypatch.setattr(package_export, "read_program", touched.append)
+    data = files["inductor"].read_bytes()
+    for cut in (4, len(data) // 2, len(data) - 100):
+        path = tmp_path / f"cut{cut}.pt2"
+        path.write_bytes(data[:cut])
+        with pytest.raises(EngineFileError, match="truncated|damaged|not a duo_compile"):
+            duo_compile.load(path)
+    path = tmp_path / "flipped_cache.pt2"
+    _rewrite(files["inductor"], path, edit_bytes=lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]))
+    with pytest.raises(EngineFileError, match="altered or damaged"):
+        duo_compile.load(path)
+    assert touched == []
+
+
+def test_failed_package_export_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt2"
+    path.write_bytes(b"old")
+
+    def fail(engine, target):
+        with open(target, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(package_export, "write_program", fail)
+    with pytest.raises(OSError, match="cannot write the engine file"):
+        duo_compile.export(_engine("eager"), path, backend="package")
+    assert os.listdir(tmp_path) == ["m.pt2"] and path.read_bytes() == b"old"
+
+
+def test_export_refuses_a_non_bool_precompile(tmp_path):
+    with pytest.raises(ValueError, match="precompile must be True or False"):
+        duo_compile.export(_engine("eager"), tmp_path / "m.pt2", backend="package", precompile="yes")
