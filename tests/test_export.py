@@ -380,7 +380,7 @@ def test_load_refuses_inconsistent_metadata_and_foreign_runtimes(engine_files, t
         "specs": (lambda meta: meta["cache_specs"][0].update(num_kv_heads=7), "does not match"),
         "masks": (lambda meta: meta["masks"].update(gates=[[1.0, 0.0]], shape=[1, 2]), "masks do not fit"),
         "config": (lambda meta: meta["config"].update(sink_size=-1), "damaged engine metadata"),
-        "backend": (lambda meta: meta.update(backend="aoti"), "onnx container"),
+        "backend": (lambda meta: meta.update(backend="aoti"), "backend 'aoti', but the file is an ONNX file"),
         "device": (lambda meta: meta.update(device="cuda"), "CUDA is not available"),
     }
     for name, (edit, message) in cases.items():

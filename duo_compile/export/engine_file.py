@@ -438,8 +438,8 @@ def read_metadata(path: str | os.PathLike) -> tuple[EngineParts, dict[str, Any]]
     parts = parse_metadata(meta, path)
     want = ("aoti", "package") if head == ZIP_MAGIC else ("onnx",)
     if parts.backend not in want:
-        container = "PT2" if head == ZIP_MAGIC else "ONNX"
-        raise EngineFileError(f"{path}: metadata says backend {parts.backend!r}, but the file is a {container} file")
+        container = "a PT2" if head == ZIP_MAGIC else "an ONNX"
+        raise EngineFileError(f"{path}: metadata says backend {parts.backend!r}, but the file is {container} file")
     return parts, meta
 
 
