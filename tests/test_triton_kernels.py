@@ -139,12 +139,12 @@ def test_tma_falls_back_for_unaligned_tensors():
 
 
 @pytest.mark.parametrize("dtype,d,tma,blocks_first", [
-    (torch.bfloat16, 128, True, True), (torch.float16, 128, True, True), (torch.float32, 128, False, False),
+    (torch.bfloat16, 128, True, True), (torch.float16, 128, True, True), (torch.float32, 128, False, False), (torch.bfloat16, 256, False, False),
     (torch.bfloat16, 64, False, False),
 ])
 def test_prefill_config_uses_the_hopper_options_where_the_h200_measured_them(dtype, d, tma, blocks_first):
     # TMA at head dim 128 in 16-bit, the grid order at head dim 128; head dim 64 neither (not timed); 32-bit at head
-    # dim 128 the smaller tiles whose buffers fit shared memory.
+    # dim 128 and 16-bit at head dim 256 (Gemma) the smaller tiles whose buffers fit shared memory.
     from types import SimpleNamespace
 
     from duo_compile.kernels.tuning import prefill_config
@@ -152,6 +152,8 @@ def test_prefill_config_uses_the_hopper_options_where_the_h200_measured_them(dty
     q = SimpleNamespace(shape=(1, 32, 4096, d), dtype=dtype, device=torch.device("cuda"))
     cfg = prefill_config(q, "retrieval")
     assert (cfg.tma, cfg.blocks_first) == (tma, blocks_first)
+    if dtype.itemsize * d > 256:
+        assert (cfg.block_t, cfg.block_n, cfg.num_stages) == (64, 64, 2)
     assert not (prefill_config(q, "streaming").tma or prefill_config(q, "streaming").blocks_first)
 
 
