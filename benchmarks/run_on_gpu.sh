@@ -27,8 +27,8 @@
 #               (e.g. "--contexts 131072 524288" or "--engines balanced,natural")         (not yet run; 3 compiles)
 #   serve-bench benchmarks/serve_bench.py: a request stream through the serving scheduler, DuoAttention vs all
 #               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
-#               e.g. "--requests 32 --max-prompt 65536")          ~8 min; first run: DuoAttention's warm-up took
-#               its whole half of the deadline (see benchmarks/README.md, Serving)
+#               e.g. "--requests 32 --max-prompt 65536")          ~9.5 min; each engine's runs get
+#               --run-seconds after its warm-up (the first run shared one deadline: DuoAttention's warm-up ate its half)
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
 #               budget ~8 min)
