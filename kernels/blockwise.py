@@ -41,19 +41,16 @@ _FLASH_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu
 FLASH = _FLASH_OP is not None
 
 # Fallback only: fp32 score elements one query block may hold, over the batch and all query heads (2^22 = 16 MiB),
-# as rows within [MIN_BLOCK, MAX_BLOCK] (2-core AVX2, 8K context: 64-row blocks beat 256-512-row blocks 2-4x,
-# their scores staying in cache).
+# as rows within [MIN_BLOCK, MAX_BLOCK]: short blocks keep their scores in cache. See
+# benchmarks/DECISIONS.md#blockwise-cpu-blocks.
 SCORE_BUDGET = 1 << 22
 MIN_BLOCK = 16
 MAX_BLOCK = 256
-# Flash path: output elements of one group of window-mode blocks batched into one call (2^17 = 512 KiB fp32).
-# 8K tokens, 6 query / 3 KV heads, one thread: 2^15 / 2^16 / 2^17 / 2^19 = 44 / 43 / 40 / 61 ms, and 7-8 MiB of
-# peak memory (6 of them the output) up to 2^17 against 22 MiB at 2^19.
+# Flash path: output elements of one group of window-mode blocks batched into one call (2^17 = 512 KiB fp32): larger
+# groups cost time and peak memory, smaller ones per-call overhead (benchmarks/DECISIONS.md#blockwise-cpu-blocks).
 GROUP_ELEMENTS = 1 << 17
 # Window-mode streaming blocks score (sink + recent + block) keys for sink + recent useful ones: taller blocks
-# score more masked keys, shorter ones pay more per-block overhead. 8K tokens, sink 64, recent 256, 4 query / 2 KV
-# heads, 2-core AVX2 machine under load: 32 / 64 / 128 / 256 rows = 56 / 44 / 46 / 55 ms of CPU on one thread;
-# on two threads 64 rows was 1.6-1.8x faster than 128 or 256 (its masks stay under PyTorch's parallel grain size).
+# score more masked keys, shorter ones pay more per-block overhead (benchmarks/DECISIONS.md#blockwise-cpu-blocks).
 STREAMING_BLOCK = 64
 
 
@@ -68,12 +65,15 @@ def _rotated(q, k, cos, sin):
     return (q, k) if tables is None else (rope(q, *tables), rope(k, *tables))
 
 
-def _for_each_row(attend, q, k, v, caches, cache_start, valid, out) -> None:
+def _for_each_row(attend, q, k, v, caches, cache_start, valid, out, retrieval_cache=None) -> None:
     """Run ``attend(q, k, v, *caches, start, out)`` (the one-start code above) for a call whose rows have their
     own ``cache_start`` and ``valid``: the whole batch at once when every row starts at one position with no
     padding, otherwise row by row on views of that row's real tokens and caches, so padding is never attended
-    by a real token nor written. Padding outputs are zero."""
+    by a real token nor written. Padding outputs are zero. ``retrieval_cache``: refuse positions past its slots
+    before anything is written."""
     start, valid = row_positions(cache_start, valid, q)
+    if retrieval_cache is not None:
+        check_retrieval_fits(start, valid, retrieval_cache)
     starts, counts = start.tolist(), valid.tolist()
     length = q.shape[2]
     if len(set(starts)) <= 1 and all(n == length for n in counts):
@@ -177,13 +177,12 @@ def retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, sc
                                block: int | None = None) -> torch.Tensor:
     """``reference.retrieval_attention_cached``, blockwise."""
     q, k = _rotated(q, k, cos, sin)
-    check_retrieval_fits(*row_positions(cache_start, valid, q), k_cache)
     out = torch.empty(q.shape, dtype=q.dtype)
 
     def attend(q, k, v, k_cache, v_cache, start, out):
         _retrieval_cached(q, k, v, k_cache, v_cache, start, scale, out, block)
 
-    _for_each_row(attend, q, k, v, (k_cache, v_cache), cache_start, valid, out)
+    _for_each_row(attend, q, k, v, (k_cache, v_cache), cache_start, valid, out, retrieval_cache=k_cache)
     return out
 
 
@@ -384,8 +383,7 @@ def attention_cached(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming
                      block: int | None = None) -> torch.Tensor:
     """``reference.attention_cached``, blockwise: both head groups write their halves of one output."""
     q, k = _rotated(q, k, cos, sin)
-    head_groups(q, k, v, retrieval_kv_heads)  # checks the split
-    check_retrieval_fits(*row_positions(cache_start, valid, q), k_retrieval)
+    head_groups(q, k, v, retrieval_kv_heads)  # checks the split before anything is written
     out = torch.empty(q.shape, dtype=q.dtype)
 
     def attend(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, start, out):
@@ -396,7 +394,7 @@ def attention_cached(q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming
                    block)
 
     caches = (k_retrieval, v_retrieval, k_streaming, v_streaming)
-    _for_each_row(attend, q, k, v, caches, cache_start, valid, out)
+    _for_each_row(attend, q, k, v, caches, cache_start, valid, out, retrieval_cache=k_retrieval)
     return out
 
 
