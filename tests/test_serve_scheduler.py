@@ -90,10 +90,19 @@ def test_greedy_outputs_equal_generate_alone(name):
     engine = _engine()
     expected = _alone()
     sequences = _sequences(engine, _prompts())
-    ended = _run(Scheduler(engine, slots, token_budget=budget), sequences, arrivals)
+    scheduler = Scheduler(engine, slots, token_budget=budget)
+    shapes = []
+    step = engine.step
+    try:  # record each step's shape: a prompt's last single token joins the decode batch, never a row step alone
+        engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
+            ids, *args, **kwargs)
+        ended = _run(scheduler, sequences, arrivals)
+    finally:
+        del engine.step
     for seq, want in zip(sequences, expected):
         assert tuple(seq.tokens) == want
         assert ended[seq.id] == LENGTH
+    assert ((1, 1), True) not in shapes and ((slots, 1), False) in shapes
 
 
 def test_chunk_mode_prefills_in_the_engines_chunks():

@@ -5,11 +5,14 @@ Requests join and leave between steps. Each ``step``:
 1. admits waiting requests, first come first served, while a slot is free (a freed slot is reused at once);
 2. decodes: one token for every request whose prompt is in its cache, all slots in one ``Engine.step`` of
    ``[slots, 1]`` tokens, each row at its own position (``start``), rows with nothing to decode given ``valid``
-   0 (idle or prefilling rows: never written);
+   0 (idle or prefilling rows: never written). A prompt with one token left to prefill runs that token here too:
+   a one-token chunk is a decode step (the ops treat it the same), so it needs no graph of its own;
 3. prefills under the step's token budget: what the decode tokens leave of ``token_budget`` goes to waiting
    prompts, in arrival order, as chunks run on their own cache row (``Engine.step(rows=...)``), so one long
    prompt is prefilled over several steps while the running requests keep decoding at every step. A request's
-   last prompt chunk gives its first token.
+   last prompt token (in its last chunk, or in a decode step) gives its first generated token. Chunks are never a
+   single token while another chunk ran in the step: the engine then compiles only a prefill graph and a decode
+   graph.
 
 Preemption: none. A slot holds a whole ``max_seq_len`` row of every cache (the static split cache: retrieval heads
 ``max_seq_len`` positions, streaming heads ``sink + recent``), so an admitted request always fits to its end;
@@ -111,11 +114,11 @@ class Scheduler:
                 self.running[slot] = seq
 
     def _decode(self) -> list[Update]:
-        rows = [seq if seq is not None and not seq.prefilling else None for seq in self.running]
+        rows = [seq if seq is not None and seq.cached >= len(seq.prompt) - 1 else None for seq in self.running]
         if not any(rows):
             return []
         device = self.engine.device
-        tokens = torch.tensor([[seq.tokens[-1] if seq else 0] for seq in rows], device=device)
+        tokens = torch.tensor([[_next_input(seq) if seq else 0] for seq in rows], device=device)
         start = torch.tensor([seq.cached if seq else 0 for seq in rows])
         valid = torch.tensor([1 if seq else 0 for seq in rows])
         logits = self.engine.step(tokens, start, valid)
@@ -127,17 +130,22 @@ class Scheduler:
         return updates
 
     def _prefill(self, budget: int) -> list[Update]:
-        updates = []
+        updates, ran = [], False
         for seq in sorted((s for s in self.running if s is not None and s.prefilling), key=lambda s: s.arrival):
             left = len(seq.prompt) - seq.cached
+            if left == 1:  # the next decode step runs it
+                continue
             if self.chunked:  # the engine's own chunks, so streaming heads see what generate shows them
                 size = min(left, self.engine.config.prefill_chunk_size or left)
                 if updates and size > budget:
                     break
             else:
                 size = min(left, budget, self.engine.config.prefill_chunk_size or left)
-                if size < 1:
+                # A one-token chunk would compile a row graph of its own: wait for a step with more budget, unless
+                # nothing else ran (a token budget of ``slots`` leaves one token beside slots - 1 decodes).
+                if size < 1 or (size == 1 and ran):
                     break
+            ran = True
             ids = torch.tensor([seq.prompt[seq.cached:seq.cached + size]], device=self.engine.device)
             logits = self.engine.step(ids, seq.cached, rows=slice(seq.slot, seq.slot + 1))
             seq.cached += size
@@ -157,3 +165,9 @@ class Scheduler:
     def _end(seq: Sequence, token: int | None, reason: str, error: str | None = None) -> Update:
         seq.finish_reason = reason
         return Update(seq, token, reason, error)
+
+
+def _next_input(seq: Sequence) -> int:
+    """The token a decode step feeds ``seq``: its last prompt token while one is left to prefill, else the last
+    token it generated."""
+    return seq.prompt[seq.cached] if seq.prefilling else seq.tokens[-1]
