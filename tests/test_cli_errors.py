@@ -252,7 +252,7 @@ def test_cli_ctrl_c_during_identify_prints_one_line_and_exits_130(tmp_path):
     model.save_pretrained(tmp_path / "model")
     proc = subprocess.Popen([sys.executable, "-m", "duo_compile.cli", "identify", str(tmp_path / "model"), "-o",
                              str(tmp_path / "gates"), "--steps", "100000"], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # an unread stdout pipe could fill
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
     reader.start()
