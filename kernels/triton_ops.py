@@ -2,13 +2,15 @@
 
 ``register()`` installs them with ``torch.library.register_kernel(..., "cuda")`` on the existing ``custom_op``
 definitions of ops.py: ``triton_op`` cannot be traced on CPU, the custom ops can everywhere, and on CUDA they run
-these kernels. A head dim the kernels do not tile (``supported_head_dim``) runs the reference instead.
+these kernels. A head dim the kernels do not tile (``supported_head_dim``) runs the reference instead. A paged
+retrieval cache (a ``block_table``) runs these kernels on each row's pages gathered into a contiguous copy, then
+writes the appended positions back to their pages (paged.py): the kernels do not read the block table yet.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import paged, reference
 from .launchers import (
     triton_attention_cached,
     triton_retrieval_attention,
@@ -79,6 +81,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for name, fn in CUDA_KERNELS.items():
+    for name, fn in paged.with_pages(CUDA_KERNELS).items():
         torch.library.register_kernel(f"duo::{name}", "cuda")(fn)
     _registered = True
