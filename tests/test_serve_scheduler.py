@@ -15,7 +15,7 @@ import torch
 
 import duo_compile
 from duo_compile.masks import kv_cache_bytes
-from duo_compile.serve.memory import plan_slots
+from duo_compile.serve.memory import plan_kv
 from duo_compile.serve.scheduler import QueueFull, Scheduler
 from duo_compile.serve.sequence import CANCELLED, LENGTH, STOP, Sequence
 from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
@@ -167,14 +167,14 @@ def test_slots_from_a_kv_memory_budget():
     """The same budget holds more DuoAttention rows than all-retrieval rows (the point of serving DuoAttention)."""
     engine = _engine()
     row = engine.planned_cache_bytes(1, MAX_LEN)
-    assert plan_slots(engine, 100, kv_cache_memory=10 * row).slots == 10
-    assert plan_slots(engine, 4, kv_cache_memory=10 * row).slots == 4
+    assert plan_kv(engine, 100, kv_cache_memory=10 * row).slots == 10
+    assert plan_kv(engine, 4, kv_cache_memory=10 * row).slots == 4
     full_row = kv_cache_bytes(engine.info, engine.masks, seq_len=MAX_LEN, dtype=engine.dtype, sink_size=SINK,
                               recent_size=RECENT).full_attention
     assert row < full_row and 10 * row // full_row < 10
     with pytest.raises(ValueError, match="holds no request"):
-        plan_slots(engine, 4, kv_cache_memory=row - 1)
-    assert 1 <= plan_slots(engine, 3, memory_fraction=0.5).slots <= 3
+        plan_kv(engine, 4, kv_cache_memory=row - 1)
+    assert 1 <= plan_kv(engine, 3, memory_fraction=0.5).slots <= 3
 
 
 def test_step_on_some_rows_touches_only_those_rows():
@@ -234,7 +234,7 @@ def test_engine_thread_survives_a_failed_step(monkeypatch):
             ends[update.sequence.id] = update
     assert ends[first.id].finish_reason == "error" and "boom" in ends[first.id].error
     assert ends[second.id].finish_reason == LENGTH and tuple(second.tokens) == _alone()[0]
-    assert loop.alive and loop.counts == (0, 0)
+    assert loop.alive and loop.counts == (0, 0, 0, 0)
     third = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=50)
     loop.submit(third)
     loop.stop(timeout=30)
