@@ -328,8 +328,6 @@ class Engine:
     def _table(self, block_table: torch.Tensor | None, rows: slice | None, batch: int) -> tuple[torch.Tensor, ...]:
         """The graph's trailing inputs: ``(block_table,)`` for a paged engine, else ``()``."""
         if not self.paged:
-            if block_table is not None:
-                raise ValueError("block_table needs a paged engine (compile with page_size)")
             return ()
         if block_table is None:
             if self.block_table is None:
@@ -345,6 +343,8 @@ class Engine:
     @torch.no_grad()
     def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
               rows: slice | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+        if block_table is not None and not self.paged:
+            raise ValueError("block_table needs a paged engine (compile with page_size)")
         batch, length = input_ids.shape
         caches = self.caches
         if rows is not None:
