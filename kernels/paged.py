@@ -10,8 +10,10 @@ A paged retrieval cache is a pool ``[num_pages, Hkv, page_size, D]`` shared by e
 ``table_index``: it gathers each row's pages into a contiguous copy (pages up to the furthest position the call
 reaches), runs the implementation on that copy, and writes the positions the call appended (row b's
 ``cache_start[b] .. cache_start[b] + valid[b] - 1``) back to their pages. Without a block table it calls the
-implementation unchanged. It reads the positions on the host, so a paged call is not CUDA-graph capturable; the
-engine replays no graphs for a paged engine (runtime/engine.py).
+implementation unchanged. This serves the reference and the CPU kernels (ops.py) and the CUDA fallback for head
+dims the Triton kernels do not tile; it reads the positions and the table on the host (checking every page a
+call uses), so such a call is not CUDA-graph capturable. The Triton kernels read and write through the table
+themselves, on the device (launchers.py, ``triton_common.cache_rows``).
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 ``register()`` installs them with ``torch.library.register_kernel(..., "cuda")`` on the existing ``custom_op``
 definitions of ops.py: ``triton_op`` cannot be traced on CPU, the custom ops can everywhere, and on CUDA they run
-these kernels. A head dim the kernels do not tile (``supported_head_dim``) runs the reference instead. A paged
-retrieval cache (a ``block_table``) runs these kernels on each row's pages gathered into a contiguous copy, then
-writes the appended positions back to their pages (paged.py): the kernels do not read the block table yet.
+these kernels. A head dim the kernels do not tile (``supported_head_dim``) runs the reference instead (for paged
+retrieval caches, on each row's pages gathered into a contiguous copy: paged.py); the kernels themselves read and
+write paged caches through the block table.
 """
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ from .launchers import (
     triton_streaming_attention_cached,
 )
 from .triton_common import supported_head_dim
+
+# The retrieval cached references made to take a block table (paged.py): the fallback for head dims the kernels
+# do not tile.
+_REFERENCE = paged.with_pages({"retrieval_attention_cached": reference.retrieval_attention_cached,
+                               "attention_cached": reference.attention_cached})
 
 
 def _kernel_ok(q: torch.Tensor) -> bool:
@@ -37,11 +42,13 @@ def _streaming_attention_cuda(q, k, v, scale, sink, recent):
     return triton_streaming_attention(q, k, v, scale, sink, recent)
 
 
-def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None):
+def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None,
+                                     block_table=None):
     if not _kernel_ok(q):
-        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
-                                                    sin).contiguous()
-    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=cos, sin=sin)
+        return _REFERENCE["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
+                                                        sin, block_table).contiguous()
+    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=cos, sin=sin,
+                                             block_table=block_table)
 
 
 def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent,
@@ -56,13 +63,14 @@ def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, val
 
 
 def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode,
-                           cos=None, sin=None):
+                           cos=None, sin=None, block_table=None):
     if not _kernel_ok(q):
-        return reference.attention_cached(
-            q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos, sin
+        return _REFERENCE["attention_cached"](
+            q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos, sin, block_table
         ).contiguous()
     return triton_attention_cached(
         q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos=cos, sin=sin,
+        block_table=block_table,
     )
 
 
@@ -81,6 +89,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for name, fn in paged.with_pages(CUDA_KERNELS).items():
+    for name, fn in CUDA_KERNELS.items():
         torch.library.register_kernel(f"duo::{name}", "cuda")(fn)
     _registered = True

@@ -12,8 +12,8 @@ A paged engine (``EngineConfig.page_size``) holds each retrieval cache as one po
 last input, ``block_table`` ``[B, max_pages]``: row b's pages in order (kernels/paged.py). ``allocate`` sizes the
 pool (``num_pages``); ``step`` takes the table of the rows it runs, by default the engine's own, which gives row
 b the pages ``b * max_pages ..`` (so ``generate`` runs as on any engine). The serving scheduler passes its own
-tables instead (serve/scheduler.py). A paged call reads its positions on the host, so a paged engine replays no
-CUDA graphs.
+tables instead (serve/scheduler.py). The Triton kernels read the table on the device, so a paged decode step is
+replayed from a CUDA graph like any other (cuda_graphs.py: the table is one more static buffer).
 """
 from __future__ import annotations
 
@@ -175,8 +175,8 @@ class Engine:
         self.cache_len: int | None = None
         self.num_pages: int | None = None  # paged engines: pages in each retrieval pool
         self.block_table: torch.Tensor | None = None  # paged engines: the default table (one run of pages per row)
-        # On CUDA, decode steps (one token) replay a captured graph: see cuda_graphs.py. Not for paged engines.
-        self.cuda_graphs = cuda_graphs and config.page_size is None
+        # On CUDA, decode steps (one token) replay a captured graph: see cuda_graphs.py.
+        self.cuda_graphs = cuda_graphs
         self._graphed: GraphedDecode | None = None
         if runner is not None:
             self._run = runner
@@ -382,8 +382,9 @@ class Engine:
             )
         if length == 1 and rows is None and self.cuda_graphs and self.device.type == "cuda":
             if self._graphed is None:
-                self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device)
-            return self._graphed(input_ids, first if cache_start is None else cache_start, valid)[:, -1, :]
+                pages = self.pages_per_row(self.cache_len) if self.paged else None
+                self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device, pages)
+            return self._graphed(input_ids, first if cache_start is None else cache_start, valid, *table)[:, -1, :]
         if cache_start is None:
             cache_start = torch.full((batch,), first, dtype=torch.long, device=self.device)
         else:
