@@ -29,7 +29,7 @@ def check_kernels(device: str, dtype, head_dim: int, page_size: int, kind: str) 
     gen = torch.Generator().manual_seed(page_size)
     b, hkv, groups, sink, recent, capacity = 3, 3, 2, 4, 32, 30 * page_size
     n_r = 1 if kind == "mixed" else hkv
-    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)
     retrieval = [rand(b, n_r, capacity, head_dim) for _ in range(2)]
     per_row = capacity // page_size
     table = torch.randperm(b * per_row + 3, generator=gen)[: b * per_row].view(b, per_row).to(device, torch.int32)
@@ -78,7 +78,7 @@ def check_engine(device: str, backend: str, masks_kind: str) -> bool:
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
     masks = (duo_compile.HeadMasks.from_gates(mixed_gates(layers, kv_heads)) if masks_kind == "mixed" else
              duo_compile.HeadMasks.all_retrieval(layers, kv_heads))
-    sizes = dict(sink_size=4, recent_size=16, max_seq_len=160)
+    sizes = {"sink_size": 4, "recent_size": 16, "max_seq_len": 160}
     plain = duo_compile.compile(model, masks, backend="eager", **sizes)
     paged = duo_compile.compile(model, masks, backend=backend, page_size=8, **sizes)
     gen = torch.Generator().manual_seed(0)

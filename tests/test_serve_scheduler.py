@@ -349,6 +349,8 @@ def test_paged_refusals():
         _engine().step(torch.tensor([[1]]), 0, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="step needs a block_table"):
         engine.step(torch.tensor([[1], [2]]), 0)  # the scheduler's pool is smaller than every row's max_seq_len
+    with pytest.raises(ValueError, match=r"paged retrieval caches \(page_size=4\)"):
+        duo_compile.export(engine, "/nonexistent/engine.pt2", backend="package")
 
 
 def test_pages_from_a_kv_memory_budget():
