@@ -18,9 +18,10 @@ Each engine is compiled and warmed up (its prefill and decode graphs compiled) b
 after ``--run-seconds`` (tokens/s then counts what finished in that time), so compiles never shorten a run.
 
 Also, for scale, one request at a time: the first request alone through the DuoAttention engine's ``generate``
-and through the Hugging Face model's own ``model.generate`` (sdpa, dynamic cache), their output tokens/s. The bound on the throughput ratio is the ratio of positions the pools hold (decode-bound:
-the tokens per step scale with the requests that fit; prefill, the same work for both, dilutes it). Each run
-reports the most pages it held at once and its preemptions. Writes ``serve_bench.json`` and
+and through the Hugging Face model's own ``model.generate`` (sdpa, dynamic cache), their output tokens/s. The
+bound on the throughput ratio is the ratio of positions the pools hold (decode-bound: the tokens per step scale
+with the requests that fit; prefill, the same work for both, dilutes it). Each run reports the most pages it
+held at once and its preemptions. Writes ``serve_bench.json`` and
 ``serve_bench.png`` under ``--out``.
 
     python benchmarks/serve_bench.py --out DIR            (one H100/H200, ~9.5 minutes; run_on_gpu.sh serve-bench)
@@ -213,8 +214,9 @@ def main(argv=None) -> int:
     elif device.type == "cuda":
         budget = int(0.45 * torch.cuda.mem_get_info()[0])
     else:  # dry run: a budget that holds 3 all-retrieval rows
-        budget = 3 * 2 * next(model.parameters()).element_size() * shape["config"]["num_hidden_layers"] * shape["config"]["num_key_value_heads"] * \
-            max_seq_len * (shape["config"]["hidden_size"] // shape["config"]["num_attention_heads"])
+        config = shape["config"]
+        budget = 3 * 2 * next(model.parameters()).element_size() * config["num_hidden_layers"] * \
+            config["num_key_value_heads"] * max_seq_len * (config["hidden_size"] // config["num_attention_heads"])
     result = {"shape": shape["name"], "commit": args.commit, "device": torch.cuda.get_device_name() if
               device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
               "requests": requests, "prompt_range": [low, high], "output_tokens": output_tokens, "rate": rate,

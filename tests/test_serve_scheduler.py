@@ -96,10 +96,19 @@ def test_greedy_outputs_equal_generate_alone(name):
     engine = _engine()
     expected = _alone()
     sequences = _sequences(engine, _prompts())
-    ended = _run(Scheduler(engine, slots, token_budget=budget), sequences, arrivals)
+    scheduler = Scheduler(engine, slots, token_budget=budget)
+    shapes = []
+    step = engine.step
+    try:  # record each step's shape: a prompt's last single token joins the decode batch, never a row step alone
+        engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
+            ids, *args, **kwargs)
+        ended = _run(scheduler, sequences, arrivals)
+    finally:
+        del engine.step
     for seq, want in zip(sequences, expected):
         assert tuple(seq.tokens) == want
         assert ended[seq.id] == LENGTH
+    assert ((1, 1), True) not in shapes and ((slots, 1), False) in shapes
 
 
 def test_chunk_mode_prefills_in_the_engines_chunks():
@@ -249,11 +258,10 @@ def test_engine_thread_survives_a_failed_step(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- paged KV
 PAGED_SCHEDULES = {
-    # page size, slots, pages in the pool (None: every slot's max_seq_len), token budget, arrival step of each
-    # request. LENGTHS hold multiples of 4 and 5 (prompts 5, 30, 40, 12; sequences 24, 30 and 40 + 14 = 54 with
-    # their new tokens), so pages fill exactly; 14 pages of 4, 11 of 5 or 7 of 16 hold the longest request and
-    # little else, so requests are preempted.
-    "page-4-roomy": (4, 3, None, 12, [0, 1, 1, 5, 9, 9, 30]),
+    # page size, slots, pages in the pool, token budget, arrival step of each request. LENGTHS hold multiples
+    # of 4 and 5 (prompts 5, 30, 40, 12; sequences 24, 30 and 40 + 14 = 54 with their new tokens), so pages fill
+    # exactly; 14 pages of 4, 11 of 5 or 7 of 16 hold the longest request and little else, so requests are
+    # preempted.
     "page-4-preempting": (4, 3, 14, 6, [0, 0, 0, 3, 3, 9, 9]),
     "page-5-preempting-reversed": (5, 4, 11, 64, [12, 10, 8, 6, 4, 2, 0]),
     "page-16-preempting": (16, 5, 7, 9, [0, 2, 2, 3, 3, 4, 4]),

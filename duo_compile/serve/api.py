@@ -79,7 +79,8 @@ class _Tracker:
 def create_app(engine, plan: KVPlan, *, model_name: str, token_budget: int | None = None,
                max_waiting: int = 64, tokenizer=None) -> FastAPI:
     """The app serving ``engine`` with ``plan``'s slots and pages (serve/memory.py); its lifespan starts and stops
-    the engine thread (``app.state.loop``). ``tokenizer`` (default ``engine.tokenizer``) encodes text and decodes outputs."""
+    the engine thread (``app.state.loop``). ``tokenizer`` (default ``engine.tokenizer``) encodes text and decodes
+    outputs."""
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     scheduler = Scheduler(engine, plan.slots, token_budget=token_budget, max_waiting=max_waiting,
                           num_pages=plan.pages if plan.paged else None)

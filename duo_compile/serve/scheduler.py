@@ -10,22 +10,25 @@ request. An engine without paging is the special case of one page of ``max_seq_l
 Requests join and leave between steps. Each ``step``:
 
 1. admits waiting requests, first come first served, while a slot is free and the pool has the pages of the
-   first request's ``context`` plus its next token, beyond those the running requests take in this step's
-   decode (so an admission never forces a preemption at once); a request that cannot be admitted keeps the
-   ones behind it waiting (no overtaking);
+   first request's context (``Sequence.context_length``) plus its next token, beyond those the running requests
+   take in this step's decode (so an admission never forces a preemption at once); a request that cannot be
+   admitted keeps the ones behind it waiting (no overtaking);
 2. decodes: one token for every request whose context is in its cache, all slots in one ``Engine.step`` of
    ``[slots, 1]`` tokens, each row at its own position (``start``), rows with nothing to decode given ``valid``
-   0 (idle or prefilling rows: never written). A request whose next position starts a page takes a free page
-   first; when none is free, the newest running request (latest arrival) is preempted (below), until the
-   oldest requests have their pages;
+   0 (idle or prefilling rows: never written). A context with one token left to prefill runs that token here
+   too: a one-token chunk is a decode step (the ops treat it the same), so it needs no graph of its own. A
+   request whose next position starts a page takes a free page first; when none is free, the newest running
+   request (latest arrival) is preempted (below), until the oldest requests have their pages;
 3. prefills under the step's token budget: what the decode tokens leave of ``token_budget`` goes to waiting
    contexts, in arrival order, as chunks run on their own streaming row and their pages (``Engine.step(rows=...,
    block_table=...)``), so one long prompt is prefilled over several steps while the running requests keep
-   decoding at every step. A request's last prompt chunk gives its first token.
+   decoding at every step. A request's last prompt token (in its last chunk, or in a decode step) gives its first
+   generated token. Chunks are never a single token while another chunk ran in the step: the engine then
+   compiles only a prefill graph and a decode graph.
 
 Preemption by recompute: a preempted request gives back its slot and its pages at once and goes to the front of
 the waiting queue (ahead of every request that arrived after it), keeping its generated tokens. Readmitted, it
-prefills its ``context`` again (the prompt and every generated token but the last) and goes on decoding from its
+prefills its context again (the prompt and every generated token but the last) and goes on decoding from its
 last token; no token is chosen twice. The oldest running request is never preempted for a newer one, and a
 request is refused at ``add`` if it could not fit the whole pool alone, so every request finishes.
 Cancelling or finishing a request frees its slot and pages at once (reused from the next step; a reused page's
@@ -190,9 +193,12 @@ class Scheduler:
         return updates + self._prefill(self.token_budget - decoded)
 
     def _decodes(self, seq: Sequence | None) -> bool:
-        """Whether ``seq`` runs in this step's decode: its context is cached, or (chunk mode) it recomputes a
-        generated token, one per step as its decode steps ran them."""
-        return seq is not None and (not seq.prefilling or (self.chunked and seq.cached >= len(seq.prompt)))
+        """Whether ``seq`` runs in this step's decode: at most one token of its context is not cached (a one-token
+        chunk is a decode step), or (chunk mode) it recomputes a generated token, one per step as its decode steps
+        ran them."""
+        if seq is None:
+            return False
+        return seq.context_length - seq.cached <= 1 or (self.chunked and seq.cached >= len(seq.prompt))
 
     def _admit(self) -> None:
         # Pages the running requests take in this step's decode: an admission leaves them free.
@@ -203,7 +209,7 @@ class Scheduler:
                 continue
             head = self.waiting[0]
             if self.paged:
-                need = self._pages_for(len(head.context) + 1)
+                need = self._pages_for(head.context_length + 1)
                 if need + reserved > len(self.free_pages):
                     break
                 head.pages = [self.free_pages.pop() for _ in range(need)]
@@ -224,7 +230,8 @@ class Scheduler:
         if not any(rows):
             return [], 0
         device = self.engine.device
-        tokens = torch.tensor([[(seq.prompt + seq.tokens)[seq.cached] if seq else 0] for seq in rows], device=device)
+        tokens = torch.tensor([seq.token_ids(seq.cached, seq.cached + 1) if seq else [0] for seq in rows],
+                              device=device)
         start = torch.tensor([seq.cached if seq else 0 for seq in rows])
         valid = torch.tensor([1 if seq else 0 for seq in rows])
         logits = self.engine.step(tokens, start, valid, None, *self._table(rows))
@@ -237,11 +244,10 @@ class Scheduler:
         return updates, sum(seq is not None for seq in rows)
 
     def _prefill(self, budget: int) -> list[Update]:
-        updates = []
+        updates, ran = [], False
         prefilling = (s for s in self.running if s is not None and not self._decodes(s))
         for seq in sorted(prefilling, key=lambda s: s.arrival):
-            context = seq.context
-            left = len(context) - seq.cached
+            left = seq.context_length - seq.cached
             if self.chunked:  # the engine's own chunks of the prompt, so streaming heads see what generate shows them
                 left = len(seq.prompt) - seq.cached  # (the generated tokens are recomputed by decode steps)
                 size = min(left, self.engine.config.prefill_chunk_size or left)
@@ -249,9 +255,12 @@ class Scheduler:
                     break
             else:
                 size = min(left, budget, self.engine.config.prefill_chunk_size or left)
-                if size < 1:
+                # A one-token chunk would compile a row graph of its own: wait for a step with more budget, unless
+                # nothing else ran (a token budget of ``slots`` leaves one token beside slots - 1 decodes).
+                if size < 1 or (size == 1 and ran):
                     break
-            ids = torch.tensor([context[seq.cached:seq.cached + size]], device=self.engine.device)
+            ran = True
+            ids = torch.tensor([seq.token_ids(seq.cached, seq.cached + size)], device=self.engine.device)
             logits = self.engine.step(ids, seq.cached, None, slice(seq.slot, seq.slot + 1), *self._table([seq]))
             seq.cached += size
             budget -= size

@@ -81,15 +81,20 @@ class Sequence:
         return self.plan.new_tokens
 
     @property
-    def context(self) -> list[int]:
-        """The tokens that must be cached before the next decode step: the prompt, then every generated token but
+    def context_length(self) -> int:
+        """How many tokens must be cached before the next decode step: the prompt, then every generated token but
         the last (which that step feeds). After a preemption all of them are prefilled again (recomputed)."""
-        return self.prompt + self.tokens[:-1]
+        return len(self.prompt) + max(len(self.tokens) - 1, 0)
 
     @property
     def prefilling(self) -> bool:
-        """True while some of ``context`` is not yet in the cache."""
-        return self.cached < len(self.prompt) + max(len(self.tokens) - 1, 0)
+        """True while some of the context is not yet in the cache."""
+        return self.cached < self.context_length
+
+    def token_ids(self, begin: int, end: int) -> list[int]:
+        """Tokens ``begin .. end - 1`` of the prompt followed by the generated tokens."""
+        n = len(self.prompt)
+        return self.prompt[begin:end] + self.tokens[max(begin - n, 0):max(end - n, 0)]
 
     @property
     def length(self) -> int:
