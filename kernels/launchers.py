@@ -115,14 +115,13 @@ def _rows(cache_start: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> tu
     return rows[0], rows[1]
 
 
-def _paging(k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
-            block_table: torch.Tensor | None) -> tuple[tuple, bool, int]:
+def _paging(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[tuple, bool, int]:
     """A retrieval launch's paging: the kernel arguments ``(TABLE, st_b, PAGE)``, PAGED, and the most positions a
     row's cache holds. Without a table the arguments are placeholders the kernels never read. With one, the
     caches are pools ``[num_pages, Hkv, page_size, D]`` and the table int ``[B, max_pages]`` (kernels/paged.py);
     its entries are read on the device only (no host sync), so they are the caller's to get right."""
     if block_table is None:
-        return (k_cache, 0, 1), False, 0 if k_cache is None else k_cache.shape[2]
+        return (k_cache, 0, 1), False, k_cache.shape[2]
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_table.dim() != 2 or \
             block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"paged caches must be two pools [num_pages, Hkv, page_size, D] of one shape and the block "
@@ -144,7 +143,7 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, sca
     has_cache = k_cache is not None
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
     pos, n_valid = _rows(cache_start, valid, q) if has_cache else (q, q)  # unused without a cache
-    table, paged, _ = _paging(k_cache, v_cache, block_table)
+    table, paged, _ = _paging(kc, vc, block_table)
     tma = cfg.tma and not paged and tma_compatible(k, v, kc, vc)
     descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
     grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))

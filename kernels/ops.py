@@ -22,8 +22,6 @@ import torch
 from . import blockwise, paged, reference
 
 _LIB = "duo"  # the torch.library namespace: torch.ops.duo.*
-_REFERENCE_PAGED = paged.with_pages({"retrieval_attention_cached": reference.retrieval_attention_cached,
-                               "attention_cached": reference.attention_cached})
 
 
 def _fake_like_q(q: torch.Tensor) -> torch.Tensor:
@@ -61,8 +59,8 @@ def retrieval_attention_cached(
     """Append each row's real tokens to the full retrieval cache, then attend causally to all of that row's cached
     tokens (``cos``/``sin``: q and k are pre-RoPE, rotate them first; reference.py). ``block_table``: the caches
     are page pools, row b's pages listed in ``block_table[b]`` (paged.py)."""
-    return _REFERENCE_PAGED["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
-                                                          sin, block_table).contiguous()
+    return paged.REFERENCE["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
+                                                         sin, block_table).contiguous()
 
 
 @torch.library.custom_op(f"{_LIB}::streaming_attention_cached", mutates_args=("k_cache", "v_cache"))
@@ -112,7 +110,7 @@ def attention_cached(
     """A whole layer with both head groups (``merge_head_groups``): the two cached ops above on the head slices,
     one output, so the graph needs neither the slices nor the concatenation. ``block_table``: the retrieval
     caches are page pools (paged.py); the streaming caches stay one row per batch row."""
-    return _REFERENCE_PAGED["attention_cached"](
+    return paged.REFERENCE["attention_cached"](
         q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale, retrieval_kv_heads,
         sink, recent, chunk_mode, cos, sin, block_table,
     ).contiguous()

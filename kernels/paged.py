@@ -5,8 +5,8 @@ A paged retrieval cache is a pool ``[num_pages, Hkv, page_size, D]`` shared by e
 ``block_table[b, p // page_size]`` at offset ``p % page_size``. Entries past a row's last position are not read
 (any value; -1 marks an unassigned page). Streaming caches are not paged: they stay one row per sequence.
 
-``pageable(impl, table_index)`` turns an implementation of a cached op over contiguous retrieval caches
-(``[B, Hkv, S, D]``, arguments 3 and 4) into one that also takes ``block_table`` as its argument
+``pageable(impl, table_index, start_index)`` turns an implementation of a cached op over contiguous retrieval
+caches (``[B, Hkv, S, D]``, arguments 3 and 4) into one that also takes ``block_table`` as its argument
 ``table_index``: it gathers each row's pages into a contiguous copy (pages up to the furthest position the call
 reaches), runs the implementation on that copy, and writes the positions the call appended (row b's
 ``cache_start[b] .. cache_start[b] + valid[b] - 1``) back to their pages. Without a block table it calls the
@@ -21,14 +21,8 @@ import functools
 
 import torch
 
+from . import reference
 from .reference import row_positions
-
-
-def check_page_size(page_size) -> int:
-    """``page_size`` as a positive int; ValueError naming it otherwise."""
-    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page_size must be an integer >= 1, got {page_size!r}")
-    return page_size
 
 
 def pages_for(positions: int, page_size: int) -> int:
@@ -112,3 +106,9 @@ def with_pages(kernels: dict) -> dict:
     """``kernels`` (op name -> implementation over contiguous caches) with the ops of ``TABLE_INDEX`` made to take
     their block table too."""
     return {name: pageable(fn, *TABLE_INDEX[name]) if name in TABLE_INDEX else fn for name, fn in kernels.items()}
+
+
+# The references of the retrieval cached ops, taking a block table: the ops' default implementation (ops.py) and
+# the CUDA fallback for head dims the Triton kernels do not tile (triton_ops.py).
+REFERENCE = with_pages({"retrieval_attention_cached": reference.retrieval_attention_cached,
+                        "attention_cached": reference.attention_cached})

@@ -20,11 +20,6 @@ from .launchers import (
 )
 from .triton_common import supported_head_dim
 
-# The retrieval cached references made to take a block table (paged.py): the fallback for head dims the kernels
-# do not tile.
-_REFERENCE = paged.with_pages({"retrieval_attention_cached": reference.retrieval_attention_cached,
-                               "attention_cached": reference.attention_cached})
-
 
 def _kernel_ok(q: torch.Tensor) -> bool:
     return supported_head_dim(q.shape[-1])
@@ -45,8 +40,8 @@ def _streaming_attention_cuda(q, k, v, scale, sink, recent):
 def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None,
                                      block_table=None):
     if not _kernel_ok(q):
-        return _REFERENCE["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
-                                                        sin, block_table).contiguous()
+        return paged.REFERENCE["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale,
+                                                             cos, sin, block_table).contiguous()
     return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=cos, sin=sin,
                                              block_table=block_table)
 
@@ -65,7 +60,7 @@ def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, val
 def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode,
                            cos=None, sin=None, block_table=None):
     if not _kernel_ok(q):
-        return _REFERENCE["attention_cached"](
+        return paged.REFERENCE["attention_cached"](
             q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos, sin, block_table
         ).contiguous()
     return triton_attention_cached(

@@ -212,7 +212,7 @@ def test_overload_is_refused_with_429_and_a_closed_stream_frees_its_slot(server)
     for name in ("duo_requests_running", "duo_time_to_first_token_seconds_bucket", "duo_kv_cache_used_bytes",
                  "duo_inter_token_latency_seconds_bucket", "duo_generation_tokens_per_second", "duo_kv_pages_free"):
         assert name in metrics
-    gauges = dict(line.split() for line in metrics.splitlines() if line.startswith("duo_kv_pages"))
+    gauges = dict(line.split() for line in metrics.splitlines() if line.startswith("duo_kv_page"))
     # 4 slots of 4096 positions in pages of 16 (the default), every page free again once the requests ended
     assert float(gauges["duo_kv_page_size"]) == 16 and float(gauges["duo_kv_pages"]) == 4 * 4096 / 16
     assert float(gauges["duo_kv_pages_used"]) == 0 and float(gauges["duo_kv_pages_free"]) == 4 * 4096 / 16
