@@ -136,9 +136,9 @@ def graph_time(calls, replays=20) -> float:
     Why at least 8: a decode step replays one graph for every layer, so the graph's own launch is spread over
     dozens of kernels; a graph of one call would charge all of it to that call
     (benchmarks/DECISIONS.md#graph-min-calls)."""
-    calls = [calls[i % len(calls)] for i in range(max(len(calls), MIN_GRAPH_CALLS))]
-    if DEV == "cpu":
+    if DEV == "cpu":  # --smoke: each call once (only checks that the script runs)
         return bench(lambda: [c() for c in calls]) / len(calls)
+    calls = [calls[i % len(calls)] for i in range(max(len(calls), MIN_GRAPH_CALLS))]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

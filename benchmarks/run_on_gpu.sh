@@ -33,6 +33,8 @@
 #               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
 #               e.g. "--requests 32 --max-prompt 65536")          ~9.5 min; each engine's runs get
 #               --run-seconds after its warm-up (the first run shared one deadline: DuoAttention's warm-up ate its half)
+#   serve-steps benchmarks/serve_steps.py: the scheduler's prefill-chunk and decode steps timed alone, per engine,
+#               with kernel breakdowns                                                              ~4 min
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
 #               budget ~8 min)
@@ -91,11 +93,14 @@ for step in "$@"; do
             timeout 570 python3 -m torch.distributed.run --nproc-per-node "$nproc" -m benchmarks.tp_bench --out "$OUT" \
                 --commit "$COMMIT" ${TP_ARGS:-} 2>&1 | tee "$OUT/tp_bench.log" ;;
         paged-check) timeout 400 python3 benchmarks/paged_check.py 2>&1 | tee "$OUT/paged_check.log" ;;
+        serve-steps)
+            timeout 400 python3 benchmarks/serve_steps.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/serve_steps.log" ;;
         serve-bench)
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
-                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, paged-check, serve-bench, start-bench)" >&2
+                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, paged-check, serve-bench, serve-steps," \
+                "start-bench)" >&2
            exit 2 ;;
     esac
 done

@@ -227,15 +227,20 @@ KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
 
 
 def decode_kernel_breakdown(engine, token: torch.Tensor, context: int, steps: int = 10) -> dict:
-    """Where a decode step's GPU time goes: kernel time per step by kind and the 12 costliest kernels, from a
-    torch.profiler trace of ``steps`` graphed decode steps. The kernel total below the measured step time is
-    time the GPU sat idle between kernels."""
+    """Where a decode step's GPU time goes: ``kernel_breakdown`` of ``steps`` graphed decode steps at ``context``."""
+    return kernel_breakdown(lambda: engine.step(token, context), engine.device, steps)
+
+
+def kernel_breakdown(fn, device, steps: int = 10) -> dict:
+    """Where ``fn``'s GPU time goes: kernel time per call by kind and the 12 costliest kernels, from a
+    torch.profiler trace of ``steps`` calls. The kernel total below the measured call time is time the GPU sat
+    idle between kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            engine.step(token, context)
-        sync(engine.device)
+            fn()
+        sync(device)
     kernels = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None)
