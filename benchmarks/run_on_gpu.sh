@@ -34,7 +34,7 @@
 #               e.g. "--requests 32 --max-prompt 65536")          ~9.5 min; each engine's runs get
 #               --run-seconds after its warm-up (the first run shared one deadline: DuoAttention's warm-up ate its half)
 #   serve-steps benchmarks/serve_steps.py: the scheduler's prefill-chunk and decode steps timed alone, per engine,
-#               with kernel breakdowns                                                              ~4 min
+#               with kernel breakdowns (STEPS_ARGS adds arguments, e.g. "--page-size 16": paged engines) ~4 min
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
 #               budget ~8 min)
@@ -94,7 +94,8 @@ for step in "$@"; do
                 --commit "$COMMIT" ${TP_ARGS:-} 2>&1 | tee "$OUT/tp_bench.log" ;;
         paged-check) timeout 400 python3 benchmarks/paged_check.py 2>&1 | tee "$OUT/paged_check.log" ;;
         serve-steps)
-            timeout 400 python3 benchmarks/serve_steps.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/serve_steps.log" ;;
+            timeout 400 python3 benchmarks/serve_steps.py --out "$OUT" --commit "$COMMIT" ${STEPS_ARGS:-} 2>&1 \
+                | tee "$OUT/serve_steps.log" ;;
         serve-bench)
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
