@@ -262,7 +262,7 @@ PAGED_SCHEDULES = {
     # of 4 and 5 (prompts 5, 30, 40, 12; sequences 24, 30 and 40 + 14 = 54 with their new tokens), so pages fill
     # exactly; 14 pages of 4, 11 of 5 or 7 of 16 hold the longest request and little else, so requests are
     # preempted.
-    "page-4-preempting": (4, 3, 14, 6, [0, 0, 0, 3, 3, 9, 9]),
+    "page-4-preempting": (4, 3, 14, 12, [0, 0, 0, 3, 3, 9, 9]),
     "page-5-preempting-reversed": (5, 4, 11, 64, [12, 10, 8, 6, 4, 2, 0]),
     "page-16-preempting": (16, 5, 7, 9, [0, 2, 2, 3, 3, 4, 4]),
 }
