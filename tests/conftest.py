@@ -1,17 +1,25 @@
-"""Shared test fixtures: tiny random-weight Hugging Face models and the Triton interpreter switch.
+"""Shared test fixtures: tiny random-weight Hugging Face models, the Triton interpreter switch, one CPU thread.
 
 TRITON_INTERPRET must be set before anything imports triton (transformers does), so it is set here,
 at the top of the first file pytest imports. It only affects Triton kernels launched on CPU tensors.
+
+One intra-op thread (``OMP_NUM_THREADS``, inherited by the processes tests start, and ``set_num_threads``): the
+tests run tiny tensors, where a second OpenMP thread only adds synchronisation, and on a small machine whose
+cores are busy it waits for a core at every op (benchmarks/DECISIONS.md#tests-one-thread). Tests that are about
+threads set their own count.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import duo_compile  # noqa: E402,F401  (first: keeps the checkout's kernels/ from shadowing transformers' kernels)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.tiny_models import ARCHS, tiny_model  # noqa: E402,F401
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from duo_compile.masks import kv_cache_bytes
 from duo_compile.serve.memory import plan_kv
 from duo_compile.serve.scheduler import QueueFull, Scheduler
 from duo_compile.serve.sequence import CANCELLED, LENGTH, STOP, Sequence
+from duo_compile.serve.warm_up import warm_up
 from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
 
 SINK, RECENT, MAX_LEN = 4, 8, 96
@@ -254,6 +255,30 @@ def test_engine_thread_survives_a_failed_step(monkeypatch):
     loop.submit(third)
     loop.stop(timeout=30)
     assert third.finish_reason == CANCELLED and not loop.alive
+
+
+def test_warm_up_runs_both_chunk_kinds_and_a_decode_step_then_leaves_every_slot_free():
+    """serve/warm_up.py: a chunk of a multiple of 16 tokens, one of another length, a decode step over every slot;
+    the requests served afterwards still get what ``generate`` gives them (the warm-up's rows are never read)."""
+    engine = _engine()
+    scheduler = Scheduler(engine, 3, token_budget=40)
+    shapes = []
+    step = engine.step
+    try:
+        engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
+            ids, *args, **kwargs)
+        warm_up(scheduler)
+    finally:
+        del engine.step
+    assert sorted(set(shapes)) == [((1, 17), True), ((1, 32), True), ((3, 1), False)]
+    assert not scheduler.has_work() and scheduler.num_free == 3
+    with pytest.raises(RuntimeError, match="idle scheduler"):
+        scheduler.add(_sequences(engine, _prompts())[0])
+        warm_up(scheduler)
+    scheduler.cancel(scheduler.waiting[0])
+    sequences = _sequences(engine, _prompts())
+    _run(scheduler, sequences, [0] * 7)
+    assert [tuple(s.tokens) for s in sequences] == list(_alone())
 
 
 # ---------------------------------------------------------------------------------------------------- paged KV

@@ -4,6 +4,8 @@ With no model the server runs the bundled passkey model with its identified gate
 command starts a working server. That model is no chat model; it gets a chat template that writes the messages'
 texts one after the other, so a chat request with one user message is the same prompt as a completion request.
 
+Before it listens, the server runs ``warm_up`` (serve/warm_up.py), so the first requests do not wait for compiles.
+
 Shutdown: on SIGTERM or Ctrl-C uvicorn stops accepting connections and waits up to ``graceful_seconds`` for the
 open requests to finish; then the engine thread cancels what still runs. SIGTERM then exits with status 0 (a
 requested shutdown), Ctrl-C as every command does (status 130, cli.py).
@@ -15,6 +17,7 @@ import signal
 import torch
 
 from duo_compile.serve.memory import KVPlan, plan_kv
+from duo_compile.serve.warm_up import warm_up
 
 # The bundled model's chat template: the messages' texts in order (it was trained on plain passkey prompts).
 PLAIN_CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }} {% endfor %}"
@@ -64,6 +67,8 @@ def run(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, m
     plan = plan_kv(engine, max_slots, kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction)
     app = create_app(engine, plan, model_name=model_name, token_budget=token_budget, max_waiting=max_waiting)
     print(f"serving {model_name!r}: {describe(engine, plan)}", flush=True)
+    print("warming up (compiling the prefill and decode steps) ...", flush=True)
+    print(f"warmed up in {warm_up(app.state.scheduler):.1f} s", flush=True)  # before the engine thread starts
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=graceful_seconds)
     _server_class()(config).run()

@@ -1,0 +1,39 @@
+"""Compile what serving runs before the first request arrives.
+
+A scheduler runs two graphs (serve/scheduler.py): a prefill chunk on one cache row (its length varies) and a decode
+step over every slot (on CUDA a captured graph). Each is compiled on first use, and on CUDA the Triton kernels the
+attention ops launch are compiled again for each new specialisation of their arguments: Triton specialises an
+integer argument on whether it is a multiple of 16, so a chunk of 8192 tokens and a chunk of 8190 run two builds of
+the same kernel. Left to the first requests, all of this lands on their time to first token (on a GPU, minutes
+for an 8B model). ``warm_up`` runs, one after the other, a request whose prompt is one chunk of a multiple of 16
+tokens and one whose prompt is one chunk of another length, each for two new tokens (the second from a decode
+step), through the scheduler itself, so the same code paths compile, then leaves the scheduler empty.
+"""
+from __future__ import annotations
+
+import time
+
+from duo_compile.serve.sequence import Sequence
+
+
+def warm_up_prompt_lengths(engine, token_budget: int) -> list[int]:
+    """Prompt lengths, each prefilled as one chunk: a multiple of 16 tokens and one that is not, within the engine's
+    cache rows (room for two new tokens), its prefill chunk and the scheduler's budget."""
+    longest = min(engine.config.prefill_chunk_size or token_budget, token_budget, engine.cache_len - 2)
+    return sorted({n for n in (16 * (longest // 16), min(longest, 17)) if n >= 2})
+
+
+def warm_up(scheduler) -> float:
+    """Run the warm-up requests to their end on ``scheduler`` (which must hold none); returns the seconds taken."""
+    if scheduler.has_work():
+        raise RuntimeError("warm_up needs an idle scheduler: it runs its own requests to their end")
+    engine = scheduler.engine
+    began = time.perf_counter()
+    vocab = engine.info.vocab_size
+    for length in warm_up_prompt_lengths(engine, scheduler.token_budget):
+        prompt = [i % vocab for i in range(length)]
+        scheduler.add(Sequence.from_generate_args(engine, prompt, max_new_tokens=2, eos_token_id=None,
+                                                  do_sample=False))
+        while scheduler.has_work():
+            scheduler.step()
+    return time.perf_counter() - began
