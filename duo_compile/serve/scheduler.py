@@ -174,16 +174,16 @@ class Scheduler:
                 return False
         return True
 
-    def _table(self, rows: list[Sequence | None]) -> tuple[torch.Tensor, ...]:
-        """``(block_table,)`` for ``Engine.step`` on ``rows`` (-1: no page), or ``()`` for an engine without paging."""
+    def _table(self, rows: list[Sequence | None]) -> torch.Tensor | None:
+        """The block table for ``Engine.step`` on ``rows`` (-1: no page), or None for an engine without paging."""
         if not self.paged:
-            return ()
+            return None
         width = max([len(seq.pages) for seq in rows if seq is not None] + [1])
         table = torch.full((len(rows), width), -1, dtype=torch.int32)
         for i, seq in enumerate(rows):
             if seq is not None:
                 table[i, :len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        return (table,)
+        return table
 
     # ---------------------------------------------------------------------------------------------- steps
     def step(self) -> list[Update]:
@@ -234,7 +234,7 @@ class Scheduler:
                               device=device)
         start = torch.tensor([seq.cached if seq else 0 for seq in rows])
         valid = torch.tensor([1 if seq else 0 for seq in rows])
-        logits = self.engine.step(tokens, start, valid, None, *self._table(rows))
+        logits = self.engine.step(tokens, start, valid, block_table=self._table(rows))
         updates = []
         for seq in rows:
             if seq is not None:
@@ -261,7 +261,8 @@ class Scheduler:
                     break
             ran = True
             ids = torch.tensor([seq.token_ids(seq.cached, seq.cached + size)], device=self.engine.device)
-            logits = self.engine.step(ids, seq.cached, None, slice(seq.slot, seq.slot + 1), *self._table([seq]))
+            logits = self.engine.step(ids, seq.cached, rows=slice(seq.slot, seq.slot + 1),
+                                      block_table=self._table([seq]))
             seq.cached += size
             budget -= size
             if not seq.prefilling and not seq.tokens:  # the prompt's last chunk: its first token
