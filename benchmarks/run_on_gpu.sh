@@ -25,12 +25,16 @@
 #   tp-bench    benchmarks/tp_bench.py under torchrun on TP_NPROC GPUs (default: every GPU; needs 2 or more):
 #               Llama-3-8B shape at 512K, TP=1 vs TP=N balanced vs natural head placement; TP_ARGS adds arguments
 #               (e.g. "--contexts 131072 524288" or "--engines balanced,natural")         (not yet run; 3 compiles)
+#   paged-check benchmarks/paged_check.py: paged retrieval KV, the Triton kernels through block tables vs the
+#               reference (bf16/fp32, head dim 128, page sizes 16/64/5), and paged engines (inductor, CUDA-graph
+#               decode) under the scheduler with preemptions vs generate alone (CPU dry run: --dry-run, ~2 min)
+#                                                                                       (not yet run; ~2 min)
 #   serve-bench benchmarks/serve_bench.py: a request stream through the serving scheduler, DuoAttention vs all
 #               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
 #               e.g. "--requests 32 --max-prompt 65536")          ~9.5 min; each engine's runs get
 #               --run-seconds after its warm-up (the first run shared one deadline: DuoAttention's warm-up ate its half)
 #   serve-steps benchmarks/serve_steps.py: the scheduler's prefill-chunk and decode steps timed alone, per engine,
-#               with kernel breakdowns                                                              ~4 min
+#               with kernel breakdowns (STEPS_ARGS adds arguments, e.g. "--page-size 16": paged engines) ~4 min
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
 #               budget ~8 min)
@@ -88,13 +92,16 @@ for step in "$@"; do
             nproc="${TP_NPROC:-$(nvidia-smi -L | wc -l)}"
             timeout 570 python3 -m torch.distributed.run --nproc-per-node "$nproc" -m benchmarks.tp_bench --out "$OUT" \
                 --commit "$COMMIT" ${TP_ARGS:-} 2>&1 | tee "$OUT/tp_bench.log" ;;
+        paged-check) timeout 400 python3 benchmarks/paged_check.py 2>&1 | tee "$OUT/paged_check.log" ;;
         serve-steps)
-            timeout 400 python3 benchmarks/serve_steps.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/serve_steps.log" ;;
+            timeout 400 python3 benchmarks/serve_steps.py --out "$OUT" --commit "$COMMIT" ${STEPS_ARGS:-} 2>&1 \
+                | tee "$OUT/serve_steps.log" ;;
         serve-bench)
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
-                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, serve-bench, serve-steps, start-bench)" >&2
+                "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, paged-check, serve-bench, serve-steps," \
+                "start-bench)" >&2
            exit 2 ;;
     esac
 done

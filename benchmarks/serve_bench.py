@@ -2,8 +2,11 @@
 engines given the same KV cache memory budget (issue #22).
 
 Llama-3-8B shape (GQA 32/8), random bf16 weights, the authors' gate pattern at sparsity 0.5 (sink 64, recent
-256), inductor backend. Each engine gets as many slots (cache rows of ``max_seq_len`` = longest prompt + output)
-as the budget holds (serve/memory.py): DuoAttention's smaller rows hold about twice as many. The requests (random
+256), inductor backend, paged retrieval KV (``--page-size``). Each engine splits the budget the same way
+(serve/memory.py): a streaming row (sink + recent) for each of ``--max-num-seqs`` slots (default: every request),
+the rest retrieval pages; DuoAttention's pages are half the bytes, so the same budget holds about twice as many
+positions. Requests are admitted while their pages can be had and preempted (recomputed later) when the pool runs
+out (serve/scheduler.py). The requests (random
 token ids, prompt lengths drawn uniformly from ``--min-prompt``..``--max-prompt``, ``--output-tokens`` each,
 greedy, no eos) run through ``Scheduler`` on one thread, the loop ``duo-compile serve`` runs minus HTTP:
 
@@ -15,8 +18,10 @@ Each engine is compiled and warmed up (serve/warm_up.py, as the server does) bef
 after ``--run-seconds`` (tokens/s then counts what finished in that time), so compiles never shorten a run.
 
 Also, for scale, one request at a time: the first request alone through the DuoAttention engine's ``generate``
-and through the Hugging Face model's own ``model.generate`` (sdpa, dynamic cache), their output tokens/s. The bound on the throughput ratio is the ratio of slots (decode-bound: the tokens per step
-scale with the rows; prefill, the same work for both, dilutes it). Writes ``serve_bench.json`` and
+and through the Hugging Face model's own ``model.generate`` (sdpa, dynamic cache), their output tokens/s. The
+bound on the throughput ratio is the ratio of positions the pools hold (decode-bound: the tokens per step scale
+with the requests that fit; prefill, the same work for both, dilutes it). Each run reports the most pages it
+held at once and its preemptions. Writes ``serve_bench.json`` and
 ``serve_bench.png`` under ``--out``.
 
     python benchmarks/serve_bench.py --out DIR            (one H100/H200, ~9.5 minutes; run_on_gpu.sh serve-bench)
@@ -38,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duo_compile
 from duo_compile.masks import PATTERNS_DIR, HeadMasks
-from duo_compile.serve.memory import plan_slots
+from duo_compile.serve.memory import KVPlan, plan_kv
 from duo_compile.serve.scheduler import Scheduler
 from duo_compile.serve.sequence import Sequence
 from duo_compile.serve.warm_up import warm_up
@@ -60,10 +65,12 @@ def percentile(values, q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
 
-def run_stream(engine, slots: int, prompts: list[list[int]], output_tokens: int, rate: float | None,
+def run_stream(engine, plan: KVPlan, prompts: list[list[int]], output_tokens: int, rate: float | None,
                token_budget: int, deadline: float) -> dict:
-    """Serve ``prompts`` (all at once when ``rate`` is None, else one every ``1/rate`` s); per-request timings."""
-    scheduler = Scheduler(engine, slots, token_budget=token_budget)
+    """Serve ``prompts`` (all at once when ``rate`` is None, else one every ``1/rate`` s); per-request timings,
+    the most pages held at once and the preemptions."""
+    scheduler = Scheduler(engine, plan.slots, token_budget=token_budget, num_pages=plan.pages)
+    most_pages = 0
     times: dict[int, list[float]] = {}
 
     def record(update):
@@ -93,6 +100,7 @@ def run_stream(engine, slots: int, prompts: list[list[int]], output_tokens: int,
                 update.sequence.on_update(update)
             finished += update.finish_reason is not None
         steps += 1
+        most_pages = max(most_pages, scheduler.pages_used)
     sync(engine.device)
     end = time.perf_counter()
     for seq in [*filter(None, scheduler.running), *scheduler.waiting]:
@@ -106,6 +114,7 @@ def run_stream(engine, slots: int, prompts: list[list[int]], output_tokens: int,
         "seconds": end - start, "output_tokens": tokens, "output_tokens_per_s": tokens / (end - start),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99), "itl_p50_ms":
             None if not itl else 1e3 * percentile(itl, 50), "itl_p99_ms": None if not itl else 1e3 * percentile(itl, 99),
+        "most_pages_used": most_pages, "pages": plan.pages, "preemptions": scheduler.preemptions,
     }
 
 
@@ -133,7 +142,7 @@ def plot(result: dict, path: Path) -> None:
     width = 0.35
     for i, name in enumerate(engines):
         runs = result["engines"][name]
-        label = f"{name} ({runs['slots']} slots)"
+        label = f"{name} ({runs['pages']} pages of {runs['page_size']})"
         x = np.arange(2) + (i - 0.5) * width
         axes[0].bar(x, [runs["offline"]["output_tokens_per_s"], runs["online"]["output_tokens_per_s"]], width,
                     label=label)
@@ -163,6 +172,10 @@ def main(argv=None) -> int:
     p.add_argument("--kv-gib", type=float, default=None,
                    help="KV budget of each engine in GiB (default: 45%% of the memory free after the weights)")
     p.add_argument("--chunk", type=int, default=8 * K, help="longest prefill chunk per step (default: 8K)")
+    p.add_argument("--page-size", type=int, default=None,
+                   help="positions per retrieval KV page (default: 16; dry run 8)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="slots: requests running at once, if their pages fit (default: --requests)")
     p.add_argument("--engines", default="duo,full", help="which engines, of duo and full (default: duo,full)")
     p.add_argument("--deadline", type=float, default=540, help="seconds for the whole run (default: 540)")
     p.add_argument("--run-seconds", type=float, default=30,
@@ -179,6 +192,11 @@ def main(argv=None) -> int:
     sink, recent = (4, 16) if tiny else (SINK, RECENT)
     max_seq_len = high + output_tokens
     chunk = min(args.chunk, 32) if tiny else args.chunk
+    page_size = args.page_size or (8 if tiny else 16)
+    max_slots = args.max_num_seqs or requests
+    for flag, value in (("--page-size", page_size), ("--max-num-seqs", max_slots), ("--requests", requests)):
+        if value < 1:
+            raise SystemExit(f"serve_bench.py: {flag} must be an integer >= 1, got {value}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -197,13 +215,15 @@ def main(argv=None) -> int:
     elif device.type == "cuda":
         budget = int(0.45 * torch.cuda.mem_get_info()[0])
     else:  # dry run: a budget that holds 3 all-retrieval rows
-        budget = 3 * 2 * 4 * shape["config"]["num_hidden_layers"] * shape["config"]["num_key_value_heads"] * \
-            max_seq_len * (shape["config"]["hidden_size"] // shape["config"]["num_attention_heads"])
+        config = shape["config"]
+        budget = 3 * 2 * next(model.parameters()).element_size() * config["num_hidden_layers"] * \
+            config["num_key_value_heads"] * max_seq_len * (config["hidden_size"] // config["num_attention_heads"])
     result = {"shape": shape["name"], "commit": args.commit, "device": torch.cuda.get_device_name() if
               device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
               "requests": requests, "prompt_range": [low, high], "output_tokens": output_tokens, "rate": rate,
               "kv_budget_gib": budget / 2**30, "sparsity": shape["sparsity"], "sink": sink, "recent": recent,
-              "chunk": chunk, "max_seq_len": max_seq_len, "engines": {}}
+              "chunk": chunk, "max_seq_len": max_seq_len, "page_size": page_size, "max_num_seqs": max_slots,
+              "engines": {}}
     # The Hugging Face model itself, one request at a time (first: the engines' runs then share what is left).
     result["hf_generate_one_at_a_time"] = one_at_a_time(model.generate, device, prompts[0], output_tokens)
     log(f"model.generate one at a time: {json.dumps(result['hf_generate_one_at_a_time'])}")
@@ -212,17 +232,21 @@ def main(argv=None) -> int:
         end = began + args.deadline
         log(f"compiling {name} ...")
         engine = duo_compile.compile(model, masks[name], sink_size=sink, recent_size=recent, max_seq_len=max_seq_len,
-                                     prefill_chunk_size=chunk, backend="eager" if tiny else "inductor")
-        slots = plan_slots(engine, 1024, kv_cache_memory=budget).slots
-        runs = {"slots": slots, "row_bytes": engine.planned_cache_bytes(1, max_seq_len)}
-        log(f"{name}: {slots} slots of {runs['row_bytes'] / 2**30:.2f} GiB; warm-up")
-        warm = Scheduler(engine, slots, token_budget=chunk + slots)
+                                     prefill_chunk_size=chunk, backend="eager" if tiny else "inductor",
+                                     page_size=page_size)
+        plan = plan_kv(engine, max_slots, kv_cache_memory=budget)
+        slots = plan.slots
+        runs = {"slots": slots, "pages": plan.pages, "page_size": page_size, "positions": plan.pages * page_size,
+                "row_bytes": plan.row_bytes, "page_bytes": plan.page_bytes}
+        log(f"{name}: {slots} slots, {plan.pages} pages of {page_size} positions "
+            f"({plan.page_bytes / 2**20:.2f} MiB each); warm-up")
+        warm = Scheduler(engine, slots, token_budget=chunk + slots, num_pages=plan.pages)
         runs["warm_up_s"] = warm_up(warm)  # what `duo-compile serve` runs before it listens
         for mode, mode_rate in (("offline", None), ("online", rate)):
             now = time.perf_counter()
             # Each run its own time after the warm-up (an engine's compiles do not eat its runs), within the deadline.
             until = min(now + args.run_seconds, end)
-            runs[mode] = run_stream(engine, slots, prompts, output_tokens, mode_rate, chunk + slots, until)
+            runs[mode] = run_stream(engine, plan, prompts, output_tokens, mode_rate, chunk + slots, until)
             log(f"{name} {mode}: {json.dumps(runs[mode])}")
         reserve = (len(names) - 1 - index) * 3 * args.run_seconds  # roughly what the engines after this one need
         if name == "duo" and time.perf_counter() < end - reserve:
@@ -236,7 +260,7 @@ def main(argv=None) -> int:
     if {"duo", "full"} <= result["engines"].keys():
         duo, full = result["engines"]["duo"], result["engines"]["full"]
         result["ratios"] = {
-            "slots": duo["slots"] / full["slots"],
+            "positions": duo["positions"] / full["positions"],
             **{f"{mode}_output_tokens_per_s": duo[mode]["output_tokens_per_s"] / full[mode]["output_tokens_per_s"]
                for mode in ("offline", "online")},
         }

@@ -9,7 +9,9 @@ serve_bench.py measures whole request streams; this script takes them apart, at 
            with only two rows real (``valid`` 0 elsewhere: what a step costs while most rows prefill)
 
 with a kernel breakdown (torch.profiler) of the chunk at the last start and of the full decode step, so a slow step
-shows which kernels it waits on. Writes ``serve_steps.json`` under ``--out``.
+shows which kernels it waits on. ``--page-size N`` compiles both engines with paged retrieval KV (each slot its own
+run of pages, the engine's default block table), to compare the kernels reading through a block table with the
+contiguous ones at the same shape and slots. Writes ``serve_steps.json`` under ``--out``.
 
     python benchmarks/serve_steps.py --out DIR            (one H100/H200, ~4 minutes; run_on_gpu.sh serve-steps)
     python benchmarks/serve_steps.py --dry-run --out DIR  (tiny shape on the CPU, eager: the same code path)
@@ -27,7 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import duo_compile
 from duo_compile.masks import PATTERNS_DIR, HeadMasks
-from duo_compile.serve.memory import plan_slots
 from duo_compile.tools.bench import (
     RECENT,
     SHAPES,
@@ -88,8 +89,12 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=None, help="decode position (default: 16K; dry run 40)")
     p.add_argument("--kv-gib", type=float, default=None,
                    help="KV budget of each engine in GiB (default: 45%% of the memory free after the weights)")
+    p.add_argument("--page-size", type=int, default=0,
+                   help="positions per retrieval KV page (default 0: unpaged, one max_seq_len row per slot)")
     p.add_argument("--commit", default="unknown", help="commit recorded with the results")
     args = p.parse_args(argv)
+    if args.page_size < 0:
+        p.error(f"--page-size must be an integer >= 0, got {args.page_size}")
     tiny = args.dry_run
     shape = SHAPES["tiny" if tiny else "llama3"]
     chunk = args.chunk or (16 if tiny else 8 * K)
@@ -113,13 +118,16 @@ def main(argv=None) -> int:
         budget = 1 << 20
     result = {"shape": shape["name"], "commit": args.commit, "torch": torch.__version__, "chunk": chunk,
               "max_seq_len": max_seq_len, "context": context, "kv_budget_gib": budget / 2**30,
+              "page_size": args.page_size or None,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "engines": {}}
     for name in ("duo", "full"):
         log(f"compiling {name} ...")
         engine = duo_compile.compile(model, masks[name], sink_size=4 if tiny else SINK,
                                      recent_size=16 if tiny else RECENT, max_seq_len=max_seq_len,
-                                     prefill_chunk_size=chunk, backend="eager" if tiny else "inductor")
-        slots = max(2, plan_slots(engine, 1024, kv_cache_memory=budget).slots)
+                                     prefill_chunk_size=chunk, backend="eager" if tiny else "inductor",
+                                     page_size=args.page_size or None)
+        # As many whole max_seq_len rows as the budget holds (paged: the streaming row and the pages of one).
+        slots = max(2, min(1024, budget // engine.planned_cache_bytes(1, max_seq_len)))
         result["engines"][name] = time_engine(engine, slots, chunk, starts, context, profile=device.type == "cuda")
         del engine
         free_memory()

@@ -348,6 +348,8 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"--port must be an integer in 0..65535, got {args.port}")
     _at_least("--max-num-seqs", args.max_num_seqs, 1)
     _at_least("--max-waiting", args.max_waiting, 0)
+    _at_least("--page-size", args.page_size, 0)
+    page_size = args.page_size or None
     if args.token_budget is not None:
         _at_least("--token-budget", args.token_budget, args.max_num_seqs, " (--max-num-seqs)")
     if args.kv_cache_memory is not None and not (math.isfinite(args.kv_cache_memory) and args.kv_cache_memory > 0):
@@ -376,7 +378,8 @@ def _cmd_serve(args) -> int:
             raise ValueError("--masks needs a MODEL_DIR (without one the bundled model serves with its own gates)")
         engine = server.bundled_engine(sparsity=0.5 if args.sparsity is None else args.sparsity,
                                        sink_size=args.sink, recent_size=args.recent, max_seq_len=args.max_seq_len,
-                                       backend=args.backend, device=device, prefill_chunk_size=args.chunk)
+                                       backend=args.backend, device=device, prefill_chunk_size=args.chunk,
+                                       page_size=page_size)
         name = server.BUNDLED_MODEL_NAME
     elif os.path.isfile(args.model):
         if args.masks is not None or args.sparsity is not None or args.threshold is not None:
@@ -397,7 +400,8 @@ def _cmd_serve(args) -> int:
             model = model.to(device)
         engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
                                      max_seq_len=args.max_seq_len, prefill_chunk_size=args.chunk,
-                                     backend=args.backend, tokenizer=_load_tokenizer(args.model, False))
+                                     backend=args.backend, tokenizer=_load_tokenizer(args.model, False),
+                                     page_size=page_size)
         name = os.path.basename(os.path.normpath(args.model))
     gib = args.kv_cache_memory
     return server.run(engine, model_name=args.served_model_name or name, host=args.host, port=args.port,
@@ -568,9 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     serve.add_argument("--max-num-seqs", type=int, default=8,
-                       help="most requests running at once: the slots, one cache row each (default: %(default)s)")
+                       help="most requests running at once: the slots, one streaming cache row each "
+                            "(default: %(default)s)")
+    serve.add_argument("--page-size", type=int, default=16,
+                       help="positions per retrieval KV page of a compiled model; 0: no paging, one max_seq_len row "
+                            "per slot (default: %(default)s; an engine file is served unpaged)")
     serve.add_argument("--kv-cache-memory", type=float, default=None,
-                       help="KV cache budget in GiB: slots = what it holds, at most --max-num-seqs (default: none)")
+                       help="KV cache budget in GiB: the slots' streaming rows, the rest retrieval pages "
+                            "(default: none)")
     serve.add_argument("--kv-cache-fraction", type=float, default=None,
                        help="KV cache budget as a fraction of the device's free memory (default: none)")
     serve.add_argument("--token-budget", type=int, default=None,

@@ -128,6 +128,7 @@ def compile(
     tokenizer=None,
     tensor_parallel_size: int = 1,
     tensor_parallel_placement: str = "balanced",
+    page_size: int | None = None,
 ) -> Engine:
     """Compile a Hugging Face causal LM into a DuoAttention engine.
 
@@ -168,6 +169,11 @@ def compile(
     called on every rank and runs on rank 0's ``input_ids`` / ``attention_mask``, returning the same tokens
     everywhere. ``tensor_parallel_placement="natural"`` splits the heads in the model's order instead (the split
     of implementations that do not place heads; for comparisons).
+
+    ``page_size`` (positions per page): paged retrieval caches, for serving (serve/scheduler.py). Each retrieval
+    cache is then one pool of pages shared by all sequences, read and written through a block table (the graph's
+    last input, ``block_table``; kernels/paged.py); streaming caches stay one row per sequence. ``generate`` works
+    as on any engine (each row gets its own pages); engine files refuse a paged engine.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -180,7 +186,8 @@ def compile(
         raise ValueError(f"tokenizer must be a tokenizer (with decode), got {type(tokenizer).__name__}")
     if max_seq_len is None:
         max_seq_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    requested = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend)
+    requested = EngineConfig(sink_size, recent_size, max_seq_len, prefill_chunk_size, streaming_mode, backend,
+                             page_size)
     info = check_supported(model, requested.max_seq_len)
     masks.check_shape(info.num_layers, info.num_kv_heads)
     params = list(model.parameters())
@@ -217,6 +224,7 @@ def compile(
         declared_windows=info.layer_windows,
         fuse_projections=fuse_projections,
         tensor_parallel=parallel,
+        page_size=config.page_size,
     )
     graph = run_passes(capture(model), ctx)
     _take_ownership(graph, model, device)

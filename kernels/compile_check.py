@@ -71,17 +71,19 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
     groups, dot = 4, dot_precision(dtype)
     attn = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, O=ptr, POS=i64, VALID=i64)  # per-row starts / real counts
     # Decode kernels as the engine runs them: RoPE fused (fuse_rope), so the rotated loads are in the check.
-    split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr)
+    split = dict(Q=ptr, K=ptr, V=ptr, KC=ptr, VC=ptr, POS=i64, VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr,
+                 TABLE="*i32")  # TABLE: the block table of paged retrieval pools
     cases = []
     retrieval = prefill_config(_cuda_q(32, 4096, head_dim, dtype), "retrieval")
-    for has_cache in (False, True):
-        for tma in (False, True):  # both: the launcher falls back to pointer loads for unaligned tensors
-            box = f"tensordesc<{ptr[1:]}[1, 1, {retrieval.block_n}, {head_dim}]>" if tma else ptr
-            cases.append((f"retrieval prefill cache={has_cache} tma={tma}", retrieval_prefill_kernel,
-                          dict(attn, DK=box, DV=box, DKC=box, DVC=box),
-                          dict(HAS_CACHE=has_cache, HEADS_PER=1, BLOCK_T=retrieval.block_t,
-                               BLOCK_N=retrieval.block_n, D=head_dim, DOT_PRECISION=dot, TMA=tma,
-                               BLOCKS_FIRST=retrieval.blocks_first), retrieval))
+    for has_cache, tma, paged in ((False, False, False), (False, True, False), (True, False, False),
+                                  (True, True, False), (True, False, True)):
+        # TMA both ways: the launcher falls back to pointer loads for unaligned tensors; paged pools never use it
+        box = f"tensordesc<{ptr[1:]}[1, 1, {retrieval.block_n}, {head_dim}]>" if tma else ptr
+        cases.append((f"retrieval prefill cache={has_cache} tma={tma} paged={paged}", retrieval_prefill_kernel,
+                      dict(attn, DK=box, DV=box, DKC=box, DVC=box, TABLE="*i32"),
+                      dict(HAS_CACHE=has_cache, HEADS_PER=1, BLOCK_T=retrieval.block_t,
+                           BLOCK_N=retrieval.block_n, D=head_dim, DOT_PRECISION=dot, TMA=tma,
+                           BLOCKS_FIRST=retrieval.blocks_first, PAGED=paged), retrieval))
     streaming = prefill_config(_cuda_q(32, 4096, head_dim), "streaming")
     decode = decode_config(_cuda_q(32, 1, head_dim), groups)
     for label, cfg, fuse_write in (("prefill", streaming, False), ("decode", decode, True)):
@@ -96,17 +98,19 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                   dict(HEADS_PER=decode.heads_per, BLOCK_T=decode.block_t, BLOCK_N=decode.block_n, D=head_dim,
                        DOT_PRECISION=dot, ROPE=True), TileConfig(decode.block_t, decode.block_n, decode.heads_per,
                                                       decode.num_warps, num_stages=1)))
-    for heads_per_kv, capacity in ((groups, 65536), (1, 131072)):  # GQA-packed and one-head (MHA) programs
+    for heads_per_kv, capacity, paged in ((groups, 65536, False), (1, 131072, False), (groups, 65536, True)):
+        # GQA-packed and one-head (MHA) programs; paged pools
         cfg = decode_config(_cuda_q(heads_per_kv * 8, 1, head_dim), heads_per_kv, capacity)
-        cases.append((f"retrieval decode split-K heads_per={cfg.heads_per}", retrieval_split_kernel, split,
-                      dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=8, D=head_dim,
-                           DOT_PRECISION=dot, ROPE=True), cfg))
+        cases.append((f"retrieval decode split-K heads_per={cfg.heads_per} paged={paged}", retrieval_split_kernel,
+                      split, dict(HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=8,
+                                  D=head_dim, DOT_PRECISION=dot, ROPE=True, PAGED=paged), cfg))
     mixed = decode_config(_cuda_q(32, 1, head_dim), groups, 65536)
-    cases.append(("mixed layer decode (streaming tiles + retrieval split-K)", mixed_decode_kernel,
-                  dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,
-                       VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr),
-                  dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, BLOCK_B=8, STREAMING_BLOCK_N=32,
-                       D=head_dim, DOT_PRECISION=dot, ROPE=True), mixed))
+    for paged in (False, True):
+        cases.append((f"mixed layer decode (streaming tiles + retrieval split-K) paged={paged}", mixed_decode_kernel,
+                      dict(QR=ptr, KR=ptr, VR=ptr, KCR=ptr, VCR=ptr, QS=ptr, KS=ptr, VS=ptr, KCS=ptr, VCS=ptr, POS=i64,
+                           VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr, TABLE="*i32"),
+                      dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, BLOCK_B=8,
+                           STREAMING_BLOCK_N=32, D=head_dim, DOT_PRECISION=dot, ROPE=True, PAGED=paged), mixed))
     cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr),
                   dict(BLOCK_T=32, D=head_dim), None))
     cases.append(("combine (256 splits: 512K keys)", combine_kernel, dict(OP=f32, LP=f32, O=ptr, POS=i64, VALID=i64),

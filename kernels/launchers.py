@@ -11,7 +11,8 @@ per KV group). A mixed layer (``duo::attention_cached``) decodes in 2 (both grou
 combine: STREAMING_DECODE "mixed"); otherwise it runs both groups' launches, each writing its heads' slice of
 one output. No launcher reads a device value on the host: each batch row's start position (``cache_start[b]``)
 and count of real tokens (``valid[b]``; padding tokens are never written to a cache) are read inside the kernels,
-so every launch is CUDA-graph capturable.
+so every launch is CUDA-graph capturable. Paged retrieval caches (a ``block_table``, kernels/paged.py) are read
+and written through the table inside the kernels, which read its entries on the device too.
 
 RoPE (ops given ``cos``/``sin`` by ``fuse_rope``): the decode launches above rotate q and the new keys inside
 their kernels (no extra launch); every other path (prefill, chunk mode, STREAMING_DECODE "one") first rotates q
@@ -114,8 +115,24 @@ def _rows(cache_start: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> tu
     return rows[0], rows[1]
 
 
+def _paging(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[tuple, bool, int]:
+    """A retrieval launch's paging: the kernel arguments ``(TABLE, st_b, PAGE)``, PAGED, and the most positions a
+    row's cache holds. Without a table the arguments are placeholders the kernels never read. With one, the
+    caches are pools ``[num_pages, Hkv, page_size, D]`` and the table int ``[B, max_pages]`` (kernels/paged.py);
+    its entries are read on the device only (no host sync), so they are the caller's to get right."""
+    if block_table is None:
+        return (k_cache, 0, 1), False, k_cache.shape[2]
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_table.dim() != 2 or \
+            block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paged caches must be two pools [num_pages, Hkv, page_size, D] of one shape and the block "
+                         f"table int32/int64 [B, max_pages], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)} and "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    table = block_table.to(device=k_cache.device, dtype=torch.int32).contiguous()
+    return (table, table.stride(0), k_cache.shape[2]), True, table.shape[1] * k_cache.shape[2]
+
+
 def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, scale, cfg: TileConfig | None,
-                              out=None):
+                              out=None, block_table=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
     if out.numel() == 0:
@@ -126,17 +143,18 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, sca
     has_cache = k_cache is not None
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
     pos, n_valid = _rows(cache_start, valid, q) if has_cache else (q, q)  # unused without a cache
-    tma = cfg.tma and tma_compatible(k, v, kc, vc)
+    table, paged, _ = _paging(kc, vc, block_table)
+    tma = cfg.tma and not paged and tma_compatible(k, v, kc, vc)
     descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
     grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
     blocks_first = cfg.blocks_first and grid[0] <= MAX_GRID_Y
     retrieval_prefill_kernel[grid[::-1] if blocks_first else grid](
         q, k, v, kc, vc, out, pos, n_valid, *descriptors,
         *_strides(q), *_strides(k), *_strides(v), *_strides(kc), *_strides(vc), *_strides(out),
-        hkv, groups, t, log2_scale(scale),
+        hkv, groups, t, log2_scale(scale), *table,
         HAS_CACHE=has_cache, HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n,
-        D=d, DOT_PRECISION=dot_precision(q.dtype), TMA=tma, BLOCKS_FIRST=blocks_first, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), TMA=tma, BLOCKS_FIRST=blocks_first, PAGED=paged,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -172,27 +190,28 @@ def _split_slots(b: int, splits: int, capacity: int, block_n: int) -> int:
 
 
 def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scale, cfg, num_splits=None, out=None,
-                             rope=None):
+                             rope=None, block_table=None):
     b, hq, t, d, hkv, groups = check_shapes(q, k, v)
     out = _empty_out(q) if out is None else out
     if out.numel() == 0:
         return out
-    cfg = cfg or decode_config(q, groups, capacity=k_cache.shape[2])
+    table, paged, capacity = _paging(k_cache, v_cache, block_table)
+    cfg = cfg or decode_config(q, groups, capacity=capacity)
     _refuse_retrieval_prefill_options(cfg, "retrieval decode")
     if t > cfg.block_t:
         raise ValueError(f"decode tile holds {cfg.block_t} tokens, got {t}")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     programs = grid_groups(b, hkv, groups, cfg.heads_per)
-    splits = num_splits or decode_splits(q, k_cache, programs, cfg)
-    slots = _split_slots(b, splits, k_cache.shape[2] + t, cfg.block_n)
+    splits = num_splits or decode_splits(q, capacity, programs, cfg)
+    slots = _split_slots(b, splits, capacity + t, cfg.block_n)
     rows = _rows(cache_start, valid, q)
     o_part, lse_part = _empty_partials(b, hq, t, slots, d, q.device)
     retrieval_split_kernel[(splits + 1, programs)](
         q, k, v, k_cache, v_cache, *rows, o_part, lse_part,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache),
-        b, hkv, groups, t, splits, slots, log2_scale(scale), *_rope_tables(q, rope),
+        b, hkv, groups, t, splits, slots, log2_scale(scale), *_rope_tables(q, rope), *table,
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=next_pow2(b),
-        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(q.dtype), ROPE=rope is not None, PAGED=paged, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out, rows, h_first=hq, num_splits=splits, block_n=cfg.block_n)
@@ -283,19 +302,21 @@ def triton_streaming_attention(
 def triton_retrieval_attention_cached(
     q, k, v, k_cache, v_cache, cache_start, valid, scale: float,
     config: TileConfig | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
-    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append each row's real k/v (the first ``valid[b]``) at ``cache_start[b]`` and attend causally to the row's
     cache: split-K for decode, FlashAttention else.
 
     ``out`` (any strides, e.g. a head slice of a bigger output): write there instead of a new tensor. ``cos``,
-    ``sin``: q and k are pre-RoPE (reference.py); decode rotates them in the kernel, prefill in torch first."""
+    ``sin``: q and k are pre-RoPE (reference.py); decode rotates them in the kernel, prefill in torch first.
+    ``block_table``: the caches are page pools, each row's positions in the pages its table row lists
+    (kernels/paged.py); the kernels read and write through it."""
     rope = reference.rope_pair(cos, sin)
     if q.shape[2] <= DECODE_MAX_TOKENS:
         return _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scale, config, num_splits,
-                                        out, rope)
+                                        out, rope, block_table)
     q, k = _rotate_first(q, k, rope)
-    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, scale, config, out)
+    return _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, scale, config, out, block_table)
 
 
 def triton_streaming_attention_cached(
@@ -317,7 +338,7 @@ def triton_streaming_attention_cached(
 
 
 def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache_start, valid, scale, sink, recent,
-                         out, cfg=None, num_splits=None, rope=None):
+                         out, cfg=None, num_splits=None, rope=None, block_table=None):
     """One token, window mode, both head groups: one grid of streaming tiles then retrieval splits, writing one
     partial buffer, then one combine (triton_mixed_decode.py). ``cfg`` / ``num_splits`` override the retrieval
     tiles and split count (decode_config / decode_splits), for the kernel benchmark's sweep."""
@@ -325,24 +346,25 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     b, hq, _, d = out.shape
     _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
     _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
-    cfg = cfg or decode_config(qr, groups, capacity=k_r.shape[2])
+    table, paged, capacity = _paging(k_r, v_r, block_table)
+    cfg = cfg or decode_config(qr, groups, capacity=capacity)
     _refuse_retrieval_prefill_options(cfg, "mixed decode")
     programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)
     programs_s = grid_groups(b, hkv_s, groups, cfg.heads_per)
-    splits_r = num_splits or decode_splits(qr, k_r, programs_r, cfg)
+    splits_r = num_splits or decode_splits(qr, capacity, programs_r, cfg)
     streaming_block_n = min(cfg.block_n, 32)  # see triton_mixed_decode.py
     tiles_s = math.ceil((sink + recent + 1) / streaming_block_n)
-    part = max(_split_slots(b, splits_r, k_r.shape[2] + 1, cfg.block_n), tiles_s)
+    part = max(_split_slots(b, splits_r, capacity + 1, cfg.block_n), tiles_s)
     rows = _rows(cache_start, valid, qr)
     o_part, lse_part = _empty_partials(b, hq, 1, part, d, out.device)
     mixed_decode_kernel[(tiles_s * programs_s + (splits_r + 1) * programs_r,)](
         qr, kr, vr, k_r, v_r, qs, ks, vs, k_s, v_s, *rows, o_part, lse_part,
         *_strides(qr), *_strides(kr), *_strides(vr), *_strides(k_r), *_strides(v_r), *_strides(k_s), *_strides(v_s),
         b, hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part, log2_scale(scale), sink, recent,
-        *_rope_tables(qr, rope)[:3],
+        *_rope_tables(qr, rope)[:3], *table,
         HEADS_PER=cfg.heads_per, BLOCK_T=cfg.block_t, BLOCK_N=cfg.block_n, BLOCK_B=next_pow2(b),
         STREAMING_BLOCK_N=streaming_block_n,
-        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, num_warps=cfg.num_warps,
+        D=d, DOT_PRECISION=dot_precision(qr.dtype), ROPE=rope is not None, PAGED=paged, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     _combine(o_part, lse_part, out, rows, h_first=hkv_r * groups, splits_rest=tiles_s, num_splits=splits_r,
@@ -354,12 +376,13 @@ def triton_attention_cached(
     q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale: float,
     retrieval_kv_heads: int, sink: int, recent: int, chunk_mode: bool,
     config: TileConfig | None = None, num_splits: int | None = None,
-    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``duo::attention_cached``: both head groups of a layer, each launcher writing its heads' slice of one
     output (no concatenation afterwards). ``config`` / ``num_splits``: the retrieval decode's tiles and split
     count (default: decode_config / decode_splits), as for ``triton_retrieval_attention_cached``; so are
-    ``cos``/``sin``."""
+    ``cos``/``sin`` and ``block_table`` (paged retrieval pools; the streaming caches stay one row per batch
+    row)."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
     out = _empty_out(q)
@@ -368,9 +391,10 @@ def triton_attention_cached(
             and out.numel() > 0):
         return _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_retrieval, v_retrieval, k_streaming,
                                     v_streaming, cache_start, valid, scale, sink, recent, out, config, num_splits,
-                                    reference.rope_pair(cos, sin))
+                                    reference.rope_pair(cos, sin), block_table)
     triton_retrieval_attention_cached(*retrieval_qkv, k_retrieval, v_retrieval, cache_start, valid, scale,
-                                      config=config, num_splits=num_splits, out=out[:, :split], cos=cos, sin=sin)
+                                      config=config, num_splits=num_splits, out=out[:, :split], cos=cos, sin=sin,
+                                      block_table=block_table)
     triton_streaming_attention_cached(*streaming_qkv, k_streaming, v_streaming, cache_start, valid, scale, sink, recent,
                                       chunk_mode, out=out[:, split:], cos=cos, sin=sin)
     return out

@@ -12,13 +12,14 @@ keep it as one node) with
 The cached ops mutate their cache arguments in place (``mutates_args``) and return a fresh output. They take
 the positions per batch row: ``cache_start`` int64 ``[B]`` (the position of this call's first token in each row)
 and ``valid`` int64 ``[B]`` (how many of the row's T tokens are real; the rest are padding, never written to a
-cache, their outputs don't-care). See reference.py.
+cache, their outputs don't-care). See reference.py. The retrieval cached ops also take an optional
+``block_table``: their retrieval caches are then page pools read and written through it (paged.py).
 """
 from __future__ import annotations
 
 import torch
 
-from . import blockwise, reference
+from . import blockwise, paged, reference
 
 _LIB = "duo"  # the torch.library namespace: torch.ops.duo.*
 
@@ -53,11 +54,13 @@ def retrieval_attention_cached(
     scale: float,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Append each row's real tokens to the full retrieval cache, then attend causally to all of that row's cached
-    tokens (``cos``/``sin``: q and k are pre-RoPE, rotate them first; reference.py)."""
-    return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
-                                                sin).contiguous()
+    tokens (``cos``/``sin``: q and k are pre-RoPE, rotate them first; reference.py). ``block_table``: the caches
+    are page pools, row b's pages listed in ``block_table[b]`` (paged.py)."""
+    return paged.REFERENCE["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
+                                                         sin, block_table).contiguous()
 
 
 @torch.library.custom_op(f"{_LIB}::streaming_attention_cached", mutates_args=("k_cache", "v_cache"))
@@ -102,12 +105,14 @@ def attention_cached(
     chunk_mode: bool,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A whole layer with both head groups (``merge_head_groups``): the two cached ops above on the head slices,
-    one output, so the graph needs neither the slices nor the concatenation."""
-    return reference.attention_cached(
+    one output, so the graph needs neither the slices nor the concatenation. ``block_table``: the retrieval
+    caches are page pools (paged.py); the streaming caches stay one row per batch row."""
+    return paged.REFERENCE["attention_cached"](
         q, k, v, k_retrieval, v_retrieval, k_streaming, v_streaming, cache_start, valid, scale, retrieval_kv_heads,
-        sink, recent, chunk_mode, cos, sin,
+        sink, recent, chunk_mode, cos, sin, block_table,
     ).contiguous()
 
 
@@ -127,7 +132,7 @@ OPS = {
 
 # The blockwise implementations as the CPU kernels (kernels/blockwise.py); reference.py stays the default and the
 # oracle the tests compare them with.
-for _name, _fn in blockwise.CPU_KERNELS.items():
+for _name, _fn in paged.with_pages(blockwise.CPU_KERNELS).items():
     torch.library.register_kernel(f"{_LIB}::{_name}", "cpu")(_fn)
 
 

@@ -131,6 +131,19 @@ def load_rope(X, x_off, COS, SIN, cs_off, d, mask, ROPE: tl.constexpr, D: tl.con
 
 
 @triton.jit
+def cache_rows(C, b64, kv64, j, mask, sc_b, sc_h, sc_t, TABLE, st_b, PAGE, PAGED: tl.constexpr):
+    """Pointers to positions ``j`` (a vector) of batch row ``b64``, KV head ``kv64`` of a retrieval cache: slot
+    ``j`` of the row's cache ``[B, Hkv, S, D]``, or with PAGED position ``j`` of the row's pages in a pool
+    ``[num_pages, Hkv, PAGE, D]`` (``sc_b`` the page stride): page ``TABLE[b, j // PAGE]`` (block table row stride
+    ``st_b``), offset ``j % PAGE`` (kernels/paged.py). The table is read only where ``mask`` holds."""
+    if PAGED:
+        page = tl.load(TABLE + b64 * st_b + j // PAGE, mask=mask, other=0).to(tl.int64)
+        return C + page * sc_b + kv64 * sc_h + (j % PAGE).to(tl.int64) * sc_t
+    else:
+        return C + b64 * sc_b + kv64 * sc_h + j * sc_t
+
+
+@triton.jit
 def empty_state(BLOCK_M: tl.constexpr, D: tl.constexpr):
     """Online-softmax state before the first key tile: output 0, running max -inf, running sum 0."""
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import empty_state, load_rope, program_rows, split_plan, store_partial, tile_update
+from .triton_common import cache_rows, empty_state, load_rope, program_rows, split_plan, store_partial, tile_update
 
 
 @triton.jit
@@ -30,9 +30,9 @@ def retrieval_split(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
     B, Hkv, groups, T, num_splits, qk_scale, split, pid_g, part_hq, part_head0, part_splits,
-    COS, SIN, sc_b, sc_t,
+    COS, SIN, sc_b, sc_t, TABLE, st_b, PAGE,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Program ``split`` (of ``num_splits + 1``) of the program group ``pid_g``: the group's batch-row index and
     ``split`` number it among the batch's split programs, ``split_plan`` maps that to a row b and a key range of
@@ -40,7 +40,7 @@ def retrieval_split(
     buffer with ``part_splits`` slots per row (a mixed layer's one-launch decode shares one buffer between both
     head groups, triton_mixed_decode.py). With ROPE, q and the new keys arrive before the rotary embedding and are
     rotated as they are loaded (cos/sin ``[B, 1, T, D]``, strides ``sc_b``/``sc_t``); the cache gets the rotated
-    keys."""
+    keys. With PAGED the cache is a page pool read and written through row b's block table (``cache_rows``)."""
     pool_b, kv, chunk, head, t, row_ok = program_rows(pid_g, 0, Hkv, groups, T, HEADS_PER, BLOCK_T)
     rows, n, first, keys, split_len = split_plan(POS, VALID, B, T, num_splits, part_splits, BLOCK_N, BLOCK_B)
     u = pool_b * (num_splits + 1) + split  # this program's place among the batch's split programs
@@ -65,14 +65,14 @@ def retrieval_split(
                   b64 * sc_b + t[:, None] * sc_t, offs_d[None, :], row_ok[:, None], ROPE, D)
     acc, m_i, l_i = empty_state(HEADS_PER * BLOCK_T, D)
 
-    kc_base = KC + b64 * skc_b + kv64 * skc_h
-    vc_base = VC + b64 * svc_b + kv64 * svc_h
     cache_hi = tl.minimum(hi, start)
     for n in range(lo, cache_hi, BLOCK_N):
         j = n + offs_n
         ok = j < cache_hi
-        kk = tl.load(kc_base + j[:, None] * skc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
-        vv = tl.load(vc_base + j[:, None] * svc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
+        kp = cache_rows(KC, b64, kv64, j, ok, skc_b, skc_h, skc_t, TABLE, st_b, PAGE, PAGED)
+        vp = cache_rows(VC, b64, kv64, j, ok, svc_b, svc_h, svc_t, TABLE, st_b, PAGE, PAGED)
+        kk = tl.load(kp[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+        vv = tl.load(vp[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
         acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, ok[None, :], qk_scale, True, DOT_PRECISION)
 
     k_base = K + b64 * sk_b + kv64 * sk_h
@@ -87,10 +87,11 @@ def retrieval_split(
         vv = tl.load(v_base + i[:, None] * sv_t + offs_d[None, :], mask=ok[:, None], other=0.0)
         visible = ok[None, :] & (i[None, :] <= t[:, None])
         acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
-        w = tl.where(chunk == 0, ok & (i < n_valid), False)[:, None]
-        slot = start + i
-        tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
-        tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
+        w = tl.where(chunk == 0, ok & (i < n_valid), False)
+        kp = cache_rows(KC, b64, kv64, start + i, w, skc_b, skc_h, skc_t, TABLE, st_b, PAGE, PAGED)
+        vp = cache_rows(VC, b64, kv64, start + i, w, svc_b, svc_h, svc_t, TABLE, st_b, PAGE, PAGED)
+        tl.store(kp[:, None] + offs_d[None, :], kk, mask=w[:, None])
+        tl.store(vp[:, None] + offs_d[None, :], vv, mask=w[:, None])
 
     row = (b64 * part_hq + part_head0 + head) * T + t
     store_partial(OP, LP, acc, m_i, l_i, row, split, part_splits, row_ok, D)
@@ -101,14 +102,14 @@ def retrieval_split_kernel(
     Q, K, V, KC, VC, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
-    B, Hkv, groups, T, num_splits, part_splits, qk_scale, COS, SIN, sc_b, sc_t,
+    B, Hkv, groups, T, num_splits, part_splits, qk_scale, COS, SIN, sc_b, sc_t, TABLE, st_b, PAGE,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr, PAGED: tl.constexpr,
 ):
     retrieval_split(Q, K, V, KC, VC, POS, VALID, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, B, Hkv, groups, T, num_splits, qk_scale,
                     tl.program_id(0), tl.program_id(1), Hkv * groups, 0, part_splits, COS, SIN, sc_b, sc_t,
-                    HEADS_PER, BLOCK_T, BLOCK_N, BLOCK_B, D, DOT_PRECISION, ROPE)
+                    TABLE, st_b, PAGE, HEADS_PER, BLOCK_T, BLOCK_N, BLOCK_B, D, DOT_PRECISION, ROPE, PAGED)
 
 
 @triton.jit

@@ -10,7 +10,7 @@ their partials into one buffer (query heads in the layer's order: retrieval then
 (benchmarks/DECISIONS.md#mixed-decode-one-grid).
 
 The programs are exactly those of ``retrieval_split_kernel`` and ``streaming_decode_split_kernel`` (the same
-device functions), so the cache writes and visibility rules are theirs: the retrieval split owning the new
+device functions), so the cache writes, visibility rules and paged retrieval pools (PAGED) are theirs: the retrieval split owning the new
 token appends it; tile 0 of each streaming group writes its slot. Streaming tiles are ``STREAMING_BLOCK_N`` =
 32 keys on the GPU (the launcher's choice): one kernel reserves the shared memory of its larger branch for every
 program, and 32-key streaming tiles keep it at the retrieval split's, so as many retrieval programs fit on a
@@ -31,9 +31,10 @@ def mixed_decode_kernel(
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, sks_b, sks_h, sks_t, svs_b, svs_h, svs_t,
     B, hkv_r, hkv_s, groups, splits_r, tiles_s, programs_s, part_splits, qk_scale, sink, recent, COS, SIN, sc_b,
+    TABLE, st_b, PAGE,
     HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     STREAMING_BLOCK_N: tl.constexpr,
-    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
+    D: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr, PAGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hq = (hkv_r + hkv_s) * groups
@@ -48,4 +49,4 @@ def mixed_decode_kernel(
         retrieval_split(QR, KR, VR, KCR, VCR, POS, VALID, OP, LP, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
                         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, B, hkv_r, groups, 1, splits_r, qk_scale,
                         p % (splits_r + 1), p // (splits_r + 1), hq, 0, part_splits, COS, SIN, sc_b, 0,
-                        HEADS_PER, BLOCK_T, BLOCK_N, BLOCK_B, D, DOT_PRECISION, ROPE)
+                        TABLE, st_b, PAGE, HEADS_PER, BLOCK_T, BLOCK_N, BLOCK_B, D, DOT_PRECISION, ROPE, PAGED)

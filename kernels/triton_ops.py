@@ -2,13 +2,15 @@
 
 ``register()`` installs them with ``torch.library.register_kernel(..., "cuda")`` on the existing ``custom_op``
 definitions of ops.py: ``triton_op`` cannot be traced on CPU, the custom ops can everywhere, and on CUDA they run
-these kernels. A head dim the kernels do not tile (``supported_head_dim``) runs the reference instead.
+these kernels. A head dim the kernels do not tile (``supported_head_dim``) runs the reference instead (for paged
+retrieval caches, on each row's pages gathered into a contiguous copy: paged.py); the kernels themselves read and
+write paged caches through the block table.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import paged, reference
 from .launchers import (
     triton_attention_cached,
     triton_retrieval_attention,
@@ -35,11 +37,13 @@ def _streaming_attention_cuda(q, k, v, scale, sink, recent):
     return triton_streaming_attention(q, k, v, scale, sink, recent)
 
 
-def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None):
+def _retrieval_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=None, sin=None,
+                                     block_table=None):
     if not _kernel_ok(q):
-        return reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos,
-                                                    sin).contiguous()
-    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=cos, sin=sin)
+        return paged.REFERENCE["retrieval_attention_cached"](q, k, v, k_cache, v_cache, cache_start, valid, scale,
+                                                             cos, sin, block_table).contiguous()
+    return triton_retrieval_attention_cached(q, k, v, k_cache, v_cache, cache_start, valid, scale, cos=cos, sin=sin,
+                                             block_table=block_table)
 
 
 def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, valid, scale, sink, recent,
@@ -54,13 +58,14 @@ def _streaming_attention_cached_cuda(q, k, v, k_cache, v_cache, cache_start, val
 
 
 def _attention_cached_cuda(q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode,
-                           cos=None, sin=None):
+                           cos=None, sin=None, block_table=None):
     if not _kernel_ok(q):
-        return reference.attention_cached(
-            q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos, sin
+        return paged.REFERENCE["attention_cached"](
+            q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos, sin, block_table
         ).contiguous()
     return triton_attention_cached(
         q, k, v, k_r, v_r, k_s, v_s, cache_start, valid, scale, n, sink, recent, chunk_mode, cos=cos, sin=sin,
+        block_table=block_table,
     )
 
 

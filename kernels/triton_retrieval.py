@@ -13,6 +13,8 @@ start are the cheap ones). Each program walks three key ranges:
      extra launch. Nothing else in the launch reads cache slots
      ``>= start``, so the writes cannot race with the reads.
 With ``HAS_CACHE=False`` (the cacheless op) ``start`` is 0 and range 1 and the stores vanish at compile time.
+With ``PAGED`` the cache is a page pool read and written through the row's block table (``cache_rows``): range 1
+then goes tile by tile with masked loads (a tile may span pages), and TMA is off.
 Range 3 is never software-pipelined: pipelined with its cache stores, it gave the cached op's outputs errors
 well above rounding on the GPU (benchmarks/DECISIONS.md#prefill-diagonal-one-stage).
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import empty_state, finish_rows, load_rows, program_rows, tile_update
+from .triton_common import cache_rows, empty_state, finish_rows, load_rows, program_rows, tile_update
 
 
 @triton.jit
@@ -42,13 +44,26 @@ def key_tile(base, desc, b, kv, n, offs_n, offs_d, s_t, TMA: tl.constexpr, BLOCK
 
 
 @triton.jit
+def prefix_tile(acc, m_i, l_i, q, KC, VC, b64, kv64, j, start, offs_d, skc_b, skc_h, skc_t, svc_b, svc_h, svc_t,
+                TABLE, st_b, PAGE, qk_scale, PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the cached keys at positions ``j`` below ``start`` into the running softmax (masked loads)."""
+    ok = j < start
+    kp = cache_rows(KC, b64, kv64, j, ok, skc_b, skc_h, skc_t, TABLE, st_b, PAGE, PAGED)
+    vp = cache_rows(VC, b64, kv64, j, ok, svc_b, svc_h, svc_t, TABLE, st_b, PAGE, PAGED)
+    kk = tl.load(kp[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+    vv = tl.load(vp[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
+    return tile_update(acc, m_i, l_i, q, kk, vv, ok[None, :], qk_scale, True, DOT_PRECISION)
+
+
+@triton.jit
 def retrieval_prefill_kernel(
     Q, K, V, KC, VC, O, POS, VALID, DK, DV, DKC, DVC,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, so_b, so_h, so_t,
-    Hkv, groups, T, qk_scale,
+    Hkv, groups, T, qk_scale, TABLE, st_b, PAGE,
     HAS_CACHE: tl.constexpr, HEADS_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCKS_FIRST: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     if BLOCKS_FIRST:  # grid (query blocks, heads): a wave runs one head's blocks, all reading its keys (L2 reuse)
         pid_g = tl.program_id(1)
@@ -71,19 +86,23 @@ def retrieval_prefill_kernel(
     if HAS_CACHE:
         start = tl.load(POS + b).to(tl.int32)
         n_valid = tl.load(VALID + b).to(tl.int32)
-        kc_base = KC + b64 * skc_b + kv64 * skc_h
-        vc_base = VC + b64 * svc_b + kv64 * svc_h
-        full = (start // BLOCK_N) * BLOCK_N
-        for n in range(0, full, BLOCK_N):
-            kk = key_tile(kc_base, DKC, b, kv, n, offs_n, offs_d, skc_t, TMA, BLOCK_N, D)
-            vv = key_tile(vc_base, DVC, b, kv, n, offs_n, offs_d, svc_t, TMA, BLOCK_N, D)
-            acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, None, qk_scale, False, DOT_PRECISION)
-        if full < start:
-            j = full + offs_n
-            ok = j < start
-            kk = tl.load(kc_base + j[:, None] * skc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
-            vv = tl.load(vc_base + j[:, None] * svc_t + offs_d[None, :], mask=ok[:, None], other=0.0)
-            acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, ok[None, :], qk_scale, True, DOT_PRECISION)
+        if PAGED:  # every prefix tile through the block table, masked (a tile may span pages)
+            for n in range(0, start, BLOCK_N):
+                acc, m_i, l_i = prefix_tile(acc, m_i, l_i, q, KC, VC, b64, kv64, n + offs_n, start, offs_d,
+                                            skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, TABLE, st_b, PAGE, qk_scale,
+                                            True, DOT_PRECISION)
+        else:
+            kc_base = KC + b64 * skc_b + kv64 * skc_h
+            vc_base = VC + b64 * svc_b + kv64 * svc_h
+            full = (start // BLOCK_N) * BLOCK_N
+            for n in range(0, full, BLOCK_N):
+                kk = key_tile(kc_base, DKC, b, kv, n, offs_n, offs_d, skc_t, TMA, BLOCK_N, D)
+                vv = key_tile(vc_base, DVC, b, kv, n, offs_n, offs_d, svc_t, TMA, BLOCK_N, D)
+                acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, None, qk_scale, False, DOT_PRECISION)
+            if full < start:
+                acc, m_i, l_i = prefix_tile(acc, m_i, l_i, q, KC, VC, b64, kv64, full + offs_n, start, offs_d,
+                                            skc_b, skc_h, skc_t, svc_b, svc_h, svc_t, TABLE, st_b, PAGE, qk_scale,
+                                            False, DOT_PRECISION)
 
     # Chunk keys left of the diagonal: every row of this block sees them.
     for n in range(0, m0, BLOCK_N):
@@ -101,9 +120,10 @@ def retrieval_prefill_kernel(
         visible = (j[None, :] <= t[:, None]) & ok[None, :]
         acc, m_i, l_i = tile_update(acc, m_i, l_i, q, kk, vv, visible, qk_scale, True, DOT_PRECISION)
         if HAS_CACHE:
-            w = tl.where(chunk == 0, ok & (j < n_valid), False)[:, None]
-            slot = start + j
-            tl.store(kc_base + slot[:, None] * skc_t + offs_d[None, :], kk, mask=w)
-            tl.store(vc_base + slot[:, None] * svc_t + offs_d[None, :], vv, mask=w)
+            w = tl.where(chunk == 0, ok & (j < n_valid), False)
+            kp = cache_rows(KC, b64, kv64, start + j, w, skc_b, skc_h, skc_t, TABLE, st_b, PAGE, PAGED)
+            vp = cache_rows(VC, b64, kv64, start + j, w, svc_b, svc_h, svc_t, TABLE, st_b, PAGE, PAGED)
+            tl.store(kp[:, None] + offs_d[None, :], kk, mask=w[:, None])
+            tl.store(vp[:, None] + offs_d[None, :], vv, mask=w[:, None])
 
     finish_rows(acc, l_i, O, b, head, t, row_ok, so_b, so_h, so_t, D)

@@ -120,15 +120,16 @@ def decode_programs_per_sm(heads_per: int, capacity: int) -> int:
     return 8 if capacity >= LONG_CACHE else 2
 
 
-def decode_splits(q: torch.Tensor, k_cache: torch.Tensor, programs_per_split: int, cfg: TileConfig) -> int:
+def decode_splits(q: torch.Tensor, capacity: int, programs_per_split: int, cfg: TileConfig) -> int:
     """Splits of the key range so that the grid holds at most ``decode_programs_per_sm`` programs per
     multiprocessor (rounded down: one program past a full wave runs alone, a wave's length after the others).
+    ``capacity``: the most keys a row's cache holds.
 
     This is the batch's splits per row: the kernel shares ``B x splits`` programs out over the rows in proportion
     to their lengths (``triton_common.split_plan``). At most one split per key tile of the capacity; the grid
     depends on the capacity, not on the current lengths (which only the device knows).
     """
-    per_sm = decode_programs_per_sm(cfg.heads_per, k_cache.shape[2])
+    per_sm = decode_programs_per_sm(cfg.heads_per, capacity)
     target = per_sm * num_sms(q.device)
-    tiles = math.ceil((k_cache.shape[2] + q.shape[2]) / cfg.block_n)
+    tiles = math.ceil((capacity + q.shape[2]) / cfg.block_n)
     return max(1, min(target // max(programs_per_split, 1), tiles, 256))

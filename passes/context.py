@@ -103,6 +103,8 @@ class PassContext:
     tensor_parallel: Any = None
     fuse_projections: bool = True  # pass 7 (costs a second copy of q/k/v and gate/up while the model lives)
     fuse_rope: bool = True  # pass 8
+    # Paged retrieval caches (pools of pages of this many positions, read through a block table), or None.
+    page_size: int | None = None
     sites: list[AttentionSite] = field(default_factory=list)
     # After reorder_heads: per layer, the KV heads [0, n) are retrieval and [n, num_kv_heads) streaming.
     retrieval_counts: list[int] = field(default_factory=list)

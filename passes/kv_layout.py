@@ -12,6 +12,11 @@ Keys are cached after RoPE at their true positions, so nothing is re-rotated. Th
 ``forward(input_ids, position_ids, cache_start, valid, *caches) -> logits``; ``ctx.cache_specs`` lists the caches
 in argument order, for the runtime to allocate.
 
+Paged engines (``ctx.page_size``): each retrieval cache is a pool of pages ``[num_pages, n_l, page_size, D]``
+instead, and the graph takes one more input after the caches, ``block_table`` int ``[B, max_pages]`` (row b's
+pages in order), passed to every retrieval op as its ``block_table`` (kernels/paged.py): the graph becomes
+``forward(input_ids, position_ids, cache_start, valid, *caches, block_table)``.
+
 Also matches the last-position slice in front of the LM head (``hidden[:, -1:]``, what capture's
 ``logits_to_keep=1`` leaves) and emits ``last_real_token(hidden, valid)`` instead, so the logits are each row's at
 its own last real token (index ``valid[b] - 1``), still one row per sequence through the LM head. A graph that
@@ -65,6 +70,7 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         valid = graph.placeholder("valid")
     last_input = valid
     ctx.cache_specs = []
+    paged_ops = []
     for node in attention:
         kind, cached_op = _CACHED[node.target]
         layer = node.meta["duo_layer"]
@@ -89,6 +95,13 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        if kind == "retrieval":
+            paged_ops.append(new)
+    if ctx.page_size is not None:
+        with graph.inserting_after(last_input):
+            block_table = graph.placeholder("block_table")
+        for node in paged_ops:
+            node.kwargs = {**node.kwargs, "block_table": block_table}
     last = _last_position_slice(graph)
     if last is not None:
         with graph.inserting_before(last):

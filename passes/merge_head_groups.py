@@ -54,7 +54,7 @@ def merge_head_groups(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         args = (site.q, site.k, site.v, k_r, v_r, k_s, v_s, cache_start, valid, scale, ctx.retrieval_counts[layer],
                 sink, recent, chunk_mode)
         with graph.inserting_before(cat):
-            node = graph.call_function(OPS["attention_cached"], args)
+            node = graph.call_function(OPS["attention_cached"], args, dict(retrieval.kwargs))  # block_table
         node.meta = {**cat.meta, "duo_layer": layer}
         cat.replace_all_uses_with(node)
         for old in (cat, retrieval, streaming):  # the cached ops write their caches: the clean-up would keep them

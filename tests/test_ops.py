@@ -1,8 +1,9 @@
-"""The duo:: custom ops: registration (opcheck), fake shapes, and cache semantics of the reference."""
+"""The duo:: custom ops: registration (opcheck), fake shapes, and cache semantics of the reference; paged retrieval
+caches (block tables over page pools) against contiguous ones."""
 import pytest
 import torch
 
-from duo_compile.kernels import reference
+from duo_compile.kernels import paged, reference
 from duo_compile.kernels.ops import OPS
 from tests.ragged import KINDS, check_rows_alone
 
@@ -154,3 +155,89 @@ def test_bad_row_positions_are_refused(start, valid, match):
     q, k, v, kc, vc, _ = _inputs()
     with pytest.raises(ValueError, match=match):
         OPS["retrieval_attention_cached"](q, k, v, kc, vc, torch.tensor(start), torch.tensor(valid), 0.3)
+
+
+# --------------------------------------------------------------------------------- paged retrieval caches (paged.py)
+def _paged(caches, page_size, spare=3, seed=0):
+    """The contiguous retrieval caches ``[B, Hkv, L, D]`` (L a multiple of page_size) as page pools with a scrambled
+    block table: (pools, block_table int32 [B, L / page_size]); ``spare`` pages belong to no row."""
+    batch, heads, length, dim = caches[0].shape
+    per_row = length // page_size
+    order = torch.randperm(batch * per_row + spare, generator=torch.Generator().manual_seed(seed))
+    table = order[: batch * per_row].view(batch, per_row).to(torch.int32)
+    pools = []
+    for cache in caches:
+        pool = torch.randn(batch * per_row + spare, heads, page_size, dim)
+        pool[table.long()] = cache.view(batch, heads, per_row, page_size, dim).transpose(1, 2)
+        pools.append(pool)
+    return pools, table
+
+
+def _unpaged(pool, table):
+    return pool[table.long()].transpose(1, 2).flatten(2, 3)
+
+
+def _paged_impl(impl: str, name: str):
+    """The op ``name`` as registered (the CPU kernel: blockwise.py), or its reference made pageable."""
+    return OPS[name] if impl == "registered" else paged.REFERENCE[name]
+
+
+@pytest.mark.parametrize("impl", ["registered", "reference"])
+@pytest.mark.parametrize("page_size", [1, 3, 4])
+@pytest.mark.parametrize("kind", ["retrieval", "mixed"])
+@pytest.mark.parametrize("starts,valid,length", RAGGED)
+def test_paged_ops_equal_contiguous_caches(impl, page_size, kind, starts, valid, length):
+    """A retrieval cache held in scrambled pages (block table) gives the outputs of the contiguous cache, and the
+    call writes the same keys into the row's pages; spare pages and the streaming caches are as without pages."""
+    gen = torch.Generator().manual_seed(page_size)
+    batch, hkv, dim, slots = 3, 3 if kind == "mixed" else 2, 8, 48
+    n_r = 1 if kind == "mixed" else hkv
+    q = torch.randn(batch, 2 * hkv, length, dim, generator=gen)
+    k, v = torch.randn(2, batch, hkv, length, dim, generator=gen)
+    k_cache, v_cache = torch.randn(2, batch, n_r, slots, dim, generator=gen)
+    (k_pool, v_pool), table = _paged((k_cache, v_cache), page_size)
+    spare = sorted(set(range(k_pool.shape[0])) - set(table.flatten().tolist()))
+    spare_before = k_pool[spare].clone()
+    pos = torch.tensor(starts), torch.tensor(valid)
+    if kind == "mixed":
+        rings = torch.randn(2, batch, hkv - n_r, 13, dim, generator=gen)
+        rings_paged = rings.clone()
+        want = reference.attention_cached(q, k, v, k_cache, v_cache, *rings, *pos, 0.3, n_r, 3, 10, False)
+        got = _paged_impl(impl, "attention_cached")(q, k, v, k_pool, v_pool, *rings_paged, *pos, 0.3, n_r, 3, 10,
+                                                     False, None, None, table)
+        assert torch.equal(rings, rings_paged)
+    else:
+        want = reference.retrieval_attention_cached(q, k, v, k_cache, v_cache, *pos, 0.3)
+        got = _paged_impl(impl, "retrieval_attention_cached")(q, k, v, k_pool, v_pool, *pos, 0.3, None, None, table)
+    for b, n in enumerate(valid):
+        torch.testing.assert_close(got[b, :, :n], want[b, :, :n], rtol=1e-5, atol=1e-5)
+    assert torch.equal(_unpaged(k_pool, table), k_cache) and torch.equal(_unpaged(v_pool, table), v_cache)
+    assert torch.equal(k_pool[spare], spare_before)
+
+
+def test_opcheck_paged_ops():
+    q, k, v, kc, vc, _ = _inputs(batch=3, slots=12)
+    pos = torch.tensor([0, 7, 3]), torch.tensor([5, 2, 0])
+    (kp, vp), table = _paged((kc, vc), 4)
+    torch.library.opcheck(OPS["retrieval_attention_cached"], (q, k, v, kp, vp, *pos, 0.3, None, None, table))
+    kr, vr = kp[:, :1].clone(), vp[:, :1].clone()
+    ks, vs = torch.randn(2, 3, 1, 5, 8)
+    torch.library.opcheck(OPS["attention_cached"],
+                          (q, k, v, kr, vr, ks, vs, *pos, 0.3, 1, 2, 3, False, None, None, table.long()))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.float(), "block_table must be int32 or int64"),
+    (lambda t: t[:2], r"block_table must be int32 or int64 \[batch=3"),
+    (lambda t: t[:, :2], "exceed the block table's 2 pages of 4"),
+    (lambda t: t.index_fill(1, torch.tensor([1]), 99), r"row 0 reaches position 8 through pages .* the pool has"),
+    (lambda t: t.index_fill(1, torch.tensor([0]), -1), r"pages \[-1"),
+])
+def test_bad_block_tables_are_refused(edit, match):
+    q, k, v, kc, vc, _ = _inputs(batch=3, slots=12)
+    pos = torch.tensor([4, 4, 4]), torch.tensor([5, 5, 5])
+    (kp, vp), table = _paged((kc, vc), 4)
+    before = kp.clone()
+    with pytest.raises(ValueError, match=match):
+        OPS["retrieval_attention_cached"](q, k, v, kp, vp, *pos, 0.3, None, None, edit(table))
+    assert torch.equal(kp, before)  # refused before anything is written

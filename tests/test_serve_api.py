@@ -1,10 +1,10 @@
 """``duo-compile serve`` as users run it: a real server process on 127.0.0.1 (the bundled passkey model, eager
 backend, CPU) driven by the official ``openai`` client and, where a status or header is the point, by httpx.
 
-One server for the module (4 slots, 6 waiting at most): completions and chat, streamed and not, give the tokens
-``engine.generate`` gives (an engine built here the same way); a passkey prompt is answered; 16 clients at once are
-each answered or refused with 429; a stream closed early frees its slot; every bad input is a 400 naming the
-field; SIGTERM ends the process with status 0. Chat without a chat template runs on an in-process app; the
+One server for the module (4 slots, 6 waiting at most, retrieval KV in pages of 16): completions and chat, streamed
+and not, give the tokens ``engine.generate`` gives (an engine built here the same way, without paging); a passkey
+prompt is answered; 16 clients at once are each answered or refused with 429; a stream closed early frees its slot
+and pages; every bad input is a 400 naming the field; SIGTERM ends the process with status 0. Chat without a chat template runs on an in-process app; the
 command's flags are checked before any work.
 """
 from __future__ import annotations
@@ -62,10 +62,11 @@ def server():
 
 @pytest.fixture(scope="module")
 def engine():
-    """The server's engine, built here the same way, for expected outputs."""
+    """The server's engine, built here the same way but without paging (the server pages its retrieval KV), for
+    expected outputs."""
     from duo_compile.serve.server import bundled_engine
 
-    return bundled_engine(backend="eager", max_seq_len=MAX_LEN, device="cpu")
+    return bundled_engine(backend="eager", max_seq_len=MAX_LEN, device="cpu", page_size=None)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +210,12 @@ def test_overload_is_refused_with_429_and_a_closed_stream_frees_its_slot(server)
     assert _cancelled(url) == before + SLOTS + WAITING
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("duo_requests_running", "duo_time_to_first_token_seconds_bucket", "duo_kv_cache_used_bytes",
-                 "duo_inter_token_latency_seconds_bucket", "duo_generation_tokens_per_second"):
+                 "duo_inter_token_latency_seconds_bucket", "duo_generation_tokens_per_second", "duo_kv_pages_free"):
         assert name in metrics
+    gauges = dict(line.split() for line in metrics.splitlines() if line.startswith("duo_kv_page"))
+    # 4 slots of 4096 positions in pages of 16 (the default), every page free again once the requests ended
+    assert float(gauges["duo_kv_page_size"]) == 16 and float(gauges["duo_kv_pages"]) == 4 * 4096 / 16
+    assert float(gauges["duo_kv_pages_used"]) == 0 and float(gauges["duo_kv_pages_free"]) == 4 * 4096 / 16
 
 
 def test_a_client_that_goes_away_cancels_its_request(server):
@@ -263,11 +268,11 @@ def test_chat_without_a_template_is_a_400(engine):
     import copy
 
     from duo_compile.serve.api import create_app
-    from duo_compile.serve.memory import plan_slots
+    from duo_compile.serve.memory import plan_kv
 
     tokenizer = copy.deepcopy(engine.tokenizer)
     tokenizer.chat_template = None
-    with TestClient(create_app(engine, plan_slots(engine, 1), model_name="m", tokenizer=tokenizer)) as http:
+    with TestClient(create_app(engine, plan_kv(engine, 1), model_name="m", tokenizer=tokenizer)) as http:
         response = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400 and "no chat template" in response.json()["error"]["message"]
         assert response.json()["error"]["param"] == "messages"
@@ -293,6 +298,7 @@ SERVE_ERRORS = {
     "port": (["--port", "-1"], "--port must be an integer >= 0, got -1"),
     "port-high": (["--port", "70000"], "--port must be an integer in 0..65535, got 70000"),
     "slots": (["--max-num-seqs", "0"], "--max-num-seqs must be an integer >= 1, got 0"),
+    "page-size": (["--page-size", "-1"], "--page-size must be an integer >= 0, got -1"),
     "budget": (["--token-budget", "4"], "--token-budget must be an integer >= 8 (--max-num-seqs), got 4"),
     "fraction": (["--kv-cache-fraction", "1.5"], "--kv-cache-fraction must be a number in (0, 1], got 1.5"),
     "memory": (["--kv-cache-memory", "0"], "--kv-cache-memory must be a number of GiB > 0, got 0.0"),

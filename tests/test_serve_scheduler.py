@@ -4,7 +4,10 @@ every request exactly what ``Engine.generate`` gives its prompt alone (tiny rand
 Prompts of 3..40 tokens with 3..14 new tokens against sink 4 + recent 8: most sequences are longer than the
 streaming window, so rings wrap while other rows still fill their sinks. Schedules vary the number of slots,
 the per-step token budget (down to 4 tokens for 2 slots, so long prompts are prefilled a few tokens per step
-while other rows decode), the arrival order and times, and cancellations that free slots mid-stream.
+while other rows decode), the arrival order and times, and cancellations that free slots mid-stream. Paged
+engines (retrieval KV in pages from a pool) add page sizes (4 and 5, which prompts and sequences fill exactly,
+and 16) and pools small enough that running requests are preempted and recomputed, in both modes; the
+all-retrieval engine, paged, gives ``model.generate``'s tokens.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 
 import duo_compile
 from duo_compile.masks import kv_cache_bytes
-from duo_compile.serve.memory import plan_slots
+from duo_compile.serve.memory import plan_kv
 from duo_compile.serve.scheduler import QueueFull, Scheduler
 from duo_compile.serve.sequence import CANCELLED, LENGTH, STOP, Sequence
 from duo_compile.serve.warm_up import warm_up
@@ -27,12 +30,12 @@ NEW = (6, 9, 4, 14, 10, 3, 5)
 
 
 @functools.cache
-def _engine(mode: str = "window", chunk: int | None = None):
-    if chunk is None:
+def _engine(mode: str = "window", chunk: int | None = None, page_size: int | None = None):
+    if chunk is None and page_size is None:
         return cached_engine("llama", True, mode, "eager", SINK, RECENT, MAX_LEN)
     model = cached_tiny_model("llama", True)
     return duo_compile.compile(model, mixed_masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
-                               streaming_mode=mode, prefill_chunk_size=chunk, backend="eager")
+                               streaming_mode=mode, prefill_chunk_size=chunk, backend="eager", page_size=page_size)
 
 
 def _prompts(seed: int = 0) -> list[list[int]]:
@@ -51,7 +54,7 @@ def _alone(mode: str = "window", chunk: int | None = None, seed: int = 0) -> tup
     return tuple(out)
 
 
-def _run(scheduler: Scheduler, sequences, arrivals, cancel_at=None, max_steps: int = 2000):
+def _run(scheduler: Scheduler, sequences, arrivals, cancel_at=None, max_steps: int = 3000):
     """Step until every request ended; request i joins at step ``arrivals[i]``; ``cancel_at`` {i: step}."""
     cancel_at = cancel_at or {}
     ended = {}
@@ -67,8 +70,11 @@ def _run(scheduler: Scheduler, sequences, arrivals, cancel_at=None, max_steps: i
             assert scheduler.num_running <= scheduler.slots
             if update.finish_reason is not None:
                 ended[update.sequence.id] = update.finish_reason
+        held = [p for seq in scheduler.running if seq is not None for p in seq.pages]
+        assert len(held) == len(set(held)) == scheduler.pages_used  # no page held twice, none lost
+        assert not set(held) & set(scheduler.free_pages)
         if len(ended) == len(sequences):
-            assert not scheduler.has_work() and scheduler.num_free == scheduler.slots
+            assert not scheduler.has_work() and scheduler.num_free == scheduler.slots and scheduler.pages_used == 0
             return ended
     raise AssertionError("the scheduler did not finish every request")
 
@@ -177,14 +183,14 @@ def test_slots_from_a_kv_memory_budget():
     """The same budget holds more DuoAttention rows than all-retrieval rows (the point of serving DuoAttention)."""
     engine = _engine()
     row = engine.planned_cache_bytes(1, MAX_LEN)
-    assert plan_slots(engine, 100, kv_cache_memory=10 * row).slots == 10
-    assert plan_slots(engine, 4, kv_cache_memory=10 * row).slots == 4
+    assert plan_kv(engine, 100, kv_cache_memory=10 * row).slots == 10
+    assert plan_kv(engine, 4, kv_cache_memory=10 * row).slots == 4
     full_row = kv_cache_bytes(engine.info, engine.masks, seq_len=MAX_LEN, dtype=engine.dtype, sink_size=SINK,
                               recent_size=RECENT).full_attention
     assert row < full_row and 10 * row // full_row < 10
     with pytest.raises(ValueError, match="holds no request"):
-        plan_slots(engine, 4, kv_cache_memory=row - 1)
-    assert 1 <= plan_slots(engine, 3, memory_fraction=0.5).slots <= 3
+        plan_kv(engine, 4, kv_cache_memory=row - 1)
+    assert 1 <= plan_kv(engine, 3, memory_fraction=0.5).slots <= 3
 
 
 def test_step_on_some_rows_touches_only_those_rows():
@@ -244,7 +250,7 @@ def test_engine_thread_survives_a_failed_step(monkeypatch):
             ends[update.sequence.id] = update
     assert ends[first.id].finish_reason == "error" and "boom" in ends[first.id].error
     assert ends[second.id].finish_reason == LENGTH and tuple(second.tokens) == _alone()[0]
-    assert loop.alive and loop.counts == (0, 0)
+    assert loop.alive and loop.counts == (0, 0, 0, 0)
     third = Sequence.from_generate_args(engine, prompt, on_update=done.put, max_new_tokens=50)
     loop.submit(third)
     loop.stop(timeout=30)
@@ -273,3 +279,124 @@ def test_warm_up_runs_both_chunk_kinds_and_a_decode_step_then_leaves_every_slot_
     sequences = _sequences(engine, _prompts())
     _run(scheduler, sequences, [0] * 7)
     assert [tuple(s.tokens) for s in sequences] == list(_alone())
+
+
+# ---------------------------------------------------------------------------------------------------- paged KV
+PAGED_SCHEDULES = {
+    # page size, slots, pages in the pool, token budget, arrival step of each request. LENGTHS hold multiples
+    # of 4 and 5 (prompts 5, 30, 40, 12; sequences 24, 30 and 40 + 14 = 54 with their new tokens), so pages fill
+    # exactly; 14 pages of 4, 11 of 5 or 7 of 16 hold the longest request and little else, so requests are
+    # preempted.
+    "page-4-preempting": (4, 3, 14, 12, [0, 0, 0, 3, 3, 9, 9]),
+    "page-5-preempting-reversed": (5, 4, 11, 64, [12, 10, 8, 6, 4, 2, 0]),
+    "page-16-preempting": (16, 5, 7, 9, [0, 2, 2, 3, 3, 4, 4]),
+}
+
+
+@pytest.mark.parametrize("name", PAGED_SCHEDULES)
+def test_paged_greedy_outputs_equal_generate_alone(name):
+    """Paged retrieval KV: each request gives ``generate``'s tokens for its prompt alone (on the engine without
+    paging), whatever the page size, and also when the pool runs out and requests are preempted and recomputed."""
+    page_size, slots, pages, budget, arrivals = PAGED_SCHEDULES[name]
+    engine = _engine(page_size=page_size)
+    sequences = _sequences(engine, _prompts())
+    scheduler = Scheduler(engine, slots, token_budget=budget, num_pages=pages)
+    ended = _run(scheduler, sequences, arrivals)
+    assert [tuple(s.tokens) for s in sequences] == list(_alone())
+    assert all(ended[s.id] == LENGTH for s in sequences)
+    assert (scheduler.preemptions > 0) == ("preempting" in name)
+
+
+def test_paged_chunk_mode_with_preemption_equals_generate_alone():
+    """Chunk mode: a preempted request recomputes its prompt in the engine's chunks and its generated tokens one
+    per step, as they first ran: the tokens stay ``generate``'s."""
+    engine = _engine("chunk", 8, page_size=4)
+    sequences = _sequences(engine, _prompts()[:4])
+    scheduler = Scheduler(engine, 3, token_budget=3, num_pages=15)
+    _run(scheduler, sequences, [0, 0, 0, 1])
+    assert [tuple(s.tokens) for s in sequences] == list(_alone("chunk", 8)[:4])
+    assert scheduler.preemptions > 0
+
+
+def test_paged_all_retrieval_engine_equals_model_generate():
+    """Every head retrieval (the full-attention baseline the serving benchmark compares with), paged: each request
+    gives Hugging Face's ``model.generate`` tokens."""
+    model = cached_tiny_model("llama", True)
+    config = model.config
+    masks = duo_compile.HeadMasks.all_retrieval(config.num_hidden_layers, config.num_key_value_heads)
+    engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                                 backend="eager", page_size=4)
+    assert not any(spec.kind == "streaming" for spec in engine.cache_specs)
+    sequences = [s for s in _sequences(engine, _prompts()) if s.length <= 32]  # 5 requests of 11..24 positions
+    scheduler = Scheduler(engine, 3, token_budget=8, num_pages=8)
+    _run(scheduler, sequences, [0] * len(sequences))
+    assert scheduler.preemptions > 0
+    for seq in sequences:
+        want = model.generate(torch.tensor([seq.prompt]), max_new_tokens=len(seq.tokens), do_sample=False,
+                              min_new_tokens=len(seq.tokens))
+        assert seq.tokens == want[0, len(seq.prompt):].tolist()
+
+
+def test_paged_cancel_frees_pages_at_once_and_pages_grow_with_the_sequence():
+    engine = _engine(page_size=4)
+    sequences = _sequences(engine, _prompts())
+    scheduler = Scheduler(engine, 2, token_budget=64)
+    scheduler.add(sequences[3])  # 40 prompt tokens: 10 pages, + 1 for its first token's position
+    scheduler.step()
+    assert sequences[3].pages and len(sequences[3].pages) == 11 == scheduler.pages_used
+    for _ in range(5):  # decodes positions 40..44: a 12th page from position 44
+        scheduler.step()
+    assert len(sequences[3].pages) == 12 == scheduler.pages_used
+    scheduler.cancel(sequences[3])
+    assert scheduler.pages_used == 0 and len(scheduler.free_pages) == scheduler.num_pages
+
+
+def test_paged_engine_generate_equals_unpaged():
+    """A paged engine's own ``generate`` (each row its run of pages) gives the tokens of the engine without paging,
+    padded batch included."""
+    engine, plain = _engine(page_size=5), _engine()
+    prompts = _prompts()[:3]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    assert torch.equal(engine.generate(ids, attention_mask=mask, max_new_tokens=6),
+                       plain.generate(ids, attention_mask=mask, max_new_tokens=6))
+
+
+def test_paged_refusals():
+    engine = _engine(page_size=4)
+    row = engine.streaming_row_bytes()
+    with pytest.raises(ValueError, match="page_size must be an integer >= 1, got 0"):
+        duo_compile.compile(cached_tiny_model("llama", True), mixed_masks(cached_tiny_model("llama", True)),
+                            max_seq_len=MAX_LEN, backend="eager", page_size=0)
+    with pytest.raises(ValueError, match="holds no page"):
+        plan_kv(engine, 3, kv_cache_memory=3 * row + engine.page_bytes() - 1)
+    with pytest.raises(ValueError, match="num_pages must be an integer >= 1, got 0"):
+        Scheduler(engine, 2, num_pages=0)
+    with pytest.raises(ValueError, match="needs a paged engine"):
+        Scheduler(_engine(), 2, num_pages=8)
+    scheduler = Scheduler(engine, 2, num_pages=10)
+    with pytest.raises(ValueError, match="needs 12 pages of 4 positions; the pool holds 10"):
+        scheduler.add(Sequence.from_generate_args(engine, _prompts()[3], max_new_tokens=6))
+    with pytest.raises(ValueError, match="block_table needs a paged engine"):
+        _engine().step(torch.tensor([[1]]), 0, block_table=torch.zeros(1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="step needs a block_table"):
+        engine.step(torch.tensor([[1], [2]]), 0)  # the scheduler's pool is smaller than every row's max_seq_len
+    with pytest.raises(ValueError, match=r"paged retrieval caches \(page_size=4\)"):
+        duo_compile.export(engine, "/nonexistent/engine.pt2", backend="package")
+
+
+def test_pages_from_a_kv_memory_budget():
+    """The budget's split: streaming rows for every slot, the rest pages; the same budget holds about twice the
+    positions for DuoAttention (half the heads retrieval) as for all heads retrieval."""
+    engine = _engine(page_size=4)
+    row, page = engine.streaming_row_bytes(), engine.page_bytes()
+    plan = plan_kv(engine, 3, kv_cache_memory=3 * row + 10 * page + page - 1)
+    assert (plan.slots, plan.pages, plan.page_size, plan.paged) == (3, 10, 4, True)
+    assert plan.kv_bytes == 3 * row + 10 * page
+    assert plan_kv(engine, 2).pages == 2 * MAX_LEN // 4  # no budget: every slot's max_seq_len
+    assert plan_kv(engine, 2, kv_cache_memory=1 << 30).pages == 2 * MAX_LEN // 4  # capped there
+    full_page = 2 * engine.dtype.itemsize * 4 * engine.info.num_layers * engine.info.num_kv_heads * engine.info.head_dim
+    assert page * 2 == full_page
+    Scheduler(engine, plan.slots, num_pages=plan.pages)
+    assert engine.planned_cache_bytes(3, MAX_LEN, 10) == plan.kv_bytes == sum(c.nbytes for c in engine.caches)

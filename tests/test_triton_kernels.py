@@ -276,7 +276,7 @@ def test_decode_splits_stay_within_the_key_tiles(capacity, groups):
     q = torch.zeros(1, 2 * groups, 1, D)
     cfg = decode_config(q, groups)
     k_cache = torch.zeros(1, 2, capacity, D)
-    splits = decode_splits(q, k_cache, grid_groups(1, 2, groups, cfg.heads_per), cfg)
+    splits = decode_splits(q, k_cache.shape[2], grid_groups(1, 2, groups, cfg.heads_per), cfg)
     tiles = -(-(capacity + 1) // cfg.block_n)
     assert 1 <= splits <= min(tiles, 256)
 
@@ -297,7 +297,7 @@ def test_decode_grid_on_the_h200(monkeypatch, kv_heads, groups, capacity, splits
     monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
     q = SimpleNamespace(device=torch.device("cuda"), shape=(1, kv_heads * groups, 1, 128))
     cfg = TileConfig(block_t=max(1, 16 // groups), block_n=64, heads_per=groups)
-    assert tuning.decode_splits(q, SimpleNamespace(shape=(1, kv_heads, capacity, 128)), kv_heads, cfg) == splits
+    assert tuning.decode_splits(q, capacity, kv_heads, cfg) == splits
 
 
 # ---------------------------------------------------------------------- decode-time linear layers (triton_gemv.py)
@@ -509,3 +509,66 @@ def test_decode_splits_follow_the_rows_lengths(kind, num_splits):
     run = triton_retrieval_attention_cached if kind == "retrieval" else launchers.triton_attention_cached
     check_rows_alone(functools.partial(run, num_splits=num_splits), kind, (120, 5, 30, 60), (1, 1, 0, 1), 1,
                      hkv=3 if kind == "mixed" else 2)
+
+
+# ---------------------------------------------------------------------- paged retrieval caches (block tables)
+def _scrambled_pools(caches, page_size, spare=2):
+    """Contiguous retrieval caches ``[B, Hkv, L, D]`` (L a multiple of page_size) as page pools with a scrambled
+    block table int32 ``[B, L / page_size]``; ``spare`` pages belong to no row."""
+    b, h, length, d = caches[0].shape
+    per_row = length // page_size
+    table = torch.randperm(b * per_row + spare)[: b * per_row].view(b, per_row).to(torch.int32)
+    pools = []
+    for cache in caches:
+        pool = torch.randn(b * per_row + spare, h, page_size, d, dtype=cache.dtype)
+        pool[table.long()] = cache.view(b, h, per_row, page_size, d).transpose(1, 2)
+        pools.append(pool)
+    return pools, table
+
+
+def _contiguous(pool, table):
+    return pool[table.long()].transpose(1, 2).flatten(2, 3)
+
+
+@pytest.mark.parametrize("kind,streaming_decode,page_size", [
+    ("retrieval", "mixed", 16), ("retrieval", "mixed", 5), ("mixed", "mixed", 16), ("mixed", "tiles", 5),
+])
+def test_paged_kernels_read_and_write_through_the_block_table(kind, streaming_decode, page_size, monkeypatch):
+    """The retrieval prefill, split-K decode and mixed-layer decode kernels on page pools with a scrambled block
+    table equal the reference on the contiguous caches, outputs and caches, chunk after chunk and decode steps
+    for rows at their own positions (one idle): pages of one key tile (16) and pages that tiles straddle (5)."""
+    from duo_compile.kernels import launchers, tuning
+
+    monkeypatch.setattr(tuning, "STREAMING_DECODE", streaming_decode)
+    b, hkv, groups, n_r, sink, recent, capacity = 3, 3 if kind == "mixed" else 2, 2, 1, 3, 10, 80
+    n_r = n_r if kind == "mixed" else hkv
+    retrieval = [torch.randn(b, n_r, capacity, D), torch.randn(b, n_r, capacity, D)]
+    pools, table = _scrambled_pools(retrieval, page_size)
+    streaming = [torch.randn(b, hkv - n_r, sink + recent, D) for _ in range(2)]
+    streaming_paged = [c.clone() for c in streaming]
+    starts = torch.tensor([0, 9, 30])
+    for t, valid in ((20, [20, 17, 0]), (1, [1, 1, 0]), (3, [3, 0, 3]), (1, [1, 1, 1])):
+        q, k, v = _qkv(b, hkv, groups, t)
+        valid = torch.tensor(valid)
+        if kind == "mixed":
+            args = (starts, valid, SCALE, n_r, sink, recent, False)
+            ref = reference.attention_cached(q, k, v, *retrieval, *streaming, *args)
+            out = launchers.triton_attention_cached(q, k, v, *pools, *streaming_paged, *args, block_table=table)
+            assert all(torch.equal(c, p) for c, p in zip(streaming, streaming_paged))
+        else:
+            ref = reference.retrieval_attention_cached(q, k, v, *retrieval, starts, valid, SCALE)
+            out = triton_retrieval_attention_cached(q, k, v, *pools, starts, valid, SCALE, block_table=table)
+        for row, n in enumerate(valid.tolist()):
+            if n:
+                _close(out[row, :, :n], ref[row, :, :n], torch.float32)
+        assert torch.equal(_contiguous(pools[0], table), retrieval[0])
+        assert torch.equal(_contiguous(pools[1], table), retrieval[1])
+        starts = starts + valid
+
+
+def test_paged_launch_refuses_mismatched_pools():
+    q, k, v = _qkv(1, 1, 1, 1)
+    pool = torch.zeros(4, 1, 8, D)
+    with pytest.raises(ValueError, match="paged caches must be two pools"):
+        triton_retrieval_attention_cached(q, k, v, pool, pool[:2], *_rows(0, 1), SCALE,
+                                          block_table=torch.zeros(1, 2, dtype=torch.int32))

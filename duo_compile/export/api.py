@@ -66,6 +66,9 @@ def _check_engine(engine) -> None:
             "this engine has no graph (it was loaded from an engine file): export the engine returned by "
             "duo_compile.compile, or copy the engine file"
         )
+    if engine.config.page_size is not None:
+        raise ValueError(f"this engine has paged retrieval caches (page_size={engine.config.page_size}); engine files "
+                         f"hold engines without paging: export an engine compiled without page_size")
     if engine.tensor_parallel is not None:
         share = engine.tensor_parallel
         raise ValueError(

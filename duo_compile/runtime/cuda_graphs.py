@@ -3,7 +3,8 @@
 A decode step of a 7B model is a few hundred small kernels; launched one by one from Python their overhead is of
 the same order as the step itself. The duo kernels read each row's position (and whether its token is real) from
 device memory, so one captured graph serves every position, and rows at different positions: each step only
-copies the new tokens, the rows' positions and their real-token counts into static buffers.
+copies the new tokens, the rows' positions and their real-token counts into static buffers (and, for a paged
+engine, its block table: the kernels read it on the device too).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from duo_compile.passes import CacheSpec
 
 
 class GraphedDecode:
-    """Capture ``run(input_ids [B,1], position_ids [B,1], cache_start [B], valid [B], *caches)`` once, then replay
-    it per step."""
+    """Capture ``run(input_ids [B,1], position_ids [B,1], cache_start [B], valid [B], *caches[, block_table])``
+    once, then replay it per step. ``table_pages``: a paged engine's block-table width (its rows' most pages;
+    narrower tables are padded with page 0, which no row reads past its own positions), else None."""
 
     def __init__(self, run: Callable[..., torch.Tensor], caches: Sequence[torch.Tensor],
-                 specs: Sequence[CacheSpec], batch_size: int, device: torch.device):
+                 specs: Sequence[CacheSpec], batch_size: int, device: torch.device, table_pages: int | None = None):
         self.run, self.caches, self.specs = run, list(caches), list(specs)
+        self.block_table = (None if table_pages is None else
+                            torch.zeros(batch_size, table_pages, dtype=torch.int32, device=device))
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -28,9 +32,13 @@ class GraphedDecode:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def _load(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None) -> None:
-        """``start``: one int for every row, or int64 ``[B]``; ``valid``: int64 ``[B]`` of 0/1 (default all 1)."""
+    def _load(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None, block_table=None) -> None:
+        """``start``: one int for every row, or int64 ``[B]``; ``valid``: int64 ``[B]`` of 0/1 (default all 1);
+        ``block_table``: a paged engine's ``[B, <= table_pages]``."""
         self.input_ids.copy_(input_ids)
+        if self.block_table is not None:
+            self.block_table.zero_()
+            self.block_table[:, : block_table.shape[1]].copy_(block_table)
         if isinstance(start, torch.Tensor):
             self.cache_start.copy_(start)
         else:
@@ -49,7 +57,8 @@ class GraphedDecode:
         because in chunk mode the step must still read the slot its own write replaces.
         """
         snapshot = [(c, c.clone()) for c, s in zip(self.caches, self.specs) if s.kind == "streaming"]
-        args = (self.input_ids, self.position_ids, self.cache_start, self.valid, *self.caches)
+        table = () if self.block_table is None else (self.block_table,)
+        args = (self.input_ids, self.position_ids, self.cache_start, self.valid, *self.caches, *table)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -61,8 +70,9 @@ class GraphedDecode:
         for cache, saved in snapshot:
             cache.copy_(saved)
 
-    def __call__(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None) -> torch.Tensor:
-        self._load(input_ids, start, valid)
+    def __call__(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
+                 block_table: torch.Tensor | None = None) -> torch.Tensor:
+        self._load(input_ids, start, valid, block_table)
         if self.graph is None:
             self._capture()
         self.graph.replay()

@@ -7,6 +7,13 @@ each row's real tokens to its caches. Padded batches (``generate(attention_mask=
 engine allocates the caches once per batch size (sized by ``max_seq_len`` for retrieval heads and ``sink +
 recent`` for streaming heads), so nothing grows or is copied while decoding. An engine owns one cache, so its
 entry points take one lock: calls from several threads run one after the other, never interleaved.
+
+A paged engine (``EngineConfig.page_size``) holds each retrieval cache as one pool of pages, and its graph takes a
+last input, ``block_table`` ``[B, max_pages]``: row b's pages in order (kernels/paged.py). ``allocate`` sizes the
+pool (``num_pages``); ``step`` takes the table of the rows it runs, by default the engine's own, which gives row
+b the pages ``b * max_pages ..`` (so ``generate`` runs as on any engine). The serving scheduler passes its own
+tables instead (serve/scheduler.py). The Triton kernels read the table on the device, so a paged decode step is
+replayed from a CUDA graph like any other (cuda_graphs.py: the table is one more static buffer).
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ class EngineConfig:
     prefill_chunk_size: int | None = None
     streaming_mode: str = "window"
     backend: str = "inductor"
+    # Paged retrieval caches: positions per page (kernels/paged.py), or None for one cache row per sequence.
+    page_size: int | None = None
 
     def __post_init__(self) -> None:
         # Stored back as Python ints (a numpy integer is accepted), so the config serialises as JSON.
@@ -54,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"streaming_mode must be one of {STREAMING_MODES}, got {self.streaming_mode!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.page_size is not None:
+            object.__setattr__(self, "page_size", check_int("page_size", self.page_size, 1))
 
 
 def _available_ram() -> int | None:
@@ -162,6 +173,8 @@ class Engine:
         self.caches: list[torch.Tensor] = []
         self.batch_size: int | None = None
         self.cache_len: int | None = None
+        self.num_pages: int | None = None  # paged engines: pages in each retrieval pool
+        self.block_table: torch.Tensor | None = None  # paged engines: the default table (one run of pages per row)
         # On CUDA, decode steps (one token) replay a captured graph: see cuda_graphs.py.
         self.cuda_graphs = cuda_graphs
         self._graphed: GraphedDecode | None = None
@@ -174,14 +187,37 @@ class Engine:
             self._run = graph
 
     # ----------------------------------------------------------------------------------------------- cache
-    def planned_cache_bytes(self, batch_size: int, max_seq_len: int) -> int:
-        """Bytes ``allocate(batch_size, max_seq_len)`` allocates (keys and values of every cache)."""
+    @property
+    def paged(self) -> bool:
+        return self.config.page_size is not None
+
+    def pages_per_row(self, length: int) -> int:
+        """Pages a row of ``length`` positions needs (paged engines)."""
+        return -(-length // self.config.page_size)
+
+    def page_bytes(self) -> int:
+        """Bytes of one page of every retrieval pool (keys and values; paged engines)."""
+        return self.dtype.itemsize * self.config.page_size * sum(
+            spec.num_kv_heads * spec.head_dim for spec in self.cache_specs if spec.slots is None
+        )
+
+    def streaming_row_bytes(self) -> int:
+        """Bytes of one row (one sequence) of every streaming cache: the same for every sequence."""
+        return self.dtype.itemsize * sum(
+            spec.num_kv_heads * spec.slots * spec.head_dim for spec in self.cache_specs if spec.slots is not None
+        )
+
+    def planned_cache_bytes(self, batch_size: int, max_seq_len: int, num_pages: int | None = None) -> int:
+        """Bytes ``allocate(batch_size, max_seq_len, num_pages)`` allocates (keys and values of every cache)."""
+        if self.paged:
+            pages = batch_size * self.pages_per_row(max_seq_len) if num_pages is None else num_pages
+            return batch_size * self.streaming_row_bytes() + pages * self.page_bytes()
         return self.dtype.itemsize * batch_size * sum(
             spec.num_kv_heads * (max_seq_len if spec.slots is None else spec.slots) * spec.head_dim
             for spec in self.cache_specs
         )
 
-    def allocate(self, batch_size: int, max_seq_len: int | None = None) -> None:
+    def allocate(self, batch_size: int, max_seq_len: int | None = None, num_pages: int | None = None) -> None:
         """Allocate the static caches for ``batch_size`` (once; again only if the batch size or length changes).
 
         ``max_seq_len`` (default: the engine's) may be smaller than the engine's, e.g. to measure memory at a
@@ -189,19 +225,29 @@ class Engine:
         ``p @ V``). Caches larger than the device's free memory (counting the old caches, freed first) are
         refused before anything is freed, with ``torch.OutOfMemoryError`` (a RuntimeError) naming both sizes.
         Holds the engine's lock.
+
+        Paged engines: ``num_pages`` pages in each retrieval pool (default: enough for every row's
+        ``max_seq_len``, which also sets the default block table ``self.block_table``; with fewer pages there is
+        none and ``step`` needs a table). Streaming caches have ``batch_size`` rows.
         """
         with self._lock:
             batch_size = check_int("batch_size", batch_size, 1)
             length = check_int("max_seq_len", self.config.max_seq_len if max_seq_len is None else max_seq_len, 1)
             if length > self.config.max_seq_len:
                 raise ValueError(f"max_seq_len {length} exceeds the engine's max_seq_len={self.config.max_seq_len}")
-            if (self.batch_size, self.cache_len) == (batch_size, length):
+            if num_pages is not None:
+                if not self.paged:
+                    raise ValueError(f"num_pages={num_pages!r} needs a paged engine (compile with page_size)")
+                num_pages = check_int("num_pages", num_pages, 1)
+            elif self.paged:
+                num_pages = batch_size * self.pages_per_row(length)
+            if (self.batch_size, self.cache_len, self.num_pages) == (batch_size, length, num_pages):
                 return
-            self._check_fits(batch_size, length)
-            self._allocate(batch_size, length)
+            self._check_fits(batch_size, length, num_pages)
+            self._allocate(batch_size, length, num_pages)
 
-    def _check_fits(self, batch_size: int, length: int) -> None:
-        planned = self.planned_cache_bytes(batch_size, length)
+    def _check_fits(self, batch_size: int, length: int, num_pages: int | None = None) -> None:
+        planned = self.planned_cache_bytes(batch_size, length, num_pages)
         free = free_memory_bytes(self.device)
         if free is None:
             return
@@ -213,27 +259,27 @@ class Engine:
                 f"({free / 2**30:.2f} GiB)"
             )
 
-    def _allocate(self, batch_size: int, length: int) -> None:
-        self.caches, self._graphed = [], None  # free the old caches (and the graph using them) first
-        self.caches = [
-            torch.zeros(
-                batch_size,
-                spec.num_kv_heads,
-                length if spec.slots is None else spec.slots,
-                spec.head_dim,
-                dtype=self.dtype,
-                device=self.device,
-            )
+    def _allocate(self, batch_size: int, length: int, num_pages: int | None = None) -> None:
+        self.caches, self._graphed, self.block_table = [], None, None  # free the old caches (and graph) first
+        shapes = {
+            spec.name: (batch_size, spec.num_kv_heads, spec.slots, spec.head_dim) if spec.slots is not None
+            else (batch_size, spec.num_kv_heads, length, spec.head_dim) if num_pages is None
+            else (num_pages, spec.num_kv_heads, self.config.page_size, spec.head_dim)
             for spec in self.cache_specs
-        ]
-        self.batch_size, self.cache_len = batch_size, length
+        }
+        self.caches = [torch.zeros(shapes[spec.name], dtype=self.dtype, device=self.device)
+                       for spec in self.cache_specs]
+        self.batch_size, self.cache_len, self.num_pages = batch_size, length, num_pages
+        if num_pages is not None and num_pages >= batch_size * self.pages_per_row(length):
+            self.block_table = torch.arange(batch_size * self.pages_per_row(length), dtype=torch.int32,
+                                            device=self.device).view(batch_size, -1)
 
     def release(self) -> None:
         """Free the caches (and the decode graph that uses them); the next generate allocates again. Holds the
         engine's lock."""
         with self._lock:
-            self.caches, self._graphed = [], None
-            self.batch_size = self.cache_len = None
+            self.caches, self._graphed, self.block_table = [], None, None
+            self.batch_size = self.cache_len = self.num_pages = None
 
     def kv_cache_bytes(self) -> KVCacheBytes:
         """KV bytes actually allocated (retrieval and streaming), beside what full attention would need. Holds the
@@ -260,7 +306,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------- steps
     def step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
-             rows: slice | None = None) -> torch.Tensor:
+             rows: slice | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
         """Run tokens through the graph, appending them to the caches: row b's tokens sit at positions
         ``start[b] .. start[b] + T - 1`` (``start`` an int for every row, or int64 ``[B]``), of which the first
         ``valid[b]`` are real (default: all T); the rest are padding, neither cached nor used.
@@ -269,15 +315,36 @@ class Engine:
         each; the other rows are neither read nor written. A server prefills one request's chunk this way without
         running the padding of every other row through the model (serve/scheduler.py).
 
+        ``block_table`` (paged engines): int ``[B, max_pages]``, the pages of each row run (of the rows selected by
+        ``rows``); default: the engine's own table (``allocate``). With ``rows``, only the streaming caches are
+        sliced: the retrieval pools are shared, and the table says where each row's positions are.
+
         Returns each row's logits at its last real token, ``[B, vocab]`` (a row with no real token: don't-care). The
         caches of row b must hold its positions ``< start[b]``. Holds the engine's lock.
         """
         with self._lock:
-            return self._step(input_ids, start, valid, rows)
+            return self._step(input_ids, start, valid, rows, block_table)
+
+    def _table(self, block_table: torch.Tensor | None, rows: slice | None, batch: int) -> tuple[torch.Tensor, ...]:
+        """The graph's trailing inputs: ``(block_table,)`` for a paged engine, else ``()``."""
+        if not self.paged:
+            return ()
+        if block_table is None:
+            if self.block_table is None:
+                raise ValueError(f"this engine's pools hold {self.num_pages} pages, fewer than every row's "
+                                 f"max_seq_len: step needs a block_table")
+            block_table = self.block_table if rows is None else self.block_table[rows]
+        if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype not in (torch.int32,
+                                                                                                torch.int64):
+            raise ValueError(f"block_table must be int32 or int64 [{batch}, max_pages], got {block_table.dtype} "
+                             f"{tuple(block_table.shape)}")
+        return (block_table.to(self.device),)
 
     @torch.no_grad()
     def _step(self, input_ids: torch.Tensor, start, valid: torch.Tensor | None = None,
-              rows: slice | None = None) -> torch.Tensor:
+              rows: slice | None = None, block_table: torch.Tensor | None = None) -> torch.Tensor:
+        if block_table is not None and not self.paged:
+            raise ValueError("block_table needs a paged engine (compile with page_size)")
         batch, length = input_ids.shape
         caches = self.caches
         if rows is not None:
@@ -286,9 +353,12 @@ class Engine:
             first_row, stop, _ = rows.indices(self.batch_size)
             if stop - first_row != batch:
                 raise ValueError(f"rows {rows!r} select {max(stop - first_row, 0)} cache rows, got input batch {batch}")
-            caches = [cache[first_row:stop] for cache in self.caches]  # views: the step writes into the caches
+            # Views: the step writes into the caches. Paged retrieval pools are shared by all rows: not sliced.
+            caches = [cache if self.paged and spec.slots is None else cache[first_row:stop]
+                      for spec, cache in zip(self.cache_specs, self.caches)]
         elif self.batch_size != batch:
             raise RuntimeError(f"caches are allocated for batch {self.batch_size}, got input batch {batch}")
+        table = self._table(block_table, rows, batch)
         # Per-row positions are checked on the host: pass them as CPU tensors (or lists) to keep a decode step
         # free of a device sync; a device tensor is copied to the host for the check.
         if isinstance(start, (torch.Tensor, list, tuple)):
@@ -312,8 +382,9 @@ class Engine:
             )
         if length == 1 and rows is None and self.cuda_graphs and self.device.type == "cuda":
             if self._graphed is None:
-                self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device)
-            return self._graphed(input_ids, first if cache_start is None else cache_start, valid)[:, -1, :]
+                pages = self.pages_per_row(self.cache_len) if self.paged else None
+                self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device, pages)
+            return self._graphed(input_ids, first if cache_start is None else cache_start, valid, *table)[:, -1, :]
         if cache_start is None:
             cache_start = torch.full((batch,), first, dtype=torch.long, device=self.device)
         else:
@@ -325,7 +396,7 @@ class Engine:
         # one input layout means one compiled graph (the one an engine package precompiled) whether or not the
         # prompt is cut into chunks.
         input_ids = input_ids.clone(memory_format=torch.contiguous_format)
-        logits = self._run(input_ids, position_ids, cache_start, valid, *caches)
+        logits = self._run(input_ids, position_ids, cache_start, valid, *caches, *table)
         return _last_real(logits, valid)
 
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None,
@@ -418,5 +489,6 @@ class Engine:
         return (
             f"Engine({self.info.family}, {self.info.num_layers} layers, retrieval ratio "
             f"{self.masks.retrieval_ratio:.3f}, sink={c.sink_size}, recent={c.recent_size}, "
-            f"max_seq_len={c.max_seq_len}, mode={c.streaming_mode}, backend={self.backend})"
+            f"max_seq_len={c.max_seq_len}, mode={c.streaming_mode}, backend={self.backend}"
+            f"{'' if c.page_size is None else f', page_size={c.page_size}'})"
         )

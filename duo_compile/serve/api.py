@@ -11,8 +11,8 @@ queue is a 429 with ``Retry-After``; a server shutting down answers 503. Each ch
 the generated ``token_ids`` (an extension, as vLLM's): clients can compare tokens exactly.
 
 A client that disconnects cancels its request: a stream's generator is cancelled by the ASGI server and cancels
-the sequence; a non-streamed request watches for the disconnect while it waits. Cancelling frees the slot at the
-engine's next step.
+the sequence; a non-streamed request watches for the disconnect while it waits. Cancelling frees the slot and
+pages at the engine's next step.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from duo_compile.serve.loop import EngineLoop
-from duo_compile.serve.memory import SlotPlan
+from duo_compile.serve.memory import KVPlan
 from duo_compile.serve.metrics import Metrics
 from duo_compile.serve.protocol import BadRequest, ChatRequest, CompletionRequest
 from duo_compile.serve.scheduler import QueueFull, Scheduler
@@ -76,14 +76,16 @@ class _Tracker:
         self._loop.call_soon_threadsafe(self.queue.put_nowait, update)
 
 
-def create_app(engine, slots: SlotPlan, *, model_name: str, token_budget: int | None = None,
+def create_app(engine, plan: KVPlan, *, model_name: str, token_budget: int | None = None,
                max_waiting: int = 64, tokenizer=None) -> FastAPI:
-    """The app serving ``engine`` with ``slots.slots`` cache rows; its lifespan starts and stops the engine
-    thread (``app.state.loop``). ``tokenizer`` (default ``engine.tokenizer``) encodes text and decodes outputs."""
+    """The app serving ``engine`` with ``plan``'s slots and pages (serve/memory.py); its lifespan starts and stops
+    the engine thread (``app.state.loop``). ``tokenizer`` (default ``engine.tokenizer``) encodes text and decodes
+    outputs."""
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
-    scheduler = Scheduler(engine, slots.slots, token_budget=token_budget, max_waiting=max_waiting)
+    scheduler = Scheduler(engine, plan.slots, token_budget=token_budget, max_waiting=max_waiting,
+                          num_pages=plan.pages if plan.paged else None)
     engine_loop = EngineLoop(scheduler)
-    metrics = Metrics(lambda: engine_loop.counts, slots.slots, slots.row_bytes)
+    metrics = Metrics(lambda: engine_loop.counts, plan)
     limit = engine.config.max_seq_len
     vocab = engine.info.vocab_size
 
@@ -283,8 +285,8 @@ def create_app(engine, slots: SlotPlan, *, model_name: str, token_budget: int | 
     async def health():
         if not engine_loop.alive:
             return _error(503, "the engine thread is not running", None, "service_unavailable")
-        running, waiting = engine_loop.counts
-        return {"status": "ok", "running": running, "waiting": waiting, "slots": slots.slots}
+        running, waiting, _, _ = engine_loop.counts
+        return {"status": "ok", "running": running, "waiting": waiting, "slots": plan.slots}
 
     @app.get("/metrics")
     async def prometheus():

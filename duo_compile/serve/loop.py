@@ -2,7 +2,7 @@
 (the HTTP server's event loop) hand it requests and cancellations through a thread-safe inbox.
 
 The thread sleeps on the inbox while nothing runs, and otherwise drains it between steps, so a request joins
-(and a cancelled one leaves, freeing its slot) at the next step. Each ``Update`` goes to its sequence's
+(and a cancelled one leaves, freeing its slot and pages) at the next step. Each ``Update`` goes to its sequence's
 ``on_update`` callback, called on this thread (the server's callback hands it to its event loop). An exception
 from a step ends the running requests with an error (``finish_reason`` "error"; their rows may be half written)
 and the thread goes on with the waiting ones: one bad step never stops the server. ``stop`` ends the thread; requests still running are cancelled.
@@ -31,6 +31,8 @@ class EngineLoop:
         self._queued = 0  # submitted, not yet taken from the inbox: counted with the waiting ones
         self._waiting = 0  # the scheduler's waiting queue, as of the last step
         self._running = 0
+        self._pages = 0  # pages held, as of the last step
+        self._preemptions = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="duo-compile-engine", daemon=True)
 
@@ -43,10 +45,11 @@ class EngineLoop:
         return self._thread.is_alive() and not self._stopping
 
     @property
-    def counts(self) -> tuple[int, int]:
-        """(running, waiting) requests, as of the last step plus what was submitted since."""
+    def counts(self) -> tuple[int, int, int, int]:
+        """(running, waiting) requests, as of the last step plus what was submitted since; then the pages held
+        and the preemptions so far, as of the last step."""
         with self._lock:
-            return self._running, self._waiting + self._queued
+            return self._running, self._waiting + self._queued, self._pages, self._preemptions
 
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq``; ``QueueFull`` when the scheduler's waiting queue is full, RuntimeError when stopping."""
@@ -121,6 +124,7 @@ class EngineLoop:
     def _count(self) -> None:
         with self._lock:
             self._running, self._waiting = self.scheduler.num_running, len(self.scheduler.waiting)
+            self._pages, self._preemptions = self.scheduler.pages_used, self.scheduler.preemptions
 
     @staticmethod
     def _deliver(updates: list[Update]) -> None:

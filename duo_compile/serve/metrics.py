@@ -1,6 +1,7 @@
 """The server's Prometheus metrics (``/metrics``), kept with prometheus_client in a registry of the server's own.
 
-Requests running and waiting, slots and KV cache bytes in use (a slot's bytes are fixed: serve/memory.py),
+Requests running and waiting, slots, retrieval pages in use and free, KV cache bytes allocated and in use (a
+slot's streaming row and a page have fixed sizes: serve/memory.py), preemptions,
 generated tokens (a counter; Prometheus' ``rate()`` gives tokens/s) and the generation rate over the last few
 seconds, requests ended by reason, and histograms of the time to first token, the inter-token latency and the
 whole request's latency, all measured on the server from a request's arrival.
@@ -24,9 +25,10 @@ _RATE_WINDOW = 10.0  # seconds over which tokens_per_second is measured
 
 
 class Metrics:
-    """What ``/metrics`` shows; ``counts`` is called at each scrape for (running, waiting)."""
+    """What ``/metrics`` shows; ``counts`` is called at each scrape for (running, waiting, pages used,
+    preemptions); ``plan`` is the server's ``memory.KVPlan``."""
 
-    def __init__(self, counts, slots: int, row_bytes: int):
+    def __init__(self, counts, plan):
         self.registry = CollectorRegistry()
         self._counts = counts
         self._lock = threading.Lock()
@@ -34,12 +36,21 @@ class Metrics:
         r = self.registry
         Gauge("duo_requests_running", "requests holding a slot", registry=r).set_function(lambda: counts()[0])
         Gauge("duo_requests_waiting", "requests waiting for a slot", registry=r).set_function(lambda: counts()[1])
-        Gauge("duo_slots", "cache rows (slots) of the engine", registry=r).set(slots)
-        Gauge("duo_kv_cache_bytes", "KV cache bytes allocated for all slots", registry=r).set(slots * row_bytes)
-        Gauge("duo_kv_cache_used_bytes", "KV cache bytes of the slots in use",
-              registry=r).set_function(lambda: counts()[0] * row_bytes)
-        Gauge("duo_kv_cache_usage_ratio", "fraction of the slots in use",
-              registry=r).set_function(lambda: counts()[0] / slots)
+        Gauge("duo_slots", "streaming cache rows (slots) of the engine", registry=r).set(plan.slots)
+        Gauge("duo_kv_pages", "retrieval KV pages in the pool", registry=r).set(plan.pages)
+        Gauge("duo_kv_page_size", "positions per retrieval KV page", registry=r).set(plan.page_size)
+        Gauge("duo_kv_pages_used", "retrieval KV pages held by running requests",
+              registry=r).set_function(lambda: counts()[2])
+        Gauge("duo_kv_pages_free", "retrieval KV pages free",
+              registry=r).set_function(lambda: plan.pages - counts()[2])
+        Gauge("duo_kv_cache_bytes", "KV cache bytes allocated (streaming rows and retrieval pages)",
+              registry=r).set(plan.kv_bytes)
+        Gauge("duo_kv_cache_used_bytes", "KV cache bytes of the slots and pages in use",
+              registry=r).set_function(lambda: counts()[0] * plan.row_bytes + counts()[2] * plan.page_bytes)
+        Gauge("duo_kv_cache_usage_ratio", "fraction of the retrieval pages in use",
+              registry=r).set_function(lambda: counts()[2] / plan.pages)
+        Gauge("duo_preemptions", "requests preempted (pages given back, recomputed later) since the start",
+              registry=r).set_function(lambda: counts()[3])
         Gauge("duo_generation_tokens_per_second", f"tokens generated per second over the last {_RATE_WINDOW:g} s",
               registry=r).set_function(self._rate)
         self.tokens = Counter("duo_generation_tokens", "tokens generated", registry=r)

@@ -1,31 +1,49 @@
-"""Continuous batching on one engine: every row of the engine's allocated caches is a slot for one request.
+"""Continuous batching on one engine: each running request holds a row of the streaming caches (a slot) and the
+retrieval pages its positions need.
+
+Memory. A paged engine (``compile(page_size=...)``) keeps each retrieval cache as one pool of pages shared by all
+requests; a request holds the pages its length needs, listed in its block-table row (kernels/paged.py), and
+takes more as it grows. Its streaming caches are constant-size (sink + ring), so they stay one row per running
+request. An engine without paging is the special case of one page of ``max_seq_len`` positions per slot, page
+``s`` being slot ``s``'s row: its requests never grow past their page, so they are never preempted.
 
 Requests join and leave between steps. Each ``step``:
 
-1. admits waiting requests, first come first served, while a slot is free (a freed slot is reused at once);
-2. decodes: one token for every request whose prompt is in its cache, all slots in one ``Engine.step`` of
+1. admits waiting requests, first come first served, while a slot is free and the pool has the pages of the
+   first request's context (``Sequence.context_length``) plus its next token, beyond those the running requests
+   take in this step's decode (so an admission never forces a preemption at once); a request that cannot be
+   admitted keeps the ones behind it waiting (no overtaking);
+2. decodes: one token for every request whose context is in its cache, all slots in one ``Engine.step`` of
    ``[slots, 1]`` tokens, each row at its own position (``start``), rows with nothing to decode given ``valid``
-   0 (idle or prefilling rows: never written). A prompt with one token left to prefill runs that token here too:
-   a one-token chunk is a decode step (the ops treat it the same), so it needs no graph of its own;
+   0 (idle or prefilling rows: never written). A context with one token left to prefill runs that token here
+   too: a one-token chunk is a decode step (the ops treat it the same), so it needs no graph of its own. A
+   request whose next position starts a page takes a free page first; when none is free, the newest running
+   request (latest arrival) is preempted (below), until the oldest requests have their pages;
 3. prefills under the step's token budget: what the decode tokens leave of ``token_budget`` goes to waiting
-   prompts, in arrival order, as chunks run on their own cache row (``Engine.step(rows=...)``), so one long
-   prompt is prefilled over several steps while the running requests keep decoding at every step. A request's
-   last prompt token (in its last chunk, or in a decode step) gives its first generated token. Chunks are never a
-   single token while another chunk ran in the step: the engine then compiles only a prefill graph and a decode
-   graph.
+   contexts, in arrival order, as chunks run on their own streaming row and their pages (``Engine.step(rows=...,
+   block_table=...)``), so one long prompt is prefilled over several steps while the running requests keep
+   decoding at every step. A request's last prompt token (in its last chunk, or in a decode step) gives its first
+   generated token. Chunks are never a single token while another chunk ran in the step: the engine then
+   compiles only a prefill graph and a decode graph.
 
-Preemption: none. A slot holds a whole ``max_seq_len`` row of every cache (the static split cache: retrieval heads
-``max_seq_len`` positions, streaming heads ``sink + recent``), so an admitted request always fits to its end;
-admission waits for a free slot instead, and a bounded waiting queue refuses what it cannot hold (``QueueFull``).
-Cancelling a request frees its slot at once (it is reused from the next step; the row's old keys are never
-read: every position a new request attends to is written by it first).
+Preemption by recompute: a preempted request gives back its slot and its pages at once and goes to the front of
+the waiting queue (ahead of every request that arrived after it), keeping its generated tokens. Readmitted, it
+prefills its context again (the prompt and every generated token but the last) and goes on decoding from its
+last token; no token is chosen twice. The oldest running request is never preempted for a newer one, and a
+request is refused at ``add`` if it could not fit the whole pool alone, so every request finishes.
+Cancelling or finishing a request frees its slot and pages at once (reused from the next step; a reused page's
+old keys are never read: every position a request attends to is written by it first).
 
-Exactness: in window mode a row's outputs do not depend on where its prompt is cut into chunks, nor on the other
-rows of a step (they are computed row by row: padding.py, ``valid``), so greedy requests give the tokens
-``Engine.generate`` gives each prompt alone, whatever the arrival order, budget and interleaving
+A bounded waiting queue refuses what it cannot hold (``QueueFull``).
+
+Exactness: in window mode a row's outputs do not depend on where its context is cut into chunks, nor on the
+other rows of a step, nor on which pages hold it (they are computed row by row: padding.py, ``valid``; a paged
+op reads exactly the row's own positions), so greedy requests give the tokens ``Engine.generate`` gives each
+prompt alone, whatever the arrival order, budget, interleaving, page size and preemptions
 (tests/test_serve_scheduler.py). In chunk mode the streaming heads' prefill depends on the chunk boundaries, so
-the scheduler cuts prompts at the engine's own ``prefill_chunk_size`` (else whole) whatever the budget; a step
-runs at least one chunk when some prompt waits, even past the budget.
+the scheduler cuts prompts at the engine's own ``prefill_chunk_size`` (else whole) whatever the budget, and
+recomputes a preempted request's generated tokens one per chunk, as its decode steps ran them; a step runs at
+least one chunk when some context waits, even past the budget.
 """
 from __future__ import annotations
 
@@ -42,10 +60,12 @@ class QueueFull(RuntimeError):
 
 
 class Scheduler:
-    """Slots over ``engine``'s caches (allocated here, ``slots`` rows); not thread-safe: one thread drives it
-    (serve/loop.py), others hand requests to that thread."""
+    """Slots and pages over ``engine``'s caches (allocated here: ``slots`` streaming rows and, for a paged engine,
+    ``num_pages`` retrieval pages, default enough for every slot's ``max_seq_len``); not thread-safe: one thread
+    drives it (serve/loop.py), others hand requests to that thread."""
 
-    def __init__(self, engine, slots: int, token_budget: int | None = None, max_waiting: int | None = None):
+    def __init__(self, engine, slots: int, token_budget: int | None = None, max_waiting: int | None = None,
+                 num_pages: int | None = None):
         self.engine = engine
         self.slots = check_int("slots", slots, 1)
         chunk = engine.config.prefill_chunk_size
@@ -54,9 +74,21 @@ class Scheduler:
         self.token_budget = check_int("token_budget", budget, self.slots)
         self.max_waiting = None if max_waiting is None else check_int("max_waiting", max_waiting, 0)
         self.chunked = engine.config.streaming_mode == "chunk"
-        engine.allocate(self.slots)
+        self.paged = engine.config.page_size is not None
+        if self.paged:
+            self.page_size = engine.config.page_size
+            default = self.slots * engine.pages_per_row(engine.config.max_seq_len)
+            self.num_pages = check_int("num_pages", default if num_pages is None else num_pages, 1)
+            engine.allocate(self.slots, num_pages=self.num_pages)
+        else:
+            if num_pages is not None:
+                raise ValueError(f"num_pages={num_pages!r} needs a paged engine (compile with page_size)")
+            self.page_size, self.num_pages = engine.config.max_seq_len, self.slots  # page s is slot s's row
+            engine.allocate(self.slots)
+        self.free_pages: list[int] = list(range(self.num_pages - 1, -1, -1))  # popped from the end: 0 first
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence | None] = [None] * self.slots
+        self.preemptions = 0
 
     # ------------------------------------------------------------------------------------------------ state
     @property
@@ -67,24 +99,35 @@ class Scheduler:
     def num_free(self) -> int:
         return self.slots - self.num_running
 
+    @property
+    def pages_used(self) -> int:
+        return self.num_pages - len(self.free_pages)
+
     def has_work(self) -> bool:
         return bool(self.waiting) or self.num_running > 0
 
+    def _pages_for(self, positions: int) -> int:
+        return -(-positions // self.page_size)
+
     # ------------------------------------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
-        """Queue a checked request (``Sequence``); ``QueueFull`` when ``max_waiting`` are waiting already."""
+        """Queue a checked request (``Sequence``); ``QueueFull`` when ``max_waiting`` are waiting already;
+        ValueError when it could not fit the caches alone."""
         if seq.length > self.engine.cache_len:
             raise ValueError(f"the request needs {seq.length} positions; a slot holds {self.engine.cache_len}")
+        if self._pages_for(seq.length) > self.num_pages:
+            raise ValueError(f"the request needs {self._pages_for(seq.length)} pages of {self.page_size} positions; "
+                             f"the pool holds {self.num_pages}")
         if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (the most this server queues)")
         self.waiting.append(seq)
 
     def cancel(self, seq: Sequence) -> Update | None:
-        """Drop a request, waiting or running; its slot is free at once. None if it had already ended."""
+        """Drop a request, waiting or running; its slot and pages are free at once. None if it had already ended."""
         if seq.finish_reason is not None:
             return None
         if seq.slot is not None and self.running[seq.slot] is seq:
-            self.running[seq.slot] = None
+            self._release(seq)
         else:
             try:
                 self.waiting.remove(seq)
@@ -94,48 +137,119 @@ class Scheduler:
 
     def fail_running(self, message: str) -> list[Update]:
         """End every running request with an error (a step raised, so their rows may be half written): the slots
-        are free, the waiting requests keep their places."""
-        updates = [self._end(seq, None, ERROR, message) for seq in self.running if seq is not None]
-        self.running = [None] * self.slots
-        return updates
+        and pages are free, the waiting requests keep their places."""
+        running = [seq for seq in self.running if seq is not None]
+        for seq in running:
+            self._release(seq)
+        return [self._end(seq, None, ERROR, message) for seq in running]
+
+    # ---------------------------------------------------------------------------------------------- pages
+    def _release(self, seq: Sequence) -> None:
+        """Give back ``seq``'s slot and pages."""
+        self.running[seq.slot] = None
+        if self.paged:
+            self.free_pages.extend(reversed(seq.pages))
+        else:
+            self.free_pages.append(seq.slot)
+        seq.slot, seq.pages = None, []
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preemption by recompute: free everything ``seq`` holds; it waits at the front, to prefill its context
+        again."""
+        self._release(seq)
+        seq.cached = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _grow(self, seq: Sequence, positions: int) -> bool:
+        """Give ``seq`` the pages of its first ``positions`` positions, preempting the newest running requests
+        while none is free; False if ``seq`` itself was preempted."""
+        while len(seq.pages) < self._pages_for(positions):
+            if self.free_pages:
+                seq.pages.append(self.free_pages.pop())
+                continue
+            victim = max((s for s in self.running if s is not None), key=lambda s: (s.arrival, s.id))
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _table(self, rows: list[Sequence | None]) -> torch.Tensor | None:
+        """The block table for ``Engine.step`` on ``rows`` (-1: no page), or None for an engine without paging."""
+        if not self.paged:
+            return None
+        width = max([len(seq.pages) for seq in rows if seq is not None] + [1])
+        table = torch.full((len(rows), width), -1, dtype=torch.int32)
+        for i, seq in enumerate(rows):
+            if seq is not None:
+                table[i, :len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
+        return table
 
     # ---------------------------------------------------------------------------------------------- steps
     def step(self) -> list[Update]:
         """Admit, decode the running rows, prefill under the budget; returns what happened to each request."""
         self._admit()
-        updates = self._decode()  # one update (one token) per decoded row
-        return updates + self._prefill(self.token_budget - len(updates))
+        updates, decoded = self._decode()
+        return updates + self._prefill(self.token_budget - decoded)
+
+    def _decodes(self, seq: Sequence | None) -> bool:
+        """Whether ``seq`` runs in this step's decode: at most one token of its context is not cached (a one-token
+        chunk is a decode step), or (chunk mode) it recomputes a generated token, one per step as its decode steps
+        ran them."""
+        if seq is None:
+            return False
+        return seq.context_length - seq.cached <= 1 or (self.chunked and seq.cached >= len(seq.prompt))
 
     def _admit(self) -> None:
+        # Pages the running requests take in this step's decode: an admission leaves them free.
+        reserved = sum(max(0, self._pages_for(seq.cached + 1) - len(seq.pages))
+                       for seq in self.running if self._decodes(seq))
         for slot, seq in enumerate(self.running):
-            if seq is None and self.waiting:
-                seq = self.waiting.popleft()
-                seq.slot, seq.cached = slot, 0
-                self.running[slot] = seq
+            if seq is not None or not self.waiting:
+                continue
+            head = self.waiting[0]
+            if self.paged:
+                need = self._pages_for(head.context_length + 1)
+                if need + reserved > len(self.free_pages):
+                    break
+                head.pages = [self.free_pages.pop() for _ in range(need)]
+            else:
+                self.free_pages.remove(slot)
+                head.pages = [slot]
+            self.waiting.popleft()
+            head.slot, head.cached = slot, 0
+            self.running[slot] = head
 
-    def _decode(self) -> list[Update]:
-        rows = [seq if seq is not None and seq.cached >= len(seq.prompt) - 1 else None for seq in self.running]
+    def _decode(self) -> tuple[list[Update], int]:
+        """One token for every decoding row: (the updates, the rows run). Each row feeds the token at its next
+        position; a row that has then cached all its tokens chooses the next one."""
+        for seq in sorted((s for s in self.running if self._decodes(s)), key=lambda s: s.arrival):
+            if seq.slot is not None:  # not preempted by an older request's growth in this loop
+                self._grow(seq, seq.cached + 1)
+        rows = [seq if self._decodes(seq) else None for seq in self.running]
         if not any(rows):
-            return []
+            return [], 0
         device = self.engine.device
-        tokens = torch.tensor([[_next_input(seq) if seq else 0] for seq in rows], device=device)
+        tokens = torch.tensor([seq.token_ids(seq.cached, seq.cached + 1) if seq else [0] for seq in rows],
+                              device=device)
         start = torch.tensor([seq.cached if seq else 0 for seq in rows])
         valid = torch.tensor([1 if seq else 0 for seq in rows])
-        logits = self.engine.step(tokens, start, valid)
+        logits = self.engine.step(tokens, start, valid, block_table=self._table(rows))
         updates = []
         for seq in rows:
             if seq is not None:
                 seq.cached += 1
-                updates.append(self._choose(seq, logits[seq.slot]))
-        return updates
+                if seq.cached == len(seq.prompt) + len(seq.tokens):  # not a recomputed token: choose the next
+                    updates.append(self._choose(seq, logits[seq.slot]))
+        return updates, sum(seq is not None for seq in rows)
 
     def _prefill(self, budget: int) -> list[Update]:
         updates, ran = [], False
-        for seq in sorted((s for s in self.running if s is not None and s.prefilling), key=lambda s: s.arrival):
-            left = len(seq.prompt) - seq.cached
-            if left == 1:  # the next decode step runs it
-                continue
-            if self.chunked:  # the engine's own chunks, so streaming heads see what generate shows them
+        prefilling = (s for s in self.running if s is not None and not self._decodes(s))
+        for seq in sorted(prefilling, key=lambda s: s.arrival):
+            left = seq.context_length - seq.cached
+            if self.chunked:  # the engine's own chunks of the prompt, so streaming heads see what generate shows them
+                left = len(seq.prompt) - seq.cached  # (the generated tokens are recomputed by decode steps)
                 size = min(left, self.engine.config.prefill_chunk_size or left)
                 if updates and size > budget:
                     break
@@ -146,11 +260,12 @@ class Scheduler:
                 if size < 1 or (size == 1 and ran):
                     break
             ran = True
-            ids = torch.tensor([seq.prompt[seq.cached:seq.cached + size]], device=self.engine.device)
-            logits = self.engine.step(ids, seq.cached, rows=slice(seq.slot, seq.slot + 1))
+            ids = torch.tensor([seq.token_ids(seq.cached, seq.cached + size)], device=self.engine.device)
+            logits = self.engine.step(ids, seq.cached, rows=slice(seq.slot, seq.slot + 1),
+                                      block_table=self._table([seq]))
             seq.cached += size
             budget -= size
-            if not seq.prefilling:  # the prompt's last chunk: its first token
+            if not seq.prefilling and not seq.tokens:  # the prompt's last chunk: its first token
                 updates.append(self._choose(seq, logits[0]))
         return updates
 
@@ -158,16 +273,10 @@ class Scheduler:
         token, reason = seq.choose(logits)
         if reason is None:
             return Update(seq, token)
-        self.running[seq.slot] = None
+        self._release(seq)
         return self._end(seq, token, reason)
 
     @staticmethod
     def _end(seq: Sequence, token: int | None, reason: str, error: str | None = None) -> Update:
         seq.finish_reason = reason
         return Update(seq, token, reason, error)
-
-
-def _next_input(seq: Sequence) -> int:
-    """The token a decode step feeds ``seq``: its last prompt token while one is left to prefill, else the last
-    token it generated."""
-    return seq.prompt[seq.cached] if seq.prefilling else seq.tokens[-1]

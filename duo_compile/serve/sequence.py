@@ -39,8 +39,9 @@ class Update:
 
 @dataclass(eq=False)
 class Sequence:
-    """A request: ``prompt`` token ids and a checked ``generation.Plan``. The scheduler sets ``slot`` (its cache
-    row) and ``cached`` (how many of its tokens the row holds); ``tokens`` are those generated so far.
+    """A request: ``prompt`` token ids and a checked ``generation.Plan``. The scheduler sets ``slot`` (its row of
+    the streaming caches), ``pages`` (its retrieval pages, in order: its block-table row) and ``cached`` (how many
+    of its tokens the caches hold); ``tokens`` are those generated so far.
 
     ``on_update`` (optional) is called with each ``Update`` by whoever runs the scheduler (serve/loop.py calls it
     from the engine thread)."""
@@ -51,6 +52,7 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_next_id))
     arrival: float = field(default_factory=time.monotonic)
     slot: int | None = None
+    pages: list[int] = field(default_factory=list)
     cached: int = 0
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -79,9 +81,20 @@ class Sequence:
         return self.plan.new_tokens
 
     @property
+    def context_length(self) -> int:
+        """How many tokens must be cached before the next decode step: the prompt, then every generated token but
+        the last (which that step feeds). After a preemption all of them are prefilled again (recomputed)."""
+        return len(self.prompt) + max(len(self.tokens) - 1, 0)
+
+    @property
     def prefilling(self) -> bool:
-        """True while some of the prompt is not yet in the cache."""
-        return self.cached < len(self.prompt)
+        """True while some of the context is not yet in the cache."""
+        return self.cached < self.context_length
+
+    def token_ids(self, begin: int, end: int) -> list[int]:
+        """Tokens ``begin .. end - 1`` of the prompt followed by the generated tokens."""
+        n = len(self.prompt)
+        return self.prompt[begin:end] + self.tokens[max(begin - n, 0):max(end - n, 0)]
 
     @property
     def length(self) -> int:

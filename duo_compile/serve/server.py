@@ -16,19 +16,20 @@ import signal
 
 import torch
 
-from duo_compile.serve.memory import SlotPlan, plan_slots
+from duo_compile.serve.memory import KVPlan, plan_kv
 from duo_compile.serve.warm_up import warm_up
 
 # The bundled model's chat template: the messages' texts in order (it was trained on plain passkey prompts).
 PLAIN_CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }} {% endfor %}"
 BUNDLED_MODEL_NAME = "duo-passkey"
+DEFAULT_PAGE_SIZE = 16  # positions per retrieval KV page (vLLM's default block size)
 
 
 def bundled_engine(sparsity: float = 0.5, sink_size: int = 64, recent_size: int = 256,
                    max_seq_len: int | None = None, backend: str = "inductor", device=None,
-                   prefill_chunk_size: int | None = None):
+                   prefill_chunk_size: int | None = None, page_size: int | None = DEFAULT_PAGE_SIZE):
     """The bundled passkey model compiled with its identified gates at ``sparsity``, with a transformers tokenizer
-    carrying ``PLAIN_CHAT_TEMPLATE``."""
+    carrying ``PLAIN_CHAT_TEMPLATE``; paged retrieval caches of ``page_size`` positions (None: one row per slot)."""
     import duo_compile
     from duo_compile.identify.passkey import load_passkey_gates, load_passkey_model
 
@@ -39,15 +40,20 @@ def bundled_engine(sparsity: float = 0.5, sink_size: int = 64, recent_size: int 
     tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     masks = load_passkey_gates().binarize(sparsity=sparsity)
     return duo_compile.compile(model, masks, sink_size=sink_size, recent_size=recent_size, max_seq_len=max_seq_len,
-                               prefill_chunk_size=prefill_chunk_size, backend=backend, tokenizer=tokenizer)
+                               prefill_chunk_size=prefill_chunk_size, backend=backend, tokenizer=tokenizer,
+                               page_size=page_size)
 
 
-def describe(engine, slots: SlotPlan) -> str:
-    """One line for the log: slots, KV bytes per slot and in all, and a slot's bytes with every head retrieval."""
-    info, c = engine.info, engine.config
-    full_row = 2 * engine.dtype.itemsize * info.num_layers * info.num_kv_heads * c.max_seq_len * info.head_dim
-    return (f"{slots.slots} slots of max_seq_len={c.max_seq_len}: {slots.row_bytes / 2**20:.1f} MiB of KV cache "
-            f"each (all heads retrieval: {full_row / 2**20:.1f} MiB), {slots.kv_bytes / 2**30:.3f} GiB in all")
+def describe(engine, plan: KVPlan) -> str:
+    """One line for the log: slots, pages, their bytes and the bytes in all."""
+    c = engine.config
+    if not plan.paged:
+        return (f"{plan.slots} slots of max_seq_len={c.max_seq_len}: "
+                f"{(plan.row_bytes + plan.page_bytes) / 2**20:.1f} MiB of KV cache each, "
+                f"{plan.kv_bytes / 2**30:.3f} GiB in all")
+    return (f"{plan.slots} slots ({plan.row_bytes / 2**20:.2f} MiB of streaming KV each) and {plan.pages} retrieval "
+            f"pages of {plan.page_size} positions ({plan.page_bytes / 2**20:.3f} MiB each; "
+            f"{plan.pages * plan.page_size} positions), {plan.kv_bytes / 2**30:.3f} GiB in all")
 
 
 def run(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 8,
@@ -58,9 +64,9 @@ def run(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, m
 
     from duo_compile.serve.api import create_app
 
-    slots = plan_slots(engine, max_slots, kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction)
-    app = create_app(engine, slots, model_name=model_name, token_budget=token_budget, max_waiting=max_waiting)
-    print(f"serving {model_name!r}: {describe(engine, slots)}", flush=True)
+    plan = plan_kv(engine, max_slots, kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction)
+    app = create_app(engine, plan, model_name=model_name, token_budget=token_budget, max_waiting=max_waiting)
+    print(f"serving {model_name!r}: {describe(engine, plan)}", flush=True)
     print("warming up (compiling the prefill and decode steps) ...", flush=True)
     print(f"warmed up in {warm_up(app.state.scheduler):.1f} s", flush=True)  # before the engine thread starts
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
