@@ -61,6 +61,17 @@ from duo_compile.tools.bench import (
 K = 1024
 
 
+def kv_budget(kv_gib: float | None, device: torch.device, cpu_bytes: int) -> int:
+    """Each engine's KV budget in bytes: ``kv_gib`` if given, else 45% of the GPU memory free after the weights
+    (caches freed first), else (CPU dry run) ``cpu_bytes``."""
+    free_memory()
+    if kv_gib is not None:
+        return int(kv_gib * 2**30)
+    if device.type == "cuda":
+        return int(0.45 * torch.cuda.mem_get_info()[0])
+    return cpu_bytes
+
+
 def percentile(values, q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -209,15 +220,10 @@ def main(argv=None) -> int:
     device = next(model.parameters()).device
     duo_masks = shape_masks(shape, None if tiny else str(PATTERNS_DIR))
     masks = {"duo": duo_masks, "full": HeadMasks.all_retrieval(*duo_masks.shape)}
-    free_memory()
-    if args.kv_gib is not None:
-        budget = int(args.kv_gib * 2**30)
-    elif device.type == "cuda":
-        budget = int(0.45 * torch.cuda.mem_get_info()[0])
-    else:  # dry run: a budget that holds 3 all-retrieval rows
-        config = shape["config"]
-        budget = 3 * 2 * next(model.parameters()).element_size() * config["num_hidden_layers"] * \
-            config["num_key_value_heads"] * max_seq_len * (config["hidden_size"] // config["num_attention_heads"])
+    config = shape["config"]  # dry run: a budget that holds 3 all-retrieval rows
+    budget = kv_budget(args.kv_gib, device, 3 * 2 * next(model.parameters()).element_size() *
+                       config["num_hidden_layers"] * config["num_key_value_heads"] * max_seq_len *
+                       (config["hidden_size"] // config["num_attention_heads"]))
     result = {"shape": shape["name"], "commit": args.commit, "device": torch.cuda.get_device_name() if
               device.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__,
               "requests": requests, "prompt_range": [low, high], "output_tokens": output_tokens, "rate": rate,

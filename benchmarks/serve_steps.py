@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import duo_compile
+from benchmarks.serve_bench import kv_budget
 from duo_compile.masks import PATTERNS_DIR, HeadMasks
 from duo_compile.tools.bench import (
     RECENT,
@@ -109,13 +110,7 @@ def main(argv=None) -> int:
     device = next(model.parameters()).device
     duo_masks = shape_masks(shape, None if tiny else str(PATTERNS_DIR))
     masks = {"duo": duo_masks, "full": HeadMasks.all_retrieval(*duo_masks.shape)}
-    free_memory()
-    if args.kv_gib is not None:
-        budget = int(args.kv_gib * 2**30)
-    elif device.type == "cuda":
-        budget = int(0.45 * torch.cuda.mem_get_info()[0])
-    else:
-        budget = 1 << 20
+    budget = kv_budget(args.kv_gib, device, 1 << 20)
     result = {"shape": shape["name"], "commit": args.commit, "torch": torch.__version__, "chunk": chunk,
               "max_seq_len": max_seq_len, "context": context, "kv_budget_gib": budget / 2**30,
               "page_size": args.page_size or None,
