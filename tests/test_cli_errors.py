@@ -250,8 +250,10 @@ def test_cli_ctrl_c_during_identify_prints_one_line_and_exits_130(tmp_path):
     model = tiny_model("llama", gqa=True)
     model.config.max_position_embeddings = 4096  # room for the passkey samples of identify's defaults
     model.save_pretrained(tmp_path / "model")
+    # PYTHONFAULTHANDLER: if the child does not exit, SIGABRT makes it print where each of its threads is.
     proc = subprocess.Popen([sys.executable, "-m", "duo_compile.cli", "identify", str(tmp_path / "model"), "-o",
-                             str(tmp_path / "gates"), "--steps", "100000"], cwd=tmp_path, env=_env(),
+                             str(tmp_path / "gates"), "--steps", "100000"], cwd=tmp_path,
+                            env={**_env(), "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # an unread stdout pipe could fill
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
@@ -263,7 +265,14 @@ def test_cli_ctrl_c_during_identify_prints_one_line_and_exits_130(tmp_path):
         assert proc.poll() is None, b"".join(chunks).decode(errors="replace")
         assert b"identify" in b"".join(chunks), "identify did not start training in time"
         proc.send_signal(signal.SIGINT)
-        returncode = proc.wait(timeout=120)
+        try:
+            returncode = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            reader.join(timeout=10)
+            pytest.fail("identify did not exit within 120 s of SIGINT; its stderr (tracebacks at SIGABRT):\n"
+                        + b"".join(chunks).decode(errors="replace")[-6000:])
     finally:
         if proc.poll() is None:
             proc.kill()
