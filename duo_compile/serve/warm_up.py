@@ -5,9 +5,10 @@ step over every slot (on CUDA a captured graph). Each is compiled on first use, 
 attention ops launch are compiled again for each new specialisation of their arguments: Triton specialises an
 integer argument on whether it is a multiple of 16, so a chunk of 8192 tokens and a chunk of 8190 run two builds of
 the same kernel. Left to the first requests, all of this lands on their time to first token (on a GPU, the
-compiles of a whole large model). ``warm_up`` runs, one after the other, a request whose prompt is one chunk of a multiple of 16
-tokens and one whose prompt is one chunk of another length, each for two new tokens (the second from a decode
-step), through the scheduler itself, so the same code paths compile, then leaves the scheduler empty.
+compiles of a whole large model). ``warm_up`` runs, one after the other, a request whose prompt is one chunk of a
+multiple of 16 tokens and one whose prompt is one chunk of another length, each for two new tokens (the second
+from a decode step), through the scheduler itself, so the same code paths compile, then leaves the scheduler
+empty.
 """
 from __future__ import annotations
 
