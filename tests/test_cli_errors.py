@@ -250,10 +250,13 @@ def test_cli_ctrl_c_during_identify_prints_one_line_and_exits_130(tmp_path):
     model = tiny_model("llama", gqa=True)
     model.config.max_position_embeddings = 4096  # room for the passkey samples of identify's defaults
     model.save_pretrained(tmp_path / "model")
+    # The child starts with SIGINT at its default: a process started in the background by a non-interactive shell
+    # (as a test runner may be) ignores SIGINT, its children inherit that, and Python then keeps ignoring it.
     # PYTHONFAULTHANDLER: if the child does not exit, SIGABRT makes it print where each of its threads is.
     proc = subprocess.Popen([sys.executable, "-m", "duo_compile.cli", "identify", str(tmp_path / "model"), "-o",
                              str(tmp_path / "gates"), "--steps", "100000"], cwd=tmp_path,
                             env={**_env(), "PYTHONFAULTHANDLER": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # an unread stdout pipe could fill
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")), daemon=True)
