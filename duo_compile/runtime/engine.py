@@ -26,6 +26,7 @@ import torch
 from torch import fx
 
 from duo_compile.checks import check_int
+from duo_compile.kernels.paged import pages_for
 from duo_compile.runtime import padding
 from duo_compile.runtime.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
@@ -193,7 +194,7 @@ class Engine:
 
     def pages_per_row(self, length: int) -> int:
         """Pages a row of ``length`` positions needs (paged engines)."""
-        return -(-length // self.config.page_size)
+        return pages_for(length, self.config.page_size)
 
     def page_bytes(self) -> int:
         """Bytes of one page of every retrieval pool (keys and values; paged engines)."""

@@ -52,6 +52,7 @@ from collections import deque
 import torch
 
 from duo_compile.checks import check_int
+from duo_compile.kernels.paged import pages_for
 from duo_compile.serve.sequence import CANCELLED, ERROR, Sequence, Update
 
 
@@ -107,7 +108,7 @@ class Scheduler:
         return bool(self.waiting) or self.num_running > 0
 
     def _pages_for(self, positions: int) -> int:
-        return -(-positions // self.page_size)
+        return pages_for(positions, self.page_size)
 
     # ------------------------------------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
