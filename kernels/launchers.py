@@ -26,6 +26,7 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference, tuning
+from .paged import check_layout
 from .triton_common import (
     check_shapes,
     dot_precision,
@@ -115,18 +116,15 @@ def _rows(cache_start: torch.Tensor, valid: torch.Tensor, q: torch.Tensor) -> tu
     return rows[0], rows[1]
 
 
-def _paging(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[tuple, bool, int]:
+def _paging(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor | None,
+            batch: int) -> tuple[tuple, bool, int]:
     """A retrieval launch's paging: the kernel arguments ``(TABLE, st_b, PAGE)``, PAGED, and the most positions a
     row's cache holds. Without a table the arguments are placeholders the kernels never read. With one, the
     caches are pools ``[num_pages, Hkv, page_size, D]`` and the table int ``[B, max_pages]`` (kernels/paged.py);
     its entries are read on the device only (no host sync), so they are the caller's to get right."""
     if block_table is None:
         return (k_cache, 0, 1), False, k_cache.shape[2]
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_table.dim() != 2 or \
-            block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paged caches must be two pools [num_pages, Hkv, page_size, D] of one shape and the block "
-                         f"table int32/int64 [B, max_pages], got {tuple(k_cache.shape)}, {tuple(v_cache.shape)} and "
-                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    check_layout(k_cache, v_cache, block_table, batch)
     table = block_table.to(device=k_cache.device, dtype=torch.int32).contiguous()
     return (table, table.stride(0), k_cache.shape[2]), True, table.shape[1] * k_cache.shape[2]
 
@@ -143,7 +141,7 @@ def _launch_retrieval_prefill(q, k, v, k_cache, v_cache, cache_start, valid, sca
     has_cache = k_cache is not None
     kc, vc = (k_cache, v_cache) if has_cache else (k, v)
     pos, n_valid = _rows(cache_start, valid, q) if has_cache else (q, q)  # unused without a cache
-    table, paged, _ = _paging(kc, vc, block_table)
+    table, paged, _ = _paging(kc, vc, block_table, b)
     tma = cfg.tma and not paged and tma_compatible(k, v, kc, vc)
     descriptors = [_key_descriptor(x, cfg.block_n) for x in (k, v, kc, vc)] if tma else [k, v, kc, vc]
     grid = (grid_groups(b, hkv, groups, cfg.heads_per), math.ceil(t / cfg.block_t))
@@ -195,7 +193,7 @@ def _launch_retrieval_decode(q, k, v, k_cache, v_cache, cache_start, valid, scal
     out = _empty_out(q) if out is None else out
     if out.numel() == 0:
         return out
-    table, paged, capacity = _paging(k_cache, v_cache, block_table)
+    table, paged, capacity = _paging(k_cache, v_cache, block_table, b)
     cfg = cfg or decode_config(q, groups, capacity=capacity)
     _refuse_retrieval_prefill_options(cfg, "retrieval decode")
     if t > cfg.block_t:
@@ -346,7 +344,7 @@ def _launch_mixed_decode(retrieval_qkv, streaming_qkv, k_r, v_r, k_s, v_s, cache
     b, hq, _, d = out.shape
     _, _, _, _, hkv_r, groups = check_shapes(qr, kr, vr)
     _, _, _, _, hkv_s, _ = check_shapes(qs, ks, vs)
-    table, paged, capacity = _paging(k_r, v_r, block_table)
+    table, paged, capacity = _paging(k_r, v_r, block_table, b)
     cfg = cfg or decode_config(qr, groups, capacity=capacity)
     _refuse_retrieval_prefill_options(cfg, "mixed decode")
     programs_r = grid_groups(b, hkv_r, groups, cfg.heads_per)

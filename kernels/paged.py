@@ -30,12 +30,20 @@ def pages_for(positions: int, page_size: int) -> int:
     return -(-positions // page_size)
 
 
-def _check_table(block_table: torch.Tensor, pool: torch.Tensor, start: torch.Tensor, valid: torch.Tensor) -> int:
-    """Refuse a table that cannot serve this call; return the pages to gather per row (the furthest row's)."""
-    if block_table.dim() != 2 or block_table.shape[0] != start.numel() or \
-            block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_table must be int32 or int64 [batch={start.numel()}, max_pages], got "
+def check_layout(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor, batch: int) -> None:
+    """Refuse pools and a table whose shapes or dtype cannot be paged caches for a call on ``batch`` rows (what can
+    be checked without reading the table's entries, so without a device sync)."""
+    if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"paged caches must be two pools [num_pages, Hkv, page_size, D] of one shape, got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32 or int64 [batch={batch}, max_pages], got "
                          f"{block_table.dtype} {tuple(block_table.shape)}")
+
+
+def _check_table(block_table: torch.Tensor, pool: torch.Tensor, start: torch.Tensor, valid: torch.Tensor) -> int:
+    """Refuse a table whose entries cannot serve this call; return the pages to gather per row (the furthest
+    row's)."""
     page_size = pool.shape[2]
     ends = (start + valid).tolist()
     limit = block_table.shape[1] * page_size
@@ -83,9 +91,7 @@ def pageable(impl, table_index: int, start_index: int):
             return impl(*args)
         q, k, v, k_pool, v_pool = args[:5]
         cache_start, valid = args[start_index : start_index + 2]
-        if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
-            raise ValueError(f"paged retrieval caches must be two pools [num_pages, Hkv, page_size, D] of one shape, "
-                             f"got {tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+        check_layout(k_pool, v_pool, block_table, q.shape[0])
         start, count = row_positions(cache_start, valid, q)
         pages = _check_table(block_table, k_pool, start, count)
         k_cache, v_cache = gather(k_pool, block_table, pages), gather(v_pool, block_table, pages)
