@@ -11,6 +11,7 @@ all-retrieval engine, paged, gives ``model.generate``'s tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -79,6 +80,19 @@ def _run(scheduler: Scheduler, sequences, arrivals, cancel_at=None, max_steps: i
     raise AssertionError("the scheduler did not finish every request")
 
 
+@contextlib.contextmanager
+def _recorded_steps(engine):
+    """Yield a list that gets ``(input shape, whether rows= was given)`` of every ``engine.step`` in the block."""
+    shapes = []
+    step = engine.step
+    engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
+        ids, *args, **kwargs)
+    try:
+        yield shapes
+    finally:
+        del engine.step
+
+
 def _sequences(engine, prompts, **kwargs):
     return [Sequence.from_generate_args(engine, p, max_new_tokens=n, **kwargs) for p, n in zip(prompts, NEW)]
 
@@ -98,14 +112,8 @@ def test_greedy_outputs_equal_generate_alone(name):
     expected = _alone()
     sequences = _sequences(engine, _prompts())
     scheduler = Scheduler(engine, slots, token_budget=budget)
-    shapes = []
-    step = engine.step
-    try:  # record each step's shape: a prompt's last single token joins the decode batch, never a row step alone
-        engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
-            ids, *args, **kwargs)
+    with _recorded_steps(engine) as shapes:  # a prompt's last single token joins the decode batch, never alone
         ended = _run(scheduler, sequences, arrivals)
-    finally:
-        del engine.step
     for seq, want in zip(sequences, expected):
         assert tuple(seq.tokens) == want
         assert ended[seq.id] == LENGTH
@@ -262,14 +270,8 @@ def test_warm_up_runs_both_chunk_kinds_and_a_decode_step_then_leaves_every_slot_
     the requests served afterwards still get what ``generate`` gives them (the warm-up's rows are never read)."""
     engine = _engine()
     scheduler = Scheduler(engine, 3, token_budget=40)
-    shapes = []
-    step = engine.step
-    try:
-        engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
-            ids, *args, **kwargs)
+    with _recorded_steps(engine) as shapes:
         warm_up(scheduler)
-    finally:
-        del engine.step
     assert sorted(set(shapes)) == [((1, 17), True), ((1, 32), True), ((3, 1), False)]
     assert not scheduler.has_work() and scheduler.num_free == 3
     with pytest.raises(RuntimeError, match="idle scheduler"):
