@@ -3,10 +3,10 @@
 TRITON_INTERPRET must be set before anything imports triton (transformers does), so it is set here,
 at the top of the first file pytest imports. It only affects Triton kernels launched on CPU tensors.
 
-One intra-op thread (``OMP_NUM_THREADS``, inherited by the processes tests start, and ``set_num_threads``): the
-tests run tiny tensors, where a second OpenMP thread only adds synchronisation, and on a small machine whose
-cores are busy it waits for a core at every op (benchmarks/DECISIONS.md#tests-one-thread). Tests that are about
-threads set their own count.
+One intra-op thread (``set_num_threads``, and ``OMP_NUM_THREADS`` unless set, inherited by the processes tests
+start): the tests run tiny tensors, where a second OpenMP thread only adds synchronisation, and on a small machine
+whose cores are busy it waits for a core at every op (benchmarks/DECISIONS.md#tests-one-thread). Tests that are
+about threads set their own count.
 """
 import os
 
@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from tests.tiny_models import ARCHS, tiny_model  # noqa: E402,F401
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -9,15 +9,13 @@ Hypothesis profiles, chosen with the environment variable ``DUO_HYPOTHESIS_PROFI
 
       DUO_HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py tests/test_long_decode.py
 
-The tests run torch on one CPU thread (``one_thread``): the tiny models' ops are far too small to gain from
-threads, and on a busy 2-core machine two threads spin against each other (10x slower decode). Bitwise
-determinism is claimed for a fixed thread count, which this also pins.
+The tests run torch on one CPU thread (tests/conftest.py). Bitwise determinism is claimed for a fixed thread
+count, which this also pins.
 """
 from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -43,15 +41,6 @@ def examples(ci: int, long: int) -> settings:
 def scale(ci: int, long: int) -> int:
     """A size (e.g. decode steps) that grows under the long profile."""
     return long if LONG else ci
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Run a test module on one torch thread, then restore the previous count."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -19,10 +19,9 @@ from hypothesis import strategies as st
 
 from duo_compile.kernels import blockwise, reference
 from duo_compile.kernels.ops import OPS
-from tests.reliability import examples, one_thread  # noqa: F401  (fixture)
+from tests.reliability import examples
 from tests.tiny_models import rope_tables
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -33,10 +33,8 @@ from duo_compile.export.api import BackendUnavailableError
 from duo_compile.export.engine_file import EngineFileError
 from duo_compile.models.hf import longrope_branches_on_length
 from duo_compile.oracle import oracle_generate
-from tests.reliability import one_thread  # noqa: F401  (fixture)
 from tests.tiny_models import mixed_gates, tiny_config, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLI = importlib.import_module("duo_compile.cli")
 COMPILER = sys.modules["duo_compile.compiler"]

@@ -7,7 +7,7 @@
   for a shorter prompt or another batch size carries nothing over from the previous call.
 - compile() leaves the user's model as it was (weights, attention implementation, train/eval mode).
 
-Bitwise claims are for one machine and a fixed torch thread count (``one_thread`` pins it to 1).
+Bitwise claims are for one machine and a fixed torch thread count (tests/conftest.py pins it to 1).
 """
 from __future__ import annotations
 
@@ -19,14 +19,11 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 import torch
 
 import duo_compile
-from tests.reliability import one_thread  # noqa: F401  (fixture)
 from tests.tiny_models import mixed_gates, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SINK, RECENT, MAX_LEN, PROMPT, NEW = 4, 8, 96, 30, 24
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,10 +17,9 @@ import torch
 
 import duo_compile
 from duo_compile.oracle import oracle_logits
-from tests.reliability import one_thread, relative_error, scale  # noqa: F401  (fixture)
+from tests.reliability import relative_error, scale
 from tests.tiny_models import tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SINK, RECENT = 4, 8
 STEPS = scale(ci=2000, long=6000)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -27,10 +26,9 @@ import duo_compile
 from duo_compile.kernels import reference
 from duo_compile.kernels.ops import OPS
 from duo_compile.oracle import oracle_generate
-from tests.reliability import examples, one_thread, relative_error  # noqa: F401  (fixture)
+from tests.reliability import examples, relative_error
 from tests.tiny_models import ARCHS, rope_tables, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 GARBAGE = 1e4  # start value of every cache slot: large enough that reading an unwritten slot changes the output
 

@@ -25,10 +25,8 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 import duo_compile
 from duo_compile.runtime.engine import Engine
 from duo_compile.oracle import oracle_generate
-from tests.reliability import one_thread  # noqa: F401  (fixture)
 from tests.tiny_models import mixed_gates, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SINK, RECENT, MAX_LEN, VOCAB = 4, 8, 64, 96
 GATES = mixed_gates(3, 2)
