@@ -135,7 +135,11 @@ def cache_rows(C, b64, kv64, j, mask, sc_b, sc_h, sc_t, TABLE, st_b, PAGE, PAGED
     """Pointers to positions ``j`` (a vector) of batch row ``b64``, KV head ``kv64`` of a retrieval cache: slot
     ``j`` of the row's cache ``[B, Hkv, S, D]``, or with PAGED position ``j`` of the row's pages in a pool
     ``[num_pages, Hkv, PAGE, D]`` (``sc_b`` the page stride): page ``TABLE[b, j // PAGE]`` (block table row stride
-    ``st_b``), offset ``j % PAGE`` (kernels/paged.py). The table is read only where ``mask`` holds."""
+    ``st_b``), offset ``j % PAGE`` (kernels/paged.py). The table is read only where ``mask`` holds.
+
+    The kernels that take ``st_b`` do not let Triton specialise it: a server's tables are as wide as the longest
+    row of each step, so whether that width is a multiple of 16 (what Triton specialises integers on) changes from
+    step to step, and each change would build the kernel again."""
     if PAGED:
         page = tl.load(TABLE + b64 * st_b + j // PAGE, mask=mask, other=0).to(tl.int64)
         return C + page * sc_b + kv64 * sc_h + (j % PAGE).to(tl.int64) * sc_t

@@ -97,7 +97,7 @@ def retrieval_split(
     store_partial(OP, LP, acc, m_i, l_i, row, split, part_splits, row_ok, D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_b"])  # the block table's width: see triton_common.cache_rows
 def retrieval_split_kernel(
     Q, K, V, KC, VC, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,

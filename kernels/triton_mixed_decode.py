@@ -25,7 +25,7 @@ from .triton_decode import retrieval_split
 from .triton_streaming_decode import streaming_split
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_b"])  # the block table's width: see triton_common.cache_rows
 def mixed_decode_kernel(
     QR, KR, VR, KCR, VCR, QS, KS, VS, KCS, VCS, POS, VALID, OP, LP,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,

@@ -55,7 +55,7 @@ def prefix_tile(acc, m_i, l_i, q, KC, VC, b64, kv64, j, start, offs_d, skc_b, sk
     return tile_update(acc, m_i, l_i, q, kk, vv, ok[None, :], qk_scale, True, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["st_b"])  # the block table's width: see triton_common.cache_rows
 def retrieval_prefill_kernel(
     Q, K, V, KC, VC, O, POS, VALID, DK, DV, DKC, DVC,
     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,

@@ -20,7 +20,7 @@ import torch
 import duo_compile
 from duo_compile.masks import kv_cache_bytes
 from duo_compile.serve.memory import plan_kv
-from duo_compile.serve.scheduler import QueueFull, Scheduler
+from duo_compile.serve.scheduler import SHORT_CHUNK, QueueFull, Scheduler
 from duo_compile.serve.sequence import CANCELLED, LENGTH, STOP, Sequence
 from duo_compile.serve.warm_up import warm_up
 from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
@@ -118,6 +118,28 @@ def test_greedy_outputs_equal_generate_alone(name):
         assert tuple(seq.tokens) == want
         assert ended[seq.id] == LENGTH
     assert ((1, 1), True) not in shapes and ((slots, 1), False) in shapes
+
+
+def test_a_short_chunk_runs_only_as_its_steps_first_chunk():
+    """A chunk of ``SHORT_CHUNK`` tokens or fewer (run by the ops' few-token kernels, whose tiles depend on its
+    length) never runs after another chunk in one step, so a busy step's leftover budget does not make chunks of
+    every short length; several chunks still share steps, and the outputs are ``generate``'s."""
+    engine = _engine()
+    sequences = _sequences(engine, _prompts())
+    scheduler = Scheduler(engine, 3, token_budget=40)
+    chunks_per_step, step = [], scheduler.step
+
+    def recorded_step():
+        with _recorded_steps(engine) as shapes:
+            updates = step()
+        chunks_per_step.append([shape[1] for shape, rows in shapes if rows])
+        return updates
+
+    scheduler.step = recorded_step
+    _run(scheduler, sequences, [0] * 7)
+    assert [tuple(s.tokens) for s in sequences] == list(_alone())
+    assert any(len(chunks) > 1 for chunks in chunks_per_step)
+    assert all(n > SHORT_CHUNK for chunks in chunks_per_step for n in chunks[1:]), chunks_per_step
 
 
 def test_chunk_mode_prefills_in_the_engines_chunks():

@@ -24,7 +24,10 @@ Requests join and leave between steps. Each ``step``:
    block_table=...)``), so one long prompt is prefilled over several steps while the running requests keep
    decoding at every step. A request's last prompt token (in its last chunk, or in a decode step) gives its first
    generated token. Chunks are never a single token while another chunk ran in the step: the engine then
-   compiles only a prefill graph and a decode graph.
+   compiles only a prefill graph and a decode graph. Nor does a chunk of ``SHORT_CHUNK`` tokens or fewer run
+   beside another chunk (what a step's budget leaves after a long chunk): the attention ops run such a chunk
+   with their few-token kernels, whose tiles depend on its length, so the leftovers of a busy step, of every
+   length from 2 to 16, would each build those kernels anew on a GPU in the middle of serving.
 
 Preemption by recompute: a preempted request gives back its slot and its pages at once and goes to the front of
 the waiting queue (ahead of every request that arrived after it), keeping its generated tokens. Readmitted, it
@@ -53,7 +56,11 @@ import torch
 
 from duo_compile.checks import check_int
 from duo_compile.kernels.paged import pages_for
+from duo_compile.kernels.tuning import DECODE_MAX_TOKENS
 from duo_compile.serve.sequence import CANCELLED, ERROR, Sequence, Update
+
+# The longest chunk the attention ops run with their few-token (decode) kernels: never one beside another chunk.
+SHORT_CHUNK = DECODE_MAX_TOKENS
 
 
 class QueueFull(RuntimeError):
@@ -256,9 +263,10 @@ class Scheduler:
                     break
             else:
                 size = min(left, budget, self.engine.config.prefill_chunk_size or left)
-                # A one-token chunk would compile a row graph of its own: wait for a step with more budget, unless
-                # nothing else ran (a token budget of ``slots`` leaves one token beside slots - 1 decodes).
-                if size < 1 or (size == 1 and ran):
+                # A one-token chunk would compile a row graph of its own, and a short one new kernel builds (see
+                # the module docstring): wait for a step with more budget, unless nothing else ran (a token budget
+                # of ``slots`` leaves one token beside slots - 1 decodes).
+                if size < 1 or (ran and size <= SHORT_CHUNK):
                     break
             ran = True
             ids = torch.tensor([seq.token_ids(seq.cached, seq.cached + size)], device=self.engine.device)
