@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -72,6 +73,13 @@ def kv_budget(kv_gib: float | None, device: torch.device, cpu_bytes: int) -> int
     return cpu_bytes
 
 
+def triton_builds() -> int:
+    """Kernels in Triton's on-disk cache (the duo ops' kernels; Inductor keeps its own): how many a run built is
+    the difference, a stall on a build mid-run shows there."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
+
+
 def percentile(values, q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
@@ -95,6 +103,8 @@ def run_stream(engine, plan: KVPlan, prompts: list[list[int]], output_tokens: in
     start = time.perf_counter()
     arrivals = [start + (0.0 if rate is None else i / rate) for i in range(len(sequences))]
     queued, finished, steps, timed_out = 0, 0, 0, False
+    step_seconds: list[float] = []
+    builds = triton_builds()
     while finished < len(sequences):
         now = time.perf_counter()
         if now > deadline:
@@ -106,10 +116,12 @@ def run_stream(engine, plan: KVPlan, prompts: list[list[int]], output_tokens: in
         if not scheduler.has_work():
             time.sleep(max(0.0, arrivals[queued] - now))
             continue
+        began = time.perf_counter()
         for update in scheduler.step():
             if update.sequence.on_update is not None:
                 update.sequence.on_update(update)
             finished += update.finish_reason is not None
+        step_seconds.append(time.perf_counter() - began)
         steps += 1
         most_pages = max(most_pages, scheduler.pages_used)
     sync(engine.device)
@@ -126,6 +138,7 @@ def run_stream(engine, plan: KVPlan, prompts: list[list[int]], output_tokens: in
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99), "itl_p50_ms":
             None if not itl else 1e3 * percentile(itl, 50), "itl_p99_ms": None if not itl else 1e3 * percentile(itl, 99),
         "most_pages_used": most_pages, "pages": plan.pages, "preemptions": scheduler.preemptions,
+        "slowest_steps_s": sorted(step_seconds)[-5:], "triton_builds": triton_builds() - builds,
     }
 
 
