@@ -6,6 +6,7 @@ an all-retrieval engine token-identical to ``model.generate``. Window layers: th
 streaming op with sink 0 and recent = the window, whatever the masks say. Attention the passes cannot lower
 exactly is refused with an error naming the node and the reason.
 """
+import contextlib
 import functools
 
 import numpy as np
@@ -17,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import duo_compile
 from duo_compile.capture import capture
 from duo_compile.identify.gated_attention import gated_attention
+from duo_compile.kernels import blockwise, paged, triton_ops
 from duo_compile.masks import kv_cache_bytes
 from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
@@ -32,7 +34,7 @@ CASES = [
     ("qwen3", True, "window", CHUNK),
     ("qwen3_moe", True, "chunk", None),
     ("mixtral", False, "window", None),
-    ("phi3", True, "chunk", CHUNK),
+    ("phi3", True, "window", CHUNK),
     ("olmo2", True, "chunk", CHUNK),
     ("glm4", True, "window", CHUNK),
     ("gemma3", True, "chunk", CHUNK),
@@ -43,9 +45,17 @@ CASES = [
 WINDOW_LAYERS = {"gemma3": [0, 2], "mistral_window": [0, 1, 2], "qwen3_window": [2]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name, gqa):
     return family_model(name, gqa)
+
+
+@functools.cache
+def _engine(name, gqa, mode):
+    """The eager engine of ``_model(name, gqa)`` with ``mixed_masks``, compiled once per test process."""
+    model = _model(name, gqa)
+    return duo_compile.compile(model, mixed_masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                               streaming_mode=mode, backend="eager")
 
 
 def _id(name, gqa, mode, chunk):
@@ -57,8 +67,7 @@ def test_family_matches_oracle_and_hf_generate(name, gqa, mode, chunk):
     model = _model(name, gqa)
     ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(1))
     masks = mixed_masks(model)
-    engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
-                                 streaming_mode=mode, backend="eager")
+    engine = _engine(name, gqa, mode)
     out = engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=chunk, output_scores=True,
                           return_dict_in_generate=True)
     tokens, scores = oracle_generate(model, masks, ids, NEW, sink_size=SINK, recent_size=RECENT,
@@ -107,6 +116,55 @@ def test_identification_keeps_window_layers(name):
         got = model(ids).logits
     want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- the Triton kernels, interpreted
+@contextlib.contextmanager
+def _triton_kernels_on_cpu(ran: set):
+    """The ops' Triton kernels (what CUDA runs: kernels/triton_ops.py) as their CPU kernels, so an engine on CPU
+    tensors runs them under the Triton interpreter (conftest.py); the blockwise CPU kernels (kernels/ops.py) are
+    registered again on the way out. ``ran`` collects the names of the ops called."""
+    def recording(name, fn):
+        def kernel(*args, **kwargs):
+            ran.add(name)
+            return fn(*args, **kwargs)
+        return kernel
+
+    for name, fn in triton_ops.CUDA_KERNELS.items():
+        torch.library.register_kernel(f"duo::{name}", "cpu")(recording(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in paged.with_pages(blockwise.CPU_KERNELS).items():
+            torch.library.register_kernel(f"duo::{name}", "cpu")(fn)
+
+
+# (family, streaming mode, prefill chunk): what each adds in front of the kernels. Gemma 3: per-head q/k norms with
+# RoPE fused into the ops, query scaling, window layers (window mode inside a chunk-mode engine), chunked prefill;
+# Phi-3: q/k/v as column slices of one qkv_proj; OLMo-2: q/k norms over the whole projection. Phi-3 and OLMo-2
+# rotate q/k before the ops (fuse_rope does not match their RoPE).
+TRITON_CASES = [("gemma3", "chunk", CHUNK), ("phi3", "window", None), ("olmo2", "chunk", None)]
+
+
+@pytest.mark.parametrize("name,mode,chunk", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_family_on_the_triton_kernels_matches_oracle(name, mode, chunk):
+    """The engine with the Triton kernels (interpreted) equals the eager oracle: mixed masks (a layer of only
+    retrieval heads, a mixed layer, one of only streaming heads), batch 2, a prefill and a decode step."""
+    model = _model(name, True)
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    masks = mixed_masks(model)
+    engine = _engine(name, True, mode)  # the engine test_family_matches_oracle_and_hf_generate checks on CPU
+    ran = set()
+    with _triton_kernels_on_cpu(ran):
+        out = engine.generate(ids, max_new_tokens=2, prefill_chunk_size=chunk, output_scores=True,
+                              return_dict_in_generate=True)
+    assert {"attention_cached", "streaming_attention_cached"} <= ran  # the mixed and the all-streaming layers
+    tokens, scores = oracle_generate(model, masks, ids, 2, sink_size=SINK, recent_size=RECENT,
+                                     streaming_mode=mode, prefill_chunk_size=chunk)
+    assert torch.equal(out.sequences, tokens)
+    for step, (got, want) in enumerate(zip(out.scores, scores)):
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        assert rel < 1e-5, f"step {step}: relative score error {rel:.2e}"
 
 
 # ------------------------------------------------------------------------------------------------ refusals
