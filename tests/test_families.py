@@ -17,14 +17,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import duo_compile
 from duo_compile.capture import capture
+from duo_compile.identify import identify
 from duo_compile.identify.gated_attention import gated_attention
 from duo_compile.kernels import blockwise, paged, triton_ops
-from duo_compile.masks import kv_cache_bytes
+from duo_compile.masks import HeadMasks, kv_cache_bytes
 from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
 from duo_compile.passes.context import PassContext
 from duo_compile.passes.find_attention import find_attention
-from tests.tiny_models import WINDOW, family_model, mixed_masks
+from tests.tiny_models import FAMILIES, WINDOW, family_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
 
@@ -165,6 +166,30 @@ def test_family_on_the_triton_kernels_matches_oracle(name, mode, chunk):
     for step, (got, want) in enumerate(zip(out.scores, scores)):
         rel = ((got - want).abs().max() / want.abs().max()).item()
         assert rel < 1e-5, f"step {step}: relative score error {rel:.2e}"
+
+
+# ------------------------------------------------------------------------ the CLI, identify and masks files
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "mistral_window"])
+def test_identify_writes_gates_of_the_model_shape(name, tmp_path):
+    """identify() runs on each family and writes the authors' TSV of one gate per layer and KV head, which reads
+    back as the gates it returned; a window layer's gates stay 1 (they reach no output, and the L1 term leaves
+    them alone), the others move."""
+    model = _model(name, True)
+    gates = identify(model, num_steps=2, seed=0, context_lengths=[32], num_passkeys=1, passkey_length=2,
+                     sink_size=SINK, recent_size=RECENT, output_dir=tmp_path, progress=False)
+    assert gates.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    assert HeadMasks.from_tsv(tmp_path / "full_attention_heads.tsv") == gates
+    values = gates.gates
+    windows = WINDOW_LAYERS.get(name, [])
+    full = [layer for layer in range(gates.shape[0]) if layer not in windows]
+    assert (values[windows] == 1).all() and (values[full] < 1).any()
+
+
+def test_identify_refuses_a_model_of_only_window_layers():
+    with pytest.raises(ValueError, match=r"every layer of MistralForCausalLM is a sliding-window layer \(window 8 to "
+                                         r"8 tokens\): .* no gates to identify"):
+        identify(_model("mistral_window", True), num_steps=1, context_lengths=[32], num_passkeys=1,
+                 passkey_length=2, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ refusals

@@ -28,6 +28,7 @@ import torch
 
 from duo_compile.checks import check_int
 from duo_compile.masks import HeadMasks
+from duo_compile.models.hf import read_shape
 from duo_compile.identify.passkey import PasskeyTask
 from duo_compile.identify.gated_attention import (
     ATTENTION_NAME, AttentionLayout, attention_layout, autocast, equal_length_batches, gated_attention,
@@ -91,7 +92,9 @@ def identify(
 
     model: a Hugging Face causal LM (Llama, Mistral, Qwen2, ...; MHA or GQA); moved to ``device`` if given.
         Its parameters are frozen during the run and their ``requires_grad`` flags, training mode, gradient
-        checkpointing and attention implementation are restored afterwards.
+        checkpointing and attention implementation are restored afterwards. Its sliding-window layers keep their
+        window for every head, so their gates stay at 1 (gated_attention.py); a model of only such layers is
+        refused.
     tokenizer: encodes the authors' templates, NATO passkeys and the bundled filler text; None = generated tokens.
     context_lengths: tokens before the question/answer tail, one drawn per step (default: the authors'
         ``linspace(1000, 32000, 50)`` capped by ``max_position_embeddings``).
@@ -121,6 +124,14 @@ def identify(
     if resume and output_dir is None:
         raise ValueError("resume=True needs output_dir (the checkpoint lives there)")
     layout = attention_layout(model)
+    windows = read_shape(model).layer_windows or (0,) * layout.num_layers
+    full_layers = [layer for layer, window in enumerate(windows) if not window]  # the layers whose gates count
+    if not full_layers:
+        raise ValueError(
+            f"every layer of {type(model).__name__} is a sliding-window layer (window {min(windows)} to "
+            f"{max(windows)} tokens): such a layer keeps its window for every head whatever its gate, so there are "
+            f"no gates to identify"
+        )
     if device is not None:
         model.to(device)
     device = next(model.parameters()).device
@@ -183,7 +194,7 @@ def identify(
         bar = _progress(progress, start_step, num_steps)
         for step in range(start_step, num_steps):
             record = _train_step(model, task, gates, optimizer, args, step, device, autocast_dtype,
-                                 gradient_checkpointing)
+                                 gradient_checkpointing, full_layers)
             scheduler.step()
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
@@ -237,8 +248,10 @@ def _check_attention_reaches_every_layer(model: torch.nn.Module, layout: Attenti
 
 def _train_step(model: torch.nn.Module, task: PasskeyTask, gates: torch.Tensor,
                 optimizer: torch.optim.Optimizer, args: dict, step: int, device: torch.device,
-                autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> dict[str, float]:
-    """One optimiser step on ``batch_size`` samples drawn from ``(seed, step)``."""
+                autocast_dtype: torch.dtype | None, gradient_checkpointing: bool,
+                full_layers: list[int]) -> dict[str, float]:
+    """One optimiser step on ``batch_size`` samples drawn from ``(seed, step)``. The L1 term covers the gates of
+    ``full_layers`` only: a sliding-window layer's gates reach no output, so nothing but that term would move them."""
     key = step if args["num_samples"] is None else step % args["num_samples"]
     rng = np.random.default_rng([args["seed"], key])
     context_length = int(rng.choice(args["context_lengths"]))
@@ -261,7 +274,7 @@ def _train_step(model: torch.nn.Module, task: PasskeyTask, gates: torch.Tensor,
             (distill * (len(group) / len(samples))).backward()
         model.eval()
         distill_total += float(distill.detach()) * len(group) / len(samples)
-    reg = gates.abs().mean()
+    reg = gates[full_layers].abs().mean()
     (args["reg_weight"] * reg).backward()
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
