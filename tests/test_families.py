@@ -17,6 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import duo_compile
 from duo_compile.capture import capture
+from duo_compile.cli import main
 from duo_compile.identify import identify
 from duo_compile.identify.gated_attention import gated_attention
 from duo_compile.kernels import blockwise, paged, triton_ops
@@ -169,6 +170,50 @@ def test_family_on_the_triton_kernels_matches_oracle(name, mode, chunk):
 
 
 # ------------------------------------------------------------------------ the CLI, identify and masks files
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cli_compiles_a_model_directory(name, tmp_path, monkeypatch, capsys):
+    """``duo-compile compile`` on a directory written by ``save_pretrained``, with a masks file (the authors' TSV):
+    the engine it hands to ``export`` has the sizes asked and generates the oracle's tokens with those masks.
+    Writing engine files is the subject of test_export.py, test_package.py and the test below, so ``export`` is
+    recorded here, not run. A masks file of another shape is refused naming both shapes."""
+    model = _model(name, True)
+    model.save_pretrained(tmp_path / "model")
+    masks = mixed_masks(model)
+    masks.to_tsv(tmp_path / "masks.tsv")
+    exported = {}
+    monkeypatch.setattr(duo_compile, "export", lambda engine, path, backend: exported.update(
+        engine=engine, path=path, backend=backend))
+    args = ["compile", str(tmp_path / "model"), "--masks", str(tmp_path / "masks.tsv"), "--sink", str(SINK),
+            "--recent", str(RECENT), "--max-seq-len", str(MAX_LEN), "--no-tokenizer", "-o", str(tmp_path / "e.onnx"),
+            "--backend", "onnx"]
+    assert main(args) == 0
+    engine = exported["engine"]
+    assert (exported["path"], exported["backend"]) == (str(tmp_path / "e.onnx"), "onnx")
+    assert (engine.config.sink_size, engine.config.recent_size, engine.config.max_seq_len) == (SINK, RECENT, MAX_LEN)
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    tokens, _ = oracle_generate(model, masks, ids, NEW, sink_size=SINK, recent_size=RECENT)
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW), tokens)
+
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    HeadMasks.all_retrieval(layers + 1, kv_heads).to_tsv(tmp_path / "masks.tsv")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"masks have shape ({layers + 1}, {kv_heads}) but the model has {layers} layers x {kv_heads} KV heads")
+
+
+def test_engine_file_of_a_model_with_window_layers(tmp_path):
+    """An engine package of Gemma 3 (window layers in a chunk-mode engine) passes load's check of its cache specs
+    against the masks and the model's windows, and generates the compiled engine's tokens."""
+    engine = _engine("gemma3", True, "chunk")
+    duo_compile.export(engine, tmp_path / "gemma3.pt2", backend="package")
+    loaded = duo_compile.load(tmp_path / "gemma3.pt2")
+    assert loaded.cache_specs == engine.cache_specs
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK),
+                       engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK))
+
+
 @pytest.mark.parametrize("name", [name for name in FAMILIES if name != "mistral_window"])
 def test_identify_writes_gates_of_the_model_shape(name, tmp_path):
     """identify() runs on each family and writes the authors' TSV of one gate per layer and KV head, which reads
