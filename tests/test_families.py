@@ -2,9 +2,11 @@
 
 Per family (tiny random weights, fp32, CPU, eager backend): mixed masks against the eager oracle (dense per-head
 masks; sliding-window layers by the model's own rule), both streaming modes, whole and chunked prefill, batch 2;
-an all-retrieval engine token-identical to ``model.generate``. Window layers: the compiled graph gives them one
-streaming op with sink 0 and recent = the window, whatever the masks say. Attention the passes cannot lower
-exactly is refused with an error naming the node and the reason.
+an all-retrieval engine token-identical to ``model.generate``; the same on the ops' Triton kernels (interpreted) for
+the families that change what reaches them; ``duo-compile compile`` on a saved directory of each; ``identify()``
+on each. Window layers: the compiled graph gives them one streaming op with sink 0 and recent = the window,
+whatever the masks say. Attention the passes cannot lower exactly is refused with an error naming the node and
+the reason.
 """
 import contextlib
 import functools
@@ -30,8 +32,9 @@ from tests.tiny_models import FAMILIES, WINDOW, family_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
 
-# (family, gqa, streaming mode, prefill chunk): every family once (GQA; MHA for Mixtral), modes and prefill kinds
-# alternating; each also compiles an all-retrieval engine and compares it with ``model.generate``.
+# (family, gqa, streaming mode, prefill chunk): every family once (GQA; MHA for Mixtral), each streaming mode and
+# prefill kind on several families; each also compiles an all-retrieval engine and compares it with
+# ``model.generate``.
 CASES = [
     ("qwen3", True, "window", CHUNK),
     ("qwen3_moe", True, "chunk", None),
