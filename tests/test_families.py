@@ -292,6 +292,25 @@ def test_config_and_graph_windows_must_agree():
     assert [site.window for site in find_attention(graph, ctx) and ctx.sites] == [0] * 3
 
 
+def test_a_window_of_max_seq_len_or_more_is_a_full_layer_whose_masks_apply():
+    """Mistral with its window of WINDOW tokens in an engine of max_seq_len = WINDOW: the window hides no key from any
+    query the engine can run, so every layer's masks apply, as the oracle given that max_seq_len says (without it,
+    the oracle keeps the window for every head and differs)."""
+    model = _model("mistral_window", True)
+    masks = mixed_masks(model)
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    engine = duo_compile.compile(model, masks, sink_size=1, recent_size=2, max_seq_len=WINDOW, backend="eager")
+    out = engine.generate(ids, max_new_tokens=3, output_scores=True, return_dict_in_generate=True)
+    tokens, scores = oracle_generate(model, masks, ids, 3, sink_size=1, recent_size=2, max_seq_len=WINDOW)
+    assert torch.equal(out.sequences, tokens)
+    for got, want in zip(out.scores, scores):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, windowed = oracle_generate(model, masks, ids, 3, sink_size=1, recent_size=2)
+    assert not torch.allclose(windowed[-1], scores[-1], atol=1e-3)
+    with pytest.raises(ValueError, match=r"9 tokens do not fit max_seq_len=8"):
+        oracle_generate(model, masks, ids, 4, sink_size=1, recent_size=2, max_seq_len=WINDOW)
+
+
 class _HeadFlip(torch.nn.Module):
     """Reverses the heads of ``[B, T, heads, head_dim]``: an op that mixes heads, put where Qwen3's q norm is."""
 
