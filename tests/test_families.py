@@ -110,16 +110,18 @@ def test_oracle_with_all_retrieval_is_the_model(name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gemma3", "mistral_window"])
-def test_identification_keeps_window_layers(name):
+@pytest.mark.parametrize("name,length,max_seq_len", [("gemma3", 40, None), ("mistral_window", 40, None),
+                                                     ("mistral_window", WINDOW, WINDOW)])
+def test_identification_keeps_window_layers(name, length, max_seq_len):
     """identify()'s gated attention with binary gates is the oracle's rule: window layers keep the model's window
-    whatever their gates, the masks apply to the full-attention layers."""
+    whatever their gates, the masks apply to the full-attention layers; given a max_seq_len that a window reaches,
+    that window is full attention and its layer's masks apply."""
     model = _model(name, True)
-    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 96, (2, length), generator=torch.Generator().manual_seed(3))
     masks = mixed_masks(model)
-    with torch.no_grad(), gated_attention(model, masks, sink_size=SINK, recent_size=RECENT):
+    with torch.no_grad(), gated_attention(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=max_seq_len):
         got = model(ids).logits
-    want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT)
+    want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT, max_seq_len=max_seq_len)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -217,14 +219,17 @@ def test_engine_file_of_a_model_with_window_layers(tmp_path):
                        engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK))
 
 
+# identify() at the smallest task: one passkey of two words (samples of context + 10 tokens).
+SHORT_IDENTIFY = {"num_passkeys": 1, "passkey_length": 2, "sink_size": SINK, "recent_size": RECENT, "progress": False}
+
+
 @pytest.mark.parametrize("name", [name for name in FAMILIES if name != "mistral_window"])
 def test_identify_writes_gates_of_the_model_shape(name, tmp_path):
     """identify() runs on each family and writes the authors' TSV of one gate per layer and KV head, which reads
     back as the gates it returned; a window layer's gates stay 1 (they reach no output, and the L1 term leaves
     them alone), the others move."""
     model = _model(name, True)
-    gates = identify(model, num_steps=2, seed=0, context_lengths=[32], num_passkeys=1, passkey_length=2,
-                     sink_size=SINK, recent_size=RECENT, output_dir=tmp_path, progress=False)
+    gates = identify(model, num_steps=2, context_lengths=[32], output_dir=tmp_path, **SHORT_IDENTIFY)
     assert gates.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
     assert HeadMasks.from_tsv(tmp_path / "full_attention_heads.tsv") == gates
     values = gates.gates
@@ -233,11 +238,16 @@ def test_identify_writes_gates_of_the_model_shape(name, tmp_path):
     assert (values[windows] == 1).all() and (values[full] < 1).any()
 
 
-def test_identify_refuses_a_model_of_only_window_layers():
-    with pytest.raises(ValueError, match=r"every layer of MistralForCausalLM is a sliding-window layer \(window 8 to "
-                                         r"8 tokens\): .* no gates to identify"):
-        identify(_model("mistral_window", True), num_steps=1, context_lengths=[32], num_passkeys=1,
-                 passkey_length=2, progress=False)
+def test_identify_trains_a_window_layer_only_where_its_window_holds_every_sample():
+    """Mistral with a window of 48 tokens on every layer: samples of at most 42 tokens (context 32 + tail 10) make
+    every layer a full-attention one, all gates trained; longer samples leave no layer to train, refused."""
+    model = family_model("mistral_window", sliding_window=48)
+    gates = identify(model, num_steps=2, context_lengths=[32], **SHORT_IDENTIFY)
+    assert (gates.gates < 1).any(axis=1).all()
+    with pytest.raises(ValueError, match=r"every layer of MistralForCausalLM has a sliding window \(48 to 48 tokens\) "
+                                         r"shorter than the longest sample \(50 tokens: context length 40 plus the "
+                                         r"question/answer tail\): .* no gates to identify"):
+        identify(model, num_steps=1, context_lengths=[40], **SHORT_IDENTIFY)
 
 
 # ------------------------------------------------------------------------------------------------ refusals
