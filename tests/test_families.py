@@ -155,8 +155,8 @@ TRITON_CASES = [("gemma3", "chunk", CHUNK), ("phi3", "window", None), ("olmo2", 
 
 @pytest.mark.parametrize("name,mode,chunk", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
 def test_family_on_the_triton_kernels_matches_oracle(name, mode, chunk):
-    """The engine with the Triton kernels (interpreted) equals the eager oracle: mixed masks (a layer of only
-    retrieval heads, a mixed layer, one of only streaming heads), batch 2, a prefill and a decode step."""
+    """The engine with the Triton kernels (interpreted) equals the eager oracle: mixed masks, batch 2, a prefill and
+    a decode step; the kernels of a mixed layer and of a layer of only streaming heads run."""
     model = _model(name, True)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(4))
     masks = mixed_masks(model)
@@ -219,7 +219,7 @@ def test_engine_file_of_a_model_with_window_layers(tmp_path):
                        engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK))
 
 
-# identify() at the smallest task: one passkey of two words (samples of context + 10 tokens).
+# identify() at the smallest task: one passkey of two words (samples of at most the context length + 10 tokens).
 SHORT_IDENTIFY = {"num_passkeys": 1, "passkey_length": 2, "sink_size": SINK, "recent_size": RECENT, "progress": False}
 
 
