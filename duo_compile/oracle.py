@@ -21,7 +21,9 @@ Sliding-window layers (read from the config here again: ``layer_types`` entries 
 ``sliding_window = W``, or, without ``layer_types``, every layer when ``sliding_window`` is set and
 ``use_sliding_window`` is not off: Mistral, Qwen2/3, Ministral, Gemma 3's local layers) keep the model's own rule for
 every head, whatever the masks say: key ``j`` is visible to query ``p`` iff ``p - W < j <= p``. The masks apply to
-the other layers. A layer whose module passes a different ``sliding_window`` to the attention function is an error.
+the other layers. Given the engine's ``max_seq_len``, a layer whose window is at least that long is a
+full-attention layer whose masks apply (the window hides no key from any query such an engine can run). A layer
+whose module passes a different ``sliding_window`` to the attention function is an error.
 
 The model is switched to the oracle's attention only inside a context manager that always restores every
 config's attention implementation (``try``/``finally``); the oracle checks that every decoder layer actually
@@ -78,6 +80,17 @@ def _check_rule_args(
         or prefill_chunk_size < 1
     ):
         raise ValueError(f"prefill_chunk_size must be None or an integer >= 1, got {prefill_chunk_size!r}")
+
+
+def _check_max_seq_len(max_seq_len: int | None, length: int) -> None:
+    """``max_seq_len`` is None or an integer that holds ``length`` tokens (the rule is the engine's, which runs no
+    longer sequence)."""
+    if max_seq_len is None:
+        return
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be an integer >= 1 or None, got {max_seq_len!r}")
+    if length > max_seq_len:
+        raise ValueError(f"{length} tokens do not fit max_seq_len={max_seq_len}")
 
 
 def causal_visibility(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -366,17 +379,20 @@ def oracle_logits(
     streaming_mode: str = "window",
     prefill_chunk_size: int | None = None,
     prompt_length: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """fp32 logits ``[B, T, V]`` of one eager forward of the unmodified model under the DuoAttention masks.
 
     No KV cache (``use_cache=False``): every position sees exactly the keys the rule allows. ``prompt_length``
     (default ``T``) marks where the prompt ends for the ``"chunk"`` rule; tokens after it are generated tokens.
-    The model's attention implementation is restored afterwards, also when the forward raises.
+    ``max_seq_len`` (default: none) is the engine's: sliding windows at least that long are full attention, their
+    layers' masks apply. The model's attention implementation is restored afterwards, also when the forward raises.
     """
     _check_rule_args(sink_size, recent_size, streaming_mode, prefill_chunk_size)
     input_ids = _check_input_ids(input_ids)
     retrieval_arr = _check_retrieval(model, retrieval)
     seq_len = input_ids.shape[1]
+    _check_max_seq_len(max_seq_len, seq_len)
     masks = torch.stack(
         [
             layer_visibility(
@@ -394,7 +410,7 @@ def oracle_logits(
     )
     windows = _windows(model)
     for layer, window in enumerate(windows):
-        if window:
+        if window and (max_seq_len is None or window < max_seq_len):
             masks[layer] = _window_visibility(seq_len, window, input_ids.device)
     with _oracle_attention_installed(model, masks, windows) as state:
         out = model(input_ids=input_ids, use_cache=False)
@@ -430,6 +446,7 @@ def oracle_generate(
     prefill_chunk_size: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    max_seq_len: int | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Greedy decoding by full recompute each step (O(n^2) forwards; for tiny models).
 
@@ -438,12 +455,14 @@ def oracle_generate(
     id or a list of ids), a row that has produced eos gets ``pad_token_id`` afterwards (default: the first eos id, as
     in Hugging Face), and decoding stops early once every row is done. ``eos_token_id=None`` never stops early.
     In ``"chunk"`` mode the prompt is the first ``T`` tokens and each generated token is its own chunk.
+    ``max_seq_len``: as for ``oracle_logits``.
     """
     _check_rule_args(sink_size, recent_size, streaming_mode, prefill_chunk_size)
     input_ids = _check_input_ids(input_ids)
     _check_retrieval(model, retrieval)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _check_max_seq_len(max_seq_len, input_ids.shape[1] + int(max_new_tokens))
     eos = _eos_list(eos_token_id)
     if eos and pad_token_id is None:
         pad_token_id = eos[0]
@@ -462,6 +481,7 @@ def oracle_generate(
             streaming_mode=streaming_mode,
             prefill_chunk_size=prefill_chunk_size,
             prompt_length=prompt_length,
+            max_seq_len=max_seq_len,
         )[:, -1, :]
         scores.append(logits)
         next_tokens = logits.argmax(dim=-1).to(sequences.dtype)

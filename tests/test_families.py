@@ -2,10 +2,13 @@
 
 Per family (tiny random weights, fp32, CPU, eager backend): mixed masks against the eager oracle (dense per-head
 masks; sliding-window layers by the model's own rule), both streaming modes, whole and chunked prefill, batch 2;
-an all-retrieval engine token-identical to ``model.generate``. Window layers: the compiled graph gives them one
-streaming op with sink 0 and recent = the window, whatever the masks say. Attention the passes cannot lower
-exactly is refused with an error naming the node and the reason.
+an all-retrieval engine token-identical to ``model.generate``; the same on the ops' Triton kernels (interpreted) for
+the families that change what reaches them; ``duo-compile compile`` on a saved directory of each; ``identify()``
+on each. Window layers: the compiled graph gives them one streaming op with sink 0 and recent = the window,
+whatever the masks say. Attention the passes cannot lower exactly is refused with an error naming the node and
+the reason.
 """
+import contextlib
 import functools
 
 import numpy as np
@@ -16,23 +19,27 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import duo_compile
 from duo_compile.capture import capture
+from duo_compile.cli import main
+from duo_compile.identify import identify
 from duo_compile.identify.gated_attention import gated_attention
-from duo_compile.masks import kv_cache_bytes
+from duo_compile.kernels import blockwise, paged, triton_ops
+from duo_compile.masks import HeadMasks, kv_cache_bytes
 from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
 from duo_compile.passes.context import PassContext
 from duo_compile.passes.find_attention import find_attention
-from tests.tiny_models import WINDOW, family_model, mixed_masks
+from tests.tiny_models import FAMILIES, WINDOW, family_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
 
-# (family, gqa, streaming mode, prefill chunk): every family once (GQA; MHA for Mixtral), modes and prefill kinds
-# alternating; each also compiles an all-retrieval engine and compares it with ``model.generate``.
+# (family, gqa, streaming mode, prefill chunk): every family once (GQA; MHA for Mixtral), each streaming mode and
+# prefill kind on several families; each also compiles an all-retrieval engine and compares it with
+# ``model.generate``.
 CASES = [
     ("qwen3", True, "window", CHUNK),
     ("qwen3_moe", True, "chunk", None),
     ("mixtral", False, "window", None),
-    ("phi3", True, "chunk", CHUNK),
+    ("phi3", True, "window", CHUNK),
     ("olmo2", True, "chunk", CHUNK),
     ("glm4", True, "window", CHUNK),
     ("gemma3", True, "chunk", CHUNK),
@@ -43,9 +50,17 @@ CASES = [
 WINDOW_LAYERS = {"gemma3": [0, 2], "mistral_window": [0, 1, 2], "qwen3_window": [2]}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name, gqa):
     return family_model(name, gqa)
+
+
+@functools.cache
+def _engine(name, gqa, mode):
+    """The eager engine of ``_model(name, gqa)`` with ``mixed_masks``, compiled once per test process."""
+    model = _model(name, gqa)
+    return duo_compile.compile(model, mixed_masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                               streaming_mode=mode, backend="eager")
 
 
 def _id(name, gqa, mode, chunk):
@@ -57,8 +72,7 @@ def test_family_matches_oracle_and_hf_generate(name, gqa, mode, chunk):
     model = _model(name, gqa)
     ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(1))
     masks = mixed_masks(model)
-    engine = duo_compile.compile(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
-                                 streaming_mode=mode, backend="eager")
+    engine = _engine(name, gqa, mode)
     out = engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=chunk, output_scores=True,
                           return_dict_in_generate=True)
     tokens, scores = oracle_generate(model, masks, ids, NEW, sink_size=SINK, recent_size=RECENT,
@@ -96,17 +110,144 @@ def test_oracle_with_all_retrieval_is_the_model(name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gemma3", "mistral_window"])
-def test_identification_keeps_window_layers(name):
+@pytest.mark.parametrize("name,length,max_seq_len", [("gemma3", 40, None), ("mistral_window", 40, None),
+                                                     ("mistral_window", WINDOW, WINDOW)])
+def test_identification_keeps_window_layers(name, length, max_seq_len):
     """identify()'s gated attention with binary gates is the oracle's rule: window layers keep the model's window
-    whatever their gates, the masks apply to the full-attention layers."""
+    whatever their gates, the masks apply to the full-attention layers; given a max_seq_len that a window reaches,
+    that window is full attention and its layer's masks apply."""
     model = _model(name, True)
-    ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 96, (2, length), generator=torch.Generator().manual_seed(3))
     masks = mixed_masks(model)
-    with torch.no_grad(), gated_attention(model, masks, sink_size=SINK, recent_size=RECENT):
+    with torch.no_grad(), gated_attention(model, masks, sink_size=SINK, recent_size=RECENT, max_seq_len=max_seq_len):
         got = model(ids).logits
-    want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT)
+    want = oracle_logits(model, masks, ids, sink_size=SINK, recent_size=RECENT, max_seq_len=max_seq_len)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- the Triton kernels, interpreted
+@contextlib.contextmanager
+def _triton_kernels_on_cpu(ran: set):
+    """The ops' Triton kernels (what CUDA runs: kernels/triton_ops.py) as their CPU kernels, so an engine on CPU
+    tensors runs them under the Triton interpreter (conftest.py); the blockwise CPU kernels (kernels/ops.py) are
+    registered again on the way out. ``ran`` collects the names of the ops called."""
+    def recording(name, fn):
+        def kernel(*args, **kwargs):
+            ran.add(name)
+            return fn(*args, **kwargs)
+        return kernel
+
+    for name, fn in triton_ops.CUDA_KERNELS.items():
+        torch.library.register_kernel(f"duo::{name}", "cpu")(recording(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in paged.with_pages(blockwise.CPU_KERNELS).items():
+            torch.library.register_kernel(f"duo::{name}", "cpu")(fn)
+
+
+# (family, streaming mode, prefill chunk): what each adds in front of the kernels. Gemma 3: per-head q/k norms with
+# RoPE fused into the ops, query scaling, window layers (window mode inside a chunk-mode engine), chunked prefill;
+# Phi-3: q/k/v as column slices of one qkv_proj; OLMo-2: q/k norms over the whole projection. Phi-3 and OLMo-2
+# rotate q/k before the ops (fuse_rope does not match their RoPE).
+TRITON_CASES = [("gemma3", "chunk", CHUNK), ("phi3", "window", None), ("olmo2", "chunk", None)]
+
+
+@pytest.mark.parametrize("name,mode,chunk", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_family_on_the_triton_kernels_matches_oracle(name, mode, chunk):
+    """The engine with the Triton kernels (interpreted) equals the eager oracle: mixed masks, batch 2, a prefill and
+    a decode step; the kernels of a mixed layer and of a layer of only streaming heads run."""
+    model = _model(name, True)
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    masks = mixed_masks(model)
+    engine = _engine(name, True, mode)  # the engine test_family_matches_oracle_and_hf_generate checks on CPU
+    ran = set()
+    with _triton_kernels_on_cpu(ran):
+        out = engine.generate(ids, max_new_tokens=2, prefill_chunk_size=chunk, output_scores=True,
+                              return_dict_in_generate=True)
+    assert {"attention_cached", "streaming_attention_cached"} <= ran  # the mixed and the all-streaming layers
+    tokens, scores = oracle_generate(model, masks, ids, 2, sink_size=SINK, recent_size=RECENT,
+                                     streaming_mode=mode, prefill_chunk_size=chunk)
+    assert torch.equal(out.sequences, tokens)
+    for step, (got, want) in enumerate(zip(out.scores, scores)):
+        rel = ((got - want).abs().max() / want.abs().max()).item()
+        assert rel < 1e-5, f"step {step}: relative score error {rel:.2e}"
+
+
+# ------------------------------------------------------------------------ the CLI, identify and masks files
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cli_compiles_a_model_directory(name, tmp_path, monkeypatch, capsys):
+    """``duo-compile compile`` on a directory written by ``save_pretrained``, with a masks file (the authors' TSV):
+    the engine it hands to ``export`` has the sizes asked and generates the oracle's tokens with those masks.
+    Writing engine files is the subject of test_export.py, test_package.py and the test below, so ``export`` is
+    recorded here, not run. A masks file of another shape is refused naming both shapes."""
+    model = _model(name, True)
+    model.save_pretrained(tmp_path / "model")
+    masks = mixed_masks(model)
+    masks.to_tsv(tmp_path / "masks.tsv")
+    exported = {}
+    monkeypatch.setattr(duo_compile, "export", lambda engine, path, backend: exported.update(
+        engine=engine, path=path, backend=backend))
+    args = ["compile", str(tmp_path / "model"), "--masks", str(tmp_path / "masks.tsv"), "--sink", str(SINK),
+            "--recent", str(RECENT), "--max-seq-len", str(MAX_LEN), "--no-tokenizer", "-o", str(tmp_path / "e.onnx"),
+            "--backend", "onnx"]
+    assert main(args) == 0
+    engine = exported["engine"]
+    assert (exported["path"], exported["backend"]) == (str(tmp_path / "e.onnx"), "onnx")
+    assert (engine.config.sink_size, engine.config.recent_size, engine.config.max_seq_len) == (SINK, RECENT, MAX_LEN)
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    tokens, _ = oracle_generate(model, masks, ids, NEW, sink_size=SINK, recent_size=RECENT)
+    assert torch.equal(engine.generate(ids, max_new_tokens=NEW), tokens)
+
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    HeadMasks.all_retrieval(layers + 1, kv_heads).to_tsv(tmp_path / "masks.tsv")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"masks have shape ({layers + 1}, {kv_heads}) but the model has {layers} layers x {kv_heads} KV heads")
+
+
+def test_engine_file_of_a_model_with_window_layers(tmp_path):
+    """An engine package of Gemma 3 (window layers in a chunk-mode engine) passes load's check of its cache specs
+    against the masks and the model's windows, and generates the compiled engine's tokens."""
+    engine = _engine("gemma3", True, "chunk")
+    duo_compile.export(engine, tmp_path / "gemma3.pt2", backend="package")
+    loaded = duo_compile.load(tmp_path / "gemma3.pt2")
+    assert loaded.cache_specs == engine.cache_specs
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK),
+                       engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK))
+
+
+# identify() at the smallest task: one passkey of two words (samples of at most the context length + 10 tokens).
+SHORT_IDENTIFY = {"num_passkeys": 1, "passkey_length": 2, "sink_size": SINK, "recent_size": RECENT, "progress": False}
+
+
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "mistral_window"])
+def test_identify_writes_gates_of_the_model_shape(name, tmp_path):
+    """identify() runs on each family and writes the authors' TSV of one gate per layer and KV head, which reads
+    back as the gates it returned; a window layer's gates stay 1 (they reach no output, and the L1 term leaves
+    them alone), the others move."""
+    model = _model(name, True)
+    gates = identify(model, num_steps=2, context_lengths=[32], output_dir=tmp_path, **SHORT_IDENTIFY)
+    assert gates.shape == (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    assert HeadMasks.from_tsv(tmp_path / "full_attention_heads.tsv") == gates
+    values = gates.gates
+    windows = WINDOW_LAYERS.get(name, [])
+    full = [layer for layer in range(gates.shape[0]) if layer not in windows]
+    assert (values[windows] == 1).all() and (values[full] < 1).any()
+
+
+def test_identify_trains_a_window_layer_only_where_its_window_holds_every_sample():
+    """Mistral with a window of 48 tokens on every layer: samples of at most 42 tokens (context 32 + tail 10) make
+    every layer a full-attention one, all gates trained; longer samples leave no layer to train, refused."""
+    model = family_model("mistral_window", sliding_window=48)
+    gates = identify(model, num_steps=2, context_lengths=[32], **SHORT_IDENTIFY)
+    assert (gates.gates < 1).any(axis=1).all()
+    with pytest.raises(ValueError, match=r"every layer of MistralForCausalLM has a sliding window \(48 to 48 tokens\) "
+                                         r"shorter than the longest sample \(50 tokens: context length 40 plus the "
+                                         r"question/answer tail\): .* no gates to identify"):
+        identify(model, num_steps=1, context_lengths=[40], **SHORT_IDENTIFY)
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -159,6 +300,25 @@ def test_config_and_graph_windows_must_agree():
     ctx = PassContext(retrieval=retrieval, sink_size=SINK, recent_size=RECENT, max_seq_len=WINDOW,
                       declared_windows=(WINDOW,) * 3)
     assert [site.window for site in find_attention(graph, ctx) and ctx.sites] == [0] * 3
+
+
+def test_a_window_of_max_seq_len_or_more_is_a_full_layer_whose_masks_apply():
+    """Mistral with its window of WINDOW tokens in an engine of max_seq_len = WINDOW: the window hides no key from any
+    query the engine can run, so every layer's masks apply, as the oracle given that max_seq_len says (without it,
+    the oracle keeps the window for every head and differs)."""
+    model = _model("mistral_window", True)
+    masks = mixed_masks(model)
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    engine = duo_compile.compile(model, masks, sink_size=1, recent_size=2, max_seq_len=WINDOW, backend="eager")
+    out = engine.generate(ids, max_new_tokens=3, output_scores=True, return_dict_in_generate=True)
+    tokens, scores = oracle_generate(model, masks, ids, 3, sink_size=1, recent_size=2, max_seq_len=WINDOW)
+    assert torch.equal(out.sequences, tokens)
+    for got, want in zip(out.scores, scores):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, windowed = oracle_generate(model, masks, ids, 3, sink_size=1, recent_size=2)
+    assert not torch.allclose(windowed[-1], scores[-1], atol=1e-3)
+    with pytest.raises(ValueError, match=r"9 tokens do not fit max_seq_len=8"):
+        oracle_generate(model, masks, ids, 4, sink_size=1, recent_size=2, max_seq_len=WINDOW)
 
 
 class _HeadFlip(torch.nn.Module):

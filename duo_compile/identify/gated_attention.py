@@ -4,7 +4,9 @@ Hugging Face model.
 Every KV head has one gate ``a`` (shared by the query heads of its GQA group); each query head outputs
 ``a * full + (1 - a) * streaming``, where ``streaming`` attends only to the first ``sink_size`` and the last
 ``recent_size`` tokens (token-exact window). A sliding-window layer of the model (its config's
-``layer_windows``) keeps its own window for every head and ignores its gates, as the compiled engine does. The function is registered with ``transformers.AttentionInterface``
+``layer_windows``) keeps its own window for every head and ignores its gates, as the compiled engine does; given a
+``max_seq_len``, a window at least that long is full attention and its layer is gated (the engine's rule for that
+``max_seq_len``). The function is registered with ``transformers.AttentionInterface``
 (name ``"duo_gated"``) and switched on for the duration of a ``with gated_attention(...)`` block; the model's own
 attention implementation is restored afterwards. Identification trains the gates through it
 (:mod:`duo_compile.identify.optimize`); the accuracy study evaluates binary gates with it and measures attention
@@ -106,6 +108,7 @@ class _GateState:
     sink_size: int
     recent_size: int
     probe: _Probe | None = None
+    max_seq_len: int | None = None  # windows at least this long are full attention
     calls: dict[int, int] = field(default_factory=dict)
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
@@ -167,6 +170,8 @@ def duo_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
         base = _causal_mask(q_len, k_len, query.device)[None, None]
 
     window = _layer_window(module, layer)
+    if state.max_seq_len is not None and window >= state.max_seq_len:
+        window = 0  # it hides no key from any sequence of max_seq_len tokens: a full-attention layer
     if window:  # a sliding-window layer keeps the model's own window for every head: its gates play no part
         seen = streaming_attention_mask(q_len, k_len, 0, window, query.device)[None, None]
         base = seen if base is None else base & seen
@@ -268,10 +273,13 @@ def _set_attention(model: torch.nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def gated_attention(model: torch.nn.Module, gates: torch.Tensor | np.ndarray | HeadMasks | None = None, *,
-                    sink_size: int, recent_size: int, probe: _Probe | None = None) -> Iterator[_GateState]:
+                    sink_size: int, recent_size: int, probe: _Probe | None = None,
+                    max_seq_len: int | None = None) -> Iterator[_GateState]:
     """Run ``model`` with DuoAttention gates inside the block; its attention implementation is restored after.
 
     gates: ``[layers, kv_heads]`` in [0, 1] (a tensor keeps its autograd graph); None = full attention.
+    max_seq_len: the longest sequence the block runs (default: none); sliding windows at least that long are full
+    attention, their layers gated, as in an engine of that ``max_seq_len``.
     """
     _register()
     if isinstance(gates, HeadMasks):
@@ -282,7 +290,8 @@ def gated_attention(model: torch.nn.Module, gates: torch.Tensor | np.ndarray | H
         device = next(model.parameters()).device
         gates = gates.to(device=device, dtype=torch.float32) if gates.device != device else gates.float()
     old = model.config._attn_implementation
-    state = _GateState(gates=gates, sink_size=int(sink_size), recent_size=int(recent_size), probe=probe)
+    state = _GateState(gates=gates, sink_size=int(sink_size), recent_size=int(recent_size), probe=probe,
+                       max_seq_len=max_seq_len)
     _ACTIVE.append(state)
     try:
         _set_attention(model, ATTENTION_NAME)

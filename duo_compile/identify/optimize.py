@@ -28,6 +28,7 @@ import torch
 
 from duo_compile.checks import check_int
 from duo_compile.masks import HeadMasks
+from duo_compile.models.hf import read_shape
 from duo_compile.identify.passkey import PasskeyTask
 from duo_compile.identify.gated_attention import (
     ATTENTION_NAME, AttentionLayout, attention_layout, autocast, equal_length_batches, gated_attention,
@@ -91,7 +92,9 @@ def identify(
 
     model: a Hugging Face causal LM (Llama, Mistral, Qwen2, ...; MHA or GQA); moved to ``device`` if given.
         Its parameters are frozen during the run and their ``requires_grad`` flags, training mode, gradient
-        checkpointing and attention implementation are restored afterwards.
+        checkpointing and attention implementation are restored afterwards. Its sliding-window layers keep their
+        window for every head, so their gates stay at 1 (gated_attention.py), except a window that holds the
+        longest sample: that layer is trained as a full-attention one. A model with no layer to train is refused.
     tokenizer: encodes the authors' templates, NATO passkeys and the bundled filler text; None = generated tokens.
     context_lengths: tokens before the question/answer tail, one drawn per step (default: the authors'
         ``linspace(1000, 32000, 50)`` capped by ``max_position_embeddings``).
@@ -147,6 +150,18 @@ def identify(
             f"context length {context_lengths[-1]} plus the question/answer tail (up to {tail} tokens) exceeds the "
             f"model's max_position_embeddings={layout.max_positions}"
         )
+    # No sample is longer than `longest`: a window that long hides no key, its layer is a full-attention one (the
+    # engine's rule for max_seq_len = longest); the other window layers' gates reach no output.
+    longest = context_lengths[-1] + tail
+    windows = read_shape(model).layer_windows or (0,) * layout.num_layers
+    full_layers = [layer for layer, window in enumerate(windows) if not 0 < window < longest]
+    if not full_layers:
+        raise ValueError(
+            f"every layer of {type(model).__name__} has a sliding window ({min(windows)} to {max(windows)} tokens) "
+            f"shorter than the longest sample ({longest} tokens: context length {context_lengths[-1]} plus the "
+            f"question/answer tail): such a layer keeps its window for every head whatever its gate, so there are "
+            f"no gates to identify (a layer whose window holds every sample is trained as a full-attention layer)"
+        )
     _check_attention_reaches_every_layer(model, layout, task, device)
 
     args = dict(
@@ -183,7 +198,7 @@ def identify(
         bar = _progress(progress, start_step, num_steps)
         for step in range(start_step, num_steps):
             record = _train_step(model, task, gates, optimizer, args, step, device, autocast_dtype,
-                                 gradient_checkpointing)
+                                 gradient_checkpointing, full_layers, longest)
             scheduler.step()
             with torch.no_grad():
                 gates.clamp_(0.0, 1.0)
@@ -237,8 +252,11 @@ def _check_attention_reaches_every_layer(model: torch.nn.Module, layout: Attenti
 
 def _train_step(model: torch.nn.Module, task: PasskeyTask, gates: torch.Tensor,
                 optimizer: torch.optim.Optimizer, args: dict, step: int, device: torch.device,
-                autocast_dtype: torch.dtype | None, gradient_checkpointing: bool) -> dict[str, float]:
-    """One optimiser step on ``batch_size`` samples drawn from ``(seed, step)``."""
+                autocast_dtype: torch.dtype | None, gradient_checkpointing: bool,
+                full_layers: list[int], longest: int) -> dict[str, float]:
+    """One optimiser step on ``batch_size`` samples drawn from ``(seed, step)``, none longer than ``longest`` tokens
+    (windows that long are full attention). The L1 term covers the gates of ``full_layers`` only: a sliding-window
+    layer's gates reach no output, so nothing but that term would move them."""
     key = step if args["num_samples"] is None else step % args["num_samples"]
     rng = np.random.default_rng([args["seed"], key])
     context_length = int(rng.choice(args["context_lengths"]))
@@ -250,18 +268,18 @@ def _train_step(model: torch.nn.Module, task: PasskeyTask, gates: torch.Tensor,
         ids = torch.as_tensor(np.stack([s.input_ids for s in group]), device=device)
         positions = torch.as_tensor(group[0].label_positions, device=device)
         with torch.no_grad(), autocast(device, autocast_dtype), gated_attention(
-                model, None, sink_size=args["sink_size"], recent_size=args["recent_size"]):
+                model, None, sink_size=args["sink_size"], recent_size=args["recent_size"], max_seq_len=longest):
             teacher = gated_hidden_states(model, ids)[:, positions].float()
         if gradient_checkpointing:
             model.train()
         with autocast(device, autocast_dtype), gated_attention(
-                model, gates, sink_size=args["sink_size"], recent_size=args["recent_size"]):
+                model, gates, sink_size=args["sink_size"], recent_size=args["recent_size"], max_seq_len=longest):
             student = gated_hidden_states(model, ids)[:, positions].float()
             distill = (teacher - student).pow(2).mean()
             (distill * (len(group) / len(samples))).backward()
         model.eval()
         distill_total += float(distill.detach()) * len(group) / len(samples)
-    reg = gates.abs().mean()
+    reg = gates[full_layers].abs().mean()
     (args["reg_weight"] * reg).backward()
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
