@@ -18,10 +18,11 @@ import textwrap
 import zipfile
 
 import pytest
+import safetensors.torch
 import torch
 
 import duo_compile
-from duo_compile.export import engine_file, package_export
+from duo_compile.export import engine_file, package_export, package_weights
 from duo_compile.export.engine_file import EngineFileError
 from tests.tiny_models import mixed_gates, tiny_model
 
@@ -178,3 +179,74 @@ def test_failed_package_export_leaves_the_old_file_and_no_temporary(tmp_path, mo
 def test_export_refuses_a_non_bool_precompile(tmp_path):
     with pytest.raises(ValueError, match="precompile must be True or False"):
         duo_compile.export(_engine("eager"), tmp_path / "m.pt2", backend="package", precompile="yes")
+
+
+def _weights_record(path) -> dict:
+    parts, meta = engine_file.read_metadata(path)
+    return meta["payload"]["weights"]
+
+
+def test_weights_are_stored_once_as_a_safetensors_member(packages):
+    """The program holds stand-ins (a few bytes per weight); the weights member, stored uncompressed, is a
+    safetensors file of exactly the engine's parameters as the passes left them."""
+    files, _ = packages
+    engine = _engine("eager")
+    record = _weights_record(files["eager"])
+    with zipfile.ZipFile(files["eager"]) as archive:
+        member = archive.getinfo(record["member"])
+        stand_ins = [i.file_size for i in archive.infolist() if "/data/weights/weight_" in i.filename]
+        weights = safetensors.torch.load(archive.read(member))
+    assert member.compress_type == zipfile.ZIP_STORED and member.file_size == record["bytes"]
+    params = dict(engine.graph.named_parameters())
+    assert weights.keys() == params.keys()
+    assert all(torch.equal(weights[name], params[name]) for name in params)
+    assert len(stand_ins) == len(params) and max(stand_ins) <= 8  # torch's weight members: one element each
+
+
+def test_a_damaged_weights_member_is_refused_and_nothing_is_returned(packages, tmp_path, monkeypatch):
+    """A flipped byte in the weights (which load hashes as it reads them, not beforehand) or an unreadable
+    weights header: EngineFileError naming the weights, before the compile caches are loaded or an engine exists."""
+    files, _ = packages
+    record = _weights_record(files["inductor"])
+    with zipfile.ZipFile(files["inductor"]) as archive:
+        info = archive.getinfo(record["member"])
+    data = bytearray(files["inductor"].read_bytes())
+    local = data[info.header_offset : info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    for name, at, why in (("weight", start + record["bytes"] - 3, "the weights do not match the recorded SHA-256"),
+                          ("header", start + 9, "unreadable weights header")):
+        damaged = bytearray(data)
+        damaged[at] ^= 0xFF
+        path = tmp_path / f"{name}.pt2"
+        path.write_bytes(damaged)
+        with pytest.raises(EngineFileError, match=f"altered or damaged engine file \\({why}\\)"):
+            duo_compile.load(path)
+    assert loaded == []
+
+
+def test_weights_round_trip_every_dtype_on_the_reader(tmp_path):
+    """package_weights.write then read: every dtype it stores, empty and scalar tensors, tensors larger than its
+    read chunk; the header is the safetensors library's."""
+    path = tmp_path / "w.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("pkg/data.txt", "x")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(5, 3, generator=gen).to(dtype)
+               for i, dtype in enumerate([torch.float32, torch.float16, torch.bfloat16, torch.float64])}
+    tensors.update(ints=torch.arange(-6, 6, dtype=torch.int64).view(3, 4), flags=torch.tensor([True, False]),
+                   empty=torch.zeros(0, 4), scalar=torch.tensor(2.5), big=torch.randn(3000, generator=gen))
+    original = package_weights.CHUNK_BYTES
+    package_weights.CHUNK_BYTES = 4096  # "big" spans several reads
+    try:
+        record = package_weights.write(str(path), tensors)
+        back = package_weights.read(str(path), record, torch.device("cpu"))
+    finally:
+        package_weights.CHUNK_BYTES = original
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    with zipfile.ZipFile(path) as archive:
+        assert safetensors.torch.load(archive.read(record["member"])).keys() == tensors.keys()
+    with pytest.raises(ValueError, match="weight 'c' has dtype torch.complex64"):
+        package_weights.write(str(path), {"c": torch.zeros(2, dtype=torch.complex64)})

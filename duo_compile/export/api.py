@@ -118,19 +118,20 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
     graphs = package_export.graphs_record(engine)
     with _writing(path), atomic_named_path(path) as tmp:
         check_free_space(path, aoti_export.weights_bytes(engine) + aoti_export.PACKAGE_MARGIN, "the engine's weights")
-        package_export.write_program(engine, tmp)
+        weights = package_export.write_program(engine, tmp)
         cache = None
         if precompile and engine.config.backend == "inductor":
             # Compiled from the program as load reads it back, so that load's compilation finds these entries.
-            warm = Engine(package_export.read_program(tmp), engine.cache_specs, engine.config, engine.info,
-                          engine.masks, device=engine.device, dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
+            warm = Engine(package_export.read_program(tmp, weights, engine.device), engine.cache_specs, engine.config,
+                          engine.info, engine.masks, device=engine.device, dtype=engine.dtype,
+                          cuda_graphs=engine.cuda_graphs)
             data = package_export.precompile(warm, None)
             del warm
             if data:
                 package_export.add_cache(tmp, data)
                 cache = {**package_export.cache_producer(engine.device), "bytes": len(data)}
         graphs["inductor_cache"] = cache
-        seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)))
+        seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)), weights)
 
 
 def _export_aoti(engine: Engine, path: str, separate_decode: bool) -> None:
@@ -184,13 +185,15 @@ class _writing:
         return False
 
 
-def _load_package(parts, path: str):
+def _load_package(parts, path: str, payload: dict):
     """(runner, whether the compile caches were loaded) for a package: its program, compiled as ``compile`` does."""
     from duo_compile.export import package_export
 
     check_ops(parts, path)
     try:
-        graph = package_export.read_program(path)
+        graph = package_export.read_program(path, payload.get("weights"), parts.device)
+    except EngineFileError:
+        raise
     except Exception as err:  # the archive passed its checks, so this is torch.export refusing it
         raise EngineFileError(f"{path}: torch.export could not load the program ({type(err).__name__}: {err})")
     if parts.config.backend != "inductor":
@@ -229,7 +232,7 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
     check_runtime(parts, path)
     cache_loaded = False
     if parts.backend == "package":
-        runner, cache_loaded = _load_package(parts, path)
+        runner, cache_loaded = _load_package(parts, path, meta["payload"])
     elif parts.backend == "aoti":
         from duo_compile.export.aoti_export import AOTIRunner
 

@@ -6,8 +6,9 @@ Two containers, each one self-contained file with the same JSON metadata (``FORM
   model ``prefill`` (every chunk length, decode included) and, if exported with ``separate_decode``, ``decode``
   (one token; prefill then takes 2 .. max_seq_len), and the metadata as the extra file ``extra/duo_engine.json``.
   Zip CRCs are checked on load, so a truncated or damaged file is refused.
-* ``"package"``: a PT2 archive that ``torch.export.save`` writes: the rewritten program with its weights, and
-  optionally Inductor's compile caches (``package_export.py``); the metadata is the same extra file.
+* ``"package"``: a PT2 archive that ``torch.export.save`` writes: the rewritten program, its weights in a member
+  of their own (``package_weights.py``), and optionally Inductor's compile caches (``package_export.py``); the
+  metadata is the same extra file.
 * ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
   ``metadata_props`` entry ``duo_compile.runtime.engine`` holds the metadata. That entry is written as the file's last bytes
   (protobuf merges a trailing message into the model), and it records the byte length of everything before it.
@@ -33,7 +34,8 @@ Metadata (JSON object):
   graph_inputs                         the graphs' calling convention (per-row ``cache_start [B]``, ``valid [B]``)
   generation_config, tokenizer         optional: generate's defaults and the tokenizer (generation_files.py)
   payload                              ``{"sha256": graph bytes digest}`` (+ ``"bytes"``: ONNX model length;
-                                       ``"members"``: AOTI archive member count)
+                                       ``"members"``: archive member count; ``"weights"``: a package's weights
+                                       member, its name, SHA-256 and length, outside ``sha256``)
   digest                               SHA-256 of ``canonical_json`` of all of the above
 """
 from __future__ import annotations
@@ -299,13 +301,13 @@ def check_digest(meta: dict[str, Any], path: str) -> dict[str, Any]:
     return payload
 
 
-def archive_sha256(archive: zipfile.ZipFile, skip: str | None = None) -> tuple[str, int]:
-    """(SHA-256, member count) of a zip archive's members other than ``skip``: each member's name and contents,
-    in name order. Reading a member checks its CRC (a damaged member raises ``zipfile.BadZipFile``)."""
+def archive_sha256(archive: zipfile.ZipFile, skip: set[str] | frozenset[str] = frozenset()) -> tuple[str, int]:
+    """(SHA-256, member count) of a zip archive's members other than those named in ``skip``: each member's name
+    and contents, in name order. Reading a member checks its CRC (a damaged member raises ``zipfile.BadZipFile``)."""
     digest = hashlib.sha256()
     count = 0
     for info in sorted(archive.infolist(), key=lambda item: (item.filename, item.header_offset)):
-        if info.filename == skip:
+        if info.filename in skip:
             continue
         name = info.filename.encode("utf-8")
         digest.update(len(name).to_bytes(8, "little") + name + info.file_size.to_bytes(8, "little"))
@@ -316,15 +318,17 @@ def archive_sha256(archive: zipfile.ZipFile, skip: str | None = None) -> tuple[s
     return digest.hexdigest(), count
 
 
-def seal_pt2(path: str, meta: dict[str, Any]) -> dict[str, Any]:
+def seal_pt2(path: str, meta: dict[str, Any], weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """Append the sealed metadata to the PT2 archive at ``path`` as its last member,
-    ``<archive name>/extra/duo_engine.json``: the digest covers every member written before it."""
+    ``<archive name>/extra/duo_engine.json``: the digest covers every member written before it, a package's
+    weights member through its own SHA-256 (``weights``, its record: package_weights.py), which load checks as it
+    reads the weights."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         if not names or "/" not in names[0]:
             raise ValueError(f"{path}: the AOTInductor package has no archive folder")
-        sha, count = archive_sha256(archive)
-    meta = seal(meta, {"sha256": sha, "members": count})
+        sha, count = archive_sha256(archive, skip={weights["member"]} if weights else set())
+    meta = seal(meta, {"sha256": sha, "members": count, **({"weights": weights} if weights else {})})
     with zipfile.ZipFile(path, "a") as archive:
         archive.writestr(f"{names[0].split('/')[0]}/extra/{PT2_META_NAME}", json.dumps(meta, sort_keys=True))
     return meta
@@ -465,7 +469,13 @@ def _read_pt2_metadata(path: str) -> Any:
             meta = _parse_json(archive.read(names[0]), path)
             check_format(meta, path)
             payload = check_digest(meta, path)
-            sha, count = archive_sha256(archive, skip=names[0])  # reads every member, checking its CRC
+            weights = payload.get("weights")  # a package's weights: hashed as load reads them (package_weights.py)
+            if weights is not None and not (isinstance(weights, dict) and isinstance(weights.get("member"), str)
+                                            and isinstance(weights.get("sha256"), str)
+                                            and isinstance(weights.get("bytes"), int)):
+                raise EngineFileError(f"{path}: damaged engine metadata (weights record {weights!r})")
+            skip = {names[0], weights["member"]} if weights else {names[0]}
+            sha, count = archive_sha256(archive, skip=skip)  # reads every other member, checking its CRC
     except EngineFileError:
         raise
     except zipfile.BadZipFile as err:

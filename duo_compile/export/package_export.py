@@ -4,8 +4,10 @@ and (with the package's compile caches) most of Inductor.
 The file is a PT2 archive that ``torch.export.save`` writes (``torch.export.load`` reads it) holding:
 
 * the rewritten program, ``forward(input_ids, position_ids, cache_start, valid, *caches) -> logits`` (the calling
-  convention of runtime/engine.py) for batch 1 .. ``MAX_BATCH`` and chunks of 1 .. ``max_seq_len`` tokens, with
-  the engine's weights as the passes left them (heads reordered, projections fused);
+  convention of runtime/engine.py) for batch 1 .. ``MAX_BATCH`` and chunks of 1 .. ``max_seq_len`` tokens, saved
+  with a stand-in for each weight (one element broadcast to the weight's shape: a few bytes);
+* ``duo_compile/weights.safetensors``: the engine's weights as the passes left them (heads reordered, projections
+  fused), read once at load straight into the program's parameters (package_weights.py);
 * ``duo_compile/inductor_cache.bin`` (optional): Inductor's portable compile caches
   (``torch.compiler.save_cache_artifacts``) for the shapes ``precompile`` ran at export: one prefill chunk and
   one decode step at batch 1;
@@ -24,10 +26,11 @@ import zipfile
 
 import torch
 
+from duo_compile.export import package_weights
 from duo_compile.export.aoti_export import MAX_BATCH, PREFILL, export_programs
 
 CACHE_NAME = "inductor_cache.bin"
-CACHE_FOLDER = "duo_compile"  # not torch's extra/: torch.export.load reads those as text
+CACHE_FOLDER = package_weights.FOLDER
 # The prefill chunk compiled at export when the engine has no prefill_chunk_size: a prime, because Dynamo gives
 # sizes that are equal while it traces one symbol (a chunk as long as head_dim would trace another graph).
 PRECOMPILE_CHUNK = 61
@@ -48,19 +51,39 @@ def cache_producer(device: torch.device) -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version, "device": kind}
 
 
-def write_program(engine, path: str) -> None:
-    """``torch.export.save`` the engine's rewritten graph (dynamic batch and chunk length) to ``path``."""
+def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
+    """One element broadcast to ``tensor``'s shape (stride 0): what ``torch.export.save`` stores in its place."""
+    stand_in = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
+    if isinstance(tensor, torch.nn.Parameter):
+        return torch.nn.Parameter(stand_in, requires_grad=tensor.requires_grad)
+    return stand_in
+
+
+def write_program(engine, path: str) -> dict:
+    """``torch.export.save`` the engine's rewritten graph (dynamic batch and chunk length) to ``path`` with stand-ins
+    for its weights, then append the weights member; returns that member's record (package_weights.write)."""
     program = export_programs(engine)[PREFILL]
     try:
         program.example_inputs = None  # zero caches of the tracing shape: not needed to run, and as large as a KV cache
     except (AttributeError, TypeError, ValueError):
         pass
-    torch.export.save(program, path)
+    weights = dict(program.state_dict)
+    for name, tensor in weights.items():
+        program.state_dict[name] = _stand_in(tensor)
+    with warnings.catch_warnings():  # torch notes that a stand-in does not cover its (one-element) storage's shape
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(program, path)
+    return package_weights.write(path, weights)
 
 
-def read_program(path: str) -> torch.fx.GraphModule:
-    """The rewritten graph from the package at ``path``, as a module ``Engine`` runs."""
-    return torch.export.load(path).module()
+def read_program(path: str, weights: dict | None, device: torch.device) -> torch.fx.GraphModule:
+    """The rewritten graph from the package at ``path``, as a module ``Engine`` runs, its parameters read from the
+    weights member ``weights`` (its metadata record) onto ``device``. A package without that member (None) holds
+    its weights in the program itself."""
+    module = torch.export.load(path).module()
+    if weights is not None:
+        module.load_state_dict(package_weights.read(path, weights, device), strict=True, assign=True)
+    return module
 
 
 def graphs_record(engine) -> dict:
