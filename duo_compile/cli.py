@@ -127,6 +127,7 @@ def _load_config(path: str):
 
 
 def _masks(args):
+    """The --masks file's gates, as read (binarised by ``_binarize`` once the model's layers are known)."""
     from duo_compile.masks import HeadMasks
 
     if os.path.isdir(args.masks):
@@ -135,9 +136,18 @@ def _masks(args):
     masks = HeadMasks.from_tsv(args.masks)
     if args.sparsity is None and args.threshold is None and not masks.is_binary:
         raise ValueError("the gates in --masks are not binary: give --sparsity or --threshold")
-    if args.sparsity is not None or args.threshold is not None:
-        masks = masks.binarize(sparsity=args.sparsity, threshold=args.threshold)
     return masks
+
+
+def _binarize(args, masks, info, max_seq_len: int):
+    """``masks`` of the model ``info`` binarised by --sparsity / --threshold (unchanged without them): the
+    sparsity counts the heads of full-attention layers only, the rows of layers whose sliding window is shorter
+    than ``max_seq_len`` being unused by the engine."""
+    masks.check_shape(info.num_layers, info.num_kv_heads)
+    if args.sparsity is None and args.threshold is None:
+        return masks
+    return masks.binarize(sparsity=args.sparsity, threshold=args.threshold,
+                          skip_layers=info.window_layers(max_seq_len))
 
 
 def _check_compile(args):
@@ -166,8 +176,7 @@ def _check_compile(args):
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"{name}'s max_position_embeddings is {max_seq_len!r}: give --max-seq-len (>= 2)")
     info = check_config(config, max_seq_len, name)
-    masks.check_shape(info.num_layers, info.num_kv_heads)
-    return masks, max_seq_len
+    return _binarize(args, masks, info, max_seq_len), max_seq_len
 def _load_tokenizer(path: str, required: bool):
     """The tokenizer (and chat template) of a local model directory; None, with a note, if it has none."""
     from transformers import AutoTokenizer
@@ -394,10 +403,14 @@ def _cmd_serve(args) -> int:
             raise ValueError("a MODEL_DIR needs --masks (full_attention_heads.tsv, as identify writes it)")
         import duo_compile
 
+        from duo_compile.models.hf import read_shape
+
         masks = _masks(args)
         model = _load_model(args.model, args.dtype)
         if device is not None:
             model = model.to(device)
+        info = read_shape(model)
+        masks = _binarize(args, masks, info, args.max_seq_len or info.max_position_embeddings)
         engine = duo_compile.compile(model, masks, sink_size=args.sink, recent_size=args.recent,
                                      max_seq_len=args.max_seq_len, prefill_chunk_size=args.chunk,
                                      backend=args.backend, tokenizer=_load_tokenizer(args.model, False),

@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -244,29 +245,43 @@ class HeadMasks:
 
     # ------------------------------------------------------------------ binarisation
 
-    def binarize(self, sparsity: float | None = None, threshold: float | None = None) -> HeadMasks:
+    def binarize(self, sparsity: float | None = None, threshold: float | None = None, *,
+                 skip_layers: Iterable[int] = ()) -> HeadMasks:
         """New binary masks; give exactly one of ``sparsity`` or ``threshold``.
 
-        sparsity: fraction of ALL heads (global over layers, like the authors) made streaming;
-            ``n = round(sparsity * N)`` (Python round, half to even). The n heads with the lowest gates become
-            streaming. Tie-break: ``np.argsort(kind="stable")`` over the row-major flattened gates, so among
-            equal gates the lower (layer, head) index becomes streaming first. No random noise: the same set on
-            every call and on every machine.
+        sparsity: fraction of the heads (global over layers, like the authors) made streaming;
+            ``n = round(sparsity * N)`` (Python round, half to even) of the N heads outside ``skip_layers``. The n
+            heads with the lowest gates become streaming. Tie-break: ``np.argsort(kind="stable")`` over the
+            row-major flattened gates, so among equal gates the lower (layer, head) index becomes streaming first.
+            No random noise: the same set on every call and on every machine.
         threshold: gate > threshold is a retrieval head (gate == threshold is streaming).
+        skip_layers: layers whose rows the engine does not use (a model's sliding-window layers shorter than
+            ``max_seq_len``: ``ModelInfo.window_layers``); their rows become 1 and take no share of the sparsity,
+            which then counts the full-attention heads only.
         """
         if (sparsity is None) == (threshold is None):
             raise ValueError(
                 f"give exactly one of sparsity or threshold, got sparsity={sparsity!r}, threshold={threshold!r}"
             )
+        skip = sorted(set(skip_layers))
+        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.shape[0]
+               for i in skip):
+            raise ValueError(f"skip_layers must be layer indices in 0..{self.shape[0] - 1}, got {skip}")
         if threshold is not None:
             threshold = _real_in_unit_interval("threshold", threshold)
-            return HeadMasks((self._gates > threshold).astype(np.float64))
-        sparsity = _real_in_unit_interval("sparsity", sparsity)
-        flat = self._gates.ravel()
-        order = np.argsort(flat, kind="stable")
-        binary = np.ones(flat.size)
-        binary[order[: _n_streaming(sparsity, flat.size)]] = 0.0
-        return HeadMasks(binary.reshape(self.shape))
+            binary = (self._gates > threshold).astype(np.float64)
+        else:
+            sparsity = _real_in_unit_interval("sparsity", sparsity)
+            used = np.ones(self.shape[0], dtype=bool)
+            used[skip] = False
+            flat = self._gates[used].ravel()
+            order = np.argsort(flat, kind="stable")
+            chosen = np.ones(flat.size)
+            chosen[order[: _n_streaming(sparsity, flat.size)]] = 0.0
+            binary = np.ones(self.shape)
+            binary[used] = chosen.reshape(-1, self.shape[1])
+        binary[skip] = 1.0
+        return HeadMasks(binary)
 
     # ------------------------------------------------------------------ properties
 

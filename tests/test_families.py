@@ -207,6 +207,30 @@ def test_cli_compiles_a_model_directory(name, tmp_path, monkeypatch, capsys):
         f"masks have shape ({layers + 1}, {kv_heads}) but the model has {layers} layers x {kv_heads} KV heads")
 
 
+def test_cli_sparsity_counts_the_full_attention_layers_only(tmp_path, monkeypatch):
+    """``duo-compile compile --sparsity`` on a model with window layers (Gemma 3): the gates of its window layers
+    (rows the engine does not use) stay 1 and the sparsity is a fraction of the full-attention heads, so those
+    layers keep the retrieval heads their gates choose rather than losing them all to the window layers' rows."""
+    model = _model("gemma3", True)
+    model.save_pretrained(tmp_path / "model")
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    gates = np.full((layers, kv_heads), 0.9)
+    gates[WINDOW_LAYERS["gemma3"]] = 0.05  # what identify leaves them is 1; low here, so that counting them shows
+    full = [layer for layer in range(layers) if layer not in WINDOW_LAYERS["gemma3"]]
+    gates[full] = np.linspace(0.2, 0.8, len(full) * kv_heads).reshape(len(full), kv_heads)
+    HeadMasks.from_gates(gates).to_tsv(tmp_path / "gates.tsv")
+    exported = {}
+    monkeypatch.setattr(duo_compile, "export", lambda engine, path, backend: exported.update(engine=engine))
+    assert main(["compile", str(tmp_path / "model"), "--masks", str(tmp_path / "gates.tsv"), "--sparsity", "0.5",
+                 "--max-seq-len", str(MAX_LEN), "--no-tokenizer", "-o", str(tmp_path / "e.onnx"),
+                 "--backend", "onnx"]) == 0
+    retrieval = exported["engine"].masks.retrieval
+    assert retrieval[WINDOW_LAYERS["gemma3"]].all()
+    assert (~retrieval[full]).sum() == round(0.5 * len(full) * kv_heads)
+    assert HeadMasks(retrieval.astype(float)) == HeadMasks.from_gates(gates).binarize(
+        sparsity=0.5, skip_layers=WINDOW_LAYERS["gemma3"])
+
+
 def test_engine_file_of_a_model_with_window_layers(tmp_path):
     """An engine package of Gemma 3 (window layers in a chunk-mode engine) passes load's check of its cache specs
     against the masks and the model's windows, and generates the compiled engine's tokens."""

@@ -199,6 +199,19 @@ def test_threshold():
     assert gates.binarize(threshold=1) == HeadMasks.all_streaming(2, 3)
 
 
+def test_skipped_layers_become_retrieval_and_take_no_share_of_the_sparsity():
+    """``skip_layers`` (a model's window layers, whose rows the engine does not use): their rows are 1, and the
+    sparsity counts the other layers' heads only (here round(0.5 * 6) = 3 of them, the lowest gates there)."""
+    gates = HeadMasks.from_gates([[0.9, 0.8], [0.0, 0.1], [0.5, 0.2], [0.7, 0.3]])
+    masks = gates.binarize(sparsity=0.5, skip_layers=[1])
+    assert np.array_equal(masks.retrieval, [[True, True], [True, True], [False, False], [True, False]])
+    assert gates.binarize(sparsity=0.5).retrieval_counts == [2, 0, 1, 1]  # without: layer 1 takes two of four
+    assert gates.binarize(threshold=0.4, skip_layers=(1, 3)).retrieval_counts == [2, 2, 1, 2]
+    for bad in ([4], [-1], [True], ["0"]):
+        with pytest.raises(ValueError, match="skip_layers must be layer indices in 0..3"):
+            gates.binarize(sparsity=0.5, skip_layers=bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, named",
     [
