@@ -102,6 +102,7 @@ def child(role: str, dry_run: bool, package: str) -> dict:
         result["load_s"] = seconds
         device = str(engine.device.type)
         result["compile_cache_loaded"] = engine.compile_cache_loaded
+        result["load_parts_s"] = engine.load_seconds  # checks, program (deserialisation), weights, caches
     else:
         (model, device), seconds = _timed(lambda: _model(dry_run), "cpu")
         result["build_model_s"] = seconds

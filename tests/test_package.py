@@ -78,6 +78,7 @@ _CHILD = textwrap.dedent(
     inductor = duo_compile.load(job["inductor"])
     results["single"] = inductor.generate(ids[:1], max_new_tokens=job["new"], prefill_chunk_size=job["chunk"])
     results["inductor_backend"] = (inductor.backend, inductor.config.backend, inductor.compile_cache_loaded)
+    results["load_seconds"] = (sorted(eager.load_seconds), sorted(inductor.load_seconds))
     results["counters"] = dict(counters["inductor"])
     results["imported"] = sorted(m for m in sys.modules if m.startswith(("transformers.models", "tests")))
     torch.save(results, sys.argv[2])
@@ -111,6 +112,7 @@ def test_package_in_a_fresh_process_generates_the_compiled_engines_tokens(packag
 def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
     assert fresh_process["eager_backend"] == ("package", "eager", False)
     assert fresh_process["inductor_backend"] == ("package", "inductor", True)
+    assert fresh_process["load_seconds"] == (["checks", "program", "weights"], ["caches", "checks", "program", "weights"])
     counters = fresh_process["counters"]
     assert counters.get("fxgraph_cache_hit", 0) == 2 and counters.get("fxgraph_cache_miss", 0) == 0, counters
     assert fresh_process["imported"] == []  # no model code, no tests

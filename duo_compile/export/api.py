@@ -13,6 +13,7 @@ Backends: ``aoti_export.py``, ``onnx_export.py`` and ``package_export.py``; the 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 import torch
@@ -122,9 +123,10 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
         cache = None
         if precompile and engine.config.backend == "inductor":
             # Compiled from the program as load reads it back, so that load's compilation finds these entries.
-            warm = Engine(package_export.read_program(tmp, weights, engine.device), engine.cache_specs, engine.config,
-                          engine.info, engine.masks, device=engine.device, dtype=engine.dtype,
-                          cuda_graphs=engine.cuda_graphs)
+            program = package_export.read_program(tmp)
+            package_export.load_weights(program, tmp, weights, engine.device)
+            warm = Engine(program, engine.cache_specs, engine.config, engine.info, engine.masks, device=engine.device,
+                          dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
             data = package_export.precompile(warm, None)
             del warm
             if data:
@@ -185,20 +187,25 @@ class _writing:
         return False
 
 
-def _load_package(parts, path: str, payload: dict):
-    """(runner, whether the compile caches were loaded) for a package: its program, compiled as ``compile`` does."""
+def _load_package(parts, path: str, payload: dict, seconds: dict[str, float]):
+    """(runner, whether the compile caches were loaded) for a package: its program, compiled as ``compile`` does.
+    ``seconds`` gets the time of each part: ``program``, ``weights`` and (Inductor) ``caches``."""
     from duo_compile.export import package_export
 
     check_ops(parts, path)
+    began = time.perf_counter()
     try:
-        graph = package_export.read_program(path, payload.get("weights"), parts.device)
-    except EngineFileError:
-        raise
+        graph = package_export.read_program(path)
     except Exception as err:  # the archive passed its checks, so this is torch.export refusing it
         raise EngineFileError(f"{path}: torch.export could not load the program ({type(err).__name__}: {err})")
+    seconds["program"] = time.perf_counter() - began
+    package_export.load_weights(graph, path, payload.get("weights"), parts.device)
+    seconds["weights"] = time.perf_counter() - began - seconds["program"]
     if parts.config.backend != "inductor":
         return graph, False
+    began = time.perf_counter()
     cache_loaded = package_export.use_cache(path, parts.graphs.get("inductor_cache"), parts.device)
+    seconds["caches"] = time.perf_counter() - began
     return torch.compile(graph, backend="inductor", dynamic=True), cache_loaded
 
 
@@ -208,14 +215,18 @@ class LoadedEngine(Engine):
     ``backend``: what runs it, ``"aoti"`` (the AOTInductor package), ``"onnx"`` (onnxruntime) or ``"package"``
     (the program, compiled by the backend of ``config``); ``config`` is the exported engine's, unchanged (its
     ``backend`` names the backend it was compiled with). ``path``: the file. ``compile_cache_loaded``: whether a
-    package's Inductor caches were loaded (False for other backends).
+    package's Inductor caches were loaded (False for other backends). ``load_seconds``: where ``load`` spent its
+    time, ``checks`` (the metadata, the digest over the file's members) then, for a package, ``program``
+    (torch.export's deserialisation), ``weights`` and ``caches``; for the other backends ``runtime``.
     """
 
-    def __init__(self, *args, backend: str, path: str, compile_cache_loaded: bool = False, **kwargs):
+    def __init__(self, *args, backend: str, path: str, compile_cache_loaded: bool = False,
+                 load_seconds: dict[str, float] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
         self.path = path
         self.compile_cache_loaded = compile_cache_loaded
+        self.load_seconds = dict(load_seconds or {})
 
 
 def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> LoadedEngine:
@@ -228,11 +239,14 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
     providers for an ONNX engine (default: CPU, or CUDA for an engine exported on CUDA).
     """
     path = os.fspath(path)
+    began = time.perf_counter()
     parts, meta = read_metadata(path)
     check_runtime(parts, path)
+    seconds = {"checks": time.perf_counter() - began}
+    began = time.perf_counter()
     cache_loaded = False
     if parts.backend == "package":
-        runner, cache_loaded = _load_package(parts, path, meta["payload"])
+        runner, cache_loaded = _load_package(parts, path, meta["payload"], seconds)
     elif parts.backend == "aoti":
         from duo_compile.export.aoti_export import AOTIRunner
 
@@ -274,5 +288,6 @@ def load(path: str | os.PathLike, *, providers: Sequence[str] | None = None) -> 
         backend=parts.backend,
         path=path,
         compile_cache_loaded=cache_loaded,
+        load_seconds=seconds if parts.backend == "package" else {**seconds, "runtime": time.perf_counter() - began},
     )
     return attach_generation_metadata(engine, meta, path)  # generation defaults and tokenizer, when the file has them

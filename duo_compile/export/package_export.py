@@ -76,14 +76,18 @@ def write_program(engine, path: str) -> dict:
     return package_weights.write(path, weights)
 
 
-def read_program(path: str, weights: dict | None, device: torch.device) -> torch.fx.GraphModule:
-    """The rewritten graph from the package at ``path``, as a module ``Engine`` runs, its parameters read from the
-    weights member ``weights`` (its metadata record) onto ``device``. A package without that member (None) holds
-    its weights in the program itself."""
-    module = torch.export.load(path).module()
+def read_program(path: str) -> torch.fx.GraphModule:
+    """The rewritten graph from the package at ``path``, as a module ``Engine`` runs once ``load_weights`` gave it
+    its weights."""
+    return torch.export.load(path).module()
+
+
+def load_weights(module: torch.fx.GraphModule, path: str, weights: dict | None, device: torch.device) -> None:
+    """Replace the stand-ins of ``module`` (``read_program``) by the package's weights member ``weights`` (its
+    metadata record), read onto ``device``. A package without that member (None) holds its weights in the program
+    itself."""
     if weights is not None:
         module.load_state_dict(package_weights.read(path, weights, device), strict=True, assign=True)
-    return module
 
 
 def graphs_record(engine) -> dict:
