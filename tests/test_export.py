@@ -530,48 +530,35 @@ def test_aoti_export_refuses_a_full_disk(tmp_path, monkeypatch, when):
     assert os.listdir(target) == ["m.pt2"]
 
 
-_FULL_DISK_CHILD = textwrap.dedent(
-    """
-    import os, resource, sys
-    sys.path.insert(0, sys.argv[1])
-    import duo_compile
-    import torch
-    from tests.test_export import _engine
-
-    fake, path = sys.argv[2].split(","), sys.argv[3]
-    torch._inductor.aot_compile = lambda *a, **k: list(fake)
-    engine = _engine("llama")
-    # Every file this process and its children write is now cut at 1 MiB, as on a full disk: the native archive
-    # writer's failed write used to abort the process (SIGXFSZ here; rc 134 from c10::Error on ENOSPC).
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    try:
-        duo_compile.export(engine, path)
-        print("EXPORTED")
-    except OSError as err:
-        print("CAUGHT", type(err).__name__, err.errno, err)
-    print("ALIVE")
-    """
-)
-
-
-def test_aoti_export_survives_a_native_write_failure(tmp_path):
+def test_aoti_export_survives_a_native_write_failure(tmp_path, monkeypatch):
     """The archive writer is native code that aborts its process when a write fails; export runs it in a child
-    process, so the caller gets an OSError, keeps the old file and has no temporary left."""
+    process, so the caller gets an OSError, keeps the old file and has no temporary left. Here the caller is this
+    test's process, under a file size limit of 1 MiB while it packages (inherited by the packaging child), as on a
+    full disk: writing the archive in this process would kill it (SIGXFSZ; rc 134 from c10::Error on ENOSPC)."""
+    import resource
+
+    from duo_compile.export import aoti_export
+
     fake = _fake_compiled_files(tmp_path / "compiled")
     target = tmp_path / "out"
     target.mkdir()
     path = target / "m.pt2"
     path.write_bytes(b"previous engine")
-    (tmp_path / "child.py").write_text(_FULL_DISK_CHILD)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "child.py", root, ",".join(fake), str(path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-4000:])
-    lines = proc.stdout.splitlines()
-    assert lines[-1] == "ALIVE", proc.stdout
-    caught = next(line for line in lines if line.startswith(("CAUGHT", "EXPORTED")))
-    assert caught.startswith("CAUGHT OSError"), caught
+    monkeypatch.setattr(torch._inductor, "aot_compile", lambda *a, **k: list(fake))
+    package = aoti_export.write_package
+
+    def under_a_file_size_limit(files, where):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        try:
+            package(files, where)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    monkeypatch.setattr(aoti_export, "write_package", under_a_file_size_limit)
+    with pytest.raises(OSError) as err:
+        duo_compile.export(_engine("llama"), path)
+    caught = str(err.value)
     assert "cannot write the engine file" in caught and "AOTInductor packaging failed" in caught
     assert "ulimit -f" in caught  # the cause this process can see (torch's own message lost the OS error)
     assert path.read_bytes() == b"previous engine"
