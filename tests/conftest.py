@@ -18,7 +18,7 @@ import duo_compile  # noqa: E402,F401  (first: keeps the checkout's kernels/ fro
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.interpreter_patch import skip_repatching  # noqa: E402
+from tests.interpreter_patch import skip_repatching
 from tests.tiny_models import ARCHS, tiny_model  # noqa: E402,F401
 
 torch.set_num_threads(1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import shutil
 import threading
 
 import pytest
