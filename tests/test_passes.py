@@ -14,7 +14,7 @@ from duo_compile.passes import SKIPPED, PassContext, run_pass, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
 from duo_compile.passes.fuse_rope import fuse_rope
 from tests.pass_checks import assert_ops_changed, op_counts
-from tests.tiny_models import mixed_gates, tiny_model
+from tests.tiny_models import cached_tiny_model, mixed_gates
 
 LENGTH = 30
 aten = torch.ops.aten
@@ -39,15 +39,10 @@ def _rows(batch=2, length=LENGTH):
     return torch.zeros(batch, dtype=torch.long), torch.full((batch,), length)
 
 
-@functools.cache
-def _tiny_model(arch: str, gqa: bool):
-    return tiny_model(arch, gqa)
-
-
 @pytest.fixture(params=[("llama", True), ("qwen2", True), ("mistral", False)], ids=lambda p: f"{p[0]}-{'gqa' if p[1] else 'mha'}")
 def model(request):
     """One tiny model per family for the whole module (no test modifies it; some check that a pass does not)."""
-    return _tiny_model(*request.param)
+    return cached_tiny_model(*request.param)
 
 
 @functools.cache
@@ -332,7 +327,7 @@ def test_run_passes_dumps_each_pass_and_records_a_switched_off_pass_as_skipped(t
     off in the context runs nothing, writes nothing and is recorded as SKIPPED (0, printed "skipped")."""
     folder = tmp_path / "graphs"
     monkeypatch.setenv("DUO_COMPILE_DUMP_GRAPHS", str(folder))
-    model = _tiny_model("llama", True)
+    model = cached_tiny_model("llama", True)
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
     ctx.fuse_projections = ctx.fuse_rope = False
     gm = run_passes(_capture(model, last_logits_only=False), ctx)
