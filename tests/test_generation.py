@@ -393,7 +393,7 @@ def test_engine_file_carries_the_tokenizer_and_the_generation_config(cli_engine_
     assert engine.tokenizer.chat_template == tokenizer.chat_template
     text = "w12 a b w40 c w77 d"
     assert engine.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert (engine.generation_config.eos_token_id, engine.generation_config.pad_token_id) == (2, 0)  # the model directory's
+    assert (engine.generation_config.eos_token_id, engine.generation_config.pad_token_id) == (2, 0)  # the model dir's
 
 
 def test_cli_run_streams_text_from_a_text_prompt(cli_engine_file, capsys, tmp_path):
