@@ -1,7 +1,8 @@
 """Shared test fixtures: tiny random-weight Hugging Face models, the Triton interpreter switch, one CPU thread.
 
 TRITON_INTERPRET must be set before anything imports triton (transformers does), so it is set here,
-at the top of the first file pytest imports. It only affects Triton kernels launched on CPU tensors.
+at the top of the first file pytest imports. It only affects Triton kernels launched on CPU tensors. Under the
+interpreter, ``skip_repatching`` (tests/interpreter_patch.py) spares it re-patching the language at every helper call.
 
 One intra-op thread (``set_num_threads``, and ``OMP_NUM_THREADS`` unless set, inherited by the processes tests
 start): the tests run tiny tensors, where a second OpenMP thread only adds synchronisation, and on a small machine
@@ -17,9 +18,13 @@ import duo_compile  # noqa: E402,F401  (first: keeps the checkout's kernels/ fro
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.interpreter_patch import skip_repatching
 from tests.tiny_models import ARCHS, tiny_model  # noqa: E402,F401
 
 torch.set_num_threads(1)
+
+if os.environ["TRITON_INTERPRET"] == "1":
+    skip_repatching()
 
 
 @pytest.fixture(autouse=True)

@@ -232,15 +232,23 @@ def _env():
 
 
 def test_cli_module_has_a_main_guard_version_and_one_line_errors(tmp_path):
-    """``python -m duo_compile.cli``: --version, and a refused command is one line on stderr, exit status 2."""
-    version = subprocess.run([sys.executable, "-m", "duo_compile.cli", "--version"], cwd=tmp_path, env=_env(),
-                             capture_output=True, text=True, timeout=300)
-    assert version.returncode == 0 and version.stdout.strip() == f"duo-compile {duo_compile.__version__}"
-    refused = subprocess.run([sys.executable, "-m", "duo_compile.cli", "run", "e.pt2", "--ids", ""], cwd=tmp_path,
-                             env=_env(), capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2, refused.stderr
-    _one_error_line(refused.stderr, "run", r"--ids is empty")
-    assert refused.stdout == ""
+    """``python -m duo_compile.cli``: --version, and a refused command is one line on stderr, exit status 2. The two
+    processes run at the same time (their start-ups overlap)."""
+    commands = {"version": ["--version"], "refused": ["run", "e.pt2", "--ids", ""]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "duo_compile.cli", *args], cwd=tmp_path, env=_env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    try:
+        (version_out, _), (refused_out, refused_err) = (proc.communicate(timeout=300) for proc in procs.values())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert procs["version"].returncode == 0 and version_out.strip() == f"duo-compile {duo_compile.__version__}"
+    assert procs["refused"].returncode == 2, refused_err
+    _one_error_line(refused_err, "run", r"--ids is empty")
+    assert refused_out == ""
 
 
 def test_cli_ctrl_c_during_identify_prints_one_line_and_exits_130(tmp_path):

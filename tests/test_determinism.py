@@ -19,6 +19,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 
 import duo_compile
@@ -102,14 +103,25 @@ _SUBPROCESS = textwrap.dedent(
 ).format(SINK=SINK, RECENT=RECENT, MAX_LEN=MAX_LEN, PROMPT=PROMPT, NEW=NEW)
 
 
-def test_same_inputs_bitwise_identical_process_to_process():
+@pytest.fixture(scope="module", autouse=True)
+def fresh_process():
+    """The fresh process of ``test_same_inputs_bitwise_identical_process_to_process``, started with this module's
+    first test so that its start-up and compile run beside this process's own (on another core)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _SUBPROCESS], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_same_inputs_bitwise_identical_process_to_process(fresh_process):
     """A fresh Python process (new model build, new compile) produces the very same bytes."""
     want = _digest(*_run(_engine_a(), _ids(2)))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _SUBPROCESS], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("DIGEST")]
+    stdout, stderr = fresh_process.communicate(timeout=300)
+    assert fresh_process.returncode == 0, stderr[-3000:]
+    got = [line.split()[1] for line in stdout.splitlines() if line.startswith("DIGEST")]
     assert got == [want]
 
 

@@ -3,8 +3,9 @@
 Tiny Llama (window mode) and Qwen2 (GQA, q/k/v biases, chunk mode) with mixed masks, sink 4 / recent 8, a
 40-token prompt, batch 3 (the export examples use batch 2, so the batch really is dynamic), whole prefill and
 chunks of 13 (40 = 13 + 13 + 13 + 1: the last chunk is a one-token step). Exported once per module: three AOTI
-compiles (Llama with a separate decode model, Qwen2 with one model for both) and two ONNX exports. One fresh
-Python process loads all four files and generates; it never imports the models or the tests.
+compiles (Llama with a separate decode model, Qwen2 with one model for both) and, in a helper process beside
+them, two ONNX exports. One fresh Python process loads all four files and generates; it never imports the models
+or the tests.
 
 The reference is the compiled engine on the eager backend (the rewritten graph with the reference ops), so the
 comparison isolates export + load + runner from the compiler, which test_compile.py checks against the oracle.
@@ -59,14 +60,44 @@ def _padded_prompt(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+_ONNX_HELPER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import duo_compile
+    from tests.test_export import _engine
+
+    for arch, path in zip(sys.argv[2::2], sys.argv[3::2]):
+        assert duo_compile.export(_engine(arch), path, backend="onnx") == path
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def engine_files(tmp_path_factory):
+    """Every file of EXPORTS. The ONNX exports run in a helper process while this one compiles the AOTI files (it
+    waits for their C++ builds): a second core's work. compile is deterministic (test_determinism.py), so the
+    helper's engines are this process's ``_engine``."""
     folder = tmp_path_factory.mktemp("engines")
-    files = {}
-    for arch, backend, separate in EXPORTS:
-        path = folder / f"{arch}{SUFFIX[backend]}"
-        assert duo_compile.export(_engine(arch), path, backend=backend, separate_decode=separate) == str(path)
-        files[arch, backend] = path
+    files = {(arch, backend): folder / f"{arch}{SUFFIX[backend]}" for arch, backend, _ in EXPORTS}
+    onnx_jobs = [str(x) for (arch, backend), path in files.items() if backend == "onnx" for x in (arch, path)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    log = tmp_path_factory.mktemp("onnx_helper") / "output.txt"  # not a pipe: this process reads it only at the end
+    with open(log, "w") as out:
+        helper = subprocess.Popen([sys.executable, "-c", _ONNX_HELPER, root, *onnx_jobs], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        for arch, backend, separate in EXPORTS:
+            if backend != "onnx":
+                path = files[arch, backend]
+                assert duo_compile.export(_engine(arch), path, backend=backend, separate_decode=separate) == str(path)
+        helper.wait(timeout=900)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    assert helper.returncode == 0, log.read_text()[-4000:]
     assert sorted(os.listdir(folder)) == sorted(p.name for p in files.values())  # no temporary files left
     return files
 
@@ -530,48 +561,35 @@ def test_aoti_export_refuses_a_full_disk(tmp_path, monkeypatch, when):
     assert os.listdir(target) == ["m.pt2"]
 
 
-_FULL_DISK_CHILD = textwrap.dedent(
-    """
-    import os, resource, sys
-    sys.path.insert(0, sys.argv[1])
-    import duo_compile
-    import torch
-    from tests.test_export import _engine
-
-    fake, path = sys.argv[2].split(","), sys.argv[3]
-    torch._inductor.aot_compile = lambda *a, **k: list(fake)
-    engine = _engine("llama")
-    # Every file this process and its children write is now cut at 1 MiB, as on a full disk: the native archive
-    # writer's failed write used to abort the process (SIGXFSZ here; rc 134 from c10::Error on ENOSPC).
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    try:
-        duo_compile.export(engine, path)
-        print("EXPORTED")
-    except OSError as err:
-        print("CAUGHT", type(err).__name__, err.errno, err)
-    print("ALIVE")
-    """
-)
-
-
-def test_aoti_export_survives_a_native_write_failure(tmp_path):
+def test_aoti_export_survives_a_native_write_failure(tmp_path, monkeypatch):
     """The archive writer is native code that aborts its process when a write fails; export runs it in a child
-    process, so the caller gets an OSError, keeps the old file and has no temporary left."""
+    process, so the caller gets an OSError, keeps the old file and has no temporary left. Here the caller is this
+    test's process, under a file size limit of 1 MiB while it packages (inherited by the packaging child), as on a
+    full disk: writing the archive in this process would kill it (SIGXFSZ; rc 134 from c10::Error on ENOSPC)."""
+    import resource
+
+    from duo_compile.export import aoti_export
+
     fake = _fake_compiled_files(tmp_path / "compiled")
     target = tmp_path / "out"
     target.mkdir()
     path = target / "m.pt2"
     path.write_bytes(b"previous engine")
-    (tmp_path / "child.py").write_text(_FULL_DISK_CHILD)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "child.py", root, ",".join(fake), str(path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-4000:])
-    lines = proc.stdout.splitlines()
-    assert lines[-1] == "ALIVE", proc.stdout
-    caught = next(line for line in lines if line.startswith(("CAUGHT", "EXPORTED")))
-    assert caught.startswith("CAUGHT OSError"), caught
+    monkeypatch.setattr(torch._inductor, "aot_compile", lambda *a, **k: list(fake))
+    package = aoti_export.write_package
+
+    def under_a_file_size_limit(files, where):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        try:
+            package(files, where)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    monkeypatch.setattr(aoti_export, "write_package", under_a_file_size_limit)
+    with pytest.raises(OSError) as err:
+        duo_compile.export(_engine("llama"), path)
+    caught = str(err.value)
     assert "cannot write the engine file" in caught and "AOTInductor packaging failed" in caught
     assert "ulimit -f" in caught  # the cause this process can see (torch's own message lost the OS error)
     assert path.read_bytes() == b"previous engine"

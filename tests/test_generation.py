@@ -3,15 +3,14 @@ text in and text out through the CLI.
 
 The engine under test has only retrieval heads, so it computes the model's own attention and every difference from
 ``model.generate`` would be the decode loop's (tiny random Llama, fp32, CPU, eager backend). Sampling is compared
-token for token: ``torch.manual_seed`` before each call, same settings. The CLI test compiles the bundled passkey
-model from a model directory with a transformers copy of its tokenizer and a chat template, exports it as ONNX (the
-quickest export on a CPU), and runs text prompts through the engine file.
+token for token: ``torch.manual_seed`` before each call, same settings. The CLI test compiles the tiny Llama from a
+model directory that holds it with this file's tokenizer and a chat template, exports it as ONNX (the quickest
+export on a CPU), and runs text prompts through the engine file.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import shutil
 import threading
 
 import pytest
@@ -365,43 +364,44 @@ def test_the_decode_loop_reads_the_device_only_to_stop_early(monkeypatch):
 
 # ------------------------------------------------------------------------------------ engine file and CLI
 @pytest.fixture(scope="module")
-def passkey_engine_file(tmp_path_factory):
-    """``duo-compile compile`` of the bundled passkey model, from a model directory that holds a transformers copy
-    of its tokenizer with a chat template; ONNX engine file."""
+def cli_engine_file(tmp_path_factory):
+    """``duo-compile compile`` of the tiny Llama saved as a model directory (eos id 2, pad id 0 in its configs)
+    with this file's tokenizer and a chat template; mixed masks; ONNX engine file."""
     from duo_compile.cli import main
-    from duo_compile.identify.passkey import PASSKEY_GATES_DIR, PASSKEY_MODEL_DIR, WordTokenizer
+    from tests.tiny_models import mixed_gates
 
-    folder = tmp_path_factory.mktemp("passkey")
+    folder = tmp_path_factory.mktemp("cli")
     model_dir = folder / "model"
-    model_dir.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(PASSKEY_MODEL_DIR / name, model_dir / name)
-    tokenizer = WordTokenizer.from_pretrained(PASSKEY_MODEL_DIR).to_transformers()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}Passkey :"
+    model = tiny_model("llama", gqa=True)
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = 2, 0
+    model.save_pretrained(model_dir)
+    tokenizer = copy.deepcopy(_tokenizer())
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}a b :"
     tokenizer.save_pretrained(model_dir)
-    path = folder / "passkey.onnx"
-    assert main(["compile", str(model_dir), "--masks", str(PASSKEY_GATES_DIR / "full_attention_heads.tsv"),
-                 "--sparsity", "0.5", "--sink", "16", "--recent", "32", "--max-seq-len", "128", "--dtype", "float32",
-                 "-o", str(path), "--backend", "onnx"]) == 0
+    duo_compile.HeadMasks.from_gates(mixed_gates(3, 2)).to_tsv(folder / "masks.tsv")
+    path = folder / "tiny.onnx"
+    assert main(["compile", str(model_dir), "--masks", str(folder / "masks.tsv"), "--sink", "4", "--recent", "8",
+                 "--max-seq-len", "64", "--dtype", "float32", "-o", str(path), "--backend", "onnx"]) == 0
     return path, tokenizer
 
 
-def test_engine_file_carries_the_tokenizer_and_the_generation_config(passkey_engine_file):
-    path, tokenizer = passkey_engine_file
+def test_engine_file_carries_the_tokenizer_and_the_generation_config(cli_engine_file):
+    path, tokenizer = cli_engine_file
     engine = duo_compile.load(path)
     assert engine.tokenizer.get_vocab() == tokenizer.get_vocab()
     assert engine.tokenizer.chat_template == tokenizer.chat_template
-    text = "the cat sat on the mat ."
+    text = "w12 a b w40 c w77 d"
     assert engine.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
-    assert (engine.generation_config.eos_token_id, engine.generation_config.pad_token_id) == (2, 0)  # config.json's
+    assert (engine.generation_config.eos_token_id, engine.generation_config.pad_token_id) == (2, 0)  # the model dir's
 
 
-def test_cli_run_streams_text_from_a_text_prompt(passkey_engine_file, capsys, tmp_path):
+def test_cli_run_streams_text_from_a_text_prompt(cli_engine_file, capsys, tmp_path):
     from duo_compile.cli import main
 
-    path, tokenizer = passkey_engine_file
+    path, tokenizer = cli_engine_file
     engine = duo_compile.load(path)
-    prompt = "the cat sat on the mat ."
+    prompt = "w12 a b w40 c w77 d"
 
     def run(*args):
         capsys.readouterr()
@@ -426,10 +426,10 @@ def test_cli_run_streams_text_from_a_text_prompt(passkey_engine_file, capsys, tm
     assert run("--ids", "1,5,6").split()[:3] == ["1", "5", "6"]  # ids in, ids out, as before
 
 
-def test_cli_run_errors_name_what_is_missing(passkey_engine_file, tmp_path, capsys):
+def test_cli_run_errors_name_what_is_missing(cli_engine_file, tmp_path, capsys):
     from duo_compile.cli import main
 
-    path, _ = passkey_engine_file
+    path, _ = cli_engine_file
     assert main(["run", str(path), "--chat", "--ids", "1,2"]) == 2
     assert "--chat applies to a text prompt" in capsys.readouterr().err
     assert main(["run", str(path), "--file", str(tmp_path / "missing.txt")]) == 2

@@ -1,4 +1,6 @@
 """Each pass on its own: what it matched, what it emitted, and that outputs are unchanged where they must be."""
+import copy
+import functools
 from itertools import pairwise
 
 import numpy as np
@@ -12,7 +14,7 @@ from duo_compile.passes import SKIPPED, PassContext, run_pass, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
 from duo_compile.passes.fuse_rope import fuse_rope
 from tests.pass_checks import assert_ops_changed, op_counts
-from tests.tiny_models import mixed_gates, tiny_model
+from tests.tiny_models import cached_tiny_model, mixed_gates
 
 LENGTH = 30
 aten = torch.ops.aten
@@ -39,7 +41,20 @@ def _rows(batch=2, length=LENGTH):
 
 @pytest.fixture(params=[("llama", True), ("qwen2", True), ("mistral", False)], ids=lambda p: f"{p[0]}-{'gqa' if p[1] else 'mha'}")
 def model(request):
-    return tiny_model(*request.param)
+    """One tiny model per family for the whole module (no test modifies it; some check that a pass does not)."""
+    return cached_tiny_model(*request.param)
+
+
+@functools.cache
+def _captured(model, last_logits_only: bool):
+    return capture(model, last_logits_only=last_logits_only)
+
+
+def _capture(model, *, last_logits_only: bool = True):
+    """``capture(model, ...)``: a copy of the graph captured once per model, referring to the model's own parameters
+    and buffers as a fresh capture does (passes rewrite the graph they get in place, never the model's weights)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(_captured(model, last_logits_only), shared)
 
 
 def _kv_heads(model):
@@ -48,7 +63,7 @@ def _kv_heads(model):
 
 @torch.no_grad()
 def test_find_attention_tags_every_layer(model):
-    gm = capture(model, last_logits_only=False)
+    gm = _capture(model, last_logits_only=False)
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
     before = op_counts(gm)
     find_attention(gm, ctx)
@@ -63,7 +78,7 @@ def test_find_attention_tags_every_layer(model):
 
 
 def test_find_attention_rejects_masks_of_the_wrong_shape(model):
-    gm = capture(model, last_logits_only=False)
+    gm = _capture(model, last_logits_only=False)
     with pytest.raises(ValueError, match=r"masks have shape \(3, 7\) but the model has 3 layers x"):
         find_attention(gm, _ctx(np.ones((3, 7))))
 
@@ -86,7 +101,7 @@ def test_reorder_heads_changes_weights_not_outputs(model):
     gates = np.zeros((3, _kv_heads(model)))
     gates[1, -1] = gates[2, -1] = 1  # layers 1 and 2: the retrieval head is last, so it must move
     ctx = _ctx(gates)
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="find_attention")
+    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="find_attention")
     before = op_counts(gm)
     gm = run_pass("reorder_heads", gm, ctx)
     assert_ops_changed(before, gm)  # weights only
@@ -101,7 +116,7 @@ def test_reorder_heads_changes_weights_not_outputs(model):
 def test_split_attention_with_all_retrieval_changes_nothing(model):
     ids, pos = _inputs()
     ctx = _ctx(np.ones((3, _kv_heads(model))))
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="reorder_heads")
     before = op_counts(gm)
     gm = run_pass("split_attention", gm, ctx)
     # The causal mask and repeat_kv that fed SDPA are dead code now, removed by the clean-up.
@@ -117,7 +132,7 @@ def test_split_attention_matches_oracle_for_mixed_masks(model):
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
     ctx = _ctx(gates)
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="reorder_heads")
     before = op_counts(gm)
     gm = run_pass("split_attention", gm, ctx)
     # layer 0: retrieval only; layer 1: both; layer 2: streaming only.
@@ -138,7 +153,7 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
     ctx = _ctx(gates)
-    gm = run_passes(capture(model, last_logits_only=False), ctx, until="split_attention")
+    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="split_attention")
     cacheless = gm(ids, pos)
     before = op_counts(gm)
     gm = run_pass("kv_layout", gm, ctx)
@@ -163,9 +178,9 @@ def test_kv_layout_takes_each_rows_logits_at_its_last_real_token(model):
     valid[b] - 1 instead: the logits of a row's last real token, the rest of the row being padding."""
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
-    every = run_passes(capture(model, last_logits_only=False), _ctx(gates), until="kv_layout")
+    every = run_passes(_capture(model, last_logits_only=False), _ctx(gates), until="kv_layout")
     ctx = _ctx(gates)
-    last = run_passes(capture(model), ctx, until="kv_layout")
+    last = run_passes(_capture(model), ctx, until="kv_layout")
     assert _count(last, torch.ops.aten.slice.Tensor) < _count(every, torch.ops.aten.slice.Tensor) + 1
     valid = torch.tensor([LENGTH, 17])
     caches = [torch.zeros(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
@@ -184,7 +199,7 @@ class _BeforePass:
     def __init__(self, model, retrieval, until: str):
         self.ids, self.pos = _inputs()
         self.ctx = _ctx(retrieval)
-        self.gm = run_passes(capture(model, last_logits_only=False), self.ctx, until=until)
+        self.gm = run_passes(_capture(model, last_logits_only=False), self.ctx, until=until)
         self.ops = op_counts(self.gm)
         self.caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in self.ctx.cache_specs]
         self.written = [c.clone() for c in self.caches]
@@ -312,10 +327,10 @@ def test_run_passes_dumps_each_pass_and_records_a_switched_off_pass_as_skipped(t
     off in the context runs nothing, writes nothing and is recorded as SKIPPED (0, printed "skipped")."""
     folder = tmp_path / "graphs"
     monkeypatch.setenv("DUO_COMPILE_DUMP_GRAPHS", str(folder))
-    model = tiny_model("llama", True)
+    model = cached_tiny_model("llama", True)
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
     ctx.fuse_projections = ctx.fuse_rope = False
-    gm = run_passes(capture(model, last_logits_only=False), ctx)
+    gm = run_passes(_capture(model, last_logits_only=False), ctx)
     ran = ["01_find_attention", "02_reorder_heads", "04_split_attention", "05_kv_layout", "06_merge_head_groups"]
     text = {path.name: path.read_text() for path in folder.iterdir()}
     assert sorted(text) == sorted(f"{name}_{when}.txt" for name in ran for when in ("before", "after"))

@@ -35,13 +35,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(request):
+    """A ``duo-compile serve`` process; the ``engine`` fixture is built while it starts (another core's work)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "duo_compile.cli", "serve", "--backend", "eager", "--port", str(port),
            "--max-num-seqs", str(SLOTS), "--max-waiting", str(WAITING), "--max-seq-len", str(MAX_LEN),
            "--token-budget", "512"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        request.getfixturevalue("engine")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
