@@ -71,6 +71,13 @@ def test_kernel_benchmark_smoke(tmp_path, monkeypatch):
     import sys
 
     out = tmp_path / "kernels.json"
+    # main sets allow_tf32, which moves torch's fp32 matmul precision from "none" to "ieee": a setting Inductor's
+    # graph cache keys on, so left changed it would make later tests' compiles miss the caches a fresh process has.
+    matmul = torch.backends.cuda.matmul
+    for name in ("fp32_precision", "allow_tf32"):
+        if hasattr(matmul, name):
+            monkeypatch.setattr(matmul, name, getattr(matmul, name))
+            break
     spec = importlib.util.find_spec("benchmarks.kernels")
     kernels = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernels)
