@@ -74,8 +74,9 @@ def kv_budget(kv_gib: float | None, device: torch.device, cpu_bytes: int) -> int
 
 
 def triton_builds() -> int:
-    """Kernels in Triton's on-disk cache (the duo ops' kernels; Inductor keeps its own): how many a run built is
-    the difference, a stall on a build mid-run shows there."""
+    """Kernels in the Triton cache folder this process builds into (``TRITON_CACHE_DIR``, which Inductor points
+    at its own folder when it first compiles, for the duo ops' kernels too; else Triton's default): how many a run
+    built is the difference, a stall on a build mid-run shows there."""
     folder = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
     return sum(1 for _ in folder.iterdir()) if folder.is_dir() else 0
 

@@ -263,7 +263,7 @@ class HeadMasks:
             raise ValueError(
                 f"give exactly one of sparsity or threshold, got sparsity={sparsity!r}, threshold={threshold!r}"
             )
-        skip = sorted(set(skip_layers))
+        skip = list(skip_layers)
         if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.shape[0]
                for i in skip):
             raise ValueError(f"skip_layers must be layer indices in 0..{self.shape[0] - 1}, got {skip}")

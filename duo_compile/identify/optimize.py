@@ -153,9 +153,11 @@ def identify(
     # No sample is longer than `longest`: a window that long hides no key, its layer is a full-attention one (the
     # engine's rule for max_seq_len = longest); the other window layers' gates reach no output.
     longest = context_lengths[-1] + tail
-    windows = read_shape(model).layer_windows or (0,) * layout.num_layers
-    full_layers = [layer for layer, window in enumerate(windows) if not 0 < window < longest]
+    info = read_shape(model)
+    window_layers = set(info.window_layers(longest))
+    full_layers = [layer for layer in range(layout.num_layers) if layer not in window_layers]
     if not full_layers:
+        windows = info.layer_windows
         raise ValueError(
             f"every layer of {type(model).__name__} has a sliding window ({min(windows)} to {max(windows)} tokens) "
             f"shorter than the longest sample ({longest} tokens: context length {context_lengths[-1]} plus the "
