@@ -5,8 +5,9 @@ serve_bench.py measures whole request streams; this script takes them apart, at 
 
   chunk    one request's prefill chunk of ``--chunk`` tokens on its own cache row (``Engine.step(rows=...)``),
            its row already holding ``start`` tokens, for each start in ``--starts``
-  decode   one token for every slot at position ``--context`` (the CUDA-graphed decode step), and the same step
-           with only two rows real (``valid`` 0 elsewhere: what a step costs while most rows prefill)
+  decode   one token for every slot at position ``--context`` (the CUDA-graphed decode step), the same step
+           with only two rows real (``valid`` 0 elsewhere: what a step costs while most rows prefill), and the
+           two rows alone in a decode step of batch 2 (what the scheduler runs when two requests are running)
 
 with a kernel breakdown (torch.profiler) of the chunk at the last start and of the full decode step, so a slow step
 shows which kernels it waits on. ``--page-size N`` compiles both engines with paged retrieval KV (each slot its own
@@ -58,20 +59,22 @@ def time_engine(engine, slots: int, chunk: int, starts: list[int], context: int,
     every = torch.full((slots,), context, dtype=torch.long)
     two = torch.tensor([1, 1] + [0] * (slots - 2)) if slots > 2 else torch.ones(slots, dtype=torch.long)
 
-    def run_decode(valid: torch.Tensor):
-        return lambda: engine.step(token, every, valid)
+    def run_decode(valid: torch.Tensor, rows: int = slots):
+        return lambda: engine.step(token[:rows], every[:rows], valid[:rows], rows=slice(0, rows))
 
     began = time.perf_counter()
     run_chunk(starts[0])()  # compiles the prefill graph
     run_decode(torch.ones(slots, dtype=torch.long))()  # compiles the decode graph (and captures it)
+    run_decode(two, min(2, slots))()  # the batch-of-two decode graph
     out = {"slots": slots, "warm_up_s": time.perf_counter() - began, "chunk_ms": {}, "decode_ms": {}}
     for start in starts:
         out["chunk_ms"][start] = device_ms(run_chunk(start), device)
         log(f"  chunk of {chunk} at {start}: {out['chunk_ms'][start]:.2f} ms")
     out["decode_ms"]["all_rows"] = device_ms(run_decode(torch.ones(slots, dtype=torch.long)), device, inner=5)
     out["decode_ms"]["two_rows"] = device_ms(run_decode(two), device, inner=5)
+    out["decode_ms"]["batch_of_two"] = device_ms(run_decode(two, min(2, slots)), device, inner=5)
     log(f"  decode of {slots} rows at {context}: {out['decode_ms']['all_rows']:.2f} ms, two rows real: "
-        f"{out['decode_ms']['two_rows']:.2f} ms")
+        f"{out['decode_ms']['two_rows']:.2f} ms, the two in a batch of two: {out['decode_ms']['batch_of_two']:.2f} ms")
     if profile:
         out["chunk_kernels"] = kernel_breakdown(run_chunk(starts[-1]), device, steps=2)
         out["decode_kernels"] = kernel_breakdown(run_decode(torch.ones(slots, dtype=torch.long)), device, steps=5)

@@ -117,7 +117,39 @@ def test_greedy_outputs_equal_generate_alone(name):
     for seq, want in zip(sequences, expected):
         assert tuple(seq.tokens) == want
         assert ended[seq.id] == LENGTH
-    assert ((1, 1), True) not in shapes and ((slots, 1), False) in shapes
+    decode_shapes = {shape for shape, _ in shapes if shape[1] == 1}
+    assert ((1, 1), True) not in shapes and decode_shapes <= {(n, 1) for n in scheduler.decode_batches}
+
+
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_running_requests_keep_the_lowest_slots_and_decode_in_the_smallest_batch(page_size):
+    """As requests end, the ones in higher slots move down (``Engine.move_row``), so every decode step runs the
+    first slots in the smallest of ``decode_batches`` that holds them; the moved requests' tokens stay
+    ``generate``'s."""
+    engine = _engine(page_size=page_size)
+    sequences = _sequences(engine, _prompts())
+    scheduler = Scheduler(engine, 8, token_budget=64)
+    assert scheduler.decode_batches == [2, 4, 8] and Scheduler(engine, 20).decode_batches == [2, 4, 8, 16, 20]
+    batches, moves = [], []
+    step, move_row = engine.step, engine.move_row
+
+    def checked_step(ids, *args, **kwargs):
+        if ids.shape[1] == 1:  # a decode step: the running requests hold the first slots
+            held = [seq is not None for seq in scheduler.running]
+            assert held == sorted(held, reverse=True)
+            highest = max(i for i, seq in enumerate(scheduler.running) if seq is not None and scheduler._decodes(seq))
+            assert ids.shape[0] == min(n for n in scheduler.decode_batches if n > highest)
+            batches.append(ids.shape[0])
+        return step(ids, *args, **kwargs)
+
+    engine.step = checked_step
+    engine.move_row = lambda *args: moves.append(args) or move_row(*args)
+    try:
+        _run(scheduler, sequences, [0] * len(sequences))
+    finally:
+        del engine.step, engine.move_row
+    assert [tuple(s.tokens) for s in sequences] == list(_alone())
+    assert moves and set(batches) == {2, 4, 8}
 
 
 def test_a_short_chunk_runs_only_as_its_steps_first_chunk():
@@ -132,7 +164,7 @@ def test_a_short_chunk_runs_only_as_its_steps_first_chunk():
     def recorded_step():
         with _recorded_steps(engine) as shapes:
             updates = step()
-        chunks_per_step.append([shape[1] for shape, rows in shapes if rows])
+        chunks_per_step.append([shape[1] for shape, _ in shapes if shape[1] > 1])  # decode steps: one token
         return updates
 
     scheduler.step = recorded_step
@@ -288,13 +320,13 @@ def test_engine_thread_survives_a_failed_step(monkeypatch):
 
 
 def test_warm_up_runs_both_chunk_kinds_and_a_decode_step_then_leaves_every_slot_free():
-    """serve/warm_up.py: a chunk of a multiple of 16 tokens, one of another length, a decode step over every slot;
-    the requests served afterwards still get what ``generate`` gives them (the warm-up's rows are never read)."""
+    """serve/warm_up.py: a chunk of a multiple of 16 tokens, one of another length, a decode step of each decode
+    batch size; the requests served afterwards still get what ``generate`` gives them (the warm-up's rows are never read)."""
     engine = _engine()
     scheduler = Scheduler(engine, 3, token_budget=40)
     with _recorded_steps(engine) as shapes:
         warm_up(scheduler)
-    assert sorted(set(shapes)) == [((1, 17), True), ((1, 32), True), ((3, 1), False)]
+    assert sorted(set(shapes)) == [((1, 17), True), ((1, 32), True), ((2, 1), True), ((3, 1), True)]
     assert not scheduler.has_work() and scheduler.num_free == 3
     with pytest.raises(RuntimeError, match="idle scheduler"):
         scheduler.add(_sequences(engine, _prompts())[0])
@@ -402,6 +434,10 @@ def test_paged_refusals():
     scheduler = Scheduler(engine, 2, num_pages=10)
     with pytest.raises(ValueError, match="needs 12 pages of 4 positions; the pool holds 10"):
         scheduler.add(Sequence.from_generate_args(engine, _prompts()[3], max_new_tokens=6))
+    with pytest.raises(ValueError, match="target row 2 is outside the allocated batch of 2"):
+        engine.move_row(0, 2, 8)
+    with pytest.raises(ValueError, match="source must be an integer >= 0, got -1"):
+        engine.move_row(-1, 0, 8)
     with pytest.raises(ValueError, match="block_table needs a paged engine"):
         _engine().step(torch.tensor([[1]]), 0, block_table=torch.zeros(1, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="step needs a block_table"):

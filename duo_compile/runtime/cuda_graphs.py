@@ -4,7 +4,8 @@ A decode step of a 7B model is a few hundred small kernels; launched one by one 
 the same order as the step itself. The duo kernels read each row's position (and whether its token is real) from
 device memory, so one captured graph serves every position, and rows at different positions: each step only
 copies the new tokens, the rows' positions and their real-token counts into static buffers (and, for a paged
-engine, its block table: the kernels read it on the device too).
+engine, its block table: the kernels read it on the device too). An engine keeps one graph per batch size it
+decodes (a server's running rows come in a few bucket sizes), all in one memory pool: they never run at once.
 """
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from duo_compile.passes import CacheSpec
 class GraphedDecode:
     """Capture ``run(input_ids [B,1], position_ids [B,1], cache_start [B], valid [B], *caches[, block_table])``
     once, then replay it per step. ``table_pages``: a paged engine's block-table width (its rows' most pages;
-    narrower tables are padded with page 0, which no row reads past its own positions), else None."""
+    narrower tables are padded with page 0, which no row reads past its own positions), else None. ``pool``: the
+    memory pool to capture into (``torch.cuda.graph_pool_handle()``, shared with the engine's other decode graphs),
+    or None for a pool of its own."""
 
     def __init__(self, run: Callable[..., torch.Tensor], caches: Sequence[torch.Tensor],
-                 specs: Sequence[CacheSpec], batch_size: int, device: torch.device, table_pages: int | None = None):
-        self.run, self.caches, self.specs = run, list(caches), list(specs)
+                 specs: Sequence[CacheSpec], batch_size: int, device: torch.device, table_pages: int | None = None,
+                 pool=None):
+        self.run, self.caches, self.specs, self.pool = run, list(caches), list(specs), pool
         self.block_table = (None if table_pages is None else
                             torch.zeros(batch_size, table_pages, dtype=torch.int32, device=device))
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -65,7 +69,7 @@ class GraphedDecode:
             self.run(*args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=self.pool):
             self.logits = self.run(*args)
         for cache, saved in snapshot:
             cache.copy_(saved)

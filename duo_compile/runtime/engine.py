@@ -176,9 +176,10 @@ class Engine:
         self.cache_len: int | None = None
         self.num_pages: int | None = None  # paged engines: pages in each retrieval pool
         self.block_table: torch.Tensor | None = None  # paged engines: the default table (one run of pages per row)
-        # On CUDA, decode steps (one token) replay a captured graph: see cuda_graphs.py.
+        # On CUDA, decode steps (one token) replay a captured graph, one per batch size: see cuda_graphs.py.
         self.cuda_graphs = cuda_graphs
-        self._graphed: GraphedDecode | None = None
+        self._graphed: dict[int, GraphedDecode] = {}
+        self._graph_pool = None  # the graphs' shared memory pool (they never run at the same time)
         if runner is not None:
             self._run = runner
         elif config.backend == "inductor":
@@ -261,7 +262,7 @@ class Engine:
             )
 
     def _allocate(self, batch_size: int, length: int, num_pages: int | None = None) -> None:
-        self.caches, self._graphed, self.block_table = [], None, None  # free the old caches (and graph) first
+        self.caches, self._graphed, self.block_table = [], {}, None  # free the old caches (and graphs) first
         shapes = {
             spec.name: (batch_size, spec.num_kv_heads, spec.slots, spec.head_dim) if spec.slots is not None
             else (batch_size, spec.num_kv_heads, length, spec.head_dim) if num_pages is None
@@ -276,10 +277,10 @@ class Engine:
                                             device=self.device).view(batch_size, -1)
 
     def release(self) -> None:
-        """Free the caches (and the decode graph that uses them); the next generate allocates again. Holds the
+        """Free the caches (and the decode graphs that use them); the next generate allocates again. Holds the
         engine's lock."""
         with self._lock:
-            self.caches, self._graphed, self.block_table = [], None, None
+            self.caches, self._graphed, self.block_table = [], {}, None
             self.batch_size = self.cache_len = self.num_pages = None
 
     def kv_cache_bytes(self) -> KVCacheBytes:
@@ -347,7 +348,7 @@ class Engine:
         if block_table is not None and not self.paged:
             raise ValueError("block_table needs a paged engine (compile with page_size)")
         batch, length = input_ids.shape
-        caches = self.caches
+        caches, first_row = self.caches, 0
         if rows is not None:
             if self.batch_size is None or not isinstance(rows, slice) or rows.step not in (None, 1):
                 raise ValueError(f"rows must be a slice (step 1) of the allocated batch, got {rows!r}")
@@ -381,11 +382,9 @@ class Engine:
             raise ValueError(
                 f"positions {last}..{end - 1} exceed the allocated cache length {self.cache_len}"
             )
-        if length == 1 and rows is None and self.cuda_graphs and self.device.type == "cuda":
-            if self._graphed is None:
-                pages = self.pages_per_row(self.cache_len) if self.paged else None
-                self._graphed = GraphedDecode(self._run, self.caches, self.cache_specs, batch, self.device, pages)
-            return self._graphed(input_ids, first if cache_start is None else cache_start, valid, *table)[:, -1, :]
+        if length == 1 and (rows is None or first_row == 0) and self.cuda_graphs and self.device.type == "cuda":
+            return self._graphed_decode(batch, caches)(input_ids, first if cache_start is None else cache_start,
+                                                       valid, *table)[:, -1, :]
         if cache_start is None:
             cache_start = torch.full((batch,), first, dtype=torch.long, device=self.device)
         else:
@@ -399,6 +398,37 @@ class Engine:
         input_ids = input_ids.clone(memory_format=torch.contiguous_format)
         logits = self._run(input_ids, position_ids, cache_start, valid, *caches, *table)
         return _last_real(logits, valid)
+
+    def _graphed_decode(self, batch: int, caches: list[torch.Tensor]) -> GraphedDecode:
+        """The decode graph of the first ``batch`` cache rows (``caches``: their views), captured at its first step.
+        A server decodes its running rows in a few batch sizes (serve/scheduler.py): one graph each, in one memory
+        pool."""
+        if batch not in self._graphed:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            pages = self.pages_per_row(self.cache_len) if self.paged else None
+            self._graphed[batch] = GraphedDecode(self._run, caches, self.cache_specs, batch, self.device, pages,
+                                                 pool=self._graph_pool)
+        return self._graphed[batch]
+
+    def move_row(self, source: int, target: int, positions: int) -> None:
+        """Copy cache row ``source`` to row ``target``: every streaming cache's row, and without paging the first
+        ``positions`` positions of every retrieval cache's row (a paged row's positions stay in its pages). A
+        server moves a request this way to keep its running rows first (serve/scheduler.py). Holds the engine's
+        lock."""
+        with self._lock:
+            if self.batch_size is None:
+                raise RuntimeError("no cache allocated yet: call allocate(batch_size) first")
+            for name, row in (("source", source), ("target", target)):
+                check_int(name, row, 0)
+                if row >= self.batch_size:
+                    raise ValueError(f"{name} row {row} is outside the allocated batch of {self.batch_size}")
+            positions = check_int("positions", positions, 0)
+            for spec, cache in zip(self.cache_specs, self.caches):
+                if spec.slots is not None:
+                    cache[target].copy_(cache[source])
+                elif not self.paged:
+                    cache[target, :, :positions].copy_(cache[source, :, :positions])
 
     def prefill(self, input_ids: torch.Tensor, chunk_size: int | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,12 +13,17 @@ Requests join and leave between steps. Each ``step``:
    first request's context (``Sequence.context_length``) plus its next token, beyond those the running requests
    take in this step's decode (so an admission never forces a preemption at once); a request that cannot be
    admitted keeps the ones behind it waiting (no overtaking);
-2. decodes: one token for every request whose context is in its cache, all slots in one ``Engine.step`` of
-   ``[slots, 1]`` tokens, each row at its own position (``start``), rows with nothing to decode given ``valid``
-   0 (idle or prefilling rows: never written). A context with one token left to prefill runs that token here
-   too: a one-token chunk is a decode step (the ops treat it the same), so it needs no graph of its own. A
-   request whose next position starts a page takes a free page first; when none is free, the newest running
-   request (latest arrival) is preempted (below), until the oldest requests have their pages;
+2. decodes: one token for every request whose context is in its cache, in one ``Engine.step`` of ``[batch, 1]``
+   tokens over the first ``batch`` slots, each row at its own position (``start``), rows with nothing to decode
+   given ``valid`` 0 (idle or prefilling rows: never written). ``batch`` is the smallest of a few sizes
+   (``decode_batches``) that holds the highest decoding slot; on a GPU each size replays its own CUDA graph, so a
+   step with few requests running does not pay for the idle rows of a full one. Running requests are kept in
+   the lowest slots for this: at the start of a step, a request in a slot above a free one moves down into it
+   (``Engine.move_row`` copies its streaming rows; its retrieval pages stay where they are). A context with one
+   token left to prefill runs that token here too: a one-token chunk is a decode step (the ops treat it the
+   same), so it needs no graph of its own. A request whose next position starts a page takes a free page first;
+   when none is free, the newest running request (latest arrival) is preempted (below), until the oldest
+   requests have their pages;
 3. prefills under the step's token budget: what the decode tokens leave of ``token_budget`` goes to waiting
    contexts, in arrival order, as chunks run on their own streaming row and their pages (``Engine.step(rows=...,
    block_table=...)``), so one long prompt is prefilled over several steps while the running requests keep
@@ -63,6 +68,14 @@ from duo_compile.serve.sequence import CANCELLED, ERROR, Sequence, Update
 SHORT_CHUNK = DECODE_MAX_TOKENS
 
 
+def decode_batches(slots: int) -> list[int]:
+    """The batch sizes of decode steps (on a GPU, one CUDA graph each): 2, 4, 8, then multiples of 8 below
+    ``slots``, and ``slots``. Never 1 where there are more slots: a one-row step would compile a graph of its own
+    (the compiled graph specialises on a batch of one), and a second row costs next to nothing in a step that reads
+    every weight once."""
+    return [n for n in (2, 4, *range(8, slots, 8)) if n < slots] + [slots]
+
+
 class QueueFull(RuntimeError):
     """The waiting queue holds ``max_waiting`` requests: refuse, the caller may retry later."""
 
@@ -76,6 +89,7 @@ class Scheduler:
                  num_pages: int | None = None):
         self.engine = engine
         self.slots = check_int("slots", slots, 1)
+        self.decode_batches = decode_batches(self.slots)
         chunk = engine.config.prefill_chunk_size
         budget = token_budget if token_budget is not None else max(chunk or 2048, self.slots)
         # At most slots - 1 rows decode while a prompt waits, so this leaves every step at least one prompt token.
@@ -196,6 +210,7 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------- steps
     def step(self) -> list[Update]:
         """Admit, decode the running rows, prefill under the budget; returns what happened to each request."""
+        self._compact()
         self._admit()
         updates, decoded = self._decode()
         return updates + self._prefill(self.token_budget - decoded)
@@ -207,6 +222,22 @@ class Scheduler:
         if seq is None:
             return False
         return seq.context_length - seq.cached <= 1 or (self.chunked and seq.cached >= len(seq.prompt))
+
+    def _compact(self) -> None:
+        """Move the requests of the highest slots into the free slots below them, so the running requests hold the
+        first slots (a decode step then runs the smallest batch that holds them)."""
+        for target in range(self.slots):
+            if self.running[target] is not None:
+                continue
+            source = next((s for s in range(self.slots - 1, target, -1) if self.running[s] is not None), None)
+            if source is None:
+                return
+            seq = self.running[source]
+            self.engine.move_row(source, target, seq.cached)
+            self.running[target], self.running[source], seq.slot = seq, None, target
+            if not self.paged:  # page s is slot s's row: the request's positions moved with it
+                self.free_pages[self.free_pages.index(target)] = source
+                seq.pages = [target]
 
     def _admit(self) -> None:
         # Pages the running requests take in this step's decode: an admission leaves them free.
@@ -237,12 +268,9 @@ class Scheduler:
         rows = [seq if self._decodes(seq) else None for seq in self.running]
         if not any(rows):
             return [], 0
-        device = self.engine.device
-        tokens = torch.tensor([seq.token_ids(seq.cached, seq.cached + 1) if seq else [0] for seq in rows],
-                              device=device)
-        start = torch.tensor([seq.cached if seq else 0 for seq in rows])
-        valid = torch.tensor([1 if seq else 0 for seq in rows])
-        logits = self.engine.step(tokens, start, valid, block_table=self._table(rows))
+        highest = max(slot for slot, seq in enumerate(rows) if seq is not None)
+        rows = rows[:next(n for n in self.decode_batches if n > highest)]
+        logits = self.run_decode(rows)
         updates = []
         for seq in rows:
             if seq is not None:
@@ -250,6 +278,17 @@ class Scheduler:
                 if seq.cached == len(seq.prompt) + len(seq.tokens):  # not a recomputed token: choose the next
                     updates.append(self._choose(seq, logits[seq.slot]))
         return updates, sum(seq is not None for seq in rows)
+
+    def run_decode(self, rows: list[Sequence | None]) -> torch.Tensor:
+        """One decode step over the first ``len(rows)`` slots (a size of ``decode_batches``): each request of
+        ``rows`` feeds the token at its next position, a None row is idle (nothing read or written). Returns the
+        logits ``[len(rows), vocab]``; the caller advances the requests. The warm-up runs it on idle rows only."""
+        device = self.engine.device
+        tokens = torch.tensor([seq.token_ids(seq.cached, seq.cached + 1) if seq else [0] for seq in rows],
+                              device=device)
+        start = torch.tensor([seq.cached if seq else 0 for seq in rows])
+        valid = torch.tensor([1 if seq else 0 for seq in rows])
+        return self.engine.step(tokens, start, valid, rows=slice(0, len(rows)), block_table=self._table(rows))
 
     def _prefill(self, budget: int) -> list[Update]:
         updates, ran = [], False
