@@ -103,6 +103,9 @@ def child(role: str, dry_run: bool, package: str) -> dict:
         device = str(engine.device.type)
         result["compile_cache_loaded"] = engine.compile_cache_loaded
         result["load_parts_s"] = engine.load_seconds  # checks, program (deserialisation), weights, caches
+        from duo_compile.export import package_export
+
+        result["package_triton_kernels"] = len({n.split("/")[0] for n in package_export.read_triton(package)})
     else:
         (model, device), seconds = _timed(lambda: _model(dry_run), "cpu")
         result["build_model_s"] = seconds
@@ -115,6 +118,9 @@ def child(role: str, dry_run: bool, package: str) -> dict:
     ids = ids.to(device)
     _, seconds = _timed(lambda: engine.generate(ids, max_new_tokens=1), device)
     result["first_token_s"] = seconds
+    triton_cache = os.environ.get("TRITON_CACHE_DIR")
+    if triton_cache and os.path.isdir(triton_cache):  # kernel folders after the first token (compiled or installed)
+        result["triton_cache_folders"] = sum(not n.startswith("tmp.") for n in os.listdir(triton_cache))
     result["to_first_token_s"] = time.perf_counter() - T0
     result["first_tokens"] = engine.generate(ids, max_new_tokens=NEW)[0, PROMPT:].tolist()
     result.update(_steady(engine, ids, device))

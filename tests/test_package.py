@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 import duo_compile
-from duo_compile.export import engine_file, package_export, package_weights
+from duo_compile.export import engine_file, package_export, package_triton, package_weights
 from duo_compile.export.engine_file import EngineFileError
 from tests.tiny_models import mixed_gates, tiny_model
 
@@ -43,13 +43,34 @@ def _prompts():
     return ids, mask
 
 
+TRITON_KEY = "FAKEKERNELHASH"
+
+
+def _triton_cache_folder(base) -> str:
+    """A kernel folder laid out as Triton's file cache writes one (binary, metadata, and the group file that lists
+    them by absolute path); on the CPU no kernel is compiled, so the package test carries this one."""
+    folder = os.path.join(base, TRITON_KEY)
+    os.makedirs(folder)
+    paths = {name: os.path.join(folder, name) for name in ("fake.cubin", "fake.json")}
+    with open(paths["fake.cubin"], "wb") as handle:
+        handle.write(b"\x7fELF not a real kernel")
+    with open(paths["fake.json"], "w") as handle:
+        json.dump({"name": "fake", "source": paths["fake.cubin"]}, handle)
+    with open(os.path.join(folder, "__grp__fake.json"), "w") as handle:
+        json.dump({"child_paths": paths}, handle)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
     folder = tmp_path_factory.mktemp("packages")
     eager, inductor = _engine("eager"), _engine("inductor")
     files = {"eager": folder / "eager.pt2", "inductor": folder / "inductor.pt2"}
     duo_compile.export(eager, files["eager"], backend="package")
-    duo_compile.export(inductor, files["inductor"], backend="package")
+    kernel = _triton_cache_folder(tmp_path_factory.mktemp("made_triton"))
+    with pytest.MonkeyPatch.context() as patch:  # as if this process had compiled that kernel
+        patch.setattr(package_triton, "compiled_folders", lambda: [kernel])
+        duo_compile.export(inductor, files["inductor"], backend="package")
     assert sorted(os.listdir(folder)) == ["eager.pt2", "inductor.pt2"]  # no temporary files left
     ids, mask = _prompts()
     want = {
@@ -81,6 +102,9 @@ _CHILD = textwrap.dedent(
     results["load_seconds"] = (sorted(eager.load_seconds), sorted(inductor.load_seconds))
     results["counters"] = dict(counters["inductor"])
     results["imported"] = sorted(m for m in sys.modules if m.startswith(("transformers.models", "tests")))
+    from triton.runtime.cache import FileCacheManager  # Triton's own reader of its cache folders
+    group = FileCacheManager(job["triton_key"]).get_group("fake.json") or {}
+    results["triton"] = {name: open(path, "rb").read() for name, path in group.items()}
     torch.save(results, sys.argv[2])
     """
 )
@@ -92,11 +116,12 @@ def fresh_process(packages, tmp_path_factory):
     work = tmp_path_factory.mktemp("fresh")
     ids, mask = _prompts()
     torch.save({"eager": str(files["eager"]), "inductor": str(files["inductor"]), "ids": ids, "mask": mask,
-                "new": NEW, "chunk": CHUNK}, work / "job.pt")
+                "new": NEW, "chunk": CHUNK, "triton_key": TRITON_KEY}, work / "job.pt")
     (work / "child.py").write_text(_CHILD)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(duo_compile.__file__)))
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor_cache")  # nothing but what the package brings
+    env["TRITON_CACHE_DIR"] = str(work / "triton_cache")
     proc = subprocess.run([sys.executable, "child.py", "job.pt", "out.pt"], cwd=work, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -116,6 +141,21 @@ def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
     counters = fresh_process["counters"]
     assert counters.get("fxgraph_cache_hit", 0) == 2 and counters.get("fxgraph_cache_miss", 0) == 0, counters
     assert fresh_process["imported"] == []  # no model code, no tests
+
+
+def test_the_packages_triton_kernels_are_where_triton_looks_in_a_fresh_process(fresh_process, tmp_path):
+    """The attention ops' compiled kernels travel in the package and are written into the loading process's Triton
+    cache, where Triton's own reader finds them, their metadata naming their new folder."""
+    found = fresh_process["triton"]
+    assert sorted(found) == ["fake.cubin", "fake.json"] and found["fake.cubin"] == b"\x7fELF not a real kernel"
+    assert json.loads(found["fake.json"])["source"].endswith(f"triton_cache/{TRITON_KEY}/fake.cubin")
+    packed = package_triton.pack([_triton_cache_folder(tmp_path / "made")])
+    assert not any(os.fsencode(str(tmp_path)) in data for data in packed.values())  # no path of this machine
+    assert package_triton.install(packed, [str(tmp_path / "there")]) == 1
+    (tmp_path / "there" / TRITON_KEY / "fake.cubin").write_bytes(b"Triton's own copy")
+    assert package_triton.install(packed, [str(tmp_path / "there")]) == 0  # a folder present is left as it is
+    assert (tmp_path / "there" / TRITON_KEY / "fake.cubin").read_bytes() == b"Triton's own copy"
+    assert sorted(os.listdir(tmp_path / "there")) == [TRITON_KEY]  # no staging folder left
 
 
 def _rewrite(src, dst, edit_meta=None, edit_bytes=None) -> None:

@@ -114,7 +114,7 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
 
 
 def _export_package(engine: Engine, path: str, precompile: bool) -> None:
-    from duo_compile.export import aoti_export, package_export
+    from duo_compile.export import aoti_export, package_export, package_triton
 
     graphs = package_export.graphs_record(engine)
     with _writing(path), atomic_named_path(path) as tmp:
@@ -129,9 +129,12 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
                           dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
             data = package_export.precompile(warm, None)
             del warm
-            if data:
-                package_export.add_cache(tmp, data)
-                cache = {**package_export.cache_producer(engine.device), "bytes": len(data)}
+            # Every kernel of the attention ops this process compiled: the precompile's and the user's own steps'.
+            kernels = package_triton.pack(package_triton.compiled_folders())
+            if data or kernels:
+                package_export.add_caches(tmp, data, kernels)
+                cache = {**package_export.cache_producer(engine.device), "bytes": len(data or b""),
+                         "triton_kernels": len({name.split("/")[0] for name in kernels})}
         graphs["inductor_cache"] = cache
         seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)), weights)
 

@@ -11,10 +11,12 @@ The file is a PT2 archive that ``torch.export.save`` writes (``torch.export.load
 * ``duo_compile/inductor_cache.bin`` (optional): Inductor's portable compile caches
   (``torch.compiler.save_cache_artifacts``) for the shapes ``precompile`` ran at export: one prefill chunk and
   one decode step at batch 1;
+* ``duo_compile/triton/<kernel>/<file>`` (optional, packages made on a GPU): the attention ops' compiled Triton
+  kernels, which Inductor's caches do not hold (package_triton.py);
 * ``extra/duo_engine.json``: the engine file metadata (engine_file.py), its digest covering every other member.
 
 ``load`` (``api._load_package``) rebuilds the engine from the program and compiles it with Inductor as ``compile``
-does. The caches are used only when the package was made by this torch and Triton version on the same device
+does. The caches (Inductor's and the Triton kernels) are used only when the package was made by this torch and Triton version on the same device
 kind (GPU architecture): otherwise the package still loads and runs, with a warning that Inductor compiles
 afresh (the caches would only miss). Why not AOTInductor here: benchmarks/DECISIONS.md#engine-package.
 """
@@ -26,11 +28,12 @@ import zipfile
 
 import torch
 
-from duo_compile.export import package_weights
+from duo_compile.export import package_triton, package_weights
 from duo_compile.export.aoti_export import MAX_BATCH, PREFILL, export_programs
 
 CACHE_NAME = "inductor_cache.bin"
 CACHE_FOLDER = package_weights.FOLDER
+TRITON_FOLDER = "triton"
 # The prefill chunk compiled at export when the engine has no prefill_chunk_size: a prime, because Dynamo gives
 # sizes that are equal while it traces one symbol (a chunk as long as head_dim would trace another graph).
 PRECOMPILE_CHUNK = 61
@@ -109,12 +112,21 @@ def precompile(engine, chunk: int | None) -> bytes | None:
     return None if saved is None else saved[0]
 
 
-def add_cache(path: str, data: bytes) -> None:
-    """Append the cache artifacts to the archive at ``path`` (beside torch's ``extra`` files)."""
+def add_members(path: str, members: dict[str, bytes]) -> None:
+    """Append ``members`` (names relative to the package's ``duo_compile/`` folder) to the archive at ``path``."""
     with zipfile.ZipFile(path) as archive:
         folder = archive.namelist()[0].split("/")[0]
     with zipfile.ZipFile(path, "a") as archive:
-        archive.writestr(f"{folder}/{CACHE_FOLDER}/{CACHE_NAME}", data)
+        for name, data in members.items():
+            archive.writestr(f"{folder}/{CACHE_FOLDER}/{name}", data)
+
+
+def add_caches(path: str, inductor: bytes | None, triton: dict[str, bytes]) -> None:
+    """Append Inductor's cache artifacts and the packed Triton kernels (package_triton.pack) to the archive."""
+    members = {f"{TRITON_FOLDER}/{name}": data for name, data in triton.items()}
+    if inductor:
+        members[CACHE_NAME] = inductor
+    add_members(path, members)
 
 
 def read_cache(path: str) -> bytes | None:
@@ -123,9 +135,17 @@ def read_cache(path: str) -> bytes | None:
         return archive.read(names[0]) if names else None
 
 
+def read_triton(path: str) -> dict[str, bytes]:
+    """The packed Triton kernels of the archive at ``path`` (``{"<kernel>/<file>": bytes}``; empty if none)."""
+    marker = f"/{CACHE_FOLDER}/{TRITON_FOLDER}/"
+    with zipfile.ZipFile(path) as archive:
+        return {name.split(marker, 1)[1]: archive.read(name) for name in archive.namelist() if marker in name}
+
+
 def use_cache(path: str, recorded: dict | None, device: torch.device) -> bool:
-    """Load the package's Inductor caches if they were made for this torch, Triton and device kind; else warn that
-    Inductor compiles afresh. Returns whether they were loaded."""
+    """Load the package's Inductor caches and write its Triton kernels where Triton will find them
+    (package_triton.install), if they were made for this torch, Triton and device kind; else warn that Inductor
+    compiles afresh. Returns whether the Inductor caches were loaded."""
     if not recorded:
         return False
     here = cache_producer(device)
@@ -139,6 +159,8 @@ def use_cache(path: str, recorded: dict | None, device: torch.device) -> bool:
             stacklevel=3,
         )
         return False
+    if recorded.get("triton_kernels"):
+        package_triton.install(read_triton(path), package_triton.cache_bases(device))
     data = read_cache(path)
     if data:
         torch.compiler.load_cache_artifacts(data)
