@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -189,7 +190,7 @@ def test_damaged_or_truncated_packages_are_refused_before_anything_loads(package
     files, _ = packages
     touched = []
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", touched.append)
-    monkeypatch.setattr(package_export, "read_program", touched.append)
+    monkeypatch.setattr(package_export, "read_graph", touched.append)
     data = files["inductor"].read_bytes()
     for cut in (4, len(data) // 2, len(data) - 100):
         path = tmp_path / f"cut{cut}.pt2"
@@ -229,20 +230,77 @@ def _weights_record(path) -> dict:
 
 
 def test_weights_are_stored_once_as_a_safetensors_member(packages):
-    """The program holds stand-ins (a few bytes per weight); the weights member, stored uncompressed, is a
-    safetensors file of exactly the engine's parameters as the passes left them."""
+    """The weights member, stored uncompressed, is a safetensors file of exactly the tensors the engine's graph reads
+    (its parameters as the passes left them, and its buffers); the graph member holds no tensor data."""
     files, _ = packages
     engine = _engine("eager")
     record = _weights_record(files["eager"])
     with zipfile.ZipFile(files["eager"]) as archive:
         member = archive.getinfo(record["member"])
-        stand_ins = [i.file_size for i in archive.infolist() if "/data/weights/weight_" in i.filename]
         weights = safetensors.torch.load(archive.read(member))
+        others = [i.file_size for i in archive.infolist() if i.filename != record["member"]]
     assert member.compress_type == zipfile.ZIP_STORED and member.file_size == record["bytes"]
-    params = dict(engine.graph.named_parameters())
-    assert weights.keys() == params.keys()
-    assert all(torch.equal(weights[name], params[name]) for name in params)
-    assert len(stand_ins) == len(params) and max(stand_ins) <= 8  # torch's weight members: one element each
+    tensors = {**dict(engine.graph.named_parameters()), **dict(engine.graph.named_buffers())}
+    read = {node.target for node in engine.graph.graph.nodes if node.op == "get_attr"}
+    assert weights.keys() == read and read >= dict(engine.graph.named_parameters()).keys()
+    assert all(torch.equal(weights[name], tensors[name]) for name in read)
+    assert sum(others) < member.file_size / 4  # the graph and the metadata: no second copy of the weights
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_graph_record_rebuilds_the_compiled_graph(family):
+    """graph_format: the rebuilt module's generated code is the compiled engine's (what Dynamo traces and Inductor
+    caches) and it computes the same logits bitwise."""
+    from duo_compile.export import graph_format
+    from tests.tiny_models import cached_engine
+
+    engine = _engine("eager") if family == "llama" else cached_engine("qwen2", True, "window", "eager", SINK, RECENT,
+                                                                      MAX_LEN)
+    record, tensors = graph_format.to_json(engine.graph)
+    module = graph_format.to_module(json.loads(json.dumps(record)), tensors)
+    assert module.code == engine.graph.code
+    engine.allocate(1)
+    caches = [torch.zeros_like(c) for c in engine.caches]
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    args = (ids, torch.arange(9)[None], torch.zeros(1, dtype=torch.long), torch.full((1,), 9))
+    want = engine.graph(*args, *[c.clone() for c in caches])
+    assert torch.equal(module(*args, *caches), want)
+    engine.release()
+
+
+def test_the_graph_record_names_only_ops_and_allowed_functions():
+    """What the format cannot write is refused at export with the culprit named; a record naming a function
+    outside the allowed modules, an unregistered op or an unknown argument form is refused at load."""
+    from duo_compile.export import graph_format
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(lambda t: t, (x,)))
+    with pytest.raises(graph_format.GraphFormatError, match="calls <function .*lambda.* cannot name"):
+        graph_format.to_json(torch.fx.GraphModule({}, graph))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten.add.Tensor, (x, 1), {"alpha": {1, 2}}))
+    with pytest.raises(graph_format.GraphFormatError, match="argument {1, 2} of type set"):
+        graph_format.to_json(torch.fx.GraphModule({}, graph))
+
+    def record(target, arg=1):
+        return {"version": graph_format.VERSION, "nodes": [
+            {"name": "x", "op": "placeholder", "target": "x", "args": [], "kwargs": {}},
+            {"name": "y", "op": "call_function", "target": target, "args": [{"node": "x"}, arg], "kwargs": {}},
+            {"name": "output", "op": "output", "target": "output", "args": [{"node": "y"}], "kwargs": {}}]}
+
+    module = graph_format.to_module(record("fn:operator:add"), {})
+    assert module(torch.tensor(2)) == 3
+    assert graph_format.to_module(record("op:aten::add.Tensor", {"float": "inf"}), {})(torch.tensor(2.0)) == math.inf
+    for target, match in (("fn:os:system", "not an op or a function"), ("op:aten::no_such_op.default",
+                                                                          "not registered here")):
+        with pytest.raises(graph_format.GraphFormatError, match=match):
+            graph_format.to_module(record(target), {})
+    with pytest.raises(graph_format.GraphFormatError, match="unknown argument form"):
+        graph_format.to_module(record("fn:operator:add", {"eval": "1"}), {})
+    with pytest.raises(graph_format.GraphFormatError, match="format version"):
+        graph_format.to_module({"version": 99, "nodes": []}, {})
 
 
 def test_a_damaged_weights_member_is_refused_and_nothing_is_returned(packages, tmp_path, monkeypatch):

@@ -123,8 +123,7 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
         cache = None
         if precompile and engine.config.backend == "inductor":
             # Compiled from the program as load reads it back, so that load's compilation finds these entries.
-            program = package_export.read_program(tmp)
-            package_export.load_weights(program, tmp, weights, engine.device)
+            program = package_export.load_module(tmp, package_export.read_graph(tmp), weights, engine.device)
             warm = Engine(program, engine.cache_specs, engine.config, engine.info, engine.masks, device=engine.device,
                           dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
             data = package_export.precompile(warm, None)
@@ -197,12 +196,9 @@ def _load_package(parts, path: str, payload: dict, seconds: dict[str, float]):
 
     check_ops(parts, path)
     began = time.perf_counter()
-    try:
-        graph = package_export.read_program(path)
-    except Exception as err:  # the archive passed its checks, so this is torch.export refusing it
-        raise EngineFileError(f"{path}: torch.export could not load the program ({type(err).__name__}: {err})")
+    record = package_export.read_graph(path)
     seconds["program"] = time.perf_counter() - began
-    package_export.load_weights(graph, path, payload.get("weights"), parts.device)
+    graph = package_export.load_module(path, record, payload.get("weights"), parts.device)
     seconds["weights"] = time.perf_counter() - began - seconds["program"]
     if parts.config.backend != "inductor":
         return graph, False
@@ -220,7 +216,7 @@ class LoadedEngine(Engine):
     ``backend`` names the backend it was compiled with). ``path``: the file. ``compile_cache_loaded``: whether a
     package's Inductor caches were loaded (False for other backends). ``load_seconds``: where ``load`` spent its
     time, ``checks`` (the metadata, the digest over the file's members) then, for a package, ``program``
-    (torch.export's deserialisation), ``weights`` and ``caches``; for the other backends ``runtime``.
+    (reading the graph record), ``weights`` (reading them onto the device, building the graph module) and ``caches``; for the other backends ``runtime``.
     """
 
     def __init__(self, *args, backend: str, path: str, compile_cache_loaded: bool = False,

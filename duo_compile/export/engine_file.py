@@ -6,9 +6,9 @@ Two containers, each one self-contained file with the same JSON metadata (``FORM
   model ``prefill`` (every chunk length, decode included) and, if exported with ``separate_decode``, ``decode``
   (one token; prefill then takes 2 .. max_seq_len), and the metadata as the extra file ``extra/duo_engine.json``.
   Zip CRCs are checked on load, so a truncated or damaged file is refused.
-* ``"package"``: a PT2 archive that ``torch.export.save`` writes: the rewritten program, its weights in a member
-  of their own (``package_weights.py``), and optionally Inductor's compile caches (``package_export.py``); the
-  metadata is the same extra file.
+* ``"package"``: a zip archive laid out as a PT2 archive: the rewritten graph as JSON (``graph_format.py``), its
+  weights in a member of their own (``package_weights.py``), and optionally Inductor's compile caches and the
+  compiled Triton kernels (``package_export.py``); the metadata is the same extra file.
 * ``"onnx"``: a plain ONNX model (any ONNX tool, onnxruntime or TensorRT's parser opens it directly) whose
   ``metadata_props`` entry ``duo_compile.runtime.engine`` holds the metadata. That entry is written as the file's last bytes
   (protobuf merges a trailing message into the model), and it records the byte length of everything before it.

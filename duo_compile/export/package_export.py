@@ -1,13 +1,13 @@
 """Package backend: what a restart needs to run the engine with Inductor, so ``load`` skips capture, the passes
 and (with the package's compile caches) most of Inductor.
 
-The file is a PT2 archive that ``torch.export.save`` writes (``torch.export.load`` reads it) holding:
+The file is a zip archive (the layout of a PT2 archive: one top folder named after the file) holding:
 
-* the rewritten program, ``forward(input_ids, position_ids, cache_start, valid, *caches) -> logits`` (the calling
-  convention of runtime/engine.py) for batch 1 .. ``MAX_BATCH`` and chunks of 1 .. ``max_seq_len`` tokens, saved
-  with a stand-in for each weight (one element broadcast to the weight's shape: a few bytes);
-* ``duo_compile/weights.safetensors``: the engine's weights as the passes left them (heads reordered, projections
-  fused), read once at load straight into the program's parameters (package_weights.py);
+* ``duo_compile/graph.json``: the rewritten graph ``compile`` made, ``forward(input_ids, position_ids,
+  cache_start, valid, *caches) -> logits`` (the calling convention of runtime/engine.py), node by node
+  (graph_format.py);
+* ``duo_compile/weights.safetensors``: every tensor the graph reads, as the passes left them (heads reordered,
+  projections fused), read once at load straight onto the device (package_weights.py);
 * ``duo_compile/inductor_cache.bin`` (optional): Inductor's portable compile caches
   (``torch.compiler.save_cache_artifacts``) for the shapes ``precompile`` ran at export: one prefill chunk and
   one decode step at batch 1;
@@ -15,24 +15,27 @@ The file is a PT2 archive that ``torch.export.save`` writes (``torch.export.load
   kernels, which Inductor's caches do not hold (package_triton.py);
 * ``extra/duo_engine.json``: the engine file metadata (engine_file.py), its digest covering every other member.
 
-``load`` (``api._load_package``) rebuilds the engine from the program and compiles it with Inductor as ``compile``
-does. The caches (Inductor's and the Triton kernels) are used only when the package was made by this torch and Triton version on the same device
-kind (GPU architecture): otherwise the package still loads and runs, with a warning that Inductor compiles
-afresh (the caches would only miss). Why not AOTInductor here: benchmarks/DECISIONS.md#engine-package.
+``load`` (``api._load_package``) rebuilds the graph module and compiles it with Inductor as ``compile`` does, so a
+loaded engine runs the graph the compiled one ran. The caches (Inductor's and the Triton kernels) are used only
+when the package was made by this torch and Triton version on the same device kind (GPU architecture):
+otherwise the package still loads and runs, with a warning that Inductor compiles afresh (the caches would only
+miss). Why neither AOTInductor nor a ``torch.export`` program here: benchmarks/DECISIONS.md#engine-package.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 import zipfile
 
 import torch
 
-from duo_compile.export import package_triton, package_weights
-from duo_compile.export.aoti_export import MAX_BATCH, PREFILL, export_programs
+from duo_compile.export import graph_format, package_triton, package_weights
+from duo_compile.export.engine_file import EngineFileError
 
 CACHE_NAME = "inductor_cache.bin"
 CACHE_FOLDER = package_weights.FOLDER
+GRAPH_NAME = "graph.json"
 TRITON_FOLDER = "triton"
 # The prefill chunk compiled at export when the engine has no prefill_chunk_size: a prime, because Dynamo gives
 # sizes that are equal while it traces one symbol (a chunk as long as head_dim would trace another graph).
@@ -54,48 +57,45 @@ def cache_producer(device: torch.device) -> dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version, "device": kind}
 
 
-def _stand_in(tensor: torch.Tensor) -> torch.Tensor:
-    """One element broadcast to ``tensor``'s shape (stride 0): what ``torch.export.save`` stores in its place."""
-    stand_in = torch.zeros((), dtype=tensor.dtype, device=tensor.device).expand(tensor.shape)
-    if isinstance(tensor, torch.nn.Parameter):
-        return torch.nn.Parameter(stand_in, requires_grad=tensor.requires_grad)
-    return stand_in
-
-
 def write_program(engine, path: str) -> dict:
-    """``torch.export.save`` the engine's rewritten graph (dynamic batch and chunk length) to ``path`` with stand-ins
-    for its weights, then append the weights member; returns that member's record (package_weights.write)."""
-    program = export_programs(engine)[PREFILL]
+    """Write a new archive at ``path`` holding the engine's graph and its weights member; returns that member's
+    record (package_weights.write)."""
+    record, tensors = graph_format.to_json(engine.graph)
+    folder = os.path.splitext(os.path.basename(path))[0] or "engine"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{folder}/{CACHE_FOLDER}/{GRAPH_NAME}", json.dumps(record, separators=(",", ":")))
+    return package_weights.write(path, tensors)
+
+
+def read_graph(path: str) -> dict:
+    """The graph record (graph_format.to_json) of the package at ``path``; EngineFileError if it has none."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith(f"/{CACHE_FOLDER}/{GRAPH_NAME}")]
+        if not names:
+            raise EngineFileError(f"{path}: the package holds no {GRAPH_NAME} (made by an earlier duo_compile): "
+                                  f"re-export the engine with this one")
+        raw = archive.read(names[0])
     try:
-        program.example_inputs = None  # zero caches of the tracing shape: not needed to run, and as large as a KV cache
-    except (AttributeError, TypeError, ValueError):
-        pass
-    weights = dict(program.state_dict)
-    for name, tensor in weights.items():
-        program.state_dict[name] = _stand_in(tensor)
-    with warnings.catch_warnings():  # torch notes that a stand-in does not cover its (one-element) storage's shape
-        warnings.filterwarnings("ignore", message="No complete tensor found")
-        torch.export.save(program, path)
-    return package_weights.write(path, weights)
+        return json.loads(raw)
+    except ValueError as err:
+        raise EngineFileError(f"{path}: unreadable {GRAPH_NAME} ({err})") from None
 
 
-def read_program(path: str) -> torch.fx.GraphModule:
-    """The rewritten graph from the package at ``path``, as a module ``Engine`` runs once ``load_weights`` gave it
-    its weights."""
-    return torch.export.load(path).module()
-
-
-def load_weights(module: torch.fx.GraphModule, path: str, weights: dict | None, device: torch.device) -> None:
-    """Replace the stand-ins of ``module`` (``read_program``) by the package's weights member ``weights`` (its
-    metadata record), read onto ``device``. A package without that member (None) holds its weights in the program
-    itself."""
-    if weights is not None:
-        module.load_state_dict(package_weights.read(path, weights, device), strict=True, assign=True)
+def load_module(path: str, record: dict, weights: dict | None, device: torch.device) -> torch.fx.GraphModule:
+    """The engine's graph module: ``record`` (``read_graph``) reading the package's weights member ``weights`` (its
+    metadata record), read onto ``device``."""
+    if weights is None:
+        raise EngineFileError(f"{path}: the package records no weights member (made by an earlier duo_compile): "
+                              f"re-export the engine with this one")
+    tensors = package_weights.read(path, weights, device)
+    try:
+        return graph_format.to_module(record, tensors)
+    except graph_format.GraphFormatError as err:
+        raise EngineFileError(f"{path}: {err}") from None
 
 
 def graphs_record(engine) -> dict:
-    return {"models": {PREFILL: PREFILL}, "max_batch": MAX_BATCH,
-            "chunk_range": {PREFILL: [1, engine.config.max_seq_len]}, "caches": "explicit inputs, mutated in place"}
+    return {"program": f"{GRAPH_NAME} version {graph_format.VERSION}", "caches": "explicit inputs, mutated in place"}
 
 
 def precompile(engine, chunk: int | None) -> bytes | None:

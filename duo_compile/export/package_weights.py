@@ -1,9 +1,7 @@
 """An engine package's weights: one member of the package's zip archive, read once, straight into the tensors.
 
-``torch.export.load`` reads every weight member into host memory before the program can run, and the archive's
-digest (engine_file.archive_sha256) would read each of them once more. So the package's program is saved with
-stand-ins for its weights (package_export.write_program) and the weights go here, into one member stored without
-compression: ``read`` streams its bytes from the file in order into the tensors it fills (on CUDA through pinned
+The weights are most of a package's bytes, so they are read once: the archive's digest
+(engine_file.archive_sha256) skips them, and they go into one member stored without compression: ``read`` streams its bytes from the file in order into the tensors it fills (on CUDA through pinned
 buffers copied asynchronously), hashing them on a worker thread while the next bytes are read, so each byte leaves
 the disk once. The member's SHA-256 is recorded in the engine's metadata (``payload.weights``), which the metadata
 digest covers; ``read`` compares it after the last byte and refuses a mismatch before the tensors reach anything.
@@ -25,7 +23,7 @@ import torch
 
 from duo_compile.export.engine_file import EngineFileError
 
-FOLDER = "duo_compile"  # under the archive's folder; not torch's extra/, which torch.export.load reads as text
+FOLDER = "duo_compile"  # under the archive's folder, beside extra/ (the metadata)
 WEIGHTS_NAME = "weights.safetensors"
 CHUNK_BYTES = 64 << 20  # bytes read (and, on CUDA, staged in pinned memory) at a time
 _DTYPES = {
