@@ -10,7 +10,8 @@ Processes (each a new Python process, timed from its first line):
          prefill / decode; export(backend="package") with its precompile
   warm   the same model and compile() again, Inductor finding the cold process's on-disk caches
   load   load(package) to the first token with empty Inductor and Triton cache folders (the package brings
-         Inductor's caches; the duo ops' own Triton kernels compile on first use); steady prefill / decode
+         Inductor's caches and the duo ops' compiled Triton kernels); steady prefill / decode
+Each process records the Triton kernels it compiled for its first token (those it did not find cached).
 Disk: the package file read once after dropping it from the page cache where the OS allows (posix_fadvise),
 its bytes / seconds reported as the read bandwidth and the time a load cannot beat.
 Writes ``start_<device>.json`` under ``--out``.
@@ -18,6 +19,7 @@ Writes ``start_<device>.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -91,6 +93,30 @@ def _steady(engine, ids, device) -> dict:
     return {"prefill_s": first, "decode_ms_per_token": 1000 * (both - first) / (STEADY_NEW - 1)}
 
 
+@contextlib.contextmanager
+def _triton_compiles():
+    """Yield a list that gets the name of every kernel binary Triton writes to its cache in this process (each one
+    compiled here rather than found cached)."""
+    names = []
+    try:
+        from triton.runtime.cache import FileCacheManager
+    except ImportError:
+        yield names
+        return
+    put = FileCacheManager.put
+
+    def recording_put(self, data, filename, *args, **kwargs):
+        if filename.endswith((".cubin", ".hsaco", ".so")):
+            names.append(filename)
+        return put(self, data, filename, *args, **kwargs)
+
+    FileCacheManager.put = recording_put
+    try:
+        yield names
+    finally:
+        FileCacheManager.put = put
+
+
 def child(role: str, dry_run: bool, package: str) -> dict:
     import torch
 
@@ -116,8 +142,10 @@ def child(role: str, dry_run: bool, package: str) -> dict:
         del model
     ids = torch.randint(0, engine.info.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
-    _, seconds = _timed(lambda: engine.generate(ids, max_new_tokens=1), device)
+    with _triton_compiles() as compiled:
+        _, seconds = _timed(lambda: engine.generate(ids, max_new_tokens=1), device)
     result["first_token_s"] = seconds
+    result["first_token_triton_compiles"] = compiled  # kernels Triton compiled in this process (not found cached)
     triton_cache = os.environ.get("TRITON_CACHE_DIR")
     if triton_cache and os.path.isdir(triton_cache):  # kernel folders after the first token (compiled or installed)
         result["triton_cache_folders"] = sum(not n.startswith("tmp.") for n in os.listdir(triton_cache))

@@ -144,6 +144,35 @@ def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
     assert fresh_process["imported"] == []  # no model code, no tests
 
 
+def test_the_kernel_folders_of_the_projects_compiled_triton_kernels_are_found(tmp_path, monkeypatch):
+    """package_triton.compiled_folders: the folders of the kernels each ``@triton.jit`` function of the project's
+    kernel modules holds compiled (directly, or wrapped as an autotuner's ``fn``), not other modules' kernels."""
+    import types
+
+    from triton.runtime.jit import JITFunction
+
+    def kernel_of(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        return types.SimpleNamespace(metadata_group={f"{name}.cubin": str(folder / f"{name}.cubin"),
+                                                     f"{name}.json": str(folder / f"{name}.json")})
+
+    def jit(name):
+        def body(x):
+            pass
+        fn = JITFunction(body)
+        fn.device_caches = {0: ({"key": kernel_of(name)}, {}, None, None, None)}
+        return fn
+
+    ours = types.ModuleType("duo_compile.kernels.fake_triton")
+    ours.plain, ours.tuned = jit("plain"), types.SimpleNamespace(fn=jit("tuned"))
+    theirs = types.ModuleType("other.kernels")
+    theirs.other = jit("other")
+    monkeypatch.setitem(sys.modules, ours.__name__, ours)
+    monkeypatch.setitem(sys.modules, theirs.__name__, theirs)
+    assert package_triton.compiled_folders() == [str(tmp_path / "plain"), str(tmp_path / "tuned")]
+
+
 def test_the_packages_triton_kernels_are_where_triton_looks_in_a_fresh_process(fresh_process, tmp_path):
     """The attention ops' compiled kernels travel in the package and are written into the loading process's Triton
     cache, where Triton's own reader finds them, their metadata naming their new folder."""

@@ -40,9 +40,10 @@ def _jit_functions():
         if module is None or not name.startswith("duo_compile.kernels."):
             continue
         for obj in list(vars(module).values()):
-            fn = getattr(obj, "fn", obj)
-            if isinstance(fn, JITFunction):
-                yield fn
+            if not isinstance(obj, JITFunction):  # a JITFunction's own ``fn`` is its Python function
+                obj = getattr(obj, "fn", None)
+            if isinstance(obj, JITFunction):
+                yield obj
 
 
 def compiled_folders() -> list[str]:
