@@ -36,6 +36,11 @@ def check_layout(k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"paged caches must be two pools [num_pages, Hkv, page_size, D] of one shape, got "
                          f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    check_table(block_table, batch)
+
+
+def check_table(block_table: torch.Tensor, batch: int) -> None:
+    """Refuse a block table that is not int32 / int64 ``[batch, max_pages]``."""
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"block_table must be int32 or int64 [batch={batch}, max_pages], got "
                          f"{block_table.dtype} {tuple(block_table.shape)}")

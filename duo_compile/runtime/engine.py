@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from duo_compile.checks import check_int
-from duo_compile.kernels.paged import pages_for
+from duo_compile.kernels.paged import check_table, pages_for
 from duo_compile.runtime import padding
 from duo_compile.runtime.cuda_graphs import GraphedDecode
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
@@ -336,10 +336,7 @@ class Engine:
                 raise ValueError(f"this engine's pools hold {self.num_pages} pages, fewer than every row's "
                                  f"max_seq_len: step needs a block_table")
             block_table = self.block_table if rows is None else self.block_table[rows]
-        if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype not in (torch.int32,
-                                                                                                torch.int64):
-            raise ValueError(f"block_table must be int32 or int64 [{batch}, max_pages], got {block_table.dtype} "
-                             f"{tuple(block_table.shape)}")
+        check_table(block_table, batch)
         return (block_table.to(self.device),)
 
     @torch.no_grad()
