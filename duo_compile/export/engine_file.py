@@ -321,8 +321,8 @@ def archive_sha256(archive: zipfile.ZipFile, skip: set[str] | frozenset[str] = f
 def seal_pt2(path: str, meta: dict[str, Any], weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """Append the sealed metadata to the PT2 archive at ``path`` as its last member,
     ``<archive name>/extra/duo_engine.json``: the digest covers every member written before it, a package's
-    weights member through its own SHA-256 (``weights``, its record: package_weights.py), which load checks as it
-    reads the weights."""
+    weights member through its own SHA-256 of pieces (``weights``, its record: package_weights.py), which load
+    checks as it reads the weights."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         if not names or "/" not in names[0]:
@@ -472,7 +472,8 @@ def _read_pt2_metadata(path: str) -> Any:
             weights = payload.get("weights")  # a package's weights: hashed as load reads them (package_weights.py)
             if weights is not None and not (isinstance(weights, dict) and isinstance(weights.get("member"), str)
                                             and isinstance(weights.get("sha256"), str)
-                                            and isinstance(weights.get("bytes"), int)):
+                                            and isinstance(weights.get("bytes"), int)
+                                            and isinstance(weights.get("piece_bytes"), int)):
                 raise EngineFileError(f"{path}: damaged engine metadata (weights record {weights!r})")
             skip = {names[0], weights["member"]} if weights else {names[0]}
             sha, count = archive_sha256(archive, skip=skip)  # reads every other member, checking its CRC

@@ -2,9 +2,12 @@
 
 The weights are most of a package's bytes, so they are read once: the archive's digest
 (engine_file.archive_sha256) skips them, and they go into one member stored without compression: ``read`` streams its bytes from the file in order into the tensors it fills (on CUDA through pinned
-buffers copied asynchronously), hashing them on a worker thread while the next bytes are read, so each byte leaves
-the disk once. The member's SHA-256 is recorded in the engine's metadata (``payload.weights``), which the metadata
-digest covers; ``read`` compares it after the last byte and refuses a mismatch before the tensors reach anything.
+buffers copied asynchronously), hashing them on worker threads while the next bytes are read, so each byte leaves
+the disk once. The hash is a SHA-256 of pieces: the member is cut into pieces (the length and header, then each
+tensor in slices of at most ``piece_bytes``), each piece is hashed on its own, and the record's ``sha256`` is the
+SHA-256 of the pieces' digests in order, so the pieces hash in parallel (one SHA-256 stream hashes about as fast
+as a disk reads). The record is in the engine's metadata (``payload.weights``), which the metadata digest covers;
+``read`` compares it after the last byte and refuses a mismatch before the tensors reach anything.
 
 Layout: the safetensors format (an 8-byte little-endian length N, a JSON header of N bytes mapping each name to
 its ``dtype``, ``shape`` and ``data_offsets`` ``[begin, end]``, padded with spaces to a multiple of 8, then the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +29,8 @@ from duo_compile.export.engine_file import EngineFileError
 
 FOLDER = "duo_compile"  # under the archive's folder, beside extra/ (the metadata)
 WEIGHTS_NAME = "weights.safetensors"
-CHUNK_BYTES = 64 << 20  # bytes read (and, on CUDA, staged in pinned memory) at a time
+CHUNK_BYTES = 64 << 20  # a piece: bytes hashed on their own, read (and, on CUDA, staged in pinned memory) at a time
+HASHERS = min(4, os.cpu_count() or 1)  # pieces hashed at once
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -54,21 +59,23 @@ def _header(tensors: dict[str, torch.Tensor]) -> bytes:
 
 def write(path: str, tensors: dict[str, torch.Tensor]) -> dict:
     """Append ``tensors`` to the zip archive at ``path`` as its weights member (one tensor on the host at a time);
-    returns the member's record for the metadata: ``{"member", "sha256", "bytes"}``."""
+    returns the member's record for the metadata: ``{"member", "bytes", "piece_bytes", "sha256"}``."""
     header = _header(tensors)
     with zipfile.ZipFile(path) as archive:
         member = f"{archive.namelist()[0].split('/')[0]}/{FOLDER}/{WEIGHTS_NAME}"
     info = zipfile.ZipInfo(member)
     info.compress_type = zipfile.ZIP_STORED
-    digest, size = hashlib.sha256(header), len(header)
+    pieces, size = [hashlib.sha256(header).digest()], len(header)
     with zipfile.ZipFile(path, "a") as archive, archive.open(info, "w", force_zip64=True) as out:
         out.write(header)
         for tensor in tensors.values():
             data = _as_bytes(tensor.detach().contiguous().cpu()).numpy()
             out.write(data)
-            digest.update(data)
+            pieces += [hashlib.sha256(data[begin : begin + CHUNK_BYTES]).digest()
+                       for begin in range(0, data.nbytes, CHUNK_BYTES)]
             size += data.nbytes
-    return {"member": member, "sha256": digest.hexdigest(), "bytes": size}
+    return {"member": member, "bytes": size, "piece_bytes": CHUNK_BYTES,
+            "sha256": hashlib.sha256(b"".join(pieces)).hexdigest()}
 
 
 def _damaged(path: str, why: str) -> EngineFileError:
@@ -116,36 +123,43 @@ def _entries(path: str, header: bytes, data_bytes: int) -> list[tuple[str, torch
 
 def read(path: str, record: dict, device: torch.device) -> dict[str, torch.Tensor]:
     """The weights member described by ``record`` (its metadata entry) as tensors on ``device``, each byte read
-    from the file once and hashed; EngineFileError if they do not hash to the recorded SHA-256."""
+    from the file once and hashed; EngineFileError if they do not hash to the recorded SHA-256 of pieces."""
     start = _data_offset(path, record)
+    piece = record.get("piece_bytes")
+    if not isinstance(piece, int) or piece < 1:
+        raise _damaged(path, f"weights piece size {piece!r}")
     device = torch.device(device)
-    tensors = {}
-    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as hasher:
+    tensors, pieces = {}, []
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(HASHERS) as hasher:
         f.seek(start)
         length = f.read(8)
         size = int.from_bytes(length, "little")
         if len(length) != 8 or size > record["bytes"] - 8:
             raise _damaged(path, "unreadable weights header")
         header = f.read(size)
-        digest = hashlib.sha256(length + header)
-        staging = _Staging(device) if device.type == "cuda" else None
+        pieces.append(hasher.submit(_digest, length + header))
+        staging = _Staging(device, piece, HASHERS + 2) if device.type == "cuda" else None
         for name, dtype, shape, nbytes in _entries(path, header, record["bytes"] - 8 - size):
             tensor = torch.empty(shape, dtype=dtype, device=device)
             target = _as_bytes(tensor)
-            for begin in range(0, nbytes, CHUNK_BYTES):
-                count = min(CHUNK_BYTES, nbytes - begin)
+            for begin in range(0, nbytes, piece):
+                count = min(piece, nbytes - begin)
                 buffer = target[begin : begin + count] if staging is None else staging.next(count)
                 _read_exactly(f, buffer.numpy(), path)
-                hashed = hasher.submit(digest.update, buffer.numpy())  # in order: one worker
+                pieces.append(hasher.submit(_digest, buffer.numpy()))
                 if staging is not None:
-                    staging.copy(target[begin : begin + count], hashed)
+                    staging.copy(target[begin : begin + count], pieces[-1])
             tensors[name] = tensor
-        hasher.shutdown(wait=True)
+        digests = b"".join(hashed.result() for hashed in pieces)
         if staging is not None:
             torch.cuda.synchronize(device)
-    if digest.hexdigest() != record["sha256"]:
+    if hashlib.sha256(digests).hexdigest() != record["sha256"]:
         raise _damaged(path, "the weights do not match the recorded SHA-256")
     return tensors
+
+
+def _digest(data) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _read_exactly(f, view, path: str) -> None:
@@ -161,8 +175,8 @@ class _Staging:
     """A ring of pinned host buffers: each is filled from the file, hashed and copied to the device; a buffer is
     refilled only once its hash and its copy are done."""
 
-    def __init__(self, device: torch.device, slots: int = 3):
-        self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    def __init__(self, device: torch.device, piece: int, slots: int):
+        self.buffers = [torch.empty(piece, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
         self.pending: list[tuple | None] = [None] * slots
         self.device = device
         self.index = -1
