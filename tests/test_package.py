@@ -146,7 +146,8 @@ def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
 
 def test_the_kernel_folders_of_the_projects_compiled_triton_kernels_are_found(tmp_path, monkeypatch):
     """package_triton.compiled_folders: the folders of the kernels each ``@triton.jit`` function of the project's
-    kernel modules holds compiled (directly, or wrapped as an autotuner's ``fn``), not other modules' kernels."""
+    kernel modules holds compiled (directly, or wrapped as an autotuner's ``fn``), not other modules' kernels, and
+    of the Triton host modules (launchers, driver utilities) the process has loaded, not other libraries."""
     import types
 
     from triton.runtime.jit import JITFunction
@@ -170,7 +171,17 @@ def test_the_kernel_folders_of_the_projects_compiled_triton_kernels_are_found(tm
     theirs.other = jit("other")
     monkeypatch.setitem(sys.modules, ours.__name__, ours)
     monkeypatch.setitem(sys.modules, theirs.__name__, theirs)
-    assert package_triton.compiled_folders() == [str(tmp_path / "plain"), str(tmp_path / "tuned")]
+    maps = tmp_path / "maps"  # the host modules Triton built, as /proc/self/maps lists what a process loaded
+    host = {name: tmp_path / "triton cache" / name for name in ("KEYLAUNCH", "KEYUTILS", "KEYOTHER")}
+    files = {"KEYLAUNCH": "__triton_launcher.cpython-312-x86_64-linux-gnu.so", "KEYUTILS": "cuda_utils.so",
+             "KEYOTHER": "libsomething.so"}
+    maps.write_text("".join(f"7f00-7f01 r-xp 00000000 08:01 {i} {host[key] / name}\n"
+                            for i, (key, name) in enumerate(files.items())) + "7f02-7f03 rw-p 00000000 00:00 0\n")
+    monkeypatch.setattr(package_triton, "MAPS", str(maps))
+    for folder in host.values():
+        folder.mkdir(parents=True)
+    assert package_triton.compiled_folders() == sorted([str(tmp_path / "plain"), str(tmp_path / "tuned"),
+                                                        str(host["KEYLAUNCH"]), str(host["KEYUTILS"])])
 
 
 def test_the_packages_triton_kernels_are_where_triton_looks_in_a_fresh_process(fresh_process, tmp_path):

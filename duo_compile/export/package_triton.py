@@ -4,10 +4,12 @@ steps do not compile them again.
 Inductor's portable caches (package_export.py) hold the kernels Inductor generates, but not the duo ops' own
 ``@triton.jit`` kernels (kernels/triton_*.py): Triton compiles those on their first launch in a process, for each
 specialisation of their arguments, and keeps them in its on-disk cache, one folder per compiled kernel named by
-the kernel's hash (the binary, its metadata, the IR of each stage and a group file listing them). A package made
-on a GPU carries those folders for every kernel the exporting process compiled (its precompile steps included);
-``load`` writes them into the cache folders Triton will search, where Triton finds them as if it had compiled
-them itself.
+the kernel's hash (the binary, its metadata, the IR of each stage and a group file listing them). Launching them
+also needs small host modules Triton builds with the C compiler and caches the same way (its driver utilities
+and, in some Triton versions, a launcher per kernel signature). A package made on a GPU carries those folders for
+every kernel the exporting process compiled (its precompile steps included) and every such module it has loaded;
+``load`` writes them into the cache folders Triton will search, where Triton finds them as if it had built them
+itself.
 
 The metadata files name their own folder by absolute path; it is replaced by a placeholder when packed and by
 the new folder when written back. A folder that already holds files is left as it is (Triton's own copy). Each
@@ -28,6 +30,9 @@ import torch
 PLACEHOLDER = b"[duo_compile:triton-folder]"
 # Files a cache folder may hold besides the kernel's: Triton's lock file.
 SKIPPED = ("lock",)
+# The host modules Triton builds for launching kernels (file name prefixes of their shared objects).
+HOST_MODULES = ("__triton_launcher", "cuda_utils", "hip_utils")
+MAPS = "/proc/self/maps"  # the files mapped into this process (Linux)
 
 
 def _jit_functions():
@@ -46,9 +51,22 @@ def _jit_functions():
                 yield obj
 
 
+def _loaded_host_modules() -> set[str]:
+    """The folders of Triton's host modules (``HOST_MODULES``) this process has loaded (Linux: from
+    ``/proc/self/maps``; elsewhere none)."""
+    try:
+        with open(MAPS) as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if ".so" in line}
+    except OSError:
+        return set()
+    return {os.path.dirname(path) for path in paths
+            if os.path.basename(path).startswith(HOST_MODULES) and path.endswith(".so")}
+
+
 def compiled_folders() -> list[str]:
-    """The on-disk cache folder of every kernel this process has compiled or loaded from the project's kernels."""
-    folders = set()
+    """The on-disk cache folder of every kernel this process has compiled or loaded from the project's kernels,
+    and of every Triton host module it has loaded."""
+    folders = _loaded_host_modules()
     for fn in _jit_functions():
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) and cache and isinstance(cache[0], dict) else {}
