@@ -20,8 +20,10 @@ after ``--run-seconds`` (tokens/s then counts what finished in that time), so co
 Also, for scale, one request at a time: the first request alone through the DuoAttention engine's ``generate``
 and through the Hugging Face model's own ``model.generate`` (sdpa, dynamic cache), their output tokens/s. The
 bound on the throughput ratio is the ratio of positions the pools hold (decode-bound: the tokens per step scale
-with the requests that fit; prefill, the same work for both, dilutes it). Each run reports the most pages it
-held at once and its preemptions. Writes ``serve_bench.json`` and
+with the requests that fit; prefill, the same work for both, dilutes it); beside it the result records the
+roofline estimate of this stream's ratio (serve_bound.py: prefill FLOPs at peak, decode bytes at bandwidth, the
+decode steps set by how many requests each pool holds). Each run reports the most pages it held at once and its
+preemptions. Writes ``serve_bench.json`` and
 ``serve_bench.png`` under ``--out``.
 
     python benchmarks/serve_bench.py --out DIR            (one H100/H200, ~9.5 minutes; run_on_gpu.sh serve-bench)
@@ -43,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duo_compile
+from benchmarks.serve_bound import Stream, stream_bound
 from duo_compile.masks import PATTERNS_DIR, HeadMasks
 from duo_compile.serve.memory import KVPlan, plan_kv
 from duo_compile.serve.scheduler import Scheduler
@@ -284,6 +287,14 @@ def main(argv=None) -> int:
             **{f"{mode}_output_tokens_per_s": duo[mode]["output_tokens_per_s"] / full[mode]["output_tokens_per_s"]
                for mode in ("offline", "online")},
         }
+        # The roofline estimate of this stream's ratio (serve_bound.py), from the pools' positions and slots.
+        gpu = result["device"].lower()
+        result["roofline"] = stream_bound(
+            shape["config"], shape["sparsity"], sink + recent, Stream([len(p) for p in prompts], output_tokens),
+            {name: result["engines"][name]["positions"] for name in ("duo", "full")},
+            {name: result["engines"][name]["slots"] for name in ("duo", "full")},
+            "h200" if "h200" in gpu else "h100")
+        result["ratios"]["offline_roofline_estimate"] = result["roofline"]["ratio"]
         log(f"ratios duo/full: {json.dumps(result['ratios'])}")
     result["seconds"] = time.perf_counter() - began
     (out / "serve_bench.json").write_text(json.dumps(result, indent=1))

@@ -148,7 +148,32 @@ def test_serving_benchmarks_dry_run_on_cpu(tmp_path):
         assert engine["warm_up_s"] > 0
         assert all(engine[mode]["finished"] == result["requests"] for mode in ("offline", "online"))
     assert result["ratios"]["positions"] > 1  # DuoAttention's pages are smaller: more positions in the budget
+    assert result["ratios"]["offline_roofline_estimate"] == result["roofline"]["ratio"] > 1
     assert serve_steps.main(["--dry-run", "--out", str(tmp_path / "steps"), "--page-size", "4"]) == 0
     steps = json.loads((tmp_path / "steps" / "serve_steps.json").read_text())
     for engine in steps["engines"].values():
-        assert len(engine["chunk_ms"]) == 4 and set(engine["decode_ms"]) == {"all_rows", "two_rows"}
+        assert len(engine["chunk_ms"]) == 4 and set(engine["decode_ms"]) == {"all_rows", "two_rows", "batch_of_two"}
+
+
+def test_serving_roofline_estimate():
+    """benchmarks/serve_bound.py against hand-counted numbers: prefill FLOPs (linear layers, causal attention of
+    retrieval heads over the prefix and streaming heads over sink + recent), decode steps set by how many requests
+    a pool holds, each reading the weights and every token's KV."""
+    from benchmarks.serve_bound import DEVICES, Stream, engine_seconds, main, stream_bound
+
+    config = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=16, vocab_size=10)
+    weights = 2 * (8 * 4 * (2 * 2 + 2 * 1) + 3 * 8 * 16) + 8 * 10  # q/k/v/o and the MLP per layer, then lm_head
+    flops, bandwidth = DEVICES["h100"]
+    prefill_only = engine_seconds(config, 0.5, 4, Stream([10], 0), positions=100, slots=8)
+    pairs = 0.5 * 55 + 0.5 * (10 + 6 * 4)  # retrieval: 10*11/2 pairs; streaming: 1+2+3+4, then 4 per query
+    assert prefill_only["prefill_s"] == pytest.approx((2 * weights * 10 + 4 * 4 * 2 * 2 * pairs) / flops)
+    assert prefill_only["decode_s"] == 0
+    decode = engine_seconds(config, 1.0, 4, Stream([1] * 6, 3), positions=8, slots=8)  # 2 requests of 4 at once
+    kv = 2 * 2 * 2 * 1 * 4  # keys and values, 2 bytes, 2 layers, 1 KV head of 4
+    assert (decode["concurrent"], decode["decode_steps"]) == (2, 9)
+    assert decode["decode_s"] == pytest.approx((9 * 2 * weights + 6 * kv * (1 + 2 + 3)) / bandwidth)
+    both = stream_bound(config, 0.5, 4, Stream([1] * 6, 3), {"duo": 16, "full": 8}, {"duo": 8, "full": 8})
+    assert both["duo"]["decode_steps"] == 5 and both["ratio"] > 1  # twice the positions: 4 requests at a time
+    with pytest.raises(SystemExit):
+        main(["--requests", "0"])
