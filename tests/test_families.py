@@ -30,7 +30,7 @@ from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
 from duo_compile.passes.context import PassContext
 from duo_compile.passes.find_attention import find_attention
-from tests.shared_capture import captured, compile_reuses_captures
+from tests.shared_capture import captured
 from tests.tiny_models import FAMILIES, WINDOW, family_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
@@ -53,10 +53,7 @@ CASES = [
 WINDOW_LAYERS = {"gemma3": [0, 2], "mistral_window": [0, 1, 2], "qwen3_window": [2]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_capture_per_model():
-    with compile_reuses_captures():
-        yield
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")
 
 
 @functools.cache
