@@ -2,9 +2,11 @@
 
 ``capture`` (duo_compile/capture.py) reads nothing but the model: the same module with the same weights gives the
 same graph, which refers to the model's own parameters and buffers. ``captured`` returns a copy of the graph
-captured once, referring to those same parameters and buffers as a fresh capture does: the passes rewrite the graph
-they get in place (a copy keeps each caller's rewrites to itself) and never the model's weights, so a pass that did
-would still show on the model. Callers must not modify a model after its first capture.
+captured once, referring to those same parameters and buffers as a fresh capture does (any other tensor of the
+graph is copied): the passes rewrite the graph they get in place, so a copy keeps each caller's rewrites to itself,
+and a pass that wrote into the model's weights would still show on the model. Callers must not modify a model after
+its first capture. Tests of capture itself, of compiling twice (test_determinism's engine A2) and of what an engine
+shares with the model keep fresh captures.
 """
 from __future__ import annotations
 
