@@ -8,7 +8,7 @@ on each. Window layers: the compiled graph gives them one streaming op with sink
 whatever the masks say. Attention the passes cannot lower exactly is refused with an error naming the node and
 the reason.
 
-Each model is captured once for the file (tests/shared_capture.py); every compile still runs its checks, passes
+Each model is captured once per test process (tests/shared_capture.py); every compile still runs its checks, passes
 and engine on its own copy of that graph.
 """
 import contextlib
