@@ -16,6 +16,8 @@ from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 4, 8, 60, 32, 25, 128
 
 
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")  # tests/shared_capture.py
+
 _model = cached_tiny_model
 _masks = mixed_masks
 

@@ -11,6 +11,7 @@ Bitwise claims are for one machine and a fixed torch thread count (tests/conftes
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 import duo_compile
+from tests.shared_capture import compile_reuses_captures
 from tests.tiny_models import mixed_gates, tiny_model
 
 
@@ -39,9 +41,12 @@ MASKS_A = duo_compile.HeadMasks.from_gates(mixed_gates(3, 2))
 MASKS_B = duo_compile.HeadMasks.from_gates(np.array([[0.0, 1.0], [0.0, 0.0], [1.0, 1.0]]))
 
 
-def _compile(masks, mode="window", backend="eager", chunk=None):
-    return duo_compile.compile(_model(), masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
-                               prefill_chunk_size=chunk, streaming_mode=mode, backend=backend)
+def _compile(masks, mode="window", backend="eager", chunk=None, fresh_capture=False):
+    """An engine of ``_model()``, its graph copied from the model's one capture (tests/shared_capture.py) unless
+    ``fresh_capture``: engine A2 is compiled again from the start, capture included."""
+    with contextlib.nullcontext() if fresh_capture else compile_reuses_captures():
+        return duo_compile.compile(_model(), masks, sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                                   prefill_chunk_size=chunk, streaming_mode=mode, backend=backend)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +57,7 @@ def _engine_a():
 @functools.lru_cache(maxsize=None)
 def _engine_a2():
     """A second, separate compile of engine A's configuration."""
-    return _compile(MASKS_A, "window", chunk=7)
+    return _compile(MASKS_A, "window", chunk=7, fresh_capture=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,9 @@ the families that change what reaches them; ``duo-compile compile`` on a saved d
 on each. Window layers: the compiled graph gives them one streaming op with sink 0 and recent = the window,
 whatever the masks say. Attention the passes cannot lower exactly is refused with an error naming the node and
 the reason.
+
+Each model is captured once per test process (tests/shared_capture.py); every compile still runs its checks, passes
+and engine on its own copy of that graph.
 """
 import contextlib
 import functools
@@ -18,7 +21,6 @@ from torch import fx
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import duo_compile
-from duo_compile.capture import capture
 from duo_compile.cli import main
 from duo_compile.identify import identify
 from duo_compile.identify.gated_attention import gated_attention
@@ -28,6 +30,7 @@ from duo_compile.oracle import oracle_generate, oracle_logits
 from duo_compile.passes.attention_mask import read_window
 from duo_compile.passes.context import PassContext
 from duo_compile.passes.find_attention import find_attention
+from tests.shared_capture import captured
 from tests.tiny_models import FAMILIES, WINDOW, family_model, mixed_masks
 
 SINK, RECENT, PROMPT, NEW, CHUNK, MAX_LEN = 2, 6, 24, 6, 10, 64
@@ -48,6 +51,9 @@ CASES = [
 ]
 # The window layers of the families that have them (WINDOW < MAX_LEN).
 WINDOW_LAYERS = {"gemma3": [0, 2], "mistral_window": [0, 1, 2], "qwen3_window": [2]}
+
+
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")
 
 
 @functools.cache
@@ -313,7 +319,7 @@ def test_a_mask_that_is_not_causal_is_refused_naming_the_node(case):
 
 def test_config_and_graph_windows_must_agree():
     """The window read from the graph is checked against the config's; one of max_seq_len or more is causal."""
-    graph = capture(_model("mistral_window", True))
+    graph = captured(_model("mistral_window", True))
     retrieval = np.ones((3, 2), bool)
     with pytest.raises(ValueError, match=r"\(layer 0\): its mask is a sliding window of 8 tokens, but the model's "
                                          r"config declares full attention"):

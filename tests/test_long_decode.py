@@ -27,6 +27,9 @@ GATES = [[1.0, 0.0], [0.0, 0.0]]  # layer 0: one retrieval + one streaming head;
 SENTINEL = 1234.5
 
 
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")  # tests/shared_capture.py
+
+
 @functools.lru_cache(maxsize=None)
 def _model():
     return tiny_model("llama", gqa=True, num_layers=2)

@@ -26,6 +26,8 @@ MAX_LEN = 128  # test_compile.py's: the engines of cached_engine are compiled on
 LENGTHS = (5, 12, 30)  # < sink + recent, = sink + recent, > sink + recent
 
 
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")  # tests/shared_capture.py
+
 _model = cached_tiny_model
 _masks = mixed_masks
 

@@ -1,19 +1,17 @@
 """Each pass on its own: what it matched, what it emitted, and that outputs are unchanged where they must be."""
-import copy
-import functools
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 
-from duo_compile.capture import capture
 from duo_compile.kernels.ops import OPS
 from duo_compile.oracle import oracle_logits
 from duo_compile.passes import SKIPPED, PassContext, run_pass, run_passes
 from duo_compile.passes.find_attention import SDPA, find_attention
 from duo_compile.passes.fuse_rope import fuse_rope
 from tests.pass_checks import assert_ops_changed, op_counts
+from tests.shared_capture import captured
 from tests.tiny_models import cached_tiny_model, mixed_gates
 
 LENGTH = 30
@@ -45,25 +43,13 @@ def model(request):
     return cached_tiny_model(*request.param)
 
 
-@functools.cache
-def _captured(model, last_logits_only: bool):
-    return capture(model, last_logits_only=last_logits_only)
-
-
-def _capture(model, *, last_logits_only: bool = True):
-    """``capture(model, ...)``: a copy of the graph captured once per model, referring to the model's own parameters
-    and buffers as a fresh capture does (passes rewrite the graph they get in place, never the model's weights)."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(_captured(model, last_logits_only), shared)
-
-
 def _kv_heads(model):
     return model.config.num_key_value_heads
 
 
 @torch.no_grad()
 def test_find_attention_tags_every_layer(model):
-    gm = _capture(model, last_logits_only=False)
+    gm = captured(model, last_logits_only=False)
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
     before = op_counts(gm)
     find_attention(gm, ctx)
@@ -78,7 +64,7 @@ def test_find_attention_tags_every_layer(model):
 
 
 def test_find_attention_rejects_masks_of_the_wrong_shape(model):
-    gm = _capture(model, last_logits_only=False)
+    gm = captured(model, last_logits_only=False)
     with pytest.raises(ValueError, match=r"masks have shape \(3, 7\) but the model has 3 layers x"):
         find_attention(gm, _ctx(np.ones((3, 7))))
 
@@ -101,7 +87,7 @@ def test_reorder_heads_changes_weights_not_outputs(model):
     gates = np.zeros((3, _kv_heads(model)))
     gates[1, -1] = gates[2, -1] = 1  # layers 1 and 2: the retrieval head is last, so it must move
     ctx = _ctx(gates)
-    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="find_attention")
+    gm = run_passes(captured(model, last_logits_only=False), ctx, until="find_attention")
     before = op_counts(gm)
     gm = run_pass("reorder_heads", gm, ctx)
     assert_ops_changed(before, gm)  # weights only
@@ -116,7 +102,7 @@ def test_reorder_heads_changes_weights_not_outputs(model):
 def test_split_attention_with_all_retrieval_changes_nothing(model):
     ids, pos = _inputs()
     ctx = _ctx(np.ones((3, _kv_heads(model))))
-    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    gm = run_passes(captured(model, last_logits_only=False), ctx, until="reorder_heads")
     before = op_counts(gm)
     gm = run_pass("split_attention", gm, ctx)
     # The causal mask and repeat_kv that fed SDPA are dead code now, removed by the clean-up.
@@ -132,7 +118,7 @@ def test_split_attention_matches_oracle_for_mixed_masks(model):
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
     ctx = _ctx(gates)
-    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="reorder_heads")
+    gm = run_passes(captured(model, last_logits_only=False), ctx, until="reorder_heads")
     before = op_counts(gm)
     gm = run_pass("split_attention", gm, ctx)
     # layer 0: retrieval only; layer 1: both; layer 2: streaming only.
@@ -153,7 +139,7 @@ def test_kv_layout_adds_caches_and_keeps_outputs(model):
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
     ctx = _ctx(gates)
-    gm = run_passes(_capture(model, last_logits_only=False), ctx, until="split_attention")
+    gm = run_passes(captured(model, last_logits_only=False), ctx, until="split_attention")
     cacheless = gm(ids, pos)
     before = op_counts(gm)
     gm = run_pass("kv_layout", gm, ctx)
@@ -178,9 +164,9 @@ def test_kv_layout_takes_each_rows_logits_at_its_last_real_token(model):
     valid[b] - 1 instead: the logits of a row's last real token, the rest of the row being padding."""
     ids, pos = _inputs()
     gates = mixed_gates(3, _kv_heads(model))
-    every = run_passes(_capture(model, last_logits_only=False), _ctx(gates), until="kv_layout")
+    every = run_passes(captured(model, last_logits_only=False), _ctx(gates), until="kv_layout")
     ctx = _ctx(gates)
-    last = run_passes(_capture(model), ctx, until="kv_layout")
+    last = run_passes(captured(model), ctx, until="kv_layout")
     assert _count(last, torch.ops.aten.slice.Tensor) < _count(every, torch.ops.aten.slice.Tensor) + 1
     valid = torch.tensor([LENGTH, 17])
     caches = [torch.zeros(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in ctx.cache_specs]
@@ -199,7 +185,7 @@ class _BeforePass:
     def __init__(self, model, retrieval, until: str):
         self.ids, self.pos = _inputs()
         self.ctx = _ctx(retrieval)
-        self.gm = run_passes(_capture(model, last_logits_only=False), self.ctx, until=until)
+        self.gm = run_passes(captured(model, last_logits_only=False), self.ctx, until=until)
         self.ops = op_counts(self.gm)
         self.caches = [torch.randn(2, s.num_kv_heads, s.slots or 64, s.head_dim) for s in self.ctx.cache_specs]
         self.written = [c.clone() for c in self.caches]
@@ -330,7 +316,7 @@ def test_run_passes_dumps_each_pass_and_records_a_switched_off_pass_as_skipped(t
     model = cached_tiny_model("llama", True)
     ctx = _ctx(mixed_gates(3, _kv_heads(model)))
     ctx.fuse_projections = ctx.fuse_rope = False
-    gm = run_passes(_capture(model, last_logits_only=False), ctx)
+    gm = run_passes(captured(model, last_logits_only=False), ctx)
     ran = ["01_find_attention", "02_reorder_heads", "04_split_attention", "05_kv_layout", "06_merge_head_groups"]
     text = {path.name: path.read_text() for path in folder.iterdir()}
     assert sorted(text) == sorted(f"{name}_{when}.txt" for name in ran for when in ("before", "after"))

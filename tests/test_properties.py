@@ -15,8 +15,6 @@ Sizes come from the hypothesis profile in ``tests/reliability.py`` (``DUO_HYPOTH
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from hypothesis import given
@@ -27,7 +25,8 @@ from duo_compile.kernels import reference
 from duo_compile.kernels.ops import OPS
 from duo_compile.oracle import oracle_generate
 from tests.reliability import examples, relative_error
-from tests.tiny_models import ARCHS, rope_tables, tiny_model
+from tests.shared_capture import compile_reuses_captures
+from tests.tiny_models import ARCHS, cached_tiny_model, rope_tables
 
 
 GARBAGE = 1e4  # start value of every cache slot: large enough that reading an unwritten slot changes the output
@@ -280,9 +279,7 @@ def test_dense_rule_sanity():
 
 
 # ------------------------------------------------------------------------------------------ (b) runtime
-@functools.lru_cache(maxsize=None)
-def _model(arch: str, gqa: bool):
-    return tiny_model(arch, gqa)
+_model = cached_tiny_model  # test_compile.py's models, whose captures compile reuses below
 
 
 _LAYER_KINDS = ("all_retrieval", "all_streaming", "mixed")
@@ -321,10 +318,11 @@ def runtime_cases(draw):
 def test_runtime_matches_oracle(c):
     model = _model(c["arch"], c["gqa"])
     masks = duo_compile.HeadMasks.from_gates(c["gates"])
-    engine = duo_compile.compile(
-        model, masks, sink_size=c["sink"], recent_size=c["recent"], max_seq_len=c["max_seq_len"],
-        prefill_chunk_size=c["chunk"], streaming_mode=c["mode"], backend="eager",
-    )
+    with compile_reuses_captures():  # one capture per model (tests/shared_capture.py): not the subject here
+        engine = duo_compile.compile(
+            model, masks, sink_size=c["sink"], recent_size=c["recent"], max_seq_len=c["max_seq_len"],
+            prefill_chunk_size=c["chunk"], streaming_mode=c["mode"], backend="eager",
+        )
     gen = torch.Generator().manual_seed(c["seed"])
     ids = torch.randint(0, model.config.vocab_size, (c["batch"], c["prompt"]), generator=gen)
     out = engine.generate(ids, max_new_tokens=c["new"], output_scores=True, return_dict_in_generate=True)

@@ -29,6 +29,7 @@ import duo_compile
 from duo_compile.oracle import oracle_generate
 from duo_compile.runtime import engine as runtime_engine
 from duo_compile.runtime.engine import Engine
+from tests.shared_capture import compile_reuses_captures
 from tests.tiny_models import mixed_gates, tiny_config, tiny_model
 
 
@@ -56,7 +57,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-    return _compile(model)
+    with compile_reuses_captures():  # the capped-cache tests compile ``model`` again from this capture
+        return _compile(model)
 
 
 @pytest.fixture
@@ -168,7 +170,7 @@ def _streaming_slots(engine) -> list[int]:
     return [spec.slots for spec in engine.cache_specs if spec.slots is not None]
 
 
-# Each case compiles an engine (~10 s on a busy CPU): four cases, both modes, each kind of cap once.
+# Each case compiles an engine: four cases, both modes, each kind of cap once.
 CAPPED = {"recent-1e9-window": (SINK, 10**9, "window"), "sink-1e12-chunk": (10**12, RECENT, "chunk"),
           "sink-plus-recent-above-max-len-chunk": (40, 40, "chunk"), "no-sink-huge-recent-window": (0, 10**6, "window")}
 
@@ -179,7 +181,8 @@ def test_streaming_cache_is_capped_at_max_seq_len_with_the_same_output(model, si
     only when sink alone reaches max_seq_len) so that its cache holds at most max_seq_len slots, and gives what
     the oracle gives for the sizes the user asked. engine.config holds the sizes the engine runs with;
     engine.requested_config the ones asked."""
-    engine = _compile(model, sink_size=sink, recent_size=recent, streaming_mode=mode, prefill_chunk_size=7)
+    with compile_reuses_captures():  # tests/shared_capture.py: the capture is not the subject here
+        engine = _compile(model, sink_size=sink, recent_size=recent, streaming_mode=mode, prefill_chunk_size=7)
     assert engine.requested_config.sink_size == sink and engine.requested_config.recent_size == recent
     c = engine.config
     assert c.sink_size + c.recent_size == MAX_LEN and c.sink_size == min(sink, MAX_LEN - 1) and c.recent_size >= 1

@@ -17,12 +17,14 @@ import torch.distributed as dist
 
 import duo_compile
 from duo_compile.parallel.placement import natural_placement, rank_counts
+from tests.shared_capture import compile_reuses_captures
 from tests.tiny_models import mixed_gates, tiny_model
 
 # (name, arch, gqa, streaming mode): Llama and Qwen2 (q/k/v biases), MHA and GQA, both streaming modes, in two
-# engines (each costs two captures per rank). MHA: each rank holds a mixed layer (one op over both head groups);
-# GQA: one KV head per rank, so every layer of a rank is all retrieval or all streaming. The Llama model has biases
-# on every projection (attention_bias, mlp_bias), so o_proj and down_proj have the row-parallel bias too.
+# engines (one capture per rank each, shared by the single-process and the sharded compile). MHA: each rank holds a
+# mixed layer (one op over both head groups); GQA: one KV head per rank, so every layer of a rank is all retrieval
+# or all streaming. The Llama model has biases on every projection (attention_bias, mlp_bias), so o_proj and
+# down_proj have the row-parallel bias too.
 ENGINES = [
     ("llama_mha_biases_window", "llama", False, "window"),
     ("qwen2_gqa_chunk", "qwen2", True, "chunk"),
@@ -109,8 +111,9 @@ def _engine_cases(rank: int) -> dict:
     for name, arch, gqa, mode in ENGINES:
         model = tiny_model(arch, gqa=gqa, biases=arch == "llama")
         masks = _masks(model.config.num_key_value_heads)
-        single = duo_compile.compile(model, masks, streaming_mode=mode, **SIZES)
-        sharded = duo_compile.compile(model, masks, streaming_mode=mode, tensor_parallel_size=2, **SIZES)
+        with compile_reuses_captures():  # tests/shared_capture.py
+            single = duo_compile.compile(model, masks, streaming_mode=mode, **SIZES)
+            sharded = duo_compile.compile(model, masks, streaming_mode=mode, tensor_parallel_size=2, **SIZES)
         if name == ENGINES[0][0]:
             out["export_refused"] = _error(lambda engine=sharded: duo_compile.export(engine, "unused.pt2"))
         retrieval = masks.retrieval
