@@ -215,8 +215,9 @@ class LoadedEngine(Engine):
     (the program, compiled by the backend of ``config``); ``config`` is the exported engine's, unchanged (its
     ``backend`` names the backend it was compiled with). ``path``: the file. ``compile_cache_loaded``: whether a
     package's Inductor caches were loaded (False for other backends). ``load_seconds``: where ``load`` spent its
-    time, ``checks`` (the metadata, the digest over the file's members) then, for a package, ``program``
-    (reading the graph record), ``weights`` (reading them onto the device, building the graph module) and ``caches``; for the other backends ``runtime``.
+    time, ``checks`` (the metadata, the digest over the file's members) then, for a package, ``program`` (reading
+    the graph record), ``weights`` (reading them onto the device, building the graph module) and ``caches``; for the
+    other backends ``runtime``.
     """
 
     def __init__(self, *args, backend: str, path: str, compile_cache_loaded: bool = False,

@@ -1,13 +1,14 @@
 """An engine package's weights: one member of the package's zip archive, read once, straight into the tensors.
 
-The weights are most of a package's bytes, so they are read once: the archive's digest
-(engine_file.archive_sha256) skips them, and they go into one member stored without compression: ``read`` streams its bytes from the file in order into the tensors it fills (on CUDA through pinned
-buffers copied asynchronously), hashing them on worker threads while the next bytes are read, so each byte leaves
-the disk once. The hash is a SHA-256 of pieces: the member is cut into pieces (the length and header, then each
-tensor in slices of at most ``piece_bytes``), each piece is hashed on its own, and the record's ``sha256`` is the
-SHA-256 of the pieces' digests in order, so the pieces hash in parallel (one SHA-256 stream hashes about as fast
-as a disk reads). The record is in the engine's metadata (``payload.weights``), which the metadata digest covers;
-``read`` compares it after the last byte and refuses a mismatch before the tensors reach anything.
+The weights are most of a package's bytes, so they are read once: the archive's digest (engine_file.archive_sha256)
+skips them, and they go into one member stored without compression: ``read`` streams its bytes from the file in
+order into the tensors it fills (on CUDA through pinned buffers copied asynchronously), hashing them on worker
+threads while the next bytes are read, so each byte leaves the disk once. The hash is a SHA-256 of pieces: the
+member is cut into pieces (the length and header, then each tensor in slices of at most ``piece_bytes``), each piece
+is hashed on its own, and the record's ``sha256`` is the SHA-256 of the pieces' digests in order, so the pieces hash
+in parallel (one SHA-256 stream hashes about as fast as a disk reads). The record is in the engine's metadata
+(``payload.weights``), which the metadata digest covers; ``read`` compares it after the last byte and refuses a
+mismatch before the tensors reach anything.
 
 Layout: the safetensors format (an 8-byte little-endian length N, a JSON header of N bytes mapping each name to
 its ``dtype``, ``shape`` and ``data_offsets`` ``[begin, end]``, padded with spaces to a multiple of 8, then the

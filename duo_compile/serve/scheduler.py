@@ -72,7 +72,7 @@ def decode_batches(slots: int) -> list[int]:
     """The batch sizes of decode steps (on a GPU, one CUDA graph each): 2, 4, 8, then multiples of 8 below
     ``slots``, and ``slots``. Never 1 where there are more slots: a one-row step would compile a graph of its own
     (the compiled graph specialises on a batch of one), and a second row costs next to nothing in a step that reads
-    every weight once."""
+    every weight once (benchmarks/DECISIONS.md#serve-decode-buckets)."""
     return [n for n in (2, 4, *range(8, slots, 8)) if n < slots] + [slots]
 
 

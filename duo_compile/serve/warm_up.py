@@ -1,15 +1,16 @@
 """Compile what serving runs before the first request arrives.
 
 A scheduler runs two kinds of graph (serve/scheduler.py): a prefill chunk on one cache row (its length varies) and a
-decode step over the first slots, in a few batch sizes (on CUDA a captured graph each). Each is compiled on first use, and on CUDA the Triton kernels the
-attention ops launch are compiled again for each new specialisation of their arguments: Triton specialises an
-integer argument on whether it is a multiple of 16, so a chunk of 8192 tokens and a chunk of 8190 run two builds of
-the same kernel. Left to the first requests, all of this lands on their time to first token (on a GPU, the
-compiles of a whole large model). ``warm_up`` runs, one after the other, a request whose prompt is one chunk of a
-multiple of 16 tokens and one whose prompt is one chunk of another length, each for two new tokens (the second
-from a decode step), through the scheduler itself, so the same code paths compile; then a decode step of idle rows
-at each of the scheduler's decode batch sizes, largest first (the graphs share one memory pool: the largest sizes
-it), which captures each size's graph without writing any cache. It leaves the scheduler empty.
+decode step over the first slots, in a few batch sizes (on CUDA a captured graph each). Each is compiled on first
+use, and on CUDA the Triton kernels the attention ops launch are compiled again for each new specialisation of their
+arguments: Triton specialises an integer argument on whether it is a multiple of 16, so a chunk of 8192 tokens and a
+chunk of 8190 run two builds of the same kernel. Left to the first requests, all of this lands on their time to
+first token (on a GPU, the compiles of a whole large model). ``warm_up`` runs, one after the other, a request whose
+prompt is one chunk of a multiple of 16 tokens and one whose prompt is one chunk of another length, each for two new
+tokens (the second from a decode step), through the scheduler itself, so the same code paths compile; then a decode
+step of idle rows at each of the scheduler's decode batch sizes, which captures each size's graph without writing
+any cache, largest first (the graphs share one memory pool: the smaller ones reuse the largest one's memory). It
+leaves the scheduler empty.
 """
 from __future__ import annotations
 
