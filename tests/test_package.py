@@ -28,6 +28,7 @@ from duo_compile.export.engine_file import EngineFileError
 from tests.tiny_models import mixed_gates, tiny_model
 
 SINK, RECENT, MAX_LEN, PROMPT, NEW, CHUNK = 4, 8, 128, 70, 6, 30
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")  # tests/shared_capture.py
 
 
 @functools.cache

@@ -26,6 +26,7 @@ from duo_compile.serve.warm_up import warm_up
 from tests.tiny_models import cached_engine, cached_tiny_model, mixed_masks
 
 SINK, RECENT, MAX_LEN = 4, 8, 96
+pytestmark = pytest.mark.usefixtures("one_capture_per_model")  # tests/shared_capture.py
 LENGTHS = (5, 30, 17, 40, 3, 21, 12)
 NEW = (6, 9, 4, 14, 10, 3, 5)
 
