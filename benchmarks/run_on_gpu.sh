@@ -38,6 +38,8 @@
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
 #               budget ~8 min)
+#   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
+#               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
 # The project is not installed there: symlinks make duo_compile.kernels/.passes/.models importable from the
 # checkout (what `pip install -e .` maps), and PYTHONPATH puts the checkout first.
@@ -64,6 +66,8 @@ for step in "$@"; do
         e2e-qwen3)
             timeout 280 python3 benchmarks/e2e.py --out "$OUT" --models qwen3 --backend inductor --sections decode \
                 --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e_qwen3_inductor.log" ;;
+        triton-pack-check)
+            timeout 120 python3 benchmarks/triton_pack_check.py 2>&1 | tee "$OUT/triton_pack_check.log" ;;
         start-bench)
             timeout 560 python3 benchmarks/start_bench.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/start_bench.log" ;;
         passkey)
@@ -101,7 +105,7 @@ for step in "$@"; do
                 | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
                 "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, paged-check, serve-bench, serve-steps," \
-                "start-bench)" >&2
+                "start-bench, triton-pack-check)" >&2
            exit 2 ;;
     esac
 done
