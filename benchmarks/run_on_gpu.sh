@@ -28,7 +28,7 @@
 #   paged-check benchmarks/paged_check.py: paged retrieval KV, the Triton kernels through block tables vs the
 #               reference (bf16/fp32, head dim 128, page sizes 16/64/5), and paged engines (inductor, CUDA-graph
 #               decode) under the scheduler with preemptions vs generate alone (CPU dry run: --dry-run, ~2 min)
-#                                                                                       (not yet run; ~2 min)
+#                                                                                                ~5 min (H100)
 #   serve-bench benchmarks/serve_bench.py: a request stream through the serving scheduler, DuoAttention vs all
 #               retrieval at the same KV budget, Llama-3 shape, 8K..32K prompts (SERVE_ARGS adds arguments,
 #               e.g. "--requests 32 --max-prompt 65536")          ~9.5 min; each engine's runs get
@@ -36,8 +36,8 @@
 #   serve-steps benchmarks/serve_steps.py: the scheduler's prefill-chunk and decode steps timed alone, per engine,
 #               with kernel breakdowns (STEPS_ARGS adds arguments, e.g. "--page-size 16": paged engines) ~4 min
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
-#               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth (not yet run;
-#               budget ~8 min)
+#               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth
+#                                                                            ~3.6 min (H100), ~5 min (H200)
 #   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
 #               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
