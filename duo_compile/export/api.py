@@ -116,7 +116,7 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
 def _export_package(engine: Engine, path: str, precompile: bool) -> None:
     from duo_compile.export import aoti_export, package_export, package_triton
 
-    graphs = package_export.graphs_record(engine)
+    graphs = package_export.graphs_record()
     with _writing(path), atomic_named_path(path) as tmp:
         check_free_space(path, aoti_export.weights_bytes(engine) + aoti_export.PACKAGE_MARGIN, "the engine's weights")
         weights = package_export.write_program(engine, tmp)
@@ -128,7 +128,8 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
                           dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
             data = package_export.precompile(warm, None)
             del warm
-            # Every kernel of the attention ops this process compiled: the precompile's and the user's own steps'.
+            # Every attention-op kernel this process compiled (the precompile's and the user's own steps') and the
+            # Triton host modules it loaded to launch them.
             kernels = package_triton.pack(package_triton.compiled_folders())
             if data or kernels:
                 package_export.add_caches(tmp, data, kernels)

@@ -318,19 +318,25 @@ def archive_sha256(archive: zipfile.ZipFile, skip: set[str] | frozenset[str] = f
     return digest.hexdigest(), count
 
 
+def archive_folder(archive: zipfile.ZipFile, path: str) -> str:
+    """The top folder of a PT2 archive's members (named after the file it was written as)."""
+    names = archive.namelist()
+    if not names or "/" not in names[0]:
+        raise ValueError(f"{path}: the archive has no archive folder")
+    return names[0].split("/")[0]
+
+
 def seal_pt2(path: str, meta: dict[str, Any], weights: dict[str, Any] | None = None) -> dict[str, Any]:
     """Append the sealed metadata to the PT2 archive at ``path`` as its last member,
     ``<archive name>/extra/duo_engine.json``: the digest covers every member written before it, a package's
     weights member through its own SHA-256 of pieces (``weights``, its record: package_weights.py), which load
     checks as it reads the weights."""
     with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        if not names or "/" not in names[0]:
-            raise ValueError(f"{path}: the AOTInductor package has no archive folder")
+        folder = archive_folder(archive, path)
         sha, count = archive_sha256(archive, skip={weights["member"]} if weights else set())
     meta = seal(meta, {"sha256": sha, "members": count, **({"weights": weights} if weights else {})})
     with zipfile.ZipFile(path, "a") as archive:
-        archive.writestr(f"{names[0].split('/')[0]}/extra/{PT2_META_NAME}", json.dumps(meta, sort_keys=True))
+        archive.writestr(f"{folder}/extra/{PT2_META_NAME}", json.dumps(meta, sort_keys=True))
     return meta
 
 

@@ -31,7 +31,7 @@ import zipfile
 import torch
 
 from duo_compile.export import graph_format, package_triton, package_weights
-from duo_compile.export.engine_file import EngineFileError
+from duo_compile.export.engine_file import EngineFileError, archive_folder
 
 CACHE_NAME = "inductor_cache.bin"
 CACHE_FOLDER = package_weights.FOLDER
@@ -94,7 +94,8 @@ def load_module(path: str, record: dict, weights: dict | None, device: torch.dev
         raise EngineFileError(f"{path}: {err}") from None
 
 
-def graphs_record(engine) -> dict:
+def graphs_record() -> dict:
+    """The package's ``graphs`` metadata entry (``api._export_package`` adds the caches' record to it)."""
     return {"program": f"{GRAPH_NAME} version {graph_format.VERSION}", "caches": "explicit inputs, mutated in place"}
 
 
@@ -115,7 +116,7 @@ def precompile(engine, chunk: int | None) -> bytes | None:
 def add_members(path: str, members: dict[str, bytes]) -> None:
     """Append ``members`` (names relative to the package's ``duo_compile/`` folder) to the archive at ``path``."""
     with zipfile.ZipFile(path) as archive:
-        folder = archive.namelist()[0].split("/")[0]
+        folder = archive_folder(archive, path)
     with zipfile.ZipFile(path, "a") as archive:
         for name, data in members.items():
             archive.writestr(f"{folder}/{CACHE_FOLDER}/{name}", data)

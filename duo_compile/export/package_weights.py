@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from duo_compile.export.engine_file import EngineFileError
+from duo_compile.export.engine_file import EngineFileError, archive_folder
 
 FOLDER = "duo_compile"  # under the archive's folder, beside extra/ (the metadata)
 WEIGHTS_NAME = "weights.safetensors"
@@ -63,7 +63,7 @@ def write(path: str, tensors: dict[str, torch.Tensor]) -> dict:
     returns the member's record for the metadata: ``{"member", "bytes", "piece_bytes", "sha256"}``."""
     header = _header(tensors)
     with zipfile.ZipFile(path) as archive:
-        member = f"{archive.namelist()[0].split('/')[0]}/{FOLDER}/{WEIGHTS_NAME}"
+        member = f"{archive_folder(archive, path)}/{FOLDER}/{WEIGHTS_NAME}"
     info = zipfile.ZipInfo(member)
     info.compress_type = zipfile.ZIP_STORED
     pieces, size = [hashlib.sha256(header).digest()], len(header)
