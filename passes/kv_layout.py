@@ -18,8 +18,8 @@ pages in order), passed to every retrieval op as its ``block_table`` (kernels/pa
 ``forward(input_ids, position_ids, cache_start, valid, *caches, block_table)``.
 
 Also matches the last-position slice in front of the LM head (``hidden[:, -1:]``, what capture's
-``logits_to_keep=1`` leaves) and emits ``last_real_token(hidden, valid)`` instead, so the logits are each row's at
-its own last real token (index ``valid[b] - 1``), still one row per sequence through the LM head. A graph that
+``logits_to_keep=1`` leaves) and gathers each row at its own last real token instead (index ``valid[b] - 1``, as
+ATen ops: ``_insert_last_real_token``), still one row per sequence through the LM head. A graph that
 returns every position's logits has no such slice and is left as it is (the runtime gathers then).
 """
 from __future__ import annotations
@@ -31,17 +31,24 @@ from duo_compile.kernels.ops import OPS
 
 from .context import CacheSpec, PassContext
 
+aten = torch.ops.aten
+
 _CACHED = {
     OPS["retrieval_attention"]: ("retrieval", OPS["retrieval_attention_cached"]),
     OPS["streaming_attention"]: ("streaming", OPS["streaming_attention_cached"]),
 }
 
 
-def last_real_token(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``hidden`` ``[B, T, H]`` -> ``[B, 1, H]``: each row at its last real token, index ``valid[b] - 1`` (0 for a
-    row with no real token, whose logits are don't-care)."""
-    index = (valid - 1).clamp(min=0)
-    return hidden.gather(1, index[:, None, None].expand(-1, 1, hidden.shape[-1]))
+def _insert_last_real_token(graph: fx.Graph, hidden: fx.Node, valid: fx.Node) -> fx.Node:
+    """Nodes computing ``hidden`` ``[B, T, H]`` -> ``[B, 1, H]``: each row at its last real token, index
+    ``valid[b] - 1`` (0 for a row with no real token, whose logits are don't-care). ATen ops only, no Python
+    function in the graph: Inductor's compile caches (and so an engine package's precompiled graphs) refuse a
+    graph that calls one."""
+    index = graph.call_function(aten.clamp_min.default, (graph.call_function(aten.sub.Tensor, (valid, 1)), 0))
+    index = graph.call_function(aten.unsqueeze.default, (graph.call_function(aten.unsqueeze.default, (index, 1)), 2))
+    width = graph.call_function(aten.sym_size.int, (hidden, 2))
+    index = graph.call_function(aten.expand.default, (index, [-1, 1, width]))
+    return graph.call_function(aten.gather.default, (hidden, 1, index))
 
 
 def _last_position_slice(graph: fx.Graph) -> fx.Node | None:
@@ -105,7 +112,7 @@ def kv_layout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     last = _last_position_slice(graph)
     if last is not None:
         with graph.inserting_before(last):
-            gathered = graph.call_function(last_real_token, (last.args[0], valid))
+            gathered = _insert_last_real_token(graph, last.args[0], valid)
         gathered.meta = dict(last.meta)
         last.replace_all_uses_with(gathered)
         graph.erase_node(last)

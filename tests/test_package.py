@@ -1,11 +1,11 @@
 """Engine packages (export backend "package"): export -> load in a fresh process -> the compiled engine's tokens;
-Inductor's compile caches used by a matching torch and refused, with a warning, otherwise; damaged files refused
-before anything is loaded; atomic writes.
+the compiled graphs used by a matching torch and refused, with a warning, otherwise; damaged files refused before
+anything is loaded; atomic writes.
 
 Tiny Llama with mixed masks (one all-retrieval, one mixed, one all-streaming layer), sink 4 / recent 8. Two
 packages: the eager engine's (no Inductor: the program round trip alone), and the Inductor engine's, precompiled
-at export; the fresh process (its own, empty Inductor cache folder) must then find both of its graphs (prefill
-chunk and decode step) in the package's caches.
+at export; the fresh process (its own, empty Inductor cache folder) must then run both of its graphs (prefill
+chunk and decode step) from the package's compiled graphs, compiling none.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 import duo_compile
 from duo_compile.export import engine_file, package_export, package_triton, package_weights
 from duo_compile.export.engine_file import EngineFileError
+from duo_compile.runtime.inductor_graph import Variant
 from tests.tiny_models import mixed_gates, tiny_model
 
 SINK, RECENT, MAX_LEN, PROMPT, NEW, CHUNK = 4, 8, 128, 70, 6, 30
@@ -103,6 +104,7 @@ _CHILD = textwrap.dedent(
     results["inductor_backend"] = (inductor.backend, inductor.config.backend, inductor.compile_cache_loaded)
     results["load_seconds"] = (sorted(eager.load_seconds), sorted(inductor.load_seconds))
     results["counters"] = dict(counters["inductor"])
+    results["variants"] = (inductor._run.compiled, len(inductor._run.variants))
     results["imported"] = sorted(m for m in sys.modules if m.startswith(("transformers.models", "tests")))
     from triton.runtime.cache import FileCacheManager  # Triton's own reader of its cache folders
     group = FileCacheManager(job["triton_key"]).get_group("fake.json") or {}
@@ -140,8 +142,9 @@ def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
     assert fresh_process["eager_backend"] == ("package", "eager", False)
     assert fresh_process["inductor_backend"] == ("package", "inductor", True)
     assert fresh_process["load_seconds"] == (["checks", "program", "weights"], ["caches", "checks", "program", "weights"])
-    counters = fresh_process["counters"]
-    assert counters.get("fxgraph_cache_hit", 0) == 2 and counters.get("fxgraph_cache_miss", 0) == 0, counters
+    compiled, variants = fresh_process["variants"]
+    assert compiled == 0 and variants >= 2  # prefill chunk and decode step, at least, loaded and none compiled
+    assert fresh_process["counters"].get("fxgraph_cache_miss", 0) == 0, fresh_process["counters"]
     assert fresh_process["imported"] == []  # no model code, no tests
 
 
@@ -202,7 +205,7 @@ def test_the_packages_triton_kernels_are_where_triton_looks_in_a_fresh_process(f
 
 def _rewrite(src, dst, edit_meta=None, edit_bytes=None) -> None:
     """Copy a package, passing its metadata through ``edit_meta`` (then resealed, as a well-formed file of another
-    producer) and the cache member through ``edit_bytes``."""
+    producer) and the compiled graphs' members through ``edit_bytes``."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
             data = zin.read(item.filename)
@@ -210,7 +213,7 @@ def _rewrite(src, dst, edit_meta=None, edit_bytes=None) -> None:
                 meta = json.loads(data)
                 edit_meta(meta)
                 data = json.dumps(engine_file.seal(meta, meta["payload"])).encode()
-            if item.filename.endswith(f"/{package_export.CACHE_NAME}") and edit_bytes is not None:
+            if f"/{package_export.COMPILED_FOLDER}/" in item.filename and edit_bytes is not None:
                 data = edit_bytes(data)
             zout.writestr(item, data)
 
@@ -221,16 +224,41 @@ def test_caches_of_another_torch_triton_or_gpu_are_not_used(packages, tmp_path, 
     dst = tmp_path / "other.pt2"
     _rewrite(files["inductor"], dst, edit_meta=lambda meta: meta["graphs"]["inductor_cache"].update({key: value}))
     loaded = []
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", loaded.append)
+    monkeypatch.setattr(Variant, "from_bytes", lambda *args: loaded.append(args))
     with pytest.warns(UserWarning, match=f"made for {key} {value}.*compiles the engine afresh"):
         engine = duo_compile.load(dst)
-    assert engine.compile_cache_loaded is False and loaded == []
+    assert engine.compile_cache_loaded is False and loaded == [] and engine._run.variants == []
+
+
+def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, monkeypatch):
+    """A package from another build of the same torch version: its artifacts fail to load, the engine still loads
+    (with a warning) and compiles its graphs on its first steps, giving the same tokens."""
+    files, want = packages
+
+    def unreadable(guards, data):
+        raise AssertionError("torch_key differs")
+
+    monkeypatch.setattr(Variant, "from_bytes", unreadable)
+    with pytest.warns(UserWarning, match="cannot read the package's compiled graphs.*compiles the engine afresh"):
+        engine = duo_compile.load(files["inductor"])
+    assert engine.compile_cache_loaded is False and engine._run.variants == []
+
+
+def test_compiled_graphs_taking_weights_in_another_order_are_refused(packages):
+    """The compiled graphs take the weights as inputs in the order their index records: a program that reads them
+    in another order is refused rather than run with its weights swapped."""
+    files, _ = packages
+    parts, _ = engine_file.read_metadata(str(files["inductor"]))
+    recorded = parts.graphs["inductor_cache"]
+    index = json.loads(package_export._read_folder(str(files["inductor"]), "compiled")["variants.json"])
+    with pytest.raises(EngineFileError, match="weights in another order"):
+        package_export.load_variants(str(files["inductor"]), recorded, parts.device, index["weights"][::-1])
 
 
 def test_damaged_or_truncated_packages_are_refused_before_anything_loads(packages, tmp_path, monkeypatch):
     files, _ = packages
     touched = []
-    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", touched.append)
+    monkeypatch.setattr(Variant, "from_bytes", lambda *args: touched.append(args))
     monkeypatch.setattr(package_export, "read_graph", touched.append)
     data = files["inductor"].read_bytes()
     for cut in (4, len(data) // 2, len(data) - 100):

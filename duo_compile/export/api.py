@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from duo_compile.runtime.engine import Engine
+from duo_compile.runtime.inductor_graph import InductorGraph
 from duo_compile.export.generation_files import attach_generation_metadata
 from duo_compile.export.engine_file import (
     EngineFileError,
@@ -121,19 +122,21 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
         check_free_space(path, aoti_export.weights_bytes(engine) + aoti_export.PACKAGE_MARGIN, "the engine's weights")
         weights = package_export.write_program(engine, tmp)
         cache = None
-        if precompile and engine.config.backend == "inductor":
-            # Compiled from the program as load reads it back, so that load's compilation finds these entries.
-            program = package_export.load_module(tmp, package_export.read_graph(tmp), weights, engine.device)
-            warm = Engine(program, engine.cache_specs, engine.config, engine.info, engine.masks, device=engine.device,
-                          dtype=engine.dtype, cuda_graphs=engine.cuda_graphs)
-            data = package_export.precompile(warm, None)
+        if precompile and isinstance(engine._run, InductorGraph):
+            # A second engine on the same compiled graphs and weights, with caches of its own: the user's engine
+            # keeps its caches, and the graphs compiled here are the user's engine's too.
+            warm = Engine(engine.graph, engine.cache_specs, engine.config, engine.info, engine.masks,
+                          device=engine.device, dtype=engine.dtype, cuda_graphs=engine.cuda_graphs, runner=engine._run)
+            compiled = package_export.precompile(warm, None)
             del warm
             # Every attention-op kernel this process compiled (the precompile's and the user's own steps') and the
             # Triton host modules it loaded to launch them.
             kernels = package_triton.pack(package_triton.compiled_folders())
-            if data or kernels:
-                package_export.add_caches(tmp, data, kernels)
-                cache = {**package_export.cache_producer(engine.device), "bytes": len(data or b""),
+            if compiled or kernels:
+                package_export.add_caches(tmp, compiled, kernels)
+                cache = {**package_export.cache_producer(engine.device),
+                         "bytes": sum(len(data) for data in compiled.values()),
+                         "variants": max(len(compiled) - 1, 0),  # the files, less their index
                          "triton_kernels": len({name.split("/")[0] for name in kernels})}
         graphs["inductor_cache"] = cache
         seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)), weights)
@@ -204,9 +207,11 @@ def _load_package(parts, path: str, payload: dict, seconds: dict[str, float]):
     if parts.config.backend != "inductor":
         return graph, False
     began = time.perf_counter()
-    cache_loaded = package_export.use_cache(path, parts.graphs.get("inductor_cache"), parts.device)
+    run = InductorGraph(graph)
+    run.variants.extend(package_export.load_variants(path, parts.graphs.get("inductor_cache"), parts.device,
+                                                     run.weight_targets))
     seconds["caches"] = time.perf_counter() - began
-    return torch.compile(graph, backend="inductor", dynamic=True), cache_loaded
+    return run, bool(run.variants)
 
 
 class LoadedEngine(Engine):

@@ -1,5 +1,5 @@
 """Package backend: what a restart needs to run the engine with Inductor, so ``load`` skips capture, the passes
-and (with the package's compile caches) most of Inductor.
+and (with the package's compiled graphs) Inductor.
 
 The file is a zip archive (the layout of a PT2 archive: one top folder named after the file) holding:
 
@@ -8,18 +8,19 @@ The file is a zip archive (the layout of a PT2 archive: one top folder named aft
   (graph_format.py);
 * ``duo_compile/weights.safetensors``: every tensor the graph reads, as the passes left them (heads reordered,
   projections fused), read once at load straight onto the device (package_weights.py);
-* ``duo_compile/inductor_cache.bin`` (optional): Inductor's portable compile caches
-  (``torch.compiler.save_cache_artifacts``) for the shapes ``precompile`` ran at export: one prefill chunk and
-  one decode step at batch 1;
+* ``duo_compile/compiled/<i>.bin`` and ``compiled/variants.json`` (optional): the graphs Inductor compiled for the
+  engine (runtime/inductor_graph.py), each a ``CompiledArtifact`` with its shape guards: at least the shapes
+  ``precompile`` ran at export (one prefill chunk and one decode step at batch 1) and any the engine had run;
 * ``duo_compile/triton/<kernel>/<file>`` (optional, packages made on a GPU): the attention ops' compiled Triton
-  kernels, which Inductor's caches do not hold (package_triton.py);
+  kernels and host modules, which Inductor's artifacts do not hold (package_triton.py);
 * ``extra/duo_engine.json``: the engine file metadata (engine_file.py), its digest covering every other member.
 
-``load`` (``api._load_package``) rebuilds the graph module and compiles it with Inductor as ``compile`` does, so a
-loaded engine runs the graph the compiled one ran. The caches (Inductor's and the Triton kernels) are used only
-when the package was made by this torch and Triton version on the same device kind (GPU architecture):
-otherwise the package still loads and runs, with a warning that Inductor compiles afresh (the caches would only
-miss). Why neither AOTInductor nor a ``torch.export`` program here: benchmarks/DECISIONS.md#engine-package.
+``load`` (``api._load_package``) rebuilds the graph module and runs it as ``compile`` does (an ``InductorGraph``),
+starting from the package's compiled graphs, so a loaded engine runs what the compiled one ran. The compiled
+graphs and Triton kernels are used only when the package was made by this torch and Triton version on the same
+device kind (GPU architecture) and this torch can read them: otherwise the package still loads and runs, with a
+warning that Inductor compiles afresh. Why neither AOTInductor nor a ``torch.export`` program here:
+benchmarks/DECISIONS.md#engine-package.
 """
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ import torch
 
 from duo_compile.export import graph_format, package_triton, package_weights
 from duo_compile.export.engine_file import EngineFileError, archive_folder
+from duo_compile.runtime.inductor_graph import InductorGraph, Variant
 
-CACHE_NAME = "inductor_cache.bin"
+COMPILED_FOLDER = "compiled"
+INDEX_NAME = "variants.json"
 CACHE_FOLDER = package_weights.FOLDER
 GRAPH_NAME = "graph.json"
 TRITON_FOLDER = "triton"
-# The prefill chunk compiled at export when the engine has no prefill_chunk_size: a prime, because Dynamo gives
-# sizes that are equal while it traces one symbol (a chunk as long as head_dim would trace another graph).
+# The prefill chunk compiled at export when the engine has no prefill_chunk_size (any length above 1 compiles the
+# graph every chunk length runs).
 PRECOMPILE_CHUNK = 61
 
 
@@ -99,9 +102,10 @@ def graphs_record() -> dict:
     return {"program": f"{GRAPH_NAME} version {graph_format.VERSION}", "caches": "explicit inputs, mutated in place"}
 
 
-def precompile(engine, chunk: int | None) -> bytes | None:
-    """Compile and run, at batch 1, one prefill chunk of ``chunk`` tokens (default: the engine's prefill chunk, else
-    ``PRECOMPILE_CHUNK``) and one decode step; return Inductor's cache artifacts (None if it recorded none)."""
+def precompile(engine, chunk: int | None) -> dict[str, bytes]:
+    """Run, at batch 1, one prefill chunk of ``chunk`` tokens (default: the engine's prefill chunk, else
+    ``PRECOMPILE_CHUNK``) and one decode step, compiling what the engine's ``InductorGraph`` lacks for them; return
+    the members holding its compiled graphs (``compiled_members``)."""
     max_len = engine.config.max_seq_len
     chunk = min(chunk or engine.config.prefill_chunk_size or PRECOMPILE_CHUNK, max_len - 1)
     engine.allocate(1)  # the program's caches have the engine's shapes
@@ -109,8 +113,22 @@ def precompile(engine, chunk: int | None) -> bytes | None:
     engine.step(ids, 0)
     engine.step(ids[:, :1], chunk)
     engine.release()
-    saved = torch.compiler.save_cache_artifacts()
-    return None if saved is None else saved[0]
+    return compiled_members(engine._run)
+
+
+def compiled_members(run: InductorGraph) -> dict[str, bytes]:
+    """``{"compiled/<i>.bin": artifact, "compiled/variants.json": index}`` for every variant of ``run`` that can be
+    saved (empty if none can). The index lists each file's guards and the weights' order as graph inputs."""
+    entries, members = [], {}
+    for variant in run.variants:
+        data = variant.to_bytes()
+        if data is not None:
+            entries.append({"file": f"{len(entries)}.bin", "guards": variant.guards})
+            members[f"{COMPILED_FOLDER}/{entries[-1]['file']}"] = data
+    if entries:
+        index = {"weights": run.weight_targets, "variants": entries}
+        members[f"{COMPILED_FOLDER}/{INDEX_NAME}"] = json.dumps(index).encode()
+    return members
 
 
 def add_members(path: str, members: dict[str, bytes]) -> None:
@@ -122,47 +140,59 @@ def add_members(path: str, members: dict[str, bytes]) -> None:
             archive.writestr(f"{folder}/{CACHE_FOLDER}/{name}", data)
 
 
-def add_caches(path: str, inductor: bytes | None, triton: dict[str, bytes]) -> None:
-    """Append Inductor's cache artifacts and the packed Triton kernels (package_triton.pack) to the archive."""
-    members = {f"{TRITON_FOLDER}/{name}": data for name, data in triton.items()}
-    if inductor:
-        members[CACHE_NAME] = inductor
-    add_members(path, members)
+def add_caches(path: str, compiled: dict[str, bytes], triton: dict[str, bytes]) -> None:
+    """Append the compiled graphs (``compiled_members``) and the packed Triton kernels (package_triton.pack) to the
+    archive."""
+    add_members(path, {**compiled, **{f"{TRITON_FOLDER}/{name}": data for name, data in triton.items()}})
 
 
-def read_cache(path: str) -> bytes | None:
-    with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.endswith(f"/{CACHE_FOLDER}/{CACHE_NAME}")]
-        return archive.read(names[0]) if names else None
-
-
-def read_triton(path: str) -> dict[str, bytes]:
-    """The packed Triton kernels of the archive at ``path`` (``{"<kernel>/<file>": bytes}``; empty if none)."""
-    marker = f"/{CACHE_FOLDER}/{TRITON_FOLDER}/"
+def _read_folder(path: str, folder: str) -> dict[str, bytes]:
+    """The members under ``duo_compile/<folder>/`` of the archive at ``path``, by their names below it."""
+    marker = f"/{CACHE_FOLDER}/{folder}/"
     with zipfile.ZipFile(path) as archive:
         return {name.split(marker, 1)[1]: archive.read(name) for name in archive.namelist() if marker in name}
 
 
-def use_cache(path: str, recorded: dict | None, device: torch.device) -> bool:
-    """Load the package's Inductor caches and write its Triton kernels where Triton will find them
-    (package_triton.install), if they were made for this torch, Triton and device kind; else warn that Inductor
-    compiles afresh. Returns whether the Inductor caches were loaded."""
+def read_triton(path: str) -> dict[str, bytes]:
+    """The packed Triton kernels of the archive at ``path`` (``{"<kernel>/<file>": bytes}``; empty if none)."""
+    return _read_folder(path, TRITON_FOLDER)
+
+
+def _compiled_afresh(path: str, why: str) -> list[Variant]:
+    warnings.warn(f"{os.fspath(path)}: {why}; Inductor compiles the engine afresh on its first steps (re-export the "
+                  f"package here to skip that)", UserWarning, stacklevel=4)
+    return []
+
+
+def load_variants(path: str, recorded: dict | None, device: torch.device, weight_targets: list[str]) -> list[Variant]:
+    """The package's compiled graphs, after writing its Triton kernels where Triton will find them
+    (package_triton.install), if they were made for this torch, Triton and device kind and this torch reads them;
+    else a warning that Inductor compiles afresh, and none. ``weight_targets``: the order in which the rebuilt graph
+    takes its weights (``InductorGraph.weight_targets``), which must be the compiled graphs'."""
     if not recorded:
-        return False
+        return []
     here = cache_producer(device)
     made = {key: recorded.get(key) for key in here}
     if made != here:
         differ = ", ".join(f"{key} {made[key]} (here {here[key]})" for key in here if made[key] != here[key])
-        warnings.warn(
-            f"{os.fspath(path)}: the package's compiled code was made for {differ}; Inductor compiles the engine "
-            f"afresh on its first steps (re-export the package here to skip that)",
-            UserWarning,
-            stacklevel=3,
-        )
-        return False
+        return _compiled_afresh(path, f"the package's compiled code was made for {differ}")
     if recorded.get("triton_kernels"):
         package_triton.install(read_triton(path), package_triton.cache_bases(device))
-    data = read_cache(path)
-    if data:
-        torch.compiler.load_cache_artifacts(data)
-    return bool(data)
+    members = _read_folder(path, COMPILED_FOLDER)
+    if INDEX_NAME not in members:
+        return _compiled_afresh(path, "the package holds no compiled graphs this duo_compile reads (made by an "
+                                      "earlier one)")
+    try:
+        index = json.loads(members[INDEX_NAME])
+        entries = [(entry["guards"], members[entry["file"]]) for entry in index["variants"]]
+        weights = index["weights"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise EngineFileError(f"{path}: unreadable {COMPILED_FOLDER}/{INDEX_NAME} ({type(err).__name__}: {err})")
+    if weights != weight_targets:
+        raise EngineFileError(f"{path}: the compiled graphs take the weights in another order than the program "
+                              f"reads them")
+    try:
+        return [Variant.from_bytes(guards, data) for guards, data in entries]
+    except Exception as err:  # the digest matched: this torch cannot read what another build of it wrote
+        return _compiled_afresh(path, f"this torch cannot read the package's compiled graphs "
+                                      f"({type(err).__name__}: {err})")

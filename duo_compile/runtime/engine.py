@@ -29,6 +29,7 @@ from duo_compile.checks import check_int
 from duo_compile.kernels.paged import check_table, pages_for
 from duo_compile.runtime import padding
 from duo_compile.runtime.cuda_graphs import GraphedDecode
+from duo_compile.runtime.inductor_graph import InductorGraph
 from duo_compile.masks import HeadMasks, KVCacheBytes, kv_cache_bytes
 from duo_compile.models.hf import ModelInfo
 from duo_compile.parallel import group as parallel_group
@@ -183,8 +184,9 @@ class Engine:
         if runner is not None:
             self._run = runner
         elif config.backend == "inductor":
-            # dynamic=True: one graph for every prefill chunk length (decode, T == 1, gets its own).
-            self._run = torch.compile(graph, backend="inductor", dynamic=True)
+            # Inductor on the graph as it is, no Dynamo retrace; one compiled graph for every prefill chunk length
+            # (decode, T == 1, gets its own): inductor_graph.py.
+            self._run = InductorGraph(graph)
         else:
             self._run = graph
 

@@ -1,0 +1,165 @@
+"""The engine's graph compiled by Inductor directly, without Dynamo: one compiled variant per class of input
+shapes, each one an artifact an engine package can store and ``load`` can read back.
+
+The graph the passes leave is already an ATen-level fx graph. ``torch.compile`` would trace it again with Dynamo,
+instruction by instruction over fake tensors, before Inductor sees it; for a deep model that retrace is most of a
+first step's time, and of a loaded package's first step (benchmarks/DECISIONS.md#inductor-without-dynamo). Here
+the graph goes to Inductor as it is (``torch._inductor.standalone_compile``), and what Inductor makes of it is a
+``CompiledArtifact``: ``load`` reads one back without tracing or compiling anything.
+
+Inputs: the graph's ``get_attr`` tensors (the weights) become trailing inputs of the compiled graph, so a variant
+holds no weights and compiling copies none. Every dimension of the engine's own inputs gets a symbol, as
+``torch.compile(dynamic=True)`` gives them; the symbolic-shape engine specialises sizes 0 and 1 (a decode step,
+T == 1, and batch 1 get variants of their own) and whatever the graph itself fixes. Weights keep static shapes.
+
+Variants: each keeps the guard expression its symbolic-shape engine produced over the engine's inputs (sizes,
+strides, storage offsets and the relations between them). A call runs the first variant whose guards its inputs
+pass, and compiles a new one when none does; the answer is remembered per input layout, so after the first call
+of a layout a call costs one dictionary lookup.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+LAYOUTS_KEPT = 256  # input layouts whose variant is remembered (prefill chunks come in many lengths)
+
+
+@dataclass
+class Variant:
+    """One compiled graph: ``artifact`` (a ``torch._inductor.CompiledArtifact``) runs every call whose inputs pass
+    ``guards`` (a Python expression over ``L['t0']``, ``L['t1']``, ... the engine's inputs; None: every call)."""
+
+    guards: str | None
+    artifact: object
+    _code: object = field(default=None, repr=False)
+
+    def accepts(self, inputs: Sequence[torch.Tensor]) -> bool:
+        if self.guards is None:
+            return True
+        if self._code is None:
+            self._code = compile(self.guards, "<guards>", "eval")
+        return bool(_guard_evaluator().evaluate_guards_expression(self._code, inputs))
+
+    def to_bytes(self) -> bytes | None:
+        """The artifact as bytes (``CompiledArtifact.save``'s binary form), or None when Inductor made it without
+        its compile caches (a graph they refuse) and so cannot save it."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "variant.bin")
+            try:
+                self.artifact.save(path=path, format="binary")
+            except (RuntimeError, AssertionError):
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+    @staticmethod
+    def from_bytes(guards: str | None, data: bytes) -> Variant:
+        """The variant ``to_bytes`` saved. Raises (AssertionError, RuntimeError, ...) when this torch cannot read
+        it, e.g. one made by another torch build."""
+        from torch._inductor import CompiledArtifact
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "variant.bin")
+            with open(path, "wb") as f:
+                f.write(data)
+            return Variant(guards, CompiledArtifact.load(path=path, format="binary"))
+
+
+_EVALUATOR = None
+
+
+def _guard_evaluator():
+    """A symbolic-shape engine, only to evaluate guard expressions (its own state is not used)."""
+    global _EVALUATOR
+    if _EVALUATOR is None:
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        _EVALUATOR = ShapeEnv()
+    return _EVALUATOR
+
+
+def lift_weights(graph: fx.GraphModule) -> tuple[fx.GraphModule, list[str], list[torch.Tensor]]:
+    """A copy of ``graph`` that takes its ``get_attr`` tensors as trailing inputs (one per target) and returns a
+    tuple; those targets, and the tensors they name now."""
+    lifted, env = fx.Graph(), {}
+    targets: list[str] = []
+    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    for node in placeholders:
+        env[node] = lifted.placeholder(node.name)
+    for node in graph.graph.nodes:
+        if node.op == "get_attr" and node.target not in targets:
+            targets.append(node.target)
+    inputs = {target: lifted.placeholder(f"weight_{i}") for i, target in enumerate(targets)}
+    for node in graph.graph.nodes:
+        if node.op == "get_attr":
+            env[node] = inputs[node.target]
+        elif node.op == "output":  # always a tuple: a loaded artifact returns a list whatever the graph returned
+            value = fx.map_arg(node.args[0], lambda n: env[n])
+            lifted.output((value,) if isinstance(value, fx.Node) else tuple(value))
+        elif node.op != "placeholder":
+            env[node] = lifted.node_copy(node, lambda n: env[n])
+    tensors = [operator.attrgetter(target)(graph) for target in targets]
+    return fx.GraphModule(torch.nn.Module(), lifted), targets, tensors
+
+
+def _layout(inputs: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.shape, t.stride(), t.storage_offset(), t.dtype, t.device) for t in inputs)
+
+
+class InductorGraph:
+    """Runs an engine graph as ``run(*inputs)``, compiled by Inductor per class of input shapes (module docstring).
+
+    ``variants``: compiled graphs to start from (an engine package's); more are compiled when a call needs one.
+    ``compiled``: how many this object compiled (not loaded).
+    """
+
+    def __init__(self, graph: fx.GraphModule, variants: Sequence[Variant] = ()):
+        self.lifted, self.weight_targets, self.weights = lift_weights(graph)
+        self._one_output = isinstance(next(n for n in graph.graph.nodes if n.op == "output").args[0], fx.Node)
+        self.variants = list(variants)
+        self.compiled = 0
+        self._layouts: OrderedDict[tuple, Variant] = OrderedDict()
+
+    def __call__(self, *inputs: torch.Tensor):
+        key = _layout(inputs)
+        variant = self._layouts.get(key)
+        if variant is None:
+            variant = next((v for v in self.variants if v.accepts(inputs)), None) or self._compile(inputs)
+            self._layouts[key] = variant
+            if len(self._layouts) > LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
+        outputs = variant.artifact(*inputs, *self.weights)
+        return outputs[0] if self._one_output else tuple(outputs)
+
+    def _compile(self, inputs: Sequence[torch.Tensor]) -> Variant:
+        from torch._dynamo.source import LocalSource
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        # No duck sizing: two dimensions that happen to be equal in this call are not assumed equal in the next.
+        shape_env = ShapeEnv(duck_shape=False)
+        mode = FakeTensorMode(shape_env=shape_env)
+        fakes = [
+            mode.from_tensor(t, source=LocalSource(f"t{i}"),
+                             symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim()))
+            for i, t in enumerate(inputs)
+        ]
+        fixed = [mode.from_tensor(w, static_shapes=True) for w in self.weights]
+        with torch._guards.tracing(torch._guards.TracingContext(mode)):
+            artifact = torch._inductor.standalone_compile(
+                self.lifted, [*fakes, *fixed], dynamic_shapes="from_tracing_context", options={}
+            )
+        variant = Variant(shape_env.produce_guards_expression(fakes, ignore_static=False), artifact)
+        if not variant.accepts(inputs):  # guards that reject the inputs they came from: a compile we cannot use
+            raise RuntimeError("Inductor compiled a graph whose shape guards reject the inputs it was compiled for")
+        self.variants.append(variant)
+        self.compiled += 1
+        return variant
