@@ -425,7 +425,7 @@ def _cmd_serve(args) -> int:
 
 # Help for the benchmark's options that tools/bench.py declares without one.
 _BENCH_HELP = {
-    "backend": "how the engines run: eager (op by op) or inductor (torch.compile) (default: %(default)s)",
+    "backend": "how the engines run: eager (op by op) or inductor (compiled by Inductor) (default: %(default)s)",
     "commit": "commit recorded with the results (default: $GIT_COMMIT, here %(default)s)",
 }
 
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-seq-len", type=int, default=8192,
                       help="retrieval cache length, for the KV cache sizes (default: %(default)s)")
     demo.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
-                      help="inductor (torch.compile) or eager (op by op) (default: %(default)s)")
+                      help="inductor (compiled by Inductor) or eager (op by op) (default: %(default)s)")
     demo.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)
 
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, help="engine file to write")
     comp.add_argument("--backend", choices=("aoti", "onnx", "package", "tensorrt"), default="aoti",
                       help="engine file format: aoti (AOTInductor .pt2), onnx, or package (the program, weights and "
-                           "Inductor's compile caches, run with Inductor on load); tensorrt is not available here "
+                           "Inductor's compiled graphs, run with Inductor on load); tensorrt is not available here "
                            "(default: %(default)s)")
     comp.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="weights and cache dtype (default: %(default)s, the model directory's)")
@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk", type=int, default=None,
                        help="longest prefill chunk of one request per step (default: the token budget)")
     serve.add_argument("--backend", choices=("inductor", "eager"), default="inductor",
-                       help="how a model is compiled: inductor (torch.compile) or eager (default: %(default)s)")
+                       help="how a model is compiled: inductor (compiled by Inductor) or eager (default: %(default)s)")
     serve.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                        help="weights and cache dtype of a MODEL_DIR (default: %(default)s)")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")

@@ -318,8 +318,8 @@ def test_weights_are_stored_once_as_a_safetensors_member(packages):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_the_graph_record_rebuilds_the_compiled_graph(family):
-    """graph_format: the rebuilt module's generated code is the compiled engine's (what Dynamo traces and Inductor
-    caches) and it computes the same logits bitwise."""
+    """graph_format: the rebuilt module's generated code is the compiled engine's (so it takes its weights in the
+    compiled graphs' order) and it computes the same logits bitwise."""
     from duo_compile.export import graph_format
     from tests.tiny_models import cached_engine
 

@@ -87,8 +87,8 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
     (standard-op ONNX model), ``"package"`` (the rewritten program and weights, run with Inductor after ``load``
     as the compiled engine is, on CPU or CUDA: package_export.py), or ``"tensorrt"`` (not available here: a clear
     error that points to ``"onnx"``). ``precompile`` (package of an Inductor engine only): compile a prefill chunk
-    and a decode step at batch 1 now and put Inductor's compile caches in the package, so that a ``load`` by the
-    same torch / Triton / GPU architecture skips most of that compilation.
+    and a decode step at batch 1 now, if the engine has not yet, and put the engine's compiled graphs in the
+    package, so that a ``load`` by the same torch / Triton / GPU architecture compiles nothing for them.
     ``separate_decode`` (AOTI only): compile the one-token decode step as its own model beside the chunk model
     (twice the compile time). The file carries the engine's config, masks, model shapes and cache layout, and a format
     version, which ``load`` checks.
@@ -194,8 +194,9 @@ class _writing:
 
 
 def _load_package(parts, path: str, payload: dict, seconds: dict[str, float]):
-    """(runner, whether the compile caches were loaded) for a package: its program, compiled as ``compile`` does.
-    ``seconds`` gets the time of each part: ``program``, ``weights`` and (Inductor) ``caches``."""
+    """(runner, whether compiled graphs were loaded) for a package: its program, run as ``compile`` runs it.
+    ``seconds`` gets the time of each part: ``program``, ``weights`` and (Inductor) ``caches`` (the compiled graphs
+    and Triton kernels)."""
     from duo_compile.export import package_export
 
     check_ops(parts, path)
@@ -220,7 +221,7 @@ class LoadedEngine(Engine):
     ``backend``: what runs it, ``"aoti"`` (the AOTInductor package), ``"onnx"`` (onnxruntime) or ``"package"``
     (the program, compiled by the backend of ``config``); ``config`` is the exported engine's, unchanged (its
     ``backend`` names the backend it was compiled with). ``path``: the file. ``compile_cache_loaded``: whether a
-    package's Inductor caches were loaded (False for other backends). ``load_seconds``: where ``load`` spent its
+    package's compiled graphs were loaded (False for other backends). ``load_seconds``: where ``load`` spent its
     time, ``checks`` (the metadata, the digest over the file's members) then, for a package, ``program`` (reading
     the graph record), ``weights`` (reading them onto the device, building the graph module) and ``caches``; for the
     other backends ``runtime``.

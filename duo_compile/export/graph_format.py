@@ -6,11 +6,11 @@ The graph ``compile`` runs is an ATen-level fx graph: placeholders (the engine's
 a few Python functions (``operator``'s, and the project's own helpers), and one output. Each node is written with
 its name, kind, target and arguments; an argument is a JSON value, or a tagged object for what JSON lacks (a
 node, a tuple, a torch dtype / layout / memory format, a device, a non-finite float). ``to_module`` builds the
-graph again in the same order under the same names, so its generated code, and therefore what Dynamo traces and
-Inductor caches, is the one the exporting process compiled.
+graph again in the same order under the same names, so its generated code, and the order in which it takes its
+weights as inputs of the compiled graphs (runtime/inductor_graph.py), are the exporting process's.
 
 Why not ``torch.export.load``: it rebuilds every node's symbolic-shape metadata (sympy expressions parsed
-again, fake tensors made again), which the engine does not use (Dynamo traces the module afresh), and its time
+again, fake tensors made again), which the engine does not use, and its time
 grows with the model's depth (benchmarks/DECISIONS.md#engine-package). Loading a call target resolves only
 registered ops and functions of ``ALLOWED_MODULES``: a damaged or foreign file cannot name another function.
 """
