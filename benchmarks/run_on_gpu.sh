@@ -69,7 +69,9 @@ for step in "$@"; do
         triton-pack-check)
             timeout 120 python3 benchmarks/triton_pack_check.py 2>&1 | tee "$OUT/triton_pack_check.log" ;;
         start-bench)
-            timeout 560 python3 benchmarks/start_bench.py --out "$OUT" --commit "$COMMIT" 2>&1 | tee "$OUT/start_bench.log" ;;
+            # START_ARGS adds arguments, e.g. "--roles cold,load" (no warm process)
+            timeout 560 python3 benchmarks/start_bench.py --out "$OUT" --commit "$COMMIT" ${START_ARGS:-} 2>&1 \
+                | tee "$OUT/start_bench.log" ;;
         passkey)
             rm -rf /tmp/pk
             timeout 470 python3 scripts/train_passkey_model.py --out /tmp/pk --device cuda --time-budget 300 \

@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny Llama on the CPU")
     parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--roles", default=",".join(ROLES),
+                        help="comma-separated roles to run, in this order (load needs cold's package)")
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--package", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -207,7 +209,10 @@ def main() -> None:
         subprocess.run(["rm", "-rf", folder], check=False)
     results = {"commit": args.commit, "dry_run": args.dry_run, "prompt": PROMPT,
                "caches": "Inductor and Triton cache folders: cold and load empty, warm the cold one's"}
-    for role in ROLES:
+    roles = args.roles.split(",")
+    if set(roles) - set(ROLES):
+        parser.error(f"--roles takes {','.join(ROLES)}, got {args.roles}")
+    for role in roles:
         # Triton's own folder too: the duo ops' Triton kernels are compiled by Triton, outside Inductor's caches.
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches[role], "inductor"),
                    TRITON_CACHE_DIR=os.path.join(caches[role], "triton"))
