@@ -38,6 +38,8 @@
 #   start-bench benchmarks/start_bench.py: compile(), cold / warm first token, load(package) to first token, each
 #               in a fresh process, Llama-3-8B shape, random bf16 weights; the package's read bandwidth
 #                                                                            ~3.6 min (H100), ~5 min (H200)
+#   package-check  benchmarks/package_check.py: tiny Llama, Inductor engine vs eager engine tokens, then a
+#               package loaded in a fresh process: same tokens, no graph compiled                      (< 1 min)
 #   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
 #               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
@@ -66,6 +68,8 @@ for step in "$@"; do
         e2e-qwen3)
             timeout 280 python3 benchmarks/e2e.py --out "$OUT" --models qwen3 --backend inductor --sections decode \
                 --skip-hf --commit "$COMMIT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e_qwen3_inductor.log" ;;
+        package-check)
+            timeout 240 python3 benchmarks/package_check.py 2>&1 | tee "$OUT/package_check.log" ;;
         triton-pack-check)
             timeout 120 python3 benchmarks/triton_pack_check.py 2>&1 | tee "$OUT/triton_pack_check.log" ;;
         start-bench)
@@ -107,7 +111,7 @@ for step in "$@"; do
                 | tee "$OUT/serve_bench.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
                 "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, paged-check, serve-bench, serve-steps," \
-                "start-bench, triton-pack-check)" >&2
+                "start-bench, triton-pack-check, package-check)" >&2
            exit 2 ;;
     esac
 done
