@@ -159,8 +159,9 @@ def read_triton(path: str) -> dict[str, bytes]:
 
 
 def _compiled_afresh(path: str, why: str) -> list[Variant]:
+    """No compiled graphs, with a warning saying why (attributed to the caller of ``load``)."""
     warnings.warn(f"{os.fspath(path)}: {why}; Inductor compiles the engine afresh on its first steps (re-export the "
-                  f"package here to skip that)", UserWarning, stacklevel=4)
+                  f"package here to skip that)", UserWarning, stacklevel=5)
     return []
 
 
