@@ -230,10 +230,11 @@ def test_caches_of_another_torch_triton_or_gpu_are_not_used(packages, tmp_path, 
     assert engine.compile_cache_loaded is False and loaded == [] and engine._run.variants == []
 
 
-def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, monkeypatch):
+def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, tmp_path, monkeypatch):
     """A package from another build of the same torch version: its artifacts fail to load, and the engine still
     loads (with a warning), to compile its graphs on its first steps."""
     files, _ = packages
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # where the package's kernels are written
 
     def unreadable(guards, data):
         raise AssertionError("torch_key differs")
@@ -244,10 +245,11 @@ def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, mo
     assert engine.compile_cache_loaded is False and engine._run.variants == []
 
 
-def test_compiled_graphs_taking_weights_in_another_order_are_refused(packages):
+def test_compiled_graphs_taking_weights_in_another_order_are_refused(packages, tmp_path, monkeypatch):
     """The compiled graphs take the weights as inputs in the order their index records: a program that reads them
     in another order is refused rather than run with its weights swapped."""
     files, _ = packages
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # where the package's kernels are written
     parts, _ = engine_file.read_metadata(str(files["inductor"]))
     recorded = parts.graphs["inductor_cache"]
     index = json.loads(package_export._read_folder(str(files["inductor"]), "compiled")["variants.json"])
