@@ -1,7 +1,7 @@
-"""A short GPU check of the inductor backend and engine packages on a tiny Llama (fp32, 2 layers, mixed masks):
-the Inductor engine's greedy tokens equal the eager engine's; exported as a package and loaded in a fresh process
-(empty Inductor and Triton cache folders) it gives the same tokens from the package's compiled graphs, compiling
-none. Prints one JSON line; exit status 1 if a check fails.
+"""A short GPU check of the inductor backend and engine packages on a tiny Llama (tests/tiny_models.py: fp32,
+3 layers, mixed masks): the Inductor engine's greedy tokens equal the eager engine's; exported as a package and
+loaded in a fresh process (empty Inductor and Triton cache folders) it gives the same tokens from the package's
+compiled graphs, compiling none. Prints one JSON line; exit status 1 if a check fails.
 
     python benchmarks/package_check.py          (a GPU; run_on_gpu.sh package-check, well under a minute)
 """
@@ -12,33 +12,26 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # this folder's kernels.py would shadow the ``kernels`` distribution transformers imports
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 NEW = 16
 
 
 def _engine(backend: str):
-    import numpy as np
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import duo_compile  # first: the checkout's kernels/ must not shadow transformers' kernels
+    from tests.tiny_models import mixed_masks, tiny_model
 
-    import duo_compile
-
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().cuda()
-    model.generation_config.eos_token_id = None
-    masks = duo_compile.HeadMasks.from_gates(np.array([[1.0, 0.0], [0.0, 1.0]]))
-    return duo_compile.compile(model, masks, sink_size=4, recent_size=8, max_seq_len=256, backend=backend)
+    model = tiny_model("llama", True).to("cuda")
+    return duo_compile.compile(model, mixed_masks(model), sink_size=4, recent_size=8, max_seq_len=256,
+                               backend=backend)
 
 
 def _ids():
     import torch
 
-    return torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    return torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1)).cuda()
 
 
 def child(package: str) -> dict:
