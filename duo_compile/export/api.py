@@ -136,7 +136,7 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
                 package_export.add_caches(tmp, compiled, kernels)
                 cache = {**package_export.cache_producer(engine.device),
                          "bytes": sum(len(data) for data in compiled.values()),
-                         "variants": max(len(compiled) - 1, 0),  # the files, less their index
+                         "variants": sum(name.endswith(".bin") for name in compiled),
                          "triton_kernels": len({name.split("/")[0] for name in kernels})}
         graphs["inductor_cache"] = cache
         seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)), weights)

@@ -90,13 +90,10 @@ def lift_weights(graph: fx.GraphModule) -> tuple[fx.GraphModule, list[str], list
     """A copy of ``graph`` that takes its ``get_attr`` tensors as trailing inputs (one per target) and returns a
     tuple; those targets, and the tensors they name now."""
     lifted, env = fx.Graph(), {}
-    targets: list[str] = []
-    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
-    for node in placeholders:
-        env[node] = lifted.placeholder(node.name)
     for node in graph.graph.nodes:
-        if node.op == "get_attr" and node.target not in targets:
-            targets.append(node.target)
+        if node.op == "placeholder":
+            env[node] = lifted.placeholder(node.name)
+    targets = list(dict.fromkeys(node.target for node in graph.graph.nodes if node.op == "get_attr"))
     inputs = {target: lifted.placeholder(f"weight_{i}") for i, target in enumerate(targets)}
     for node in graph.graph.nodes:
         if node.op == "get_attr":
