@@ -10,7 +10,7 @@ Processes (each a new Python process, timed from its first line):
          prefill / decode; export(backend="package") with its precompile
   warm   the same model and compile() again, Inductor finding the cold process's on-disk caches
   load   load(package) to the first token with empty Inductor and Triton cache folders (the package brings
-         Inductor's caches and the duo ops' compiled Triton kernels); steady prefill / decode
+         Inductor's compiled graphs and the duo ops' compiled Triton kernels); steady prefill / decode
 Each process records the Triton kernels it compiled for its first token (those it did not find cached).
 Disk: the package file read once after dropping it from the page cache where the OS allows (posix_fadvise),
 its bytes / seconds reported as the read bandwidth and the time a load cannot beat.
@@ -129,9 +129,9 @@ def child(role: str, dry_run: bool, package: str) -> dict:
         device = str(engine.device.type)
         result["compile_cache_loaded"] = engine.compile_cache_loaded
         result["load_parts_s"] = engine.load_seconds  # checks, program (deserialisation), weights, caches
-        from duo_compile.export import package_export
+        from duo_compile.export import package_export, package_triton
 
-        result["package_triton_kernels"] = len({n.split("/")[0] for n in package_export.read_triton(package)})
+        result["package_triton_kernels"] = len(package_triton.by_folder(package_export.read_triton(package)))
     else:
         (model, device), seconds = _timed(lambda: _model(dry_run), "cpu")
         result["build_model_s"] = seconds

@@ -137,7 +137,7 @@ def _export_package(engine: Engine, path: str, precompile: bool) -> None:
                 cache = {**package_export.cache_producer(engine.device),
                          "bytes": sum(len(data) for data in compiled.values()),
                          "variants": sum(name.endswith(".bin") for name in compiled),
-                         "triton_kernels": len({name.split("/")[0] for name in kernels})}
+                         "triton_kernels": len(package_triton.by_folder(kernels))}
         graphs["inductor_cache"] = cache
         seal_pt2(tmp, engine_metadata(engine, "package", graphs, graph_ops(engine.graph.graph)), weights)
 

@@ -119,14 +119,19 @@ def cache_bases(device: torch.device) -> list[str]:
     return list(dict.fromkeys(bases))
 
 
-def install(files: dict[str, bytes], bases: list[str]) -> int:
-    """Write the packed folders ``files`` (``pack``) under each of ``bases``; returns the folders written (those
-    already present are skipped)."""
+def by_folder(files: dict[str, bytes]) -> dict[str, dict[str, bytes]]:
+    """Packed files (``pack``) grouped by their folder: ``{"<folder name>": {"<file name>": bytes}}``."""
     folders: dict[str, dict[str, bytes]] = {}
     for member, data in files.items():
         key, name = member.split("/", 1)
         folders.setdefault(key, {})[name] = data
-    written = 0
+    return folders
+
+
+def install(files: dict[str, bytes], bases: list[str]) -> int:
+    """Write the packed folders ``files`` (``pack``) under each of ``bases``; returns the folders written (those
+    already present are skipped)."""
+    folders, written = by_folder(files), 0
     for base in bases:
         for key, members in folders.items():
             folder = os.path.join(base, key)
