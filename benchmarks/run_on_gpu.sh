@@ -40,6 +40,10 @@
 #                                                                            ~3.6 min (H100), ~5 min (H200)
 #   package-check  benchmarks/package_check.py: tiny Llama, Inductor engine vs eager engine tokens, then a
 #               package loaded in a fresh process: same tokens, no graph compiled                      (< 1 min)
+#   tree-ab     benchmarks/tree_ab.py: two source trees side by side (AB_TREES, default "_base ."), alternating
+#               fresh processes: cold first token, prefill at 512/2048/8000, decode, Llama-3-8B shape; make
+#               _base with `git archive <commit> duo_compile kernels passes models | tar -x -C _base` and carry
+#               it; AB_ARGS adds arguments (e.g. "--rounds 1 --profile")                ~5 min for 2 rounds (H100)
 #   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
 #               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
@@ -109,9 +113,12 @@ for step in "$@"; do
         serve-bench)
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
+        tree-ab)
+            timeout 570 python3 benchmarks/tree_ab.py --out "$OUT" --commit "$COMMIT" --trees ${AB_TREES:-_base .} \
+                ${AB_ARGS:-} 2>&1 | tee "$OUT/tree_ab.log" ;;
         *) echo "unknown step '$step' (check, check-engines, aoti, check-padded, check-families, mixed-decode," \
                 "passkey, kernels, e2e-decode, e2e-prefill, e2e-qwen3, tp-bench, paged-check, serve-bench, serve-steps," \
-                "start-bench, triton-pack-check, package-check)" >&2
+                "start-bench, triton-pack-check, package-check, tree-ab)" >&2
            exit 2 ;;
     esac
 done

@@ -12,6 +12,8 @@ Processes (each a new Python process, timed from its first line):
   load   load(package) to the first token with empty Inductor and Triton cache folders (the package brings
          Inductor's compiled graphs and the duo ops' compiled Triton kernels); steady prefill / decode
 Each process records the Triton kernels it compiled for its first token (those it did not find cached).
+``--profile``: the cold process also writes where its first token's time went (``start_cold_profile.txt``: a
+cProfile of that call, which slows Python-heavy parts, and Inductor's own phase timings).
 Disk: the package file read once after dropping it from the page cache where the OS allows (posix_fadvise),
 its bytes / seconds reported as the read bandwidth and the time a load cannot beat.
 Writes ``start_<device>.json`` under ``--out``.
@@ -117,7 +119,30 @@ def _triton_compiles():
         FileCacheManager.put = put
 
 
-def child(role: str, dry_run: bool, package: str) -> dict:
+def _profiled(fn, path: str):
+    """Run ``fn`` under cProfile; write the heaviest calls (cumulative and own time) and Inductor's phase timings
+    to ``path``."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch._dynamo.utils import compile_times
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        return fn()
+    finally:
+        profile.disable()
+        text = io.StringIO()
+        for key in ("cumulative", "tottime"):
+            pstats.Stats(profile, stream=text).sort_stats(key).print_stats(70)
+        with open(path, "w") as f:
+            f.write("Inductor phases (seconds):\n" + str(compile_times(repr="str", aggregate=True)) + "\n\n")
+            f.write(text.getvalue())
+
+
+def child(role: str, dry_run: bool, package: str, profile: str | None = None) -> dict:
     import torch
 
     import duo_compile
@@ -142,8 +167,12 @@ def child(role: str, dry_run: bool, package: str) -> dict:
         del model
     ids = torch.randint(0, engine.info.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
+    first = lambda: engine.generate(ids, max_new_tokens=1)  # noqa: E731
+    if profile and role == "cold":
+        first = lambda fn=first: _profiled(fn, profile)  # noqa: E731
+        result["first_token_profiled"] = True  # its time includes cProfile's overhead
     with _triton_compiles() as compiled:
-        _, seconds = _timed(lambda: engine.generate(ids, max_new_tokens=1), device)
+        _, seconds = _timed(first, device)
     result["first_token_s"] = seconds
     result["first_token_triton_compiles"] = compiled  # kernels Triton compiled in this process (not found cached)
     run = engine._run  # runtime/inductor_graph.py: the graphs it holds, and how many of them this process compiled
@@ -191,13 +220,16 @@ def main() -> None:
     parser.add_argument("--commit", default="unknown")
     parser.add_argument("--roles", default=",".join(ROLES),
                         help="comma-separated roles to run, in this order (load needs cold's package)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the cold process's first token into start_cold_profile.txt")
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)
     parser.add_argument("--package", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         with open(args.result, "w") as f:
-            json.dump(child(args.role, args.dry_run, args.package), f)
+            profile = os.path.join(args.out, "start_cold_profile.txt") if args.profile else None
+            json.dump(child(args.role, args.dry_run, args.package, profile), f)
         return
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join(args.out, "start_work") if args.dry_run else "/tmp/duo_start_bench"
@@ -218,8 +250,7 @@ def main() -> None:
                    TRITON_CACHE_DIR=os.path.join(caches[role], "triton"))
         out = os.path.join(work, f"{role}.json")
         cmd = [sys.executable, __file__, "--out", args.out, "--role", role, "--package", package, "--result", out]
-        if args.dry_run:
-            cmd.append("--dry-run")
+        cmd += ["--dry-run"] * args.dry_run + ["--profile"] * args.profile
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, check=False)
         if proc.returncode != 0:

@@ -1,0 +1,177 @@
+"""Two source trees side by side on one machine: the cold first token, steady prefill and decode of the
+Llama-3-8B-shaped engine (random bf16 weights, CUDA) built by each tree's duo_compile, in alternating fresh
+processes with empty Inductor and Triton cache folders.
+
+    python benchmarks/tree_ab.py --out DIR --trees _base . [--rounds 2] [--profile]
+    python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run     # tiny Llama on the CPU, short prompts
+
+A tree is a folder holding ``duo_compile/``, ``kernels/``, ``passes/`` and ``models/`` (the checkout, or an older
+commit unpacked with ``git archive <commit> duo_compile kernels passes models | tar -x -C _base``); the engine's
+model and masks are this checkout's (``start_bench.py``'s). Each process reports, as one JSON line:
+``first_token_s`` (compile included), ``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
+``decode_ms`` (a 65-token generate less a 1-token one, per token, median of 3), and ``prefill_<n>_quiet_ms``: the
+shortest prefill again after Inductor's compile workers are shut down and the process has slept, which tells a
+slow host path from competition with work left running in the background. ``--profile``: each process also
+writes ``profile_<tree>_<round>.txt``, the torch.profiler tables of three of the shortest prefills (by GPU time
+and by host time). Writes ``tree_ab_<device>.json`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# Run as a script, this folder comes first on sys.path, where kernels.py would shadow the ``kernels`` distribution
+# that transformers imports; duo_compile comes from PYTHONPATH (the tree under test).
+HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == HERE:
+    sys.path.pop(0)
+
+LENGTHS = (512, 2048, 8000)
+DRY_LENGTHS = (16, 64, 200)  # --dry-run: the tiny model's max_seq_len is 1024
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _profile(engine, ids, path: str) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(3):
+            engine.generate(ids, max_new_tokens=1)
+        _sync()
+    table = prof.key_averages()
+    with open(path, "w") as f:
+        for key in ("self_cuda_time_total",) * cuda + ("self_cpu_time_total",):
+            f.write(table.table(sort_by=key, row_limit=25, max_name_column_width=60) + "\n")
+
+
+def _start_bench():
+    """start_bench.py as a module (by path: putting this folder on sys.path would shadow ``kernels``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("start_bench", os.path.join(HERE, "start_bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child(label: str, profile_path: str | None, dry_run: bool) -> dict:
+    import torch
+
+    import duo_compile
+
+    start_bench = _start_bench()
+    model, device = start_bench._model(dry_run)
+    engine = duo_compile.compile(model, start_bench._masks(model), sink_size=64, recent_size=256,
+                                 max_seq_len=1024 if dry_run else 8192)
+    del model
+    result = {"tree": label, "duo_compile": os.path.dirname(duo_compile.__file__)}
+    lengths = DRY_LENGTHS if dry_run else LENGTHS
+    prompt = {n: torch.randint(0, engine.info.vocab_size, (1, n), device=device) for n in lengths}
+    short = prompt[lengths[0]]
+    start = time.perf_counter()
+    engine.generate(short, max_new_tokens=1)
+    _sync()
+    result["first_token_s"] = time.perf_counter() - start
+    for n, ids in prompt.items():
+        engine.generate(ids, max_new_tokens=1)  # a length's first call may pick its graph
+        result[f"prefill_{n}_ms"] = _ms(lambda ids=ids: engine.generate(ids, max_new_tokens=1), 7)
+    engine.generate(short, max_new_tokens=8)  # the decode graph's capture
+    per_token = []
+    for _ in range(3):
+        both = _ms(lambda: engine.generate(short, max_new_tokens=65), 1)
+        first = _ms(lambda: engine.generate(short, max_new_tokens=1), 1)
+        per_token.append((both - first) / 64)
+    result["decode_ms"] = statistics.median(per_token)
+    from torch._inductor.async_compile import shutdown_compile_workers
+
+    shutdown_compile_workers()
+    time.sleep(3)
+    result[f"prefill_{lengths[0]}_quiet_ms"] = _ms(lambda: engine.generate(short, max_new_tokens=1), 7)
+    if profile_path:
+        _profile(engine, short, profile_path)
+    result["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    result["torch"] = torch.__version__
+    return result
+
+
+def _link_parts(tree: str) -> None:
+    """The links ``pip install -e .`` would stand for: duo_compile.kernels/.passes/.models from the tree's top."""
+    for part in ("kernels", "passes", "models"):
+        link = os.path.join(tree, "duo_compile", part)
+        if not os.path.exists(link):
+            os.symlink(os.path.join("..", part), link)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--trees", nargs="+", default=["_base", "."])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the shortest prefills")
+    parser.add_argument("--commit", default="unknown", help="recorded: the checkout's commit")
+    parser.add_argument("--dry-run", action="store_true", help="tiny Llama on the CPU")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.profile_path, args.dry_run)), flush=True)
+        return
+    for tree in args.trees:
+        if not os.path.isdir(os.path.join(tree, "duo_compile")):
+            parser.error(f"--trees: {tree!r} holds no duo_compile/ folder")
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for round_ in range(args.rounds):
+        for tree in args.trees:
+            _link_parts(tree)
+            label = os.path.basename(os.path.abspath(tree))
+            with tempfile.TemporaryDirectory() as caches:
+                env = dict(os.environ, PYTHONPATH=os.path.abspath(tree),
+                           TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                           TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+                cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--child", label]
+                cmd += ["--dry-run"] * args.dry_run
+                if args.profile:
+                    cmd += ["--profile-path", os.path.join(args.out, f"profile_{label}_{round_}.txt")]
+                print(f"round {round_ + 1}/{args.rounds}: {tree}", flush=True)
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                rows.append({"tree": label, "round": round_, "error": proc.stderr[-2000:]})
+            else:
+                rows.append({**json.loads(lines[-1]), "round": round_})
+            print(json.dumps(rows[-1]), flush=True)
+    device = next((row["device_name"] for row in rows if "device_name" in row), "gpu").replace(" ", "_")
+    path = os.path.join(args.out, f"tree_ab_{device}.json")
+    with open(path, "w") as f:
+        json.dump({"commit": args.commit, "trees": args.trees, "rows": rows}, f, indent=1)
+    print("wrote", path, flush=True)
+
+
+if __name__ == "__main__":
+    main()
