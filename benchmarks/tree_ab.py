@@ -1,6 +1,6 @@
 """Two source trees side by side on one machine: the cold first token, steady prefill and decode of the
 Llama-3-8B-shaped engine (random bf16 weights, CUDA) built by each tree's duo_compile, in alternating fresh
-processes with empty Inductor and Triton cache folders.
+processes with empty Inductor and Triton cache folders (odd rounds run the trees in reverse order).
 
     python benchmarks/tree_ab.py --out DIR --trees _base . [--rounds 2] [--profile]
     python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run     # tiny Llama on the CPU, short prompts
@@ -147,7 +147,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for round_ in range(args.rounds):
-        for tree in args.trees:
+        for tree in args.trees if round_ % 2 == 0 else args.trees[::-1]:  # neither tree always runs first
             _link_parts(tree)
             label = os.path.basename(os.path.abspath(tree))
             with tempfile.TemporaryDirectory() as caches:
