@@ -6,7 +6,7 @@ processes with empty Inductor and Triton cache folders (odd rounds run the trees
     python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run     # tiny Llama on the CPU, short prompts
 
 A tree is a folder holding ``duo_compile/``, ``kernels/``, ``passes/`` and ``models/`` (the checkout, or an older
-commit unpacked with ``git archive <commit> duo_compile kernels passes models | tar -x -C _base``); the engine's
+commit unpacked into an empty folder: ``git archive <commit> duo_compile kernels passes models | tar -x -C _base``); the engine's
 model and masks are this checkout's (``start_bench.py``'s). Each process reports, as one JSON line:
 ``first_token_s`` (compile included), ``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
 ``decode_ms`` (a 65-token generate less a 1-token one, per token, median of 3), and ``prefill_<n>_quiet_ms``: the
