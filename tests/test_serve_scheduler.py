@@ -83,11 +83,12 @@ def _run(scheduler: Scheduler, sequences, arrivals, cancel_at=None, max_steps: i
 
 @contextlib.contextmanager
 def _recorded_steps(engine):
-    """Yield a list that gets ``(input shape, whether rows= was given)`` of every ``engine.step`` in the block."""
+    """Yield a list that gets ``(input shape, first cache row of rows= or None)`` of every ``engine.step`` in the
+    block."""
     shapes = []
     step = engine.step
-    engine.step = lambda ids, *args, **kwargs: shapes.append((tuple(ids.shape), "rows" in kwargs)) or step(
-        ids, *args, **kwargs)
+    engine.step = lambda ids, *args, **kwargs: shapes.append(
+        (tuple(ids.shape), kwargs["rows"].start if "rows" in kwargs else None)) or step(ids, *args, **kwargs)
     try:
         yield shapes
     finally:
@@ -119,7 +120,7 @@ def test_greedy_outputs_equal_generate_alone(name):
         assert tuple(seq.tokens) == want
         assert ended[seq.id] == LENGTH
     decode_shapes = {shape for shape, _ in shapes if shape[1] == 1}
-    assert ((1, 1), True) not in shapes and decode_shapes <= {(n, 1) for n in scheduler.decode_batches}
+    assert all(shape != (1, 1) for shape, _ in shapes) and decode_shapes <= {(n, 1) for n in scheduler.decode_batches}
 
 
 @pytest.mark.parametrize("page_size", [None, 4])
@@ -321,13 +322,14 @@ def test_engine_thread_survives_a_failed_step(monkeypatch):
 
 
 def test_warm_up_runs_both_chunk_kinds_and_a_decode_step_then_leaves_every_slot_free():
-    """serve/warm_up.py: a chunk of a multiple of 16 tokens, one of another length, a decode step of each decode
-    batch size; the requests served afterwards still get what ``generate`` gives them (the warm-up's rows are never read)."""
+    """serve/warm_up.py: a chunk of a multiple of 16 tokens, one of another length, the latter again on the second
+    row (a graph of its own), a decode step of each decode batch size; the requests served afterwards still get
+    what ``generate`` gives them (the warm-up's rows are never read)."""
     engine = _engine()
     scheduler = Scheduler(engine, 3, token_budget=40)
     with _recorded_steps(engine) as shapes:
         warm_up(scheduler)
-    assert sorted(set(shapes)) == [((1, 17), True), ((1, 32), True), ((2, 1), True), ((3, 1), True)]
+    assert sorted(set(shapes)) == [((1, 17), 0), ((1, 17), 1), ((1, 32), 0), ((2, 1), 0), ((3, 1), 0)]
     assert not scheduler.has_work() and scheduler.num_free == 3
     with pytest.raises(RuntimeError, match="idle scheduler"):
         scheduler.add(_sequences(engine, _prompts())[0])

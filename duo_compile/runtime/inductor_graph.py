@@ -10,7 +10,9 @@ the graph goes to Inductor as it is (``torch._inductor.standalone_compile``), an
 Inputs: the graph's ``get_attr`` tensors (the weights) become trailing inputs of the compiled graph, so a variant
 holds no weights and compiling copies none. Every dimension of the engine's own inputs gets a symbol, as
 ``torch.compile(dynamic=True)`` gives them; the symbolic-shape engine specialises sizes 0 and 1 (a decode step,
-T == 1, and batch 1 get variants of their own) and whatever the graph itself fixes. Weights keep static shapes.
+T == 1, and batch 1 get variants of their own), storage offsets 0 and 1 (views further into their storage, such
+as cache rows other than the first, share one variant of their own) and whatever the graph itself fixes. Weights
+keep static shapes.
 
 Variants: each keeps the guard expression its symbolic-shape engine produced over the engine's inputs (sizes,
 strides, storage offsets and the relations between them). A call runs the first variant whose guards its inputs
