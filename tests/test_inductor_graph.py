@@ -76,12 +76,17 @@ def test_a_layout_seen_before_does_not_evaluate_guards_again(graph, monkeypatch)
 
 
 def test_a_saved_variant_read_back_runs_without_compiling(graph):
+    """Read back at once, or deferred (a package's graphs other than its first) until the first call it runs."""
     made = InductorGraph(graph)
     x, scale = _inputs(3, 7)
     want = made(x, scale)
     (variant,) = made.variants
     loaded = InductorGraph(graph, [Variant.from_bytes(variant.guards, variant.to_bytes())])
     assert torch.equal(loaded(x, scale), want) and loaded.compiled == 0
+    deferred = InductorGraph(graph, [Variant.deferred(variant.guards, variant.to_bytes())])
+    assert deferred.variants[0].artifact is None and deferred.variants[0].to_bytes() == variant.to_bytes()
+    assert torch.equal(deferred(x, scale), want) and deferred.compiled == 0  # read at its first call
+    assert deferred.variants[0].artifact is not None
     loaded(*_inputs(3, 1))  # no variant of the package holds length 1: compiled on first use
     assert loaded.compiled == 1
 

@@ -105,6 +105,18 @@ _CHILD = textwrap.dedent(
     results["load_seconds"] = (sorted(eager.load_seconds), sorted(inductor.load_seconds))
     results["counters"] = dict(counters["inductor"])
     results["variants"] = (inductor._run.compiled, len(inductor._run.variants))
+    from duo_compile.serve.scheduler import Scheduler
+    from duo_compile.serve.sequence import Sequence
+    from duo_compile.serve.warm_up import warm_up
+
+    scheduler = Scheduler(inductor, 2)  # a server's steps: chunks on either row, decodes of two rows
+    warm_up(scheduler)
+    served = [Sequence.from_generate_args(inductor, row.tolist(), max_new_tokens=job["new"]) for row in ids]
+    for seq in served:
+        scheduler.add(seq)
+    while scheduler.has_work():
+        scheduler.step()
+    results["served"] = (inductor._run.compiled, [seq.tokens for seq in served])
     results["imported"] = sorted(m for m in sys.modules if m.startswith(("transformers.models", "tests")))
     from triton.runtime.cache import FileCacheManager  # Triton's own reader of its cache folders
     group = FileCacheManager(job["triton_key"]).get_group("fake.json") or {}
@@ -146,6 +158,16 @@ def test_fresh_process_compiles_nothing_the_package_precompiled(fresh_process):
     assert compiled == 0 and variants >= 2  # prefill chunk and decode step, at least, loaded and none compiled
     assert fresh_process["counters"].get("fxgraph_cache_miss", 0) == 0, fresh_process["counters"]
     assert fresh_process["imported"] == []  # no model code, no tests
+
+
+def test_a_server_on_a_loaded_package_compiles_nothing(fresh_process):
+    """Export precompiles a server's steps too (a chunk on the second cache row, a decode of two rows): a
+    scheduler on the loaded engine warms up and serves two requests at once without compiling, giving each one's
+    ``generate`` tokens."""
+    compiled, tokens = fresh_process["served"]
+    ids, _ = _prompts()
+    alone = [_engine("eager").generate(row[None], max_new_tokens=NEW)[0, PROMPT:].tolist() for row in ids]
+    assert compiled == 0 and [list(t) for t in tokens] == alone
 
 
 def test_the_kernel_folders_of_the_projects_compiled_triton_kernels_are_found(tmp_path, monkeypatch):

@@ -87,8 +87,9 @@ def export(engine: Engine, path: str | os.PathLike, backend: str = "aoti", *, se
     (standard-op ONNX model), ``"package"`` (the rewritten program and weights, run with Inductor after ``load``
     as the compiled engine is, on CPU or CUDA: package_export.py), or ``"tensorrt"`` (not available here: a clear
     error that points to ``"onnx"``). ``precompile`` (package of an Inductor engine only): compile a prefill chunk
-    and a decode step at batch 1 now, if the engine has not yet, and put the engine's compiled graphs in the
-    package, so that a ``load`` by the same torch / Triton / GPU architecture compiles nothing for them.
+    and a decode step at batch 1, and a server's chunk on another cache row and decode of two rows, now, if the
+    engine has not yet, and put the engine's compiled graphs in the package, so that a ``load`` by the same
+    torch / Triton / GPU architecture compiles nothing for them (nor does a server's warm-up).
     ``separate_decode`` (AOTI only): compile the one-token decode step as its own model beside the chunk model
     (twice the compile time). The file carries the engine's config, masks, model shapes and cache layout, and a format
     version, which ``load`` checks.

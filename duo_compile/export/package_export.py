@@ -10,7 +10,9 @@ The file is a zip archive (the layout of a PT2 archive: one top folder named aft
   projections fused), read once at load straight onto the device (package_weights.py);
 * ``duo_compile/compiled/<i>.bin`` and ``compiled/variants.json`` (optional): the graphs Inductor compiled for the
   engine (runtime/inductor_graph.py), each a ``CompiledArtifact`` with its shape guards: at least the shapes
-  ``precompile`` ran at export (one prefill chunk and one decode step at batch 1) and any the engine had run;
+  ``precompile`` ran at export (one prefill chunk and one decode step on the first cache row, and a server's chunk
+  on another row and decode of two rows) and any the engine had run; ``load`` reads the first and the others when
+  first run;
 * ``duo_compile/triton/<kernel>/<file>`` (optional, packages made on a GPU): the attention ops' compiled Triton
   kernels and host modules, which Inductor's artifacts do not hold (package_triton.py);
 * ``extra/duo_engine.json``: the engine file metadata (engine_file.py), its digest covering every other member.
@@ -103,15 +105,28 @@ def graphs_record() -> dict:
 
 
 def precompile(engine, chunk: int | None) -> dict[str, bytes]:
-    """Run, at batch 1, one prefill chunk of ``chunk`` tokens (default: the engine's prefill chunk, else
-    ``PRECOMPILE_CHUNK``) and one decode step, compiling what the engine's ``InductorGraph`` lacks for them; return
-    the members holding its compiled graphs (``compiled_members``)."""
+    """Run one prefill chunk of ``chunk`` tokens (default: the engine's prefill chunk, else ``PRECOMPILE_CHUNK``)
+    and one decode step on the first cache row, then what a server runs beside them (serve/warm_up.py): a chunk on
+    the second row and a decode step of two rows, compiling what the engine's ``InductorGraph`` lacks for them;
+    return the members holding its compiled graphs (``compiled_members``). Caches of two rows that do not fit the
+    device leave out the server's two, with a warning."""
     max_len = engine.config.max_seq_len
     chunk = min(chunk or engine.config.prefill_chunk_size or PRECOMPILE_CHUNK, max_len - 1)
-    engine.allocate(1)  # the program's caches have the engine's shapes
-    ids = torch.zeros(1, chunk, dtype=torch.long, device=engine.device)
-    engine.step(ids, 0)
-    engine.step(ids[:, :1], chunk)
+    try:
+        engine.allocate(2)  # the program's caches have the engine's shapes (full length: what a load allocates)
+        rows = 2
+    except torch.OutOfMemoryError as err:
+        warnings.warn(f"export precompiles no server steps ({err}); a server loading the package compiles them at "
+                      f"its warm-up", UserWarning, stacklevel=4)
+        engine.allocate(1)
+        rows = 1
+    ids = torch.zeros(rows, chunk, dtype=torch.long, device=engine.device)
+    first = slice(0, 1)  # views of the first row: the graphs a batch-1 allocation runs
+    engine.step(ids[first], 0, rows=first)
+    engine.step(ids[first, :1], chunk, rows=first)
+    if rows == 2:
+        engine.step(ids[first], 0, rows=slice(1, 2))
+        engine.step(ids[:, :1], chunk)
     engine.release()
     return compiled_members(engine._run)
 
@@ -192,8 +207,12 @@ def load_variants(path: str, recorded: dict | None, device: torch.device, weight
     if weights != weight_targets:
         raise EngineFileError(f"{path}: the compiled graphs take the weights in another order than the program "
                               f"reads them")
+    if not entries:
+        return []
+    # The first is read now, which tells whether this torch reads what the producer wrote; the others (steps this
+    # process may never take, such as a server's) when first run.
     try:
-        return [Variant.from_bytes(guards, data) for guards, data in entries]
+        return [Variant.from_bytes(*entries[0]), *(Variant.deferred(*entry) for entry in entries[1:])]
     except Exception as err:  # the digest matched: this torch cannot read what another build of it wrote
         return _compiled_afresh(path, f"this torch cannot read the package's compiled graphs "
                                       f"({type(err).__name__}: {err})")

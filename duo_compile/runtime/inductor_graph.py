@@ -37,11 +37,26 @@ LAYOUTS_KEPT = 256  # input layouts whose variant is remembered (prefill chunks 
 @dataclass
 class Variant:
     """One compiled graph: ``artifact`` (a ``torch._inductor.CompiledArtifact``) runs every call whose inputs pass
-    ``guards`` (a Python expression over ``L['t0']``, ``L['t1']``, ... the engine's inputs; None: every call)."""
+    ``guards`` (a Python expression over ``L['t0']``, ``L['t1']``, ... the engine's inputs; None: every call).
+    A deferred variant (``deferred``) holds the artifact's bytes in ``data`` and ``artifact`` None until ``ready``
+    reads them, at the first call it runs: an engine package's graphs for steps a process may never take (a
+    server's) cost nothing until taken."""
 
     guards: str | None
     artifact: object
+    data: bytes | None = field(default=None, repr=False)
     _code: object = field(default=None, repr=False)
+
+    @staticmethod
+    def deferred(guards: str | None, data: bytes) -> Variant:
+        return Variant(guards, None, data)
+
+    def ready(self) -> Variant:
+        """This variant, its artifact read from ``data`` if it was deferred."""
+        if self.artifact is None:
+            self.artifact = Variant.from_bytes(self.guards, self.data).artifact
+            self.data = None
+        return self
 
     def accepts(self, inputs: Sequence[torch.Tensor]) -> bool:
         if self.guards is None:
@@ -53,6 +68,8 @@ class Variant:
     def to_bytes(self) -> bytes | None:
         """The artifact as bytes (``CompiledArtifact.save``'s binary form), or None when Inductor made it without
         its compile caches (a graph they refuse) and so cannot save it."""
+        if self.artifact is None:
+            return self.data
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "variant.bin")
             try:
@@ -131,7 +148,7 @@ class InductorGraph:
         key = _layout(inputs)
         variant = self._layouts.get(key)
         if variant is None:
-            variant = next((v for v in self.variants if v.accepts(inputs)), None) or self._compile(inputs)
+            variant = (next((v for v in self.variants if v.accepts(inputs)), None) or self._compile(inputs)).ready()
             self._layouts[key] = variant
             if len(self._layouts) > LAYOUTS_KEPT:
                 self._layouts.popitem(last=False)
