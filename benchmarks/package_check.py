@@ -1,7 +1,8 @@
 """A short GPU check of the inductor backend and engine packages on a tiny Llama (tests/tiny_models.py: fp32,
 3 layers, mixed masks): the Inductor engine's greedy tokens equal the eager engine's; exported as a package and
 loaded in a fresh process (empty Inductor and Triton cache folders) it gives the same tokens from the package's
-compiled graphs, compiling none. Prints one JSON line; exit status 1 if a check fails.
+compiled graphs, compiling none, and a server's scheduler on it (warm-up, two requests at once) compiles none
+either and gives each request its ``generate`` tokens. Prints one JSON line; exit status 1 if a check fails.
 
     python benchmarks/package_check.py          (a GPU; run_on_gpu.sh package-check, well under a minute)
 """
@@ -43,8 +44,33 @@ def child(package: str) -> dict:
     engine = duo_compile.load(package)
     loaded = time.perf_counter() - began
     tokens = engine.generate(_ids(), max_new_tokens=NEW)[0].tolist()
-    return {"tokens": tokens, "load_s": loaded, "compiled_here": engine._run.compiled,
-            "held": len(engine._run.variants), "cache_loaded": engine.compile_cache_loaded}
+    result = {"tokens": tokens, "load_s": loaded, "compiled_here": engine._run.compiled,
+              "held": len(engine._run.variants), "cache_loaded": engine.compile_cache_loaded}
+    result["served"] = _serve(engine)
+    return result
+
+
+def _serve(engine) -> dict:
+    """A server's scheduler on the loaded engine (two slots, CUDA-graph decodes of two rows): its warm-up, then two
+    requests at once; the graphs compiled for it and whether each request got its ``generate`` tokens."""
+    import torch
+
+    from duo_compile.serve.scheduler import Scheduler
+    from duo_compile.serve.sequence import Sequence
+    from duo_compile.serve.warm_up import warm_up
+
+    before = engine._run.compiled
+    prompts = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(2)).tolist()
+    alone = [engine.generate(torch.tensor([p], device=engine.device), max_new_tokens=NEW)[0, len(p):].tolist()
+             for p in prompts]
+    scheduler = Scheduler(engine, 2)
+    warm_up(scheduler)
+    served = [Sequence.from_generate_args(engine, p, max_new_tokens=NEW) for p in prompts]
+    for seq in served:
+        scheduler.add(seq)
+    while scheduler.has_work():
+        scheduler.step()
+    return {"compiled": engine._run.compiled - before, "equal_alone": [list(s.tokens) for s in served] == alone}
 
 
 def main() -> int:
@@ -69,7 +95,9 @@ def main() -> int:
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     result = {"inductor_equals_eager": compiled == eager, "loaded_equals_compiled": loaded["tokens"] == compiled,
               "loaded": {k: v for k, v in loaded.items() if k != "tokens"}}
-    ok = result["inductor_equals_eager"] and result["loaded_equals_compiled"] and loaded["compiled_here"] == 0
+    served = loaded["served"]
+    ok = (result["inductor_equals_eager"] and result["loaded_equals_compiled"] and loaded["compiled_here"] == 0
+          and served["compiled"] == 0 and served["equal_alone"])
     print(json.dumps({**result, "ok": ok}))
     return 0 if ok else 1
 
