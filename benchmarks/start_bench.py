@@ -11,7 +11,9 @@ Processes (each a new Python process, timed from its first line):
   warm   the same model and compile() again, Inductor finding the cold process's on-disk caches
   load   load(package) to the first token with empty Inductor and Triton cache folders (the package brings
          Inductor's compiled graphs and the duo ops' compiled Triton kernels); steady prefill / decode
-Each process records the Triton kernels it compiled for its first token (those it did not find cached).
+Each process records the Triton kernels it compiled for its first token (those it did not find cached), and the
+time of its next generate (``then_first_generate_s``, NEW tokens: the decode step's first use), so that a cold
+first generate of NEW tokens is ``first_token_s + then_first_generate_s``.
 ``--profile``: the cold process also writes where its first token's time went (``start_cold_profile.txt``: a
 cProfile of that call, which slows Python-heavy parts, and Inductor's own phase timings).
 Disk: the package file read once after dropping it from the page cache where the OS allows (posix_fadvise),
@@ -181,7 +183,10 @@ def child(role: str, dry_run: bool, package: str, profile: str | None = None) ->
     if triton_cache and os.path.isdir(triton_cache):  # kernel folders after the first token (compiled or installed)
         result["triton_cache_folders"] = sum(not n.startswith("tmp.") for n in os.listdir(triton_cache))
     result["to_first_token_s"] = time.perf_counter() - T0
-    result["first_tokens"] = engine.generate(ids, max_new_tokens=NEW)[0, PROMPT:].tolist()
+    # The first generate of NEW tokens after the first token: the decode step's graph (compiled, or read from the
+    # package) and its CUDA graph capture; first_token_s + this is the first generate of NEW tokens.
+    tokens, seconds = _timed(lambda: engine.generate(ids, max_new_tokens=NEW), device)
+    result["first_tokens"], result["then_first_generate_s"] = tokens[0, PROMPT:].tolist(), seconds
     result.update(_steady(engine, ids, device))
     if role == "cold":
         _, seconds = _timed(lambda: duo_compile.export(engine, package, backend="package"), device)
