@@ -5,10 +5,11 @@ processes with empty Inductor and Triton cache folders (odd rounds run the trees
     python benchmarks/tree_ab.py --out DIR --trees _base . [--rounds 2] [--profile]
     python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run     # tiny Llama on the CPU, short prompts
 
-A tree is a folder holding ``duo_compile/``, ``kernels/``, ``passes/`` and ``models/`` (the checkout, or an older
-commit unpacked into an empty folder: ``git archive <commit> duo_compile kernels passes models | tar -x -C _base``); the engine's
-model and masks are this checkout's (``start_bench.py``'s). Each process reports, as one JSON line:
-``first_token_s`` (compile included), ``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
+A tree is a folder holding ``duo_compile/``, ``kernels/``, ``passes/`` and ``models/``: the checkout, or another
+commit unpacked into an empty folder (``git archive <commit> duo_compile kernels passes models | tar -x -C _base``).
+The engine's model and masks are this checkout's (``start_bench.py``'s). Each process reports, as one JSON line:
+``first_token_s`` (compile included), ``first_generate_s`` (that, plus the next 32-token generate: the decode
+step's graph), ``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
 ``decode_ms`` (a 65-token generate less a 1-token one, per token, median of 3), and ``prefill_<n>_quiet_ms``: the
 shortest prefill again after Inductor's compile workers are shut down and the process has slept, which tells a
 slow host path from competition with work left running in the background. ``--profile``: each process also
@@ -97,6 +98,10 @@ def child(label: str, profile_path: str | None, dry_run: bool) -> dict:
     engine.generate(short, max_new_tokens=1)
     _sync()
     result["first_token_s"] = time.perf_counter() - start
+    # The next generate's first decode step compiles (or waits for) the decode graph: together, a cold first
+    # generate of 32 tokens.
+    result["first_generate_s"] = result["first_token_s"] + _ms(lambda: engine.generate(short, max_new_tokens=32),
+                                                               1) / 1000
     for n, ids in prompt.items():
         engine.generate(ids, max_new_tokens=1)  # a length's first call may pick its graph
         result[f"prefill_{n}_ms"] = _ms(lambda ids=ids: engine.generate(ids, max_new_tokens=1), 7)
