@@ -1,6 +1,6 @@
-"""Two source trees side by side on one machine: the cold first token, steady prefill and decode of the
-Llama-3-8B-shaped engine (random bf16 weights, CUDA) built by each tree's duo_compile, in alternating fresh
-processes with empty Inductor and Triton cache folders (odd rounds run the trees in reverse order).
+"""Source trees side by side on one machine: the cold first token, steady prefill and decode of the
+Llama-3-8B-shaped engine (random bf16 weights, CUDA) built by each tree's duo_compile, in fresh processes taking
+the trees in turn, with empty Inductor and Triton cache folders (odd rounds run the trees in reverse order).
 
     python benchmarks/tree_ab.py --out DIR --trees _base . [--rounds 2] [--profile]
     python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run     # tiny Llama on the CPU, short prompts
