@@ -10,7 +10,7 @@ commit unpacked into an empty folder (``git archive <commit> duo_compile kernels
 The engine's model and masks are this checkout's (``start_bench.py``'s). Each process reports, as one JSON line:
 ``first_token_s`` (compile included), ``first_generate_s`` (that, plus the next 32-token generate: the decode
 step's graph), ``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
-``decode_ms`` (a 65-token generate less a 1-token one, per token, median of 3), and ``prefill_<n>_quiet_ms``: the
+``decode_ms`` (start_bench's steady decode per token, median of 3), and ``prefill_<n>_quiet_ms``: the
 shortest prefill again after Inductor's compile workers are shut down and the process has slept, which tells a
 slow host path from competition with work left running in the background. ``--profile``: each process also
 writes ``profile_<tree>_<round>.txt``, the torch.profiler tables of three of the shortest prefills (by GPU time
@@ -37,33 +37,19 @@ LENGTHS = (512, 2048, 8000)
 DRY_LENGTHS = (16, 64, 200)  # --dry-run: the tiny model's max_seq_len is 1024
 
 
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def _ms(start_bench, fn, device: str, repeats: int) -> float:
+    """The median of ``repeats`` timed calls of ``fn``, in milliseconds (``start_bench._timed``)."""
+    return statistics.median(1000 * start_bench._timed(fn, device)[1] for _ in range(repeats))
 
 
-def _ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def _profile(engine, ids, path: str) -> None:
-    import torch
+def _profile(start_bench, engine, ids, device: str, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available()
+    cuda = device == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(3):
             engine.generate(ids, max_new_tokens=1)
-        _sync()
+        start_bench._sync(device)
     table = prof.key_averages()
     with open(path, "w") as f:
         for key in ("self_cuda_time_total",) * cuda + ("self_cpu_time_total",):
@@ -94,31 +80,24 @@ def child(label: str, profile_path: str | None, dry_run: bool) -> dict:
     lengths = DRY_LENGTHS if dry_run else LENGTHS
     prompt = {n: torch.randint(0, engine.info.vocab_size, (1, n), device=device) for n in lengths}
     short = prompt[lengths[0]]
-    start = time.perf_counter()
-    engine.generate(short, max_new_tokens=1)
-    _sync()
-    result["first_token_s"] = time.perf_counter() - start
+    _, result["first_token_s"] = start_bench._timed(lambda: engine.generate(short, max_new_tokens=1), device)
     # The next generate's first decode step compiles (or waits for) the decode graph: together, a cold first
     # generate of 32 tokens.
-    result["first_generate_s"] = result["first_token_s"] + _ms(lambda: engine.generate(short, max_new_tokens=32),
-                                                               1) / 1000
+    _, then = start_bench._timed(lambda: engine.generate(short, max_new_tokens=32), device)
+    result["first_generate_s"] = result["first_token_s"] + then
     for n, ids in prompt.items():
         engine.generate(ids, max_new_tokens=1)  # a length's first call may pick its graph
-        result[f"prefill_{n}_ms"] = _ms(lambda ids=ids: engine.generate(ids, max_new_tokens=1), 7)
-    engine.generate(short, max_new_tokens=8)  # the decode graph's capture
-    per_token = []
-    for _ in range(3):
-        both = _ms(lambda: engine.generate(short, max_new_tokens=65), 1)
-        first = _ms(lambda: engine.generate(short, max_new_tokens=1), 1)
-        per_token.append((both - first) / 64)
-    result["decode_ms"] = statistics.median(per_token)
+        result[f"prefill_{n}_ms"] = _ms(start_bench, lambda ids=ids: engine.generate(ids, max_new_tokens=1), device, 7)
+    result["decode_ms"] = statistics.median(start_bench._steady(engine, short, device)["decode_ms_per_token"]
+                                            for _ in range(3))
     from torch._inductor.async_compile import shutdown_compile_workers
 
     shutdown_compile_workers()
     time.sleep(3)
-    result[f"prefill_{lengths[0]}_quiet_ms"] = _ms(lambda: engine.generate(short, max_new_tokens=1), 7)
+    result[f"prefill_{lengths[0]}_quiet_ms"] = _ms(start_bench, lambda: engine.generate(short, max_new_tokens=1),
+                                                   device, 7)
     if profile_path:
-        _profile(engine, short, profile_path)
+        _profile(start_bench, engine, short, device, profile_path)
     result["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     result["torch"] = torch.__version__
     return result
