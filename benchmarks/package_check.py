@@ -45,7 +45,7 @@ def child(package: str) -> dict:
     loaded = time.perf_counter() - began
     tokens = engine.generate(_ids(), max_new_tokens=NEW)[0].tolist()
     result = {"tokens": tokens, "load_s": loaded, "compiled_here": engine._run.compiled,
-              "held": len(engine._run.variants), "cache_loaded": engine.compile_cache_loaded}
+              "held": engine._run.held, "cache_loaded": engine.compile_cache_loaded}
     result["served"] = _serve(engine)
     return result
 

@@ -178,7 +178,7 @@ def child(role: str, dry_run: bool, package: str, profile: str | None = None) ->
     result["first_token_s"] = seconds
     result["first_token_triton_compiles"] = compiled  # kernels Triton compiled in this process (not found cached)
     run = engine._run  # runtime/inductor_graph.py: the graphs it holds, and how many of them this process compiled
-    result["first_token_graphs"] = {"held": len(run.variants), "compiled_here": run.compiled}
+    result["first_token_graphs"] = {"held": run.held, "compiled_here": run.compiled}
     triton_cache = os.environ.get("TRITON_CACHE_DIR")
     if triton_cache and os.path.isdir(triton_cache):  # kernel folders after the first token (compiled or installed)
         result["triton_cache_folders"] = sum(not n.startswith("tmp.") for n in os.listdir(triton_cache))

@@ -48,7 +48,7 @@ def test_one_variant_for_every_length_and_one_for_length_one(graph):
     x, scale = _inputs(2, 1)
     torch.testing.assert_close(run(x, scale), graph(x, scale), rtol=1e-5, atol=1e-5)
     assert run.compiled == 2
-    first, second = run.variants
+    first, second = run.variants[0]
     assert first.accepts(_inputs(2, 9)) and not first.accepts(_inputs(2, 1)) and second.accepts(_inputs(2, 1))
     assert not first.accepts((torch.randn(2, 9, 4).transpose(0, 1), torch.rand(9, 2, 1)))  # strides guarded
 
@@ -80,13 +80,13 @@ def test_a_saved_variant_read_back_runs_without_compiling(graph):
     made = InductorGraph(graph)
     x, scale = _inputs(3, 7)
     want = made(x, scale)
-    (variant,) = made.variants
-    loaded = InductorGraph(graph, [Variant.from_bytes(variant.guards, variant.to_bytes())])
+    (variant,) = made.variants[0]
+    loaded = InductorGraph(graph, [[Variant.from_bytes(variant.guards, variant.to_bytes())]])
     assert torch.equal(loaded(x, scale), want) and loaded.compiled == 0
-    deferred = InductorGraph(graph, [Variant.deferred(variant.guards, variant.to_bytes())])
-    assert deferred.variants[0].artifact is None and deferred.variants[0].to_bytes() == variant.to_bytes()
+    deferred = InductorGraph(graph, [[Variant.deferred(variant.guards, variant.to_bytes())]])
+    assert deferred.variants[0][0].artifact is None and deferred.variants[0][0].to_bytes() == variant.to_bytes()
     assert torch.equal(deferred(x, scale), want) and deferred.compiled == 0  # read at its first call
-    assert deferred.variants[0].artifact is not None
+    assert deferred.variants[0][0].artifact is not None
     loaded(*_inputs(3, 1))  # no variant of the package holds length 1: compiled on first use
     assert loaded.compiled == 1
 
@@ -104,4 +104,4 @@ def test_a_variant_inductors_caches_refused_runs_but_is_not_saved():
     run = InductorGraph(graph)
     x, scale = _inputs(2, 3)
     torch.testing.assert_close(run(x, scale), module(x, scale), rtol=1e-5, atol=1e-5)
-    assert run.variants[0].to_bytes() is None and package_export.compiled_members(run) == {}
+    assert run.variants[0][0].to_bytes() is None and package_export.compiled_members(run) == {}

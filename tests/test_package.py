@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -104,7 +105,7 @@ _CHILD = textwrap.dedent(
     results["inductor_backend"] = (inductor.backend, inductor.config.backend, inductor.compile_cache_loaded)
     results["load_seconds"] = (sorted(eager.load_seconds), sorted(inductor.load_seconds))
     results["counters"] = dict(counters["inductor"])
-    results["variants"] = (inductor._run.compiled, len(inductor._run.variants))
+    results["variants"] = (inductor._run.compiled, inductor._run.held)
     from duo_compile.serve.scheduler import Scheduler
     from duo_compile.serve.sequence import Sequence
     from duo_compile.serve.warm_up import warm_up
@@ -249,7 +250,7 @@ def test_caches_of_another_torch_triton_or_gpu_are_not_used(packages, tmp_path, 
     monkeypatch.setattr(Variant, "from_bytes", lambda *args: loaded.append(args))
     with pytest.warns(UserWarning, match=f"made for {key} {value}.*compiles the engine afresh"):
         engine = duo_compile.load(dst)
-    assert engine.compile_cache_loaded is False and loaded == [] and engine._run.variants == []
+    assert engine.compile_cache_loaded is False and loaded == [] and engine._run.held == 0
 
 
 def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, tmp_path, monkeypatch):
@@ -264,7 +265,7 @@ def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, tm
     monkeypatch.setattr(Variant, "from_bytes", unreadable)
     with pytest.warns(UserWarning, match="cannot read the package's compiled graphs.*compiles the engine afresh"):
         engine = duo_compile.load(files["inductor"])
-    assert engine.compile_cache_loaded is False and engine._run.variants == []
+    assert engine.compile_cache_loaded is False and engine._run.held == 0
 
 
 def test_compiled_graphs_taking_weights_in_another_order_are_refused(packages, tmp_path, monkeypatch):
@@ -274,9 +275,10 @@ def test_compiled_graphs_taking_weights_in_another_order_are_refused(packages, t
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # where the package's kernels are written
     parts, _ = engine_file.read_metadata(str(files["inductor"]))
     recorded = parts.graphs["inductor_cache"]
-    index = json.loads(package_export._read_folder(str(files["inductor"]), "compiled")["variants.json"])
+    index = json.loads(package_export._read_folder(str(files["inductor"]), "compiled")["regions.json"])
     with pytest.raises(EngineFileError, match="weights in another order"):
-        package_export.load_variants(str(files["inductor"]), recorded, parts.device, index["weights"][::-1])
+        rebuilt = SimpleNamespace(weight_targets=index["weights"][::-1], class_digests=index["regions"])
+        package_export.load_variants(str(files["inductor"]), recorded, parts.device, rebuilt)
 
 
 def test_damaged_or_truncated_packages_are_refused_before_anything_loads(packages, tmp_path, monkeypatch):

@@ -210,10 +210,11 @@ def _load_package(parts, path: str, payload: dict, seconds: dict[str, float]):
         return graph, False
     began = time.perf_counter()
     run = InductorGraph(graph)
-    run.variants.extend(package_export.load_variants(path, parts.graphs.get("inductor_cache"), parts.device,
-                                                     run.weight_targets))
+    loaded = package_export.load_variants(path, parts.graphs.get("inductor_cache"), parts.device, run)
+    if loaded:
+        run.variants = loaded
     seconds["caches"] = time.perf_counter() - began
-    return run, bool(run.variants)
+    return run, bool(loaded)
 
 
 class LoadedEngine(Engine):

@@ -8,7 +8,7 @@ The file is a zip archive (the layout of a PT2 archive: one top folder named aft
   (graph_format.py);
 * ``duo_compile/weights.safetensors``: every tensor the graph reads, as the passes left them (heads reordered,
   projections fused), read once at load straight onto the device (package_weights.py);
-* ``duo_compile/compiled/<i>.bin`` and ``compiled/variants.json`` (optional): the graphs Inductor compiled for the
+* ``duo_compile/compiled/<i>.bin`` and ``compiled/regions.json`` (optional): the graphs Inductor compiled for the
   engine (runtime/inductor_graph.py), each a ``CompiledArtifact`` with its shape guards: at least the shapes
   ``precompile`` ran at export (one prefill chunk and one decode step on the first cache row, and a server's chunk
   on another row and decode of two rows) and any the engine had run; ``load`` reads the first and the others when
@@ -38,7 +38,7 @@ from duo_compile.export.engine_file import EngineFileError, archive_folder
 from duo_compile.runtime.inductor_graph import InductorGraph, Variant
 
 COMPILED_FOLDER = "compiled"
-INDEX_NAME = "variants.json"
+INDEX_NAME = "regions.json"
 CACHE_FOLDER = package_weights.FOLDER
 GRAPH_NAME = "graph.json"
 TRITON_FOLDER = "triton"
@@ -132,16 +132,18 @@ def precompile(engine, chunk: int | None) -> dict[str, bytes]:
 
 
 def compiled_members(run: InductorGraph) -> dict[str, bytes]:
-    """``{"compiled/<i>.bin": artifact, "compiled/variants.json": index}`` for every variant of ``run`` that can be
-    saved (empty if none can). The index lists each file's guards and the weights' order as graph inputs."""
+    """``{"compiled/<i>.bin": artifact, "compiled/regions.json": index}`` for every variant of ``run`` that can be
+    saved (empty if none can). The index lists each file's region class and guards, the region classes (by
+    ``layer_regions.digest``) and the weights' order as graph inputs."""
     entries, members = [], {}
-    for variant in run.variants:
-        data = variant.to_bytes()
-        if data is not None:
-            entries.append({"file": f"{len(entries)}.bin", "guards": variant.guards})
-            members[f"{COMPILED_FOLDER}/{entries[-1]['file']}"] = data
+    for cls, held in enumerate(run.variants):
+        for variant in held:
+            data = variant.to_bytes()
+            if data is not None:
+                entries.append({"file": f"{len(entries)}.bin", "region": cls, "guards": variant.guards})
+                members[f"{COMPILED_FOLDER}/{entries[-1]['file']}"] = data
     if entries:
-        index = {"weights": run.weight_targets, "variants": entries}
+        index = {"weights": run.weight_targets, "regions": run.class_digests, "variants": entries}
         members[f"{COMPILED_FOLDER}/{INDEX_NAME}"] = json.dumps(index).encode()
     return members
 
@@ -180,11 +182,12 @@ def _compiled_afresh(path: str, why: str) -> list[Variant]:
     return []
 
 
-def load_variants(path: str, recorded: dict | None, device: torch.device, weight_targets: list[str]) -> list[Variant]:
-    """The package's compiled graphs, after writing its Triton kernels where Triton will find them
+def load_variants(path: str, recorded: dict | None, device: torch.device,
+                  run: InductorGraph) -> list[list[Variant]]:
+    """The package's compiled graphs, per region class of ``run`` (the rebuilt graph, whose weights order and region
+    classes must be the compiled graphs'), after writing its Triton kernels where Triton will find them
     (package_triton.install), if they were made for this torch, Triton and device kind and this torch reads them;
-    else a warning that Inductor compiles afresh, and none. ``weight_targets``: the order in which the rebuilt graph
-    takes its weights (``InductorGraph.weight_targets``), which must be the compiled graphs'."""
+    else a warning that Inductor compiles afresh, and none."""
     if not recorded:
         return []
     here = cache_producer(device)
@@ -200,19 +203,27 @@ def load_variants(path: str, recorded: dict | None, device: torch.device, weight
                                       "earlier one)")
     try:
         index = json.loads(members[INDEX_NAME])
-        entries = [(entry["guards"], members[entry["file"]]) for entry in index["variants"]]
-        weights = index["weights"]
+        entries = [(int(entry["region"]), entry["guards"], members[entry["file"]]) for entry in index["variants"]]
+        weights, classes = index["weights"], index["regions"]
     except (ValueError, KeyError, TypeError) as err:
         raise EngineFileError(f"{path}: unreadable {COMPILED_FOLDER}/{INDEX_NAME} ({type(err).__name__}: {err})")
-    if weights != weight_targets:
+    if weights != run.weight_targets:
         raise EngineFileError(f"{path}: the compiled graphs take the weights in another order than the program "
                               f"reads them")
+    if classes != run.class_digests or any(not 0 <= cls < len(classes) for cls, _, _ in entries):
+        return _compiled_afresh(path, "the package's compiled graphs are for other layer regions than this "
+                                      "duo_compile cuts the program into")
     if not entries:
         return []
     # The first is read now, which tells whether this torch reads what the producer wrote; the others (steps this
     # process may never take, such as a server's) when first run.
+    variants: list[list[Variant]] = [[] for _ in classes]
     try:
-        return [Variant.from_bytes(*entries[0]), *(Variant.deferred(*entry) for entry in entries[1:])]
+        first, *rest = entries
+        variants[first[0]].append(Variant.from_bytes(*first[1:]))
     except Exception as err:  # the digest matched: this torch cannot read what another build of it wrote
         return _compiled_afresh(path, f"this torch cannot read the package's compiled graphs "
                                       f"({type(err).__name__}: {err})")
+    for cls, guards, data in rest:
+        variants[cls].append(Variant.deferred(guards, data))
+    return variants

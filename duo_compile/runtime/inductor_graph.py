@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from duo_compile.runtime import layer_regions
+
 LAYOUTS_KEPT = 256  # input layouts whose variant is remembered (prefill chunks come in many lengths)
 
 
@@ -131,51 +133,93 @@ def _layout(inputs: Sequence[torch.Tensor]) -> tuple:
 
 
 class InductorGraph:
-    """Runs an engine graph as ``run(*inputs)``, compiled by Inductor per class of input shapes (module docstring).
+    """Runs an engine graph as ``run(*inputs)``, compiled by Inductor region by region (layer_regions.py) and per
+    class of input shapes (module docstring).
 
-    ``variants``: compiled graphs to start from (an engine package's); more are compiled when a call needs one.
-    ``compiled``: how many this object compiled (not loaded).
+    ``classes``: one graph per class of regions that one compiled graph runs (``class_of``: each region's class;
+    ``class_digests``: their ``layer_regions.digest``). ``variants``: per class, compiled graphs to start from (an
+    engine package's); more are compiled when a call needs one. ``compiled``: how many this object compiled (not
+    loaded).
     """
 
-    def __init__(self, graph: fx.GraphModule, variants: Sequence[Variant] = ()):
-        self.lifted, self.weight_targets, self.weights = lift_weights(graph)
+    def __init__(self, graph: fx.GraphModule, variants: Sequence[Sequence[Variant]] = ()):
+        lifted, self.weight_targets, self.weights = lift_weights(graph)
+        inputs = sum(1 for node in graph.graph.nodes if node.op == "placeholder")
+        self.regions, self._outputs = layer_regions.split(lifted, inputs, self.weight_targets, self.weights)
         self._one_output = isinstance(next(n for n in graph.graph.nodes if n.op == "output").args[0], fx.Node)
-        self.variants = list(variants)
+        keys = list(dict.fromkeys(region.key for region in self.regions))
+        self.class_of = [keys.index(region.key) for region in self.regions]
+        self.class_digests = [layer_regions.digest(key) for key in keys]
+        # Each class compiles the graph of its first region; the others run what it compiled on their own weights.
+        self.classes = [self.regions[self.class_of.index(i)].graph for i in range(len(keys))]
+        if variants and len(variants) != len(keys):
+            raise ValueError(f"variants for {len(variants)} region classes; the graph has {len(keys)}")
+        self.variants = [list(held) for held in variants] if variants else [[] for _ in keys]
         self.compiled = 0
-        self._layouts: OrderedDict[tuple, Variant] = OrderedDict()
+        self._region_weights = [[self.weights[i] for i in region.weights] for region in self.regions]
+        self._entries = inputs + sum(len(region.writes) for region in self.regions)
+        self._layouts: OrderedDict[tuple, list[Variant]] = OrderedDict()
+
+    @property
+    def held(self) -> int:
+        """How many compiled graphs this object holds, all classes together."""
+        return sum(len(held) for held in self.variants)
 
     def __call__(self, *inputs: torch.Tensor):
         key = _layout(inputs)
-        variant = self._layouts.get(key)
-        if variant is None:
-            variant = (next((v for v in self.variants if v.accepts(inputs)), None) or self._compile(inputs)).ready()
-            self._layouts[key] = variant
+        plan = self._layouts.get(key)
+        chosen = [] if plan is None else plan
+        values = [*inputs, *([None] * (self._entries - len(inputs)))]
+        for i, region in enumerate(self.regions):
+            args = [values[j] for j in region.reads]
+            if plan is None:
+                chosen.append(self._variant(self.class_of[i], args))
+            outputs = chosen[i].artifact(*args, *self._region_weights[i])
+            for j, value in zip(region.writes, outputs, strict=True):
+                values[j] = value
+            for j in region.frees:
+                values[j] = None
+            del args, outputs
+        if plan is None:
+            self._layouts[key] = chosen
             if len(self._layouts) > LAYOUTS_KEPT:
                 self._layouts.popitem(last=False)
-        outputs = variant.artifact(*inputs, *self.weights)
-        return outputs[0] if self._one_output else tuple(outputs)
+        if self._one_output:
+            return values[self._outputs[0]]
+        return tuple(values[j] for j in self._outputs)
 
-    def _compile(self, inputs: Sequence[torch.Tensor]) -> Variant:
-        from torch._dynamo.source import LocalSource
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-        # No duck sizing: two dimensions that happen to be equal in this call are not assumed equal in the next.
-        shape_env = ShapeEnv(duck_shape=False)
-        mode = FakeTensorMode(shape_env=shape_env)
-        fakes = [
-            mode.from_tensor(t, source=LocalSource(f"t{i}"),
-                             symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim()))
-            for i, t in enumerate(inputs)
-        ]
-        fixed = [mode.from_tensor(w, static_shapes=True) for w in self.weights]
-        with torch._guards.tracing(torch._guards.TracingContext(mode)):
-            artifact = torch._inductor.standalone_compile(
-                self.lifted, [*fakes, *fixed], dynamic_shapes="from_tracing_context", options={}
-            )
-        variant = Variant(shape_env.produce_guards_expression(fakes, ignore_static=False), artifact)
+    def _variant(self, cls: int, inputs: Sequence[torch.Tensor]) -> Variant:
+        """A variant of region class ``cls`` whose guards ``inputs`` pass, compiled if none held does."""
+        held = next((v for v in self.variants[cls] if v.accepts(inputs)), None)
+        if held is not None:
+            return held.ready()
+        region = self.regions[self.class_of.index(cls)]
+        variant = compile_variant(self.classes[cls], inputs, [self.weights[i] for i in region.weights])
         if not variant.accepts(inputs):  # guards that reject the inputs they came from: a compile we cannot use
             raise RuntimeError("Inductor compiled a graph whose shape guards reject the inputs it was compiled for")
-        self.variants.append(variant)
+        self.variants[cls].append(variant)
         self.compiled += 1
         return variant
+
+
+def compile_variant(lifted: fx.GraphModule, inputs: Sequence[torch.Tensor],
+                    weights: Sequence[torch.Tensor]) -> Variant:
+    """Inductor's graph for ``lifted`` (a graph taking ``inputs`` then ``weights``) over inputs laid out as
+    ``inputs``: each of their dimensions a symbol, the weights' shapes constants."""
+    from torch._dynamo.source import LocalSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    # No duck sizing: two dimensions that happen to be equal in this call are not assumed equal in the next.
+    shape_env = ShapeEnv(duck_shape=False)
+    mode = FakeTensorMode(shape_env=shape_env)
+    fakes = [
+        mode.from_tensor(t, source=LocalSource(f"t{i}"),
+                         symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * t.dim()))
+        for i, t in enumerate(inputs)
+    ]
+    fixed = [mode.from_tensor(w, static_shapes=True) for w in weights]
+    with torch._guards.tracing(torch._guards.TracingContext(mode)):
+        artifact = torch._inductor.standalone_compile(lifted, [*fakes, *fixed], dynamic_shapes="from_tracing_context",
+                                                      options={})
+    return Variant(shape_env.produce_guards_expression(fakes, ignore_static=False), artifact)
