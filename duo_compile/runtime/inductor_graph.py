@@ -7,17 +7,22 @@ first step's time, and of a loaded package's first step (benchmarks/DECISIONS.md
 the graph goes to Inductor as it is (``torch._inductor.standalone_compile``), and what Inductor makes of it is a
 ``CompiledArtifact``: ``load`` reads one back without tracing or compiling anything.
 
-Inputs: the graph's ``get_attr`` tensors (the weights) become trailing inputs of the compiled graph, so a variant
+Regions: the graph is cut into one region per decoder layer (layer_regions.py) and each class of regions that are
+the same program compiles once, run by every region of the class on its own weights: Inductor's compile time, all
+Python work per node, follows the number of distinct layers rather than the model's depth. A call runs the
+regions in order, passing values between them through a table whose entries are dropped after their last reader.
+
+Inputs: the graph's ``get_attr`` tensors (the weights) become trailing inputs of the compiled graphs, so a variant
 holds no weights and compiling copies none. Every dimension of the engine's own inputs gets a symbol, as
 ``torch.compile(dynamic=True)`` gives them; the symbolic-shape engine specialises sizes 0 and 1 (a decode step,
 T == 1, and batch 1 get variants of their own), storage offsets 0 and 1 (views further into their storage, such
 as cache rows other than the first, share one variant of their own) and whatever the graph itself fixes. Weights
 keep static shapes.
 
-Variants: each keeps the guard expression its symbolic-shape engine produced over the engine's inputs (sizes,
-strides, storage offsets and the relations between them). A call runs the first variant whose guards its inputs
-pass, and compiles a new one when none does; the answer is remembered per input layout, so after the first call
-of a layout a call costs one dictionary lookup.
+Variants: each keeps the guard expression its symbolic-shape engine produced over its region's inputs (sizes,
+strides, storage offsets and the relations between them). Each region runs the first variant of its class whose
+guards its inputs pass, and compiles a new one when none does; the choices are remembered per layout of the
+engine's inputs, so after the first call of a layout a call costs one dictionary lookup and a call per region.
 """
 from __future__ import annotations
 
