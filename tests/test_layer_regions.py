@@ -3,15 +3,16 @@ program run by one compiled graph (runtime/inductor_graph.py). A small exported 
 Inductor compiles short; the engine-level check is a tiny Llama engine against its eager backend."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import fx
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import duo_compile
 from duo_compile.capture import _plain_signature
 from duo_compile.runtime.inductor_graph import InductorGraph, lift_weights
 from duo_compile.runtime.layer_regions import split, weight_layer
-from tests.tiny_models import tiny_model
 
 
 class _Layer(torch.nn.Module):
@@ -102,15 +103,22 @@ def test_a_graph_whose_weights_name_no_layer_is_one_region():
     assert len(InductorGraph(graph).regions) == 1
 
 
-def test_engine_layers_with_the_same_heads_share_graphs_and_give_the_eager_tokens():
-    """Five Llama layers, every one with the same retrieval heads: three region classes (first, middle, last),
+def test_engine_layers_with_other_retrieval_head_counts_share_graphs_and_give_the_eager_tokens():
+    """Five Llama layers of six KV heads, the middle three with 2, 3 and 4 retrieval heads: the op reads the count
+    off its cache (``heads_from_cache_shapes``), so they are one class; three classes (first, middle, last),
     compiled once each for prefill and once for decode, and the eager backend's tokens."""
-    model = tiny_model("llama", gqa=True, num_layers=5)
-    masks = duo_compile.HeadMasks.from_gates([[1.0, 0.0]] * 5)
+    config = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=5,
+                         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    gates = np.zeros((5, 6))
+    for layer, retrieval in enumerate((3, 2, 3, 4, 3)):
+        gates[layer, :retrieval] = 1.0
+    masks = duo_compile.HeadMasks.from_gates(gates)
     engines = {backend: duo_compile.compile(model, masks, sink_size=4, recent_size=8, max_seq_len=64,
                                             backend=backend) for backend in ("eager", "inductor")}
     run = engines["inductor"]._run
     assert len(run.regions) == 5 and run.class_of == [0, 1, 1, 1, 2]
-    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     want, got = (engines[b].generate(ids, max_new_tokens=6) for b in ("eager", "inductor"))
     assert torch.equal(got, want) and run.compiled == 6

@@ -149,6 +149,7 @@ class InductorGraph:
 
     def __init__(self, graph: fx.GraphModule, variants: Sequence[Sequence[Variant]] = ()):
         lifted, self.weight_targets, self.weights = lift_weights(graph)
+        layer_regions.heads_from_cache_shapes(lifted)
         inputs = sum(1 for node in graph.graph.nodes if node.op == "placeholder")
         self.regions, self._outputs = layer_regions.split(lifted, inputs, self.weight_targets, self.weights)
         self._one_output = isinstance(next(n for n in graph.graph.nodes if n.op == "output").args[0], fx.Node)

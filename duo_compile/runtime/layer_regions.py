@@ -16,6 +16,11 @@ and read by the others. Shape arithmetic (``sym_size`` and integer math on it) i
 regions: each region that needs it recomputes it from its own inputs. A graph whose weights name no layers is one
 region.
 
+Layers that differ only in how many of their heads are retrieval heads differ in one constant, the head count
+``duo::attention_cached`` splits at; ``heads_from_cache_shapes`` has the op read it off the retrieval cache's head
+dimension instead (the count it equals), so that such layers are one program and one compiled graph serves them
+(counts of 1, where the symbolic-shape engine specialises a size, get a variant of their own).
+
 ``split`` returns the regions and how values flow: a value table whose first entries are the graph's inputs, each
 region reading some entries and writing others, the graph's output read from it at the end. ``Region.key`` is
 equal for two regions exactly when one compiled graph can run both: the same nodes in the same order with the same
@@ -58,6 +63,22 @@ class Region:
     writes: list[int]
     frees: list[int]
     key: tuple
+
+
+def heads_from_cache_shapes(graph: fx.GraphModule) -> None:
+    """Rewrite ``graph`` in place: every ``duo::attention_cached`` takes its retrieval head count as the size of
+    its retrieval key cache's head dimension (dimension 1, in both the per-row and the paged layout) instead of as
+    a constant."""
+    from duo_compile.kernels.ops import OPS
+
+    heads_arg = 10  # q, k, v, four caches, cache_start, valid, scale, then retrieval_kv_heads
+    for node in list(graph.graph.nodes):
+        if (node.target is OPS["attention_cached"] and len(node.args) > heads_arg
+                and isinstance(node.args[heads_arg], int)):
+            with graph.graph.inserting_before(node):
+                size = graph.graph.call_function(torch.ops.aten.sym_size.int, (node.args[3], 1))
+            node.update_arg(heads_arg, size)
+    graph.recompile()
 
 
 def _is_shape(node: fx.Node) -> bool:
