@@ -43,7 +43,7 @@
 #   tree-ab     benchmarks/tree_ab.py: source trees side by side (AB_TREES, default "_base ."), fresh processes
 #               taking them in turn: cold first token and generate, prefill at 512/2048/8000, decode, Llama-3-8B
 #               shape; make _base (an empty folder) with
-#               `git archive <commit> duo_compile kernels passes models | tar -x -C _base` and carry it; AB_ARGS adds arguments (e.g. "--rounds 1 --profile")     ~5 min for 2 rounds (H100)
+#               `git archive <commit> duo_compile kernels passes models | tar -x -C _base` and carry it; AB_ARGS adds arguments (e.g. "--rounds 1 --profile"); DUO_BENCH_MASKS=random (start-bench too): per-layer head splits vary     ~5 min for 2 rounds (H100)
 #   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
 #               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).

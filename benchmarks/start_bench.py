@@ -73,11 +73,20 @@ def _model(dry_run: bool):
 
 
 def _masks(model):
+    """Half the KV heads retrieval heads. ``DUO_BENCH_MASKS=alternate`` (default): every other head of every layer,
+    so all layers have the same split; ``random``: half of all heads at seeded random places, so the split varies
+    from layer to layer as identified gates' does (layers whose splits differ are different programs to compile)."""
     import numpy as np
 
     import duo_compile
 
     layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    kind = os.environ.get("DUO_BENCH_MASKS", "alternate")
+    if kind == "random":
+        gates = np.random.default_rng(0).random((layers, heads))
+        return duo_compile.HeadMasks.from_gates(gates).binarize(sparsity=0.5)
+    if kind != "alternate":
+        raise SystemExit(f"DUO_BENCH_MASKS={kind!r}: expected 'alternate' or 'random'")
     gates = (np.arange(layers * heads).reshape(layers, heads) % 2).astype(float)  # half retrieval, every layer mixed
     return duo_compile.HeadMasks.from_gates(gates)
 

@@ -66,6 +66,13 @@ def _start_bench():
     return module
 
 
+def _classes(engine) -> int | None:
+    """How many region classes the engine's Inductor graph compiles (runtime/layer_regions.py; None for a tree
+    that compiles the graph whole)."""
+    classes = getattr(engine._run, "classes", None)
+    return None if classes is None else len(classes)
+
+
 def child(label: str, profile_path: str | None, dry_run: bool) -> dict:
     import torch
 
@@ -76,7 +83,8 @@ def child(label: str, profile_path: str | None, dry_run: bool) -> dict:
     engine = duo_compile.compile(model, start_bench._masks(model), sink_size=64, recent_size=256,
                                  max_seq_len=1024 if dry_run else 8192)
     del model
-    result = {"tree": label, "duo_compile": os.path.dirname(duo_compile.__file__)}
+    result = {"tree": label, "duo_compile": os.path.dirname(duo_compile.__file__),
+              "masks": os.environ.get("DUO_BENCH_MASKS", "alternate"), "region_classes": _classes(engine)}
     lengths = DRY_LENGTHS if dry_run else LENGTHS
     prompt = {n: torch.randint(0, engine.info.vocab_size, (1, n), device=device) for n in lengths}
     short = prompt[lengths[0]]
