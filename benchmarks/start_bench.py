@@ -47,12 +47,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _model(dry_run: bool):
+def _model(dry_run: bool, dry_layers: int = 8):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if dry_run:
-        config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+        config = LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=dry_layers,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
         dtype, device = torch.float32, "cpu"
     else:  # Llama-3-8B

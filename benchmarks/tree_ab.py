@@ -3,7 +3,7 @@ Llama-3-8B-shaped engine (random bf16 weights, CUDA) built by each tree's duo_co
 the trees in turn, with empty Inductor and Triton cache folders (odd rounds run the trees in reverse order).
 
     python benchmarks/tree_ab.py --out DIR --trees _base . [--rounds 2] [--profile]
-    python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run     # tiny Llama on the CPU, short prompts
+    python benchmarks/tree_ab.py --out DIR --trees _base . --dry-run [--dry-layers 32]   # tiny Llama, CPU
 
 A tree is a folder holding ``duo_compile/``, ``kernels/``, ``passes/`` and ``models/``: the checkout, or another
 commit unpacked into an empty folder (``git archive <commit> duo_compile kernels passes models | tar -x -C _base``).
@@ -73,13 +73,13 @@ def _classes(engine) -> int | None:
     return None if classes is None else len(classes)
 
 
-def child(label: str, profile_path: str | None, dry_run: bool) -> dict:
+def child(label: str, profile_path: str | None, dry_run: bool, dry_layers: int) -> dict:
     import torch
 
     import duo_compile
 
     start_bench = _start_bench()
-    model, device = start_bench._model(dry_run)
+    model, device = start_bench._model(dry_run, dry_layers)
     engine = duo_compile.compile(model, start_bench._masks(model), sink_size=64, recent_size=256,
                                  max_seq_len=1024 if dry_run else 8192)
     del model
@@ -127,11 +127,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler tables of the shortest prefills")
     parser.add_argument("--commit", default="unknown", help="recorded: the checkout's commit")
     parser.add_argument("--dry-run", action="store_true", help="tiny Llama on the CPU")
+    parser.add_argument("--dry-layers", type=int, default=8, help="--dry-run: the tiny Llama's layers")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--profile-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.profile_path, args.dry_run)), flush=True)
+        print(json.dumps(child(args.child, args.profile_path, args.dry_run, args.dry_layers)), flush=True)
         return
     for tree in args.trees:
         if not os.path.isdir(os.path.join(tree, "duo_compile")):
@@ -147,7 +148,7 @@ def main() -> None:
                            TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                            TRITON_CACHE_DIR=os.path.join(caches, "triton"))
                 cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--child", label]
-                cmd += ["--dry-run"] * args.dry_run
+                cmd += ["--dry-run", "--dry-layers", str(args.dry_layers)] * args.dry_run
                 if args.profile:
                     cmd += ["--profile-path", os.path.join(args.out, f"profile_{label}_{round_}.txt")]
                 print(f"round {round_ + 1}/{args.rounds}: {tree}", flush=True)
