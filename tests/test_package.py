@@ -268,17 +268,34 @@ def test_compiled_graphs_this_torch_cannot_read_are_compiled_afresh(packages, tm
     assert engine.compile_cache_loaded is False and engine._run.held == 0
 
 
+def _compiled_index(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # where the package's kernels are written
+    parts, _ = engine_file.read_metadata(str(files["inductor"]))
+    index = json.loads(package_export._read_folder(str(files["inductor"]), "compiled")["regions.json"])
+    return parts, index
+
+
 def test_compiled_graphs_taking_weights_in_another_order_are_refused(packages, tmp_path, monkeypatch):
     """The compiled graphs take the weights as inputs in the order their index records: a program that reads them
     in another order is refused rather than run with its weights swapped."""
     files, _ = packages
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # where the package's kernels are written
-    parts, _ = engine_file.read_metadata(str(files["inductor"]))
-    recorded = parts.graphs["inductor_cache"]
-    index = json.loads(package_export._read_folder(str(files["inductor"]), "compiled")["regions.json"])
+    parts, index = _compiled_index(files, tmp_path, monkeypatch)
+    rebuilt = SimpleNamespace(weight_targets=index["weights"][::-1], class_digests=index["regions"])
     with pytest.raises(EngineFileError, match="weights in another order"):
-        rebuilt = SimpleNamespace(weight_targets=index["weights"][::-1], class_digests=index["regions"])
-        package_export.load_variants(str(files["inductor"]), recorded, parts.device, rebuilt)
+        package_export.load_variants(str(files["inductor"]), parts.graphs["inductor_cache"], parts.device, rebuilt)
+
+
+def test_compiled_graphs_of_other_layer_regions_are_compiled_afresh(packages, tmp_path, monkeypatch):
+    """A duo_compile that cuts the program into other region classes than the package's maker did (another
+    version) does not use its compiled graphs: a warning, and Inductor compiles afresh."""
+    files, _ = packages
+    parts, index = _compiled_index(files, tmp_path, monkeypatch)
+    assert len(index["regions"]) == 3  # three layers, each with another head split: three classes
+    rebuilt = SimpleNamespace(weight_targets=index["weights"], class_digests=["0" * 16] * len(index["regions"]))
+    with pytest.warns(UserWarning, match="other layer regions.*compiles the engine afresh"):
+        loaded = package_export.load_variants(str(files["inductor"]), parts.graphs["inductor_cache"], parts.device,
+                                              rebuilt)
+    assert loaded == []
 
 
 def test_damaged_or_truncated_packages_are_refused_before_anything_loads(packages, tmp_path, monkeypatch):
