@@ -41,7 +41,7 @@ from torch import fx
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _SHAPE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
               torch.ops.aten.sym_storage_offset.default}
-_SHAPE_MODULES = {operator.__name__, math.__name__, "builtins", "torch.sym_not", "torch"}
+_SHAPE_MODULES = {operator.__name__, math.__name__, "builtins", "torch"}  # torch: sym_max, sym_min, ...
 
 
 def weight_layer(target: str) -> int | None:
