@@ -205,12 +205,14 @@ def load_variants(path: str, recorded: dict | None, device: torch.device,
         index = json.loads(members[INDEX_NAME])
         entries = [(int(entry["region"]), entry["guards"], members[entry["file"]]) for entry in index["variants"]]
         weights, classes = index["weights"], index["regions"]
+        if any(not 0 <= cls < len(classes) for cls, _, _ in entries):
+            raise ValueError("a variant names a region class the index does not list")
     except (ValueError, KeyError, TypeError) as err:
         raise EngineFileError(f"{path}: unreadable {COMPILED_FOLDER}/{INDEX_NAME} ({type(err).__name__}: {err})")
     if weights != run.weight_targets:
         raise EngineFileError(f"{path}: the compiled graphs take the weights in another order than the program "
                               f"reads them")
-    if classes != run.class_digests or any(not 0 <= cls < len(classes) for cls, _, _ in entries):
+    if classes != run.class_digests:
         return _compiled_afresh(path, "the package's compiled graphs are for other layer regions than this "
                                       "duo_compile cuts the program into")
     if not entries:

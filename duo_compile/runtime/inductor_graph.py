@@ -44,7 +44,7 @@ LAYOUTS_KEPT = 256  # input layouts whose variant is remembered (prefill chunks 
 @dataclass
 class Variant:
     """One compiled graph: ``artifact`` (a ``torch._inductor.CompiledArtifact``) runs every call whose inputs pass
-    ``guards`` (a Python expression over ``L['t0']``, ``L['t1']``, ... the engine's inputs; None: every call).
+    ``guards`` (a Python expression over ``L['t0']``, ``L['t1']``, ... its region's inputs; None: every call).
     A deferred variant (``deferred``) holds the artifact's bytes in ``data`` and ``artifact`` None until ``ready``
     reads them, at the first call it runs: an engine package's graphs for steps a process may never take (a
     server's) cost nothing until taken."""
@@ -157,7 +157,8 @@ class InductorGraph:
         self.class_of = [keys.index(region.key) for region in self.regions]
         self.class_digests = [layer_regions.digest(key) for key in keys]
         # Each class compiles the graph of its first region; the others run what it compiled on their own weights.
-        self.classes = [self.regions[self.class_of.index(i)].graph for i in range(len(keys))]
+        self._leads = [self.regions[self.class_of.index(i)] for i in range(len(keys))]
+        self.classes = [lead.graph for lead in self._leads]
         if variants and len(variants) != len(keys):
             raise ValueError(f"variants for {len(variants)} region classes; the graph has {len(keys)}")
         self.variants = [list(held) for held in variants] if variants else [[] for _ in keys]
@@ -199,8 +200,8 @@ class InductorGraph:
         held = next((v for v in self.variants[cls] if v.accepts(inputs)), None)
         if held is not None:
             return held.ready()
-        region = self.regions[self.class_of.index(cls)]
-        variant = compile_variant(self.classes[cls], inputs, [self.weights[i] for i in region.weights])
+        lead = self._leads[cls]
+        variant = compile_variant(lead.graph, inputs, [self.weights[i] for i in lead.weights])
         if not variant.accepts(inputs):  # guards that reject the inputs they came from: a compile we cannot use
             raise RuntimeError("Inductor compiled a graph whose shape guards reject the inputs it was compiled for")
         self.variants[cls].append(variant)
