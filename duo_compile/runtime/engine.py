@@ -264,7 +264,7 @@ class Engine:
             )
 
     def _allocate(self, batch_size: int, length: int, num_pages: int | None = None) -> None:
-        self.caches, self._graphed, self.block_table = [], {}, None  # free the old caches (and graphs) first
+        self._drop_caches()  # free the old caches (and graphs) first
         shapes = {
             spec.name: (batch_size, spec.num_kv_heads, spec.slots, spec.head_dim) if spec.slots is not None
             else (batch_size, spec.num_kv_heads, length, spec.head_dim) if num_pages is None
@@ -282,8 +282,14 @@ class Engine:
         """Free the caches (and the decode graphs that use them); the next generate allocates again. Holds the
         engine's lock."""
         with self._lock:
-            self.caches, self._graphed, self.block_table = [], {}, None
+            self._drop_caches()
             self.batch_size = self.cache_len = self.num_pages = None
+
+    def _drop_caches(self) -> None:
+        """Drop the caches, the decode graphs that read them and the graphs' memory pool. The pool goes with the
+        graphs: once its last graph is freed CUDA's allocator forgets the pool, and capturing into its handle again
+        fails an internal assertion, so the next graphs get a pool of their own."""
+        self.caches, self._graphed, self.block_table, self._graph_pool = [], {}, None, None
 
     def kv_cache_bytes(self) -> KVCacheBytes:
         """KV bytes actually allocated (retrieval and streaming), beside what full attention would need. Holds the
