@@ -16,7 +16,7 @@ and written through the table inside the kernels, which read its entries on the 
 
 RoPE (ops given ``cos``/``sin`` by ``fuse_rope``): the decode launches above rotate q and the new keys inside
 their kernels (no extra launch); every other path (prefill, chunk mode, STREAMING_DECODE "one") first rotates q
-and k with ``triton_rope.py``, one launch each.
+and k with ``triton_rope.py``, one launch each (a mixed layer's prefill once for both groups).
 """
 from __future__ import annotations
 
@@ -380,8 +380,13 @@ def triton_attention_cached(
     output (no concatenation afterwards). ``config`` / ``num_splits``: the retrieval decode's tiles and split
     count (default: decode_config / decode_splits), as for ``triton_retrieval_attention_cached``; so are
     ``cos``/``sin`` and ``block_table`` (paged retrieval pools; the streaming caches stay one row per batch
-    row)."""
+    row). A prefill chunk (more than ``DECODE_MAX_TOKENS`` tokens) rotates q and k for both groups at once."""
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    if q.shape[2] > DECODE_MAX_TOKENS:
+        # Both groups' paths rotate first here (the prefill kernels take rotated q and k): rotate every head
+        # once, two launches where each group would make its own two (the rotation is per head: same values).
+        q, k = _rotate_first(q, k, reference.rope_pair(cos, sin))
+        cos = sin = None
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)
     out = _empty_out(q)
     split = retrieval_qkv[0].shape[1]

@@ -422,6 +422,28 @@ def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, 
         start += t
 
 
+def test_mixed_prefill_rotates_every_head_once(monkeypatch):
+    """A mixed layer's prefill chunk rotates q and k for both head groups in one rotation launch each, and gives
+    the reference's output and caches."""
+    from duo_compile.kernels import launchers
+
+    rotated = []
+    rope = launchers.triton_rope
+    monkeypatch.setattr(launchers, "triton_rope", lambda x, cos, sin: rotated.append(x.shape[1]) or rope(x, cos, sin))
+    b, hkv, groups, t, n, sink, recent = 1, 3, 2, 20, 1, 3, 10
+    ring = sink + recent
+    caches = [torch.randn(b, h, s, D) for h, s in ((n, 64), (n, 64), (hkv - n, ring), (hkv - n, ring))]
+    ref_caches = [c.clone() for c in caches]
+    q, k, v = _qkv(b, hkv, groups, t)
+    cos, sin = _rope_tables(b, _pos(0, t), False)
+    args = (*_rows(0, t, b), SCALE, n, sink, recent, False)
+    out = launchers.triton_attention_cached(q, k, v, *caches, *args, cos=cos, sin=sin)
+    assert rotated == [hkv * groups, hkv]  # q's heads, then k's: every head of the layer at once
+    _close(out, reference.attention_cached(q, k, v, *ref_caches, *args, cos, sin), torch.float32)
+    for c, r in zip(caches, ref_caches):
+        torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
+
+
 def test_rope_tables_come_in_pairs():
     q, k, v = _qkv(1, 1, 1, 1)
     cos, _ = _rope_tables(1, _pos(0, 1), False)
