@@ -103,6 +103,20 @@ def test_family_matches_oracle_and_hf_generate(name, gqa, mode, chunk):
     assert torch.equal(engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=chunk), expected)
 
 
+def test_moe_family_on_inductor_gives_the_eager_tokens():
+    """An MoE family through the Inductor backend (its graph cut into layer regions, runtime/layer_regions.py):
+    the router's flattening multiplies sizes before the layers and its top-k has two outputs; the eager engine's
+    tokens, prefill chunked."""
+    model = _model("mixtral", False)
+    ids = torch.randint(0, 96, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    engine = duo_compile.compile(model, mixed_masks(model), sink_size=SINK, recent_size=RECENT, max_seq_len=MAX_LEN,
+                                 backend="inductor")
+    got = engine.generate(ids, max_new_tokens=NEW, prefill_chunk_size=CHUNK)
+    assert torch.equal(got, _engine("mixtral", False, "window").generate(ids, max_new_tokens=NEW,
+                                                                       prefill_chunk_size=CHUNK))
+    assert len(engine._run.regions) == model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "phi3", "olmo2", "glm4", "mistral_window", "qwen3_window"])
 def test_oracle_with_all_retrieval_is_the_model(name):
     """The oracle itself is right for these families: its rule with every head retrieval (and the model's windows)

@@ -98,6 +98,49 @@ def test_values_flow_forward_and_are_freed_by_their_last_reader(stack):
     assert set(outputs) <= written
 
 
+class _Tokens(_Stack):
+    """Sizes multiplied once before the layers (integer math on sizes, as an MoE block's flattening does) and a
+    two-output op whose outputs the first and the last region read."""
+
+    def forward(self, x):
+        tokens = x.shape[0] * x.shape[1]
+        top, where = x.max(dim=-1, keepdim=True)
+        h = x * top
+        for layer in self.layers:
+            h = layer(h.reshape(tokens, -1).view(x.shape))
+        return self.head(h) + where
+
+
+def test_only_tensors_cross_regions_and_size_math_is_recomputed():
+    module = _Tokens().eval()
+    graph = _graph(module)
+    lifted, targets, weights = lift_weights(graph)
+    inputs = sum(n.op == "placeholder" for n in graph.graph.nodes)
+    regions, _ = split(lifted, inputs, targets, weights)
+    assert len(regions) == 4
+    computed = {n.name: n for n in lifted.graph.nodes if n.op == "call_function"}
+    crossing = [computed[n.name] for region in regions for n in region.graph.graph.nodes
+                if n.op == "placeholder" and n.name in computed]
+    assert crossing and all(isinstance(n.meta["val"], torch.Tensor) for n in crossing)
+    run = InductorGraph(graph)
+    for length in (5, 9):
+        x = torch.randn(2, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_number_that_would_cross_regions_keeps_the_graph_whole(stack):
+    _, graph = stack
+    lifted, targets, weights = lift_weights(graph)
+    inputs = sum(n.op == "placeholder" for n in graph.graph.nodes)
+    regions, _ = split(lifted, inputs, targets, weights)
+    first_reads = {n.name for n in regions[1].graph.graph.nodes if n.op == "placeholder"}
+    value = next(n for n in lifted.graph.nodes if n.name in first_reads and n.op == "call_function")
+    value.meta["val"] = 3  # as if it were a number read off a tensor
+    regions, outputs = split(lifted, inputs, targets, weights)
+    assert len(regions) == 1 and regions[0].writes == outputs
+
+
 def test_a_graph_whose_weights_name_no_layer_is_one_region():
     graph = fx.symbolic_trace(torch.nn.Linear(4, 2))
     assert len(InductorGraph(graph).regions) == 1

@@ -13,8 +13,10 @@ goes to the earliest region that uses its value, but never before a region it re
 after a layer's last projection moves into the next layer's region, beside the norm it feeds (Inductor fuses them
 as before), and values computed once for every layer (rotary tables, positions) are computed in the first region
 and read by the others. Shape arithmetic (``sym_size`` and integer math on it) is not a value passed between
-regions: each region that needs it recomputes it from its own inputs. A graph whose weights name no layers is one
-region.
+regions: each region that needs it recomputes it from its own inputs. Only tensors cross regions (a region's
+compiled graph takes tensors): the elements of a multi-output op are taken in the op's region, and a graph where
+some other value would cross (a number read off a tensor) is compiled whole, as is a graph whose weights name no
+layers: one region.
 
 Layers that differ only in how many of their heads are retrieval heads differ in one constant, the head count
 ``duo::attention_cached`` splits at; ``heads_from_cache_shapes`` has the op read it off the retrieval cache's head
@@ -41,7 +43,9 @@ from torch import fx
 _LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 _SHAPE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
               torch.ops.aten.sym_storage_offset.default}
-_SHAPE_MODULES = {operator.__name__, math.__name__, "builtins", "torch"}  # torch: sym_max, sym_min, ...
+# Where integer math on sizes comes from in a graph: operator's functions report the module ``_operator``; torch
+# has sym_max, sym_min, ...
+_SHAPE_MODULES = {operator.__name__, operator.mul.__module__, math.__name__, "builtins", "torch"}
 
 
 def weight_layer(target: str) -> int | None:
@@ -115,7 +119,16 @@ def _regions_of(nodes: list[fx.Node], layer_of: dict[fx.Node, int]) -> tuple[dic
         if not _is_shape(node):
             reads_layer = any(a in layer_of for a in node.all_input_nodes)
             region[node] = earliest[node] if reads_layer else max(earliest[node], wanted[node])
+    for node in nodes:  # an element of a multi-output op is taken where the op runs: only tensors cross regions
+        if node.target is operator.getitem and node in region and node.args[0] in region:
+            region[node] = region[node.args[0]]
     return region, last + 1
+
+
+def _tensor(node: fx.Node) -> bool:
+    """Whether ``node``'s value is a tensor as far as the graph's metadata tells (a node without it counts as one)."""
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value is None or isinstance(value, torch.Tensor)
 
 
 def _constant(value):
@@ -191,6 +204,12 @@ def split(lifted: fx.GraphModule, inputs: int, weight_targets: Sequence[str],
     members = [[n for n in nodes if n in region_of and region_of[n] == r] for r in range(count)]
     members = [m for m in members if m]
     reads = [imports(m) for m in members]
+    if len(members) > 1 and not all(_tensor(v) for values, _ in reads for v in values):
+        # A value the graph's metadata says is no tensor (a number read off a tensor, say) would cross regions,
+        # and a region's compiled graph takes tensors only: compile the graph whole instead.
+        region_of = dict.fromkeys(region_of, 0)
+        members = [[n for n in nodes if n in region_of]]
+        reads = [imports(members[0])]
     needed = {node for values, _ in reads for node in values} | set(output.all_input_nodes)
     regions: list[Region] = []
     for group, (values, used_weights) in zip(members, reads):
