@@ -8,9 +8,12 @@ on the CPU), takes the engine-graph inputs of one prefill of ``--tokens`` tokens
 over ``--repeats``; no device synchronisation inside, so on a GPU these are host times while the launch queue has
 room): the whole run, the compiled calls within it, and what is left (the table, argument lists, frees). It also
 times one compiled call of a trivial region against the same arithmetic in eager mode (the wrapper's own cost).
+``--whole`` also compiles the same engine graph whole (``InductorGraph(by_layer=False)``, what the engine ran
+before the split) and times the prefill through each, alternating, in this one process: a side-by-side with no
+process-order effect (synchronised wall times, medians).
 
     DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --dry-run --layers 32 [--tokens 16]
-    DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --tokens 512         (a GPU)
+    DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --tokens 512 --whole     (a GPU)
 """
 from __future__ import annotations
 
@@ -92,12 +95,35 @@ def _wrapper_cost(device: str, repeats: int = 2000) -> dict:
     return {"compiled_call_us": per_call(lambda: artifact(x, w)), "eager_us": per_call(lambda: (x + w,))}
 
 
+def _side_by_side(engine, ids, start_bench, device: str, repeats: int) -> dict:
+    """The prefill of ``ids`` through the engine's regions and through its graph compiled whole, alternating."""
+    from duo_compile.runtime.inductor_graph import InductorGraph
+
+    regions = engine._run
+    runs = {"regions": regions, "whole": InductorGraph(engine.graph, by_layer=False)}
+    seconds, tokens = {name: [] for name in runs}, {}
+    try:
+        for name, run in runs.items():
+            engine._run = run
+            print(f"compiling: the prefill, {name}", file=sys.stderr)
+            tokens[name] = engine.generate(ids, max_new_tokens=1).tolist()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                engine._run = run
+                seconds[name].append(start_bench._timed(lambda: engine.generate(ids, max_new_tokens=1), device)[1])
+    finally:
+        engine._run = regions
+    result = {f"prefill_{name}_ms": round(1e3 * statistics.median(s), 4) for name, s in seconds.items()}
+    return {**result, "same_tokens": tokens["regions"] == tokens["whole"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny Llama on the CPU")
     parser.add_argument("--layers", type=int, default=32, help="--dry-run: the tiny Llama's layers")
     parser.add_argument("--tokens", type=int, default=None, help="prompt length (default 512, dry run 16)")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--whole", action="store_true", help="also the prefill through the graph compiled whole")
     parser.add_argument("--out", default=None, help="write the result as JSON here too")
     args = parser.parse_args()
     if args.layers < 1 or args.repeats < 1 or (args.tokens is not None and args.tokens < 1):
@@ -134,6 +160,8 @@ def main() -> int:
         "outside_compiled_calls_ms": ms([a - b for a, b in splits]),
         **_wrapper_cost(device),
     }
+    if args.whole:
+        result.update(_side_by_side(engine, ids, start_bench, device, args.repeats))
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

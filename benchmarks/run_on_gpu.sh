@@ -44,9 +44,10 @@
 #               taking them in turn: cold first token and generate, prefill at 512/2048/8000, decode, Llama-3-8B
 #               shape; make _base (an empty folder) with
 #               `git archive <commit> duo_compile kernels passes models | tar -x -C _base` and carry it; AB_ARGS adds arguments (e.g. "--rounds 1 --profile"); DUO_BENCH_MASKS=random (start-bench too): per-layer head splits vary     ~5 min for 2 rounds (H100)
-#   region-cost benchmarks/region_host_cost.py: host time of a 512-token prefill's layer-region calls and of what
-#               the engine does around them (value table, argument lists), Llama-3-8B shape; DUO_BENCH_MASKS
-#               applies                                                                  (about 1 min, not yet run)
+#   region-cost benchmarks/region_host_cost.py --whole: host time of a 512-token prefill's layer-region calls
+#               and of what the engine does around them (value table, argument lists), then the prefill through
+#               the regions and through the same graph compiled whole, alternating in one process; Llama-3-8B
+#               shape; DUO_BENCH_MASKS applies                                         (about 2 min, not yet run)
 #   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
 #               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
@@ -117,7 +118,7 @@ for step in "$@"; do
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
         region-cost)
-            timeout 300 python3 benchmarks/region_host_cost.py --out "$OUT/region_host_cost.json" 2>&1 \
+            timeout 300 python3 benchmarks/region_host_cost.py --whole --out "$OUT/region_host_cost.json" 2>&1 \
                 | tee "$OUT/region_host_cost.log" ;;
         tree-ab)
             timeout 570 python3 benchmarks/tree_ab.py --out "$OUT" --commit "$COMMIT" --trees ${AB_TREES:-_base .} \

@@ -141,9 +141,15 @@ def test_a_number_that_would_cross_regions_keeps_the_graph_whole(stack):
     assert len(regions) == 1 and regions[0].writes == outputs
 
 
-def test_a_graph_whose_weights_name_no_layer_is_one_region():
+def test_a_graph_whose_weights_name_no_layer_is_one_region(stack):
     graph = fx.symbolic_trace(torch.nn.Linear(4, 2))
     assert len(InductorGraph(graph).regions) == 1
+    module, graph = stack
+    whole = InductorGraph(graph, by_layer=False)  # or when asked to compile it whole
+    assert len(whole.regions) == 1
+    x = torch.randn(2, 7, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(x), module(x), rtol=1e-5, atol=1e-5)
 
 
 def test_engine_layers_with_other_retrieval_head_counts_share_graphs_and_give_the_eager_tokens():

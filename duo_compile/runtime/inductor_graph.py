@@ -144,14 +144,15 @@ class InductorGraph:
     ``classes``: one graph per class of regions that one compiled graph runs (``class_of``: each region's class;
     ``class_digests``: their ``layer_regions.digest``). ``variants``: per class, compiled graphs to start from (an
     engine package's); more are compiled when a call needs one. ``compiled``: how many this object compiled (not
-    loaded).
+    loaded). ``by_layer=False`` compiles the graph whole, as one region (a benchmark's baseline beside the split).
     """
 
-    def __init__(self, graph: fx.GraphModule, variants: Sequence[Sequence[Variant]] = ()):
+    def __init__(self, graph: fx.GraphModule, variants: Sequence[Sequence[Variant]] = (), by_layer: bool = True):
         lifted, self.weight_targets, self.weights = lift_weights(graph)
         layer_regions.heads_from_cache_shapes(lifted)
         inputs = sum(1 for node in graph.graph.nodes if node.op == "placeholder")
-        self.regions, self._outputs = layer_regions.split(lifted, inputs, self.weight_targets, self.weights)
+        self.regions, self._outputs = layer_regions.split(lifted, inputs, self.weight_targets, self.weights,
+                                                          by_layer)
         self._one_output = isinstance(next(n for n in graph.graph.nodes if n.op == "output").args[0], fx.Node)
         keys = list(dict.fromkeys(region.key for region in self.regions))
         self.class_of = [keys.index(region.key) for region in self.regions]

@@ -165,16 +165,16 @@ def digest(key: tuple) -> str:
 
 
 def split(lifted: fx.GraphModule, inputs: int, weight_targets: Sequence[str],
-          weights: Sequence[torch.Tensor]) -> tuple[list[Region], list[int]]:
+          weights: Sequence[torch.Tensor], by_layer: bool = True) -> tuple[list[Region], list[int]]:
     """The regions of ``lifted`` (``inductor_graph.lift_weights``'s graph: ``inputs`` engine inputs, then one
     input per weight, named by ``weight_targets``), in the order they run, and the value table entries that make the
-    graph's output tuple."""
+    graph's output tuple. ``by_layer=False``: one region, the whole graph."""
     nodes = list(lifted.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     weight_nodes = placeholders[inputs:]
     weight_index = {node: i for i, node in enumerate(weight_nodes)}
     layer_of = {node: layer for node, target in zip(weight_nodes, weight_targets, strict=True)
-                if (layer := weight_layer(target)) is not None}
+                if (layer := weight_layer(target)) is not None and by_layer}
     region_of, count = _regions_of(nodes, layer_of)
     output = next(n for n in nodes if n.op == "output")
 
