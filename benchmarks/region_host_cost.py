@@ -8,9 +8,9 @@ on the CPU), takes the engine-graph inputs of one prefill of ``--tokens`` tokens
 over ``--repeats``; no device synchronisation inside, so on a GPU these are host times while the launch queue has
 room): the whole run, the compiled calls within it, and what is left (the table, argument lists, frees). It also
 times one compiled call of a trivial region against the same arithmetic in eager mode (the wrapper's own cost).
-``--whole`` also compiles the same engine graph whole (``InductorGraph(by_layer=False)``, what the engine ran
-before the split) and times the prefill through each, alternating, in this one process: a side-by-side with no
-process-order effect (synchronised wall times, medians).
+``--whole`` also compiles the same engine graph whole, as one compiled call (``InductorGraph(by_layer=False)``),
+and times the prefill through each, alternating, in this one process: a side-by-side with no process-order
+effect (synchronised wall times, medians).
 
     DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --dry-run --layers 32 [--tokens 16]
     DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --tokens 512 --whole     (a GPU)
@@ -37,6 +37,10 @@ def _start_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return round(1e3 * statistics.median(seconds), 4)
 
 
 def _graph_inputs(engine, ids) -> tuple:
@@ -113,7 +117,7 @@ def _side_by_side(engine, ids, start_bench, device: str, repeats: int) -> dict:
                 seconds[name].append(start_bench._timed(lambda: engine.generate(ids, max_new_tokens=1), device)[1])
     finally:
         engine._run = regions
-    result = {f"prefill_{name}_ms": round(1e3 * statistics.median(s), 4) for name, s in seconds.items()}
+    result = {f"prefill_{name}_ms": _median_ms(s) for name, s in seconds.items()}
     return {**result, "same_tokens": tokens["regions"] == tokens["whole"]}
 
 
@@ -151,13 +155,12 @@ def main() -> int:
         start_bench._sync(device)
         splits.append(_split(engine._run, inputs))
         start_bench._sync(device)
-    ms = lambda xs: round(1e3 * statistics.median(xs), 4)  # noqa: E731
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
         "tokens": tokens, "regions": len(engine._run.regions), "region_classes": len(engine._run.classes),
-        "run_host_ms": ms(runs), "loop_host_ms": ms([a for a, _ in splits]),
-        "inside_compiled_calls_ms": ms([b for _, b in splits]),
-        "outside_compiled_calls_ms": ms([a - b for a, b in splits]),
+        "run_host_ms": _median_ms(runs), "loop_host_ms": _median_ms([a for a, _ in splits]),
+        "inside_compiled_calls_ms": _median_ms([b for _, b in splits]),
+        "outside_compiled_calls_ms": _median_ms([a - b for a, b in splits]),
         **_wrapper_cost(device),
     }
     if args.whole:
