@@ -107,7 +107,7 @@ class _Tokens(_Stack):
         top, where = x.max(dim=-1, keepdim=True)
         h = x * top
         for layer in self.layers:
-            h = layer(h.reshape(tokens, -1).view(x.shape))
+            h = layer(h + h.new_zeros(tokens).view(x.shape[0], x.shape[1], 1))
         return self.head(h) + where
 
 
