@@ -53,6 +53,21 @@ def stack():
     return module, _graph(module)
 
 
+def _lifted(graph: fx.GraphModule):
+    """``graph`` with its weights lifted to inputs, the weights' targets and tensors, and its own input count:
+    what ``split`` takes."""
+    lifted, targets, weights = lift_weights(graph)
+    return lifted, sum(n.op == "placeholder" for n in graph.graph.nodes), targets, weights
+
+
+def _runs_like(run, module: torch.nn.Module, *lengths: int) -> None:
+    """``run`` gives ``module``'s outputs for inputs of each length."""
+    for length in lengths:
+        x = torch.randn(2, length, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(run(x), module(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_weight_belongs_to_the_layer_its_path_numbers():
     assert weight_layer("model.layers.7.mlp.down_proj.weight") == 7
     assert weight_layer("transformer.h.12.attn.c_attn.weight") == 12
@@ -63,10 +78,7 @@ def test_one_region_per_layer_and_the_middle_layers_share_one_compiled_graph(sta
     module, graph = stack
     run = InductorGraph(graph)
     assert len(run.regions) == 4 and run.class_of == [0, 1, 1, 2]  # first (with the prologue), middle, last (+head)
-    for length in (5, 9):
-        x = torch.randn(2, length, 8)
-        with torch.no_grad():
-            torch.testing.assert_close(run(x), module(x), rtol=1e-5, atol=1e-5)
+    _runs_like(run, module, 5, 9)
     assert run.compiled == 3 and run.held == 3  # one per class, for every length
 
 
@@ -74,15 +86,11 @@ def test_a_layer_with_other_constants_gets_a_class_of_its_own():
     module = _Stack(gains=(1.0, 1.0, 0.5, 1.0, 1.0)).eval()
     run = InductorGraph(_graph(module))
     assert run.class_of == [0, 1, 2, 1, 3]
-    x = torch.randn(2, 6, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(run(x), module(x), rtol=1e-5, atol=1e-5)
+    _runs_like(run, module, 6)
 
 
 def test_values_flow_forward_and_are_freed_by_their_last_reader(stack):
-    _, graph = stack
-    lifted, targets, weights = lift_weights(graph)
-    inputs = sum(n.op == "placeholder" for n in graph.graph.nodes)
+    lifted, inputs, targets, weights = _lifted(stack[1])
     regions, outputs = split(lifted, inputs, targets, weights)
     written = set(range(inputs))
     for i, region in enumerate(regions):
@@ -114,25 +122,18 @@ class _Tokens(_Stack):
 def test_only_tensors_cross_regions_and_size_math_is_recomputed():
     module = _Tokens().eval()
     graph = _graph(module)
-    lifted, targets, weights = lift_weights(graph)
-    inputs = sum(n.op == "placeholder" for n in graph.graph.nodes)
+    lifted, inputs, targets, weights = _lifted(graph)
     regions, _ = split(lifted, inputs, targets, weights)
     assert len(regions) == 4
     computed = {n.name: n for n in lifted.graph.nodes if n.op == "call_function"}
     crossing = [computed[n.name] for region in regions for n in region.graph.graph.nodes
                 if n.op == "placeholder" and n.name in computed]
     assert crossing and all(isinstance(n.meta["val"], torch.Tensor) for n in crossing)
-    run = InductorGraph(graph)
-    for length in (5, 9):
-        x = torch.randn(2, length, 8)
-        with torch.no_grad():
-            torch.testing.assert_close(run(x), module(x), rtol=1e-5, atol=1e-5)
+    _runs_like(InductorGraph(graph), module, 5, 9)
 
 
 def test_a_number_that_would_cross_regions_keeps_the_graph_whole(stack):
-    _, graph = stack
-    lifted, targets, weights = lift_weights(graph)
-    inputs = sum(n.op == "placeholder" for n in graph.graph.nodes)
+    lifted, inputs, targets, weights = _lifted(stack[1])
     regions, _ = split(lifted, inputs, targets, weights)
     first_reads = {n.name for n in regions[1].graph.graph.nodes if n.op == "placeholder"}
     value = next(n for n in lifted.graph.nodes if n.name in first_reads and n.op == "call_function")
@@ -147,9 +148,7 @@ def test_a_graph_whose_weights_name_no_layer_is_one_region(stack):
     module, graph = stack
     whole = InductorGraph(graph, by_layer=False)  # or when asked to compile it whole
     assert len(whole.regions) == 1
-    x = torch.randn(2, 7, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(whole(x), module(x), rtol=1e-5, atol=1e-5)
+    _runs_like(whole, module, 7)
 
 
 def test_engine_layers_with_other_retrieval_head_counts_share_graphs_and_give_the_eager_tokens():
