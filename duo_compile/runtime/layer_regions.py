@@ -174,7 +174,7 @@ def split(lifted: fx.GraphModule, inputs: int, weight_targets: Sequence[str],
     weight_nodes = placeholders[inputs:]
     weight_index = {node: i for i, node in enumerate(weight_nodes)}
     layer_of = {node: layer for node, target in zip(weight_nodes, weight_targets, strict=True)
-                if (layer := weight_layer(target)) is not None and by_layer}
+                if (layer := weight_layer(target)) is not None} if by_layer else {}
     region_of, count = _regions_of(nodes, layer_of)
     output = next(n for n in nodes if n.op == "output")
 
