@@ -10,7 +10,7 @@ room): the whole run, the compiled calls within it, and what is left (the table,
 times one compiled call of a trivial region against the same arithmetic in eager mode (the wrapper's own cost).
 ``--whole`` also compiles the same engine graph whole, as one compiled call (``InductorGraph(by_layer=False)``),
 and times the prefill through each, alternating, in this one process: a side-by-side with no process-order
-effect (synchronised wall times, medians).
+effect (synchronised wall times, medians); ``--profile DIR`` then writes each one's torch.profiler tables.
 
     DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --dry-run --layers 32 [--tokens 16]
     DUO_BENCH_MASKS=random python benchmarks/region_host_cost.py --tokens 512 --whole     (a GPU)
@@ -32,8 +32,9 @@ if sys.path and os.path.abspath(sys.path[0]) == HERE:
     sys.path.pop(0)
 
 
-def _start_bench():
-    spec = importlib.util.spec_from_file_location("start_bench", os.path.join(HERE, "start_bench.py"))
+def _sibling(name: str):
+    """benchmarks/<name>.py as a module (by path: this folder on sys.path would shadow ``kernels``)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -99,8 +100,9 @@ def _wrapper_cost(device: str, repeats: int = 2000) -> dict:
     return {"compiled_call_us": per_call(lambda: artifact(x, w)), "eager_us": per_call(lambda: (x + w,))}
 
 
-def _side_by_side(engine, ids, start_bench, device: str, repeats: int) -> dict:
-    """The prefill of ``ids`` through the engine's regions and through its graph compiled whole, alternating."""
+def _side_by_side(engine, ids, start_bench, device: str, repeats: int, profile_dir: str | None) -> dict:
+    """The prefill of ``ids`` through the engine's regions and through its graph compiled whole, alternating;
+    with ``profile_dir``, then each one's torch.profiler tables there (``region_profile_<name>.txt``)."""
     from duo_compile.runtime.inductor_graph import InductorGraph
 
     regions = engine._run
@@ -115,6 +117,10 @@ def _side_by_side(engine, ids, start_bench, device: str, repeats: int) -> dict:
             for name, run in runs.items():
                 engine._run = run
                 seconds[name].append(start_bench._timed(lambda: engine.generate(ids, max_new_tokens=1), device)[1])
+        for name, run in runs.items() if profile_dir else ():
+            engine._run = run
+            _sibling("tree_ab")._profile(start_bench, engine, ids, device,
+                                         os.path.join(profile_dir, f"region_profile_{name}.txt"))
     finally:
         engine._run = regions
     result = {f"prefill_{name}_ms": _median_ms(s) for name, s in seconds.items()}
@@ -129,14 +135,18 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--whole", action="store_true", help="also the prefill through the graph compiled whole")
     parser.add_argument("--out", default=None, help="write the result as JSON here too")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="with --whole: torch.profiler tables of three prefills each way, written to DIR")
     args = parser.parse_args()
     if args.layers < 1 or args.repeats < 1 or (args.tokens is not None and args.tokens < 1):
         parser.error("--layers, --tokens and --repeats must be positive")
+    if args.profile and not args.whole:
+        parser.error("--profile profiles the side-by-side: it needs --whole")
 
     import duo_compile  # first: the checkout's kernels/ must not shadow transformers' kernels
     import torch
 
-    start_bench = _start_bench()
+    start_bench = _sibling("start_bench")
     model, device = start_bench._model(args.dry_run, dry_layers=args.layers)
     tokens = args.tokens or (16 if args.dry_run else 512)
     engine = duo_compile.compile(model, start_bench._masks(model), max_seq_len=1024 if args.dry_run else 8192,
@@ -164,7 +174,7 @@ def main() -> int:
         **_wrapper_cost(device),
     }
     if args.whole:
-        result.update(_side_by_side(engine, ids, start_bench, device, args.repeats))
+        result.update(_side_by_side(engine, ids, start_bench, device, args.repeats, args.profile))
     print(json.dumps(result))
     if args.out:
         with open(args.out, "w") as f:

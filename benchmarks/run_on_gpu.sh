@@ -118,7 +118,7 @@ for step in "$@"; do
             timeout 570 python3 benchmarks/serve_bench.py --out "$OUT" --commit "$COMMIT" ${SERVE_ARGS:-} 2>&1 \
                 | tee "$OUT/serve_bench.log" ;;
         region-cost)
-            timeout 300 python3 benchmarks/region_host_cost.py --whole --out "$OUT/region_host_cost.json" 2>&1 \
+            timeout 300 python3 benchmarks/region_host_cost.py --whole --out "$OUT/region_host_cost.json" ${REGION_ARGS:-} 2>&1 \
                 | tee "$OUT/region_host_cost.log" ;;
         tree-ab)
             timeout 570 python3 benchmarks/tree_ab.py --out "$OUT" --commit "$COMMIT" --trees ${AB_TREES:-_base .} \
