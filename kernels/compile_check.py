@@ -111,7 +111,7 @@ def kernel_cases(dtype: torch.dtype, head_dim: int) -> list[tuple[str, object, d
                            VALID=i64, OP=f32, LP=f32, COS=ptr, SIN=ptr, TABLE="*i32"),
                       dict(HEADS_PER=mixed.heads_per, BLOCK_T=mixed.block_t, BLOCK_N=mixed.block_n, BLOCK_B=8,
                            STREAMING_BLOCK_N=32, D=head_dim, DOT_PRECISION=dot, ROPE=True, PAGED=paged), mixed))
-    cases.append(("rope (prefill paths)", rope_kernel, dict(X=ptr, COS=ptr, SIN=ptr, Y=ptr),
+    cases.append(("rope (prefill paths)", rope_kernel, dict(Q=ptr, K=ptr, COS=ptr, SIN=ptr, QO=ptr, KO=ptr),
                   dict(BLOCK_T=32, D=head_dim), None))
     cases.append(("combine (256 splits: 512K keys)", combine_kernel, dict(OP=f32, LP=f32, O=ptr, POS=i64, VALID=i64),
                   dict(SPLITS=256, D=head_dim, BLOCK_D=min(head_dim, COMBINE_BLOCK_D), BLOCK_N=64, BLOCK_B=8), None))

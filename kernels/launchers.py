@@ -16,7 +16,7 @@ and written through the table inside the kernels, which read its entries on the 
 
 RoPE (ops given ``cos``/``sin`` by ``fuse_rope``): the decode launches above rotate q and the new keys inside
 their kernels (no extra launch); every other path (prefill, chunk mode, STREAMING_DECODE "one") first rotates q
-and k with ``triton_rope.py``, one launch each (a mixed layer's prefill once for both groups).
+and k with ``triton_rope.py``, one launch for both (a mixed layer's prefill once for both groups).
 """
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ def _rope_tables(q: torch.Tensor, rope) -> tuple:
 
 def _rotate_first(q, k, rope):
     """Paths without a fused RoPE (prefill, chunk mode, STREAMING_DECODE "one") rotate q and k first
-    (triton_rope.py: one pass over each)."""
+    (triton_rope.py: one pass over each, one launch)."""
     if rope is None:
         return q, k
-    return triton_rope(q, *rope), triton_rope(k, *rope)
+    return triton_rope(q, k, *rope)
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -384,7 +384,7 @@ def triton_attention_cached(
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     if q.shape[2] > DECODE_MAX_TOKENS:
         # Both groups' paths rotate first here (the prefill kernels take rotated q and k): rotate every head
-        # once, two launches where each group would make its own two (the rotation is per head: same values).
+        # once, one launch where each group would make its own (the rotation is per head: same values).
         q, k = _rotate_first(q, k, reference.rope_pair(cos, sin))
         cos = sin = None
     retrieval_qkv, streaming_qkv = reference.head_groups(q, k, v, retrieval_kv_heads)

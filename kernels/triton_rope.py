@@ -3,10 +3,11 @@
 ``fuse_rope`` hands every cached op its q/k before RoPE. Decode's split kernels rotate them as they load them;
 prefill (and chunk-mode / one-program decode) kernels read every key tile many times, so those paths rotate q
 and k once up front, here: one read and one write of each (what Inductor's fused RoPE kernel did before the
-pass), instead of the five elementwise torch ops of ``reference.rope`` (~5x the memory traffic).
+pass), instead of the five elementwise torch ops of ``reference.rope`` (~5x the memory traffic). q and k go in
+one launch: a short prefill is bound by the host's launches, not by this pass over memory.
 
-Grid ``(B * H, cdiv(T, BLOCK_T))``: each program rotates ``BLOCK_T`` tokens of one head, ``load_rope`` doing the
-arithmetic (shared with the decode kernels).
+Grid ``(B * (Hq + Hk), cdiv(T, BLOCK_T))``: each program rotates ``BLOCK_T`` tokens of one head, of q or of k,
+``load_rope`` doing the arithmetic (shared with the decode kernels).
 """
 from __future__ import annotations
 
@@ -21,18 +22,24 @@ from .triton_common import last_dim_contiguous, load_rope
 
 @triton.jit
 def rope_kernel(
-    X, COS, SIN, Y, H, T, sx_b, sx_h, sx_t, sc_b, sc_t,
+    Q, K, COS, SIN, QO, KO, HQ, HK, T, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sc_b, sc_t,
     BLOCK_T: tl.constexpr, D: tl.constexpr,
 ):
+    heads = HQ + HK
     bh = tl.program_id(0)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D)
     ok = (t < T)[:, None]
-    x = load_rope(X, b * sx_b + h * sx_h + t[:, None] * sx_t, COS, SIN, b * sc_b + t[:, None] * sc_t,
-                  offs_d[None, :], ok, True, D)
-    tl.store(Y + ((b * H + h) * T + t[:, None]) * D + offs_d[None, :], x, mask=ok)
+    cs_off = b * sc_b + t[:, None] * sc_t
+    if h < HQ:
+        x = load_rope(Q, b * sq_b + h * sq_h + t[:, None] * sq_t, COS, SIN, cs_off, offs_d[None, :], ok, True, D)
+        tl.store(QO + ((b * HQ + h) * T + t[:, None]) * D + offs_d[None, :], x, mask=ok)
+    else:
+        h -= HQ
+        x = load_rope(K, b * sk_b + h * sk_h + t[:, None] * sk_t, COS, SIN, cs_off, offs_d[None, :], ok, True, D)
+        tl.store(KO + ((b * HK + h) * T + t[:, None]) * D + offs_d[None, :], x, mask=ok)
 
 
 def rope_strides(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,18 +52,22 @@ def rope_strides(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple
     return cos, sin
 
 
-def triton_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``reference.rope(x, cos, sin)`` for x ``[B, H, T, D]`` (any strides but a unit last one) and cos/sin
-    ``[B or 1, 1, T, D]``; returns a new contiguous tensor."""
-    b, h, t, d = x.shape
-    cos, sin = rope_strides(x, cos, sin)
-    x = last_dim_contiguous(x)
-    y = torch.empty((b, h, t, d), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    block_t = 16 if x.device.type != "cuda" else 32
-    rope_kernel[(b * h, math.ceil(t / block_t))](
-        x, cos, sin, y, h, t, x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(2),
+def triton_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.rope`` of q ``[B, Hq, T, D]`` and k ``[B, Hk, T, D]`` (any strides but a unit last one) with
+    cos/sin ``[B or 1, 1, T, D]``, in one launch; returns new contiguous tensors."""
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    cos, sin = rope_strides(q, cos, sin)
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
+    q_out = torch.empty((b, hq, t, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((b, hk, t, d), dtype=k.dtype, device=k.device)
+    if q_out.numel() + k_out.numel() == 0:
+        return q_out, k_out
+    block_t = 16 if q.device.type != "cuda" else 32
+    rope_kernel[(b * (hq + hk), math.ceil(t / block_t))](
+        q, k, cos, sin, q_out, k_out, hq, hk, t, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), cos.stride(0), cos.stride(2),
         BLOCK_T=block_t, D=d, num_warps=4,
     )
-    return y
+    return q_out, k_out

@@ -12,7 +12,7 @@ Anything else (partial rotary dims, another RoPE formula) is left as it is: the 
 Why: at decode Inductor turns each layer's rotation of q and k into small kernels of their own, launched per
 layer and paid by full attention and DuoAttention alike. The decode kernels rotate q and the new keys as they
 load them (``triton_common.load_rope``; the cache still holds rotated keys), so those launches disappear; prefill
-paths rotate q and k first with one kernel each (``kernels/triton_rope.py``; against a compute-bound attention).
+paths rotate q and k first, one kernel for both (``kernels/triton_rope.py``; against a compute-bound attention).
 What it saved: see benchmarks/DECISIONS.md#fuse-rope.
 """
 from __future__ import annotations

@@ -423,13 +423,14 @@ def test_rope_in_the_kernels_matches_rotating_first(layer, streaming_decode, b, 
 
 
 def test_mixed_prefill_rotates_every_head_once(monkeypatch):
-    """A mixed layer's prefill chunk rotates q and k for both head groups in one rotation launch each, and gives
-    the reference's output and caches."""
+    """A mixed layer's prefill chunk rotates q and k for both head groups in one rotation launch, and gives the
+    reference's output and caches."""
     from duo_compile.kernels import launchers
 
     rotated = []
     rope = launchers.triton_rope
-    monkeypatch.setattr(launchers, "triton_rope", lambda x, cos, sin: rotated.append(x.shape[1]) or rope(x, cos, sin))
+    monkeypatch.setattr(launchers, "triton_rope",
+                        lambda q, k, cos, sin: rotated.append((q.shape[1], k.shape[1])) or rope(q, k, cos, sin))
     b, hkv, groups, t, n, sink, recent = 1, 3, 2, 20, 1, 3, 10
     ring = sink + recent
     caches = [torch.randn(b, h, s, D) for h, s in ((n, 64), (n, 64), (hkv - n, ring), (hkv - n, ring))]
@@ -438,7 +439,7 @@ def test_mixed_prefill_rotates_every_head_once(monkeypatch):
     cos, sin = _rope_tables(b, _pos(0, t), False)
     args = (*_rows(0, t, b), SCALE, n, sink, recent, False)
     out = launchers.triton_attention_cached(q, k, v, *caches, *args, cos=cos, sin=sin)
-    assert rotated == [hkv * groups, hkv]  # q's heads, then k's: every head of the layer at once
+    assert rotated == [(hkv * groups, hkv)]  # q's heads and k's: every head of the layer at once
     _close(out, reference.attention_cached(q, k, v, *ref_caches, *args, cos, sin), torch.float32)
     for c, r in zip(caches, ref_caches):
         torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
@@ -456,14 +457,21 @@ def test_rope_tables_come_in_pairs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("b,h,t,per_row", [(1, 3, 37, False), (2, 2, 5, True)])
-def test_triton_rope_matches_the_reference(dtype, b, h, t, per_row):
-    """The prefill paths' rotation kernel against reference.rope, q from a transpose (non-contiguous)."""
+@pytest.mark.parametrize("b,hq,hk,t,per_row", [(1, 6, 3, 37, False), (2, 2, 2, 5, True), (1, 2, 0, 5, False)])
+def test_triton_rope_matches_the_reference(dtype, b, hq, hk, t, per_row):
+    """The prefill paths' rotation kernel against reference.rope, q and k in one launch, q from a transpose
+    (non-contiguous) and k a head slice of a wider tensor (its own strides); k with no heads (a layer group
+    that has none)."""
     from duo_compile.kernels.triton_rope import triton_rope
 
-    x = torch.randn(b, t, h, D).transpose(1, 2).to(dtype)
+    q = torch.randn(b, t, hq, D).transpose(1, 2).to(dtype)
+    k = torch.randn(b, hk + 1, t, D).to(dtype)[:, 1:]
     cos, sin = (c.to(dtype) for c in _rope_tables(b, _pos(40, t), per_row))
-    _close(triton_rope(x, cos, sin), reference.rope(x, cos, sin), dtype)
+    q_rot, k_rot = triton_rope(q, k, cos, sin)
+    _close(q_rot, reference.rope(q, cos, sin), dtype)
+    assert k_rot.shape == k.shape
+    if hk:
+        _close(k_rot, reference.rope(k, cos, sin), dtype)
 
 
 # ---------------------------------------------------------------------- per-row positions: padded / continuous batches
