@@ -9,7 +9,8 @@ A tree is a folder holding ``duo_compile/``, ``kernels/``, ``passes/`` and ``mod
 commit unpacked into an empty folder (``git archive <commit> duo_compile kernels passes models | tar -x -C _base``).
 The engine's model and masks are this checkout's (``start_bench.py``'s). Each process reports, as one JSON line:
 ``first_token_s`` (compile included), ``first_generate_s`` (that, plus the next 32-token generate: the decode
-step's graph), ``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
+step's graph), ``tokens`` (what that generate gave; ``same_tokens`` in the file: whether all processes agree),
+``prefill_<n>_ms`` (medians of 7 single-token generates of n tokens),
 ``decode_ms`` (start_bench's steady decode per token, median of 3), and ``prefill_<n>_quiet_ms``: the
 shortest prefill again after Inductor's compile workers are shut down and the process has slept, which tells a
 slow host path from competition with work left running in the background. ``--profile``: each process also
@@ -86,13 +87,15 @@ def child(label: str, profile_path: str | None, dry_run: bool, dry_layers: int) 
     result = {"tree": label, "duo_compile": os.path.dirname(duo_compile.__file__),
               "masks": os.environ.get("DUO_BENCH_MASKS", "alternate"), "region_classes": _classes(engine)}
     lengths = DRY_LENGTHS if dry_run else LENGTHS
-    prompt = {n: torch.randint(0, engine.info.vocab_size, (1, n), device=device) for n in lengths}
+    seeded = torch.Generator().manual_seed(0)  # the same prompts in every process, so the trees' tokens compare
+    prompt = {n: torch.randint(0, engine.info.vocab_size, (1, n), generator=seeded).to(device) for n in lengths}
     short = prompt[lengths[0]]
     _, result["first_token_s"] = start_bench._timed(lambda: engine.generate(short, max_new_tokens=1), device)
     # The next generate's first decode step compiles (or waits for) the decode graph: together, a cold first
     # generate of 32 tokens.
-    _, then = start_bench._timed(lambda: engine.generate(short, max_new_tokens=32), device)
+    out, then = start_bench._timed(lambda: engine.generate(short, max_new_tokens=32), device)
     result["first_generate_s"] = result["first_token_s"] + then
+    result["tokens"] = out[0, short.shape[1]:].tolist()
     for n, ids in prompt.items():
         engine.generate(ids, max_new_tokens=1)  # a length's first call may pick its graph
         result[f"prefill_{n}_ms"] = _ms(start_bench, lambda ids=ids: engine.generate(ids, max_new_tokens=1), device, 7)
@@ -109,6 +112,13 @@ def child(label: str, profile_path: str | None, dry_run: bool, dry_layers: int) 
     result["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     result["torch"] = torch.__version__
     return result
+
+
+def _same_tokens(rows: list[dict]) -> bool | None:
+    """Whether every process that ran generated the same 32 tokens (same weights, masks and prompt; a check that
+    the trees compute the same model, not a tolerance: bf16 rounding differences may flip a near-tie)."""
+    tokens = [row["tokens"] for row in rows if "tokens" in row]
+    return None if not tokens else all(t == tokens[0] for t in tokens)
 
 
 def _link_parts(tree: str) -> None:
@@ -162,7 +172,8 @@ def main() -> None:
     device = next((row["device_name"] for row in rows if "device_name" in row), "gpu").replace(" ", "_")
     path = os.path.join(args.out, f"tree_ab_{device}.json")
     with open(path, "w") as f:
-        json.dump({"commit": args.commit, "trees": args.trees, "rows": rows}, f, indent=1)
+        json.dump({"commit": args.commit, "trees": args.trees, "same_tokens": _same_tokens(rows), "rows": rows}, f,
+                  indent=1)
     print("wrote", path, flush=True)
 
 
