@@ -207,9 +207,7 @@ def split(lifted: fx.GraphModule, inputs: int, weight_targets: Sequence[str],
     if len(members) > 1 and not all(_tensor(v) for values, _ in reads for v in values):
         # A value the graph's metadata says is no tensor (a number read off a tensor, say) would cross regions,
         # and a region's compiled graph takes tensors only: compile the graph whole instead.
-        region_of = dict.fromkeys(region_of, 0)
-        members = [[n for n in nodes if n in region_of]]
-        reads = [imports(members[0])]
+        return split(lifted, inputs, weight_targets, weights, by_layer=False)
     needed = {node for values, _ in reads for node in values} | set(output.all_input_nodes)
     regions: list[Region] = []
     for group, (values, used_weights) in zip(members, reads):
