@@ -47,7 +47,8 @@
 #   region-cost benchmarks/region_host_cost.py --whole: host time of a 512-token prefill's layer-region calls
 #               and of what the engine does around them (value table, argument lists), then the prefill through
 #               the regions and through the same graph compiled whole, alternating in one process; Llama-3-8B
-#               shape; DUO_BENCH_MASKS applies                                         (about 2 min, not yet run)
+#               shape; DUO_BENCH_MASKS applies; REGION_ARGS adds arguments (e.g. "--profile $OUT": profiler
+#               tables of both)                                                       ~1.5 min (H100), ~2 with --profile
 #   triton-pack-check  benchmarks/triton_pack_check.py: the compiled Triton kernel folders and host modules an
 #               engine package would carry from a process that ran a tiny engine                       (< 1 min)
 # Results go to $OUT (at most 8 files come back from the device tool: the passkey outputs are one tarball).
